@@ -1,0 +1,510 @@
+"""Reading a checkpoint's vision tower into a (tensor-parallel) model, strictly.
+
+Steps, each with an error that names the file or tensor at fault:
+
+1. **Find the weights** in a directory: ``model.safetensors.index.json`` + shards, else
+   ``model.safetensors``, else any ``*.safetensors``. Pickle formats (``pytorch_model.bin``, ``*.pt``)
+   are refused, never opened.
+2. **Check every header ourselves** before safetensors maps the file: known dtypes, sane shapes,
+   byte ranges inside the file and consistent with shape x dtype. A header that lies is an error.
+3. **Find the tower's prefix** from the key ending in ``embeddings.patch_embedding.weight`` (or take
+   ``prefix=``), then require every parameter the model expects, with its full shape, under it. Other
+   towers (``text_model.*``, ``language_model.*``) are ignored; an unknown tensor under the prefix is an
+   error, except layers and the head that the caller chose to skip.
+4. **Read only this rank's slice** of each tensor through safetensors' slice API and copy it into memory
+   the parameter owns. The file is opened per tensor, so no mapping (and none of its pages) outlives
+   the copy of one tensor: per-rank memory stays at this rank's share of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from tp_siglip.config import SiglipVisionConfig
+from tp_siglip.parallel import ShardSpec
+
+logger = logging.getLogger(__name__)
+
+#: every SigLIP vision tower has exactly one tensor with this name ending
+ANCHOR = "embeddings.patch_embedding.weight"
+#: prefixes of the vision tower in the checkpoint layouts we know (see README)
+KNOWN_PREFIXES = (
+    "",
+    "vision_model.",
+    "vision_tower.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "model.vision_tower.vision_model.",
+    "model.vision_model.",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+DtypeLike = Union[torch.dtype, str, None]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: missing, corrupt, pickled, or not a SigLIP tower."""
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+
+def resolve_dtype(dtype: DtypeLike) -> Optional[torch.dtype]:
+    """``None``/``"auto"`` (as stored) or a floating dtype, given as ``torch.dtype`` or name."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPE_NAMES)}")
+        return DTYPE_NAMES[key]
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point type; expected e.g. torch.float32 or torch.bfloat16")
+        return dtype
+    raise TypeError(f"dtype must be a torch.dtype, a string or None, got {type(dtype).__name__}: {dtype!r}")
+
+
+def resolve_device(device: Union[torch.device, str, int, None]) -> torch.device:
+    """The given device, or this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a safetensors header; ``start``/``end`` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def parse_header(raw: bytes, file_size: int, source: str) -> dict[str, TensorInfo]:
+    """Validate a safetensors header (``raw`` = the JSON bytes) for a file of ``file_size`` bytes."""
+    data_start = 8 + len(raw)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{source}: the safetensors header is not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source}: the safetensors header is not a JSON object; the file is corrupt")
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{source}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where} has a malformed header entry {entry!r}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype!r}; expected one of {sorted(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        if numel * itemsize != offsets[1] - offsets[0]:
+            raise CheckpointError(
+                f"{where}: shape {shape} x {dtype} is {numel * itemsize} bytes but its data_offsets "
+                f"{offsets} span {offsets[1] - offsets[0]}; the header is inconsistent"
+            )
+        if data_start + offsets[1] > file_size:
+            raise CheckpointError(
+                f"{where} ends at byte {data_start + offsets[1]} but the file has only {file_size} bytes; "
+                f"the file is truncated or its header is wrong"
+            )
+        infos[name] = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1], source)
+    spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
+    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{source}: tensors {name_a!r} and {name_b!r} overlap; the header is corrupt")
+    return infos
+
+
+def header_length(prefix8: bytes, file_size: int, source: str) -> int:
+    """Length of the JSON header announced by a safetensors file's first 8 bytes."""
+    if len(prefix8) < 8:
+        raise CheckpointError(f"{source}: only {file_size} bytes, too short to be a safetensors file (truncated?)")
+    n = int.from_bytes(prefix8[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise CheckpointError(
+            f"{source}: announces a {n}-byte header but the file has {file_size} bytes; not a valid "
+            f"safetensors file (truncated or corrupt)"
+        )
+    return n
+
+
+def read_header(path: Union[str, os.PathLike[str]]) -> dict[str, TensorInfo]:
+    """Read and validate the header of a local safetensors file."""
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        n = header_length(fh.read(8), size, path)
+        raw = fh.read(n)
+    return parse_header(raw, size, path)
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def _refuse_pickle(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}); tp-siglip never unpickles a "
+            f"checkpoint because loading a pickle can run arbitrary code. Convert it to safetensors "
+            f"(e.g. save_pretrained(..., safe_serialization=True)) or use a repo that ships *.safetensors"
+        )
+
+
+def weight_files(directory: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
+    """The safetensors files of a checkpoint directory, and the index's weight map when sharded."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        for name in sorted(set(weight_map.values())):
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index} names an unexpected shard file {name!r}")
+        return [directory / n for n in sorted(set(weight_map.values()))], weight_map
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single], None
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files, None
+    _refuse_pickle(directory)
+    raise CheckpointError(f"{directory} has no *.safetensors weights (looked for model.safetensors and an index)")
+
+
+def find_prefix(names: Iterable[str], where: str) -> str:
+    """The vision tower's key prefix: what precedes ``embeddings.patch_embedding.weight``."""
+    candidates = sorted({n[: -len(ANCHOR)] for n in names if n.endswith(ANCHOR)})
+    candidates = [c for c in candidates if c == "" or c.endswith(".")]
+    if not candidates:
+        raise CheckpointError(
+            f"{where} has no SigLIP vision tensors: no key ends in {ANCHOR!r}. Is this a SigLIP (or a VLM "
+            f"with a SigLIP tower) checkpoint?"
+        )
+    if len(candidates) > 1:
+        raise CheckpointError(f"{where} holds several vision towers with prefixes {candidates}; pass prefix= to choose one")
+    return candidates[0]
+
+
+# ----------------------------------------------------------------------------- what to load
+
+
+@dataclass
+class LoadPlan:
+    """Which checkpoint key feeds which parameter, and which keys are deliberately skipped."""
+
+    prefix: str
+    params: dict[str, str]  # parameter name -> checkpoint key
+    skipped: list[str] = field(default_factory=list)
+
+
+def skippable(name: str, num_layers: int, use_head: bool) -> bool:
+    """Whether tower parameter ``name`` belongs to a layer at index >= ``num_layers`` or to a disabled head."""
+    match = re.match(r"encoder\.layers\.(\d+)\.", name)
+    if match and int(match.group(1)) >= num_layers:
+        return True
+    return not use_head and name.startswith("head.")
+
+
+def plan_load(
+    available: Mapping[str, tuple[int, ...]],
+    specs: Mapping[str, ShardSpec],
+    prefix: str,
+    *,
+    num_layers: int,
+    use_head: bool,
+    where: str,
+) -> LoadPlan:
+    """Match checkpoint keys (name -> full shape) to the model's parameters, strictly."""
+    plan = LoadPlan(prefix, {})
+    missing, wrong = [], []
+    for name, spec in specs.items():
+        key = prefix + name
+        if key not in available:
+            missing.append(key)
+        elif tuple(available[key]) != spec.full_shape:
+            wrong.append(f"{key}: checkpoint {list(available[key])} vs model {list(spec.full_shape)}")
+        else:
+            plan.params[name] = key
+    unexpected = []
+    for key in available:
+        if not key.startswith(prefix) or key[len(prefix) :] in specs:
+            continue
+        if skippable(key[len(prefix) :], num_layers, use_head):
+            plan.skipped.append(key)
+        else:
+            unexpected.append(key)
+    problems = []
+    if missing:
+        hint = " (the checkpoint has no pooling head: pass use_head=False)" if any("head." in m for m in missing) else ""
+        problems.append(f"missing tensors{hint}: {_short(missing)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_short(wrong)}")
+    if unexpected:
+        problems.append(f"unexpected tensors under prefix {prefix!r}: {_short(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the config's vision tower: " + "; ".join(problems))
+    return plan
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------- copying shards
+
+
+@torch.no_grad()
+def copy_shard(param: torch.Tensor, source: Any, spec: ShardSpec) -> None:
+    """Copy this rank's piece of ``source`` (full tensor or safetensors slice) into ``param``."""
+    if spec.dim is None:
+        param.copy_(source[...] if not isinstance(source, torch.Tensor) else source)
+        return
+    offset = 0
+    for start, end in spec.ranges:
+        index: list[slice] = [slice(None)] * len(spec.full_shape)
+        index[spec.dim] = slice(start, end)
+        target: list[slice] = [slice(None)] * len(spec.full_shape)
+        target[spec.dim] = slice(offset, offset + end - start)
+        param[tuple(target)].copy_(source[tuple(index)])
+        offset += end - start
+
+
+def read_tensors(
+    params: Mapping[str, torch.Tensor],
+    plan: LoadPlan,
+    specs: Mapping[str, ShardSpec],
+    infos: Mapping[str, TensorInfo],
+) -> None:
+    """Fill ``params`` from local safetensors files, in file order, one short-lived mapping per tensor."""
+    order = sorted(plan.params.items(), key=lambda item: (infos[item[1]].file, infos[item[1]].start))
+    for name, key in order:
+        path = infos[key].file
+        try:
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                copy_shard(params[name], fh.get_slice(key), specs[name])
+        except CheckpointError:
+            raise
+        except Exception as err:  # safetensors' own errors are not typed helpfully
+            raise CheckpointError(f"{path}: could not read tensor {key!r}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- a local checkpoint
+
+
+def local_checkpoint_dir(path: Union[str, os.PathLike[str]]) -> Path:
+    """``path`` as an existing checkpoint directory, or a clear error."""
+    directory = Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a file; expected a directory holding config.json and *.safetensors")
+    return directory
+
+
+@dataclass
+class Checkpoint:
+    """A scanned local checkpoint: its vision config, the tower's prefix and the tower's tensors."""
+
+    directory: Path
+    config_path: Path
+    config: SiglipVisionConfig
+    prefix: str
+    tensors: dict[str, TensorInfo]  # only keys under the prefix
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the tower is stored in (that of its patch embedding)."""
+        info = self.tensors[self.prefix + ANCHOR]
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"{info.file}: {info.name} is stored as {info.dtype}, not a floating-point type")
+        return dtype
+
+
+def scan_checkpoint(directory: Union[str, os.PathLike[str]], prefix: Optional[str] = None) -> Checkpoint:
+    """Read config and headers (only of the files that hold the tower) of a local checkpoint."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        _refuse_pickle_if_only(directory)
+        raise CheckpointError(f"{directory} has no config.json; expected a SigLIP (or VLM) checkpoint directory")
+    config = SiglipVisionConfig.from_json_file(config_path)
+    files, weight_map = weight_files(directory)
+    if weight_map is not None:
+        if prefix is None:
+            prefix = find_prefix(weight_map, str(directory))
+        wanted = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+        files = [directory / f for f in wanted]
+        for path in files:
+            if not path.is_file():
+                raise CheckpointError(f"shard {path} listed in {directory}/model.safetensors.index.json is missing")
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, info in read_header(path).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {path}")
+            tensors[name] = info
+    if prefix is None:
+        prefix = find_prefix(tensors, str(directory))
+    elif prefix + ANCHOR not in tensors:
+        raise CheckpointError(f"{directory}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower")
+    tower = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    return Checkpoint(directory, config_path, config, prefix, tower)
+
+
+def _refuse_pickle_if_only(directory: Path) -> None:
+    if not any(directory.glob("*.safetensors")):
+        _refuse_pickle(directory)
+
+
+# ----------------------------------------------------------------------------- caller's tensors
+
+
+@dataclass
+class LoadReport:
+    """Outcome of `SiglipVisionTransformer.load_weights`."""
+
+    prefix: Optional[str]
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    wrong_shapes: list[str] = field(default_factory=list)
+
+    def raise_if_incomplete(self) -> None:
+        problems = []
+        if self.missing:
+            problems.append(f"missing tensors (prefix {self.prefix!r}): {_short(self.missing)}")
+        if self.wrong_shapes:
+            problems.append(f"wrong shapes: {_short(self.wrong_shapes)}")
+        if self.unexpected:
+            problems.append(f"unexpected tensors under prefix {self.prefix!r}: {_short(self.unexpected)}")
+        if problems:
+            raise CheckpointError("load_weights: " + "; ".join(problems))
+
+
+def load_from_pairs(
+    params: Mapping[str, torch.Tensor],
+    specs: Mapping[str, ShardSpec],
+    weights: Iterable[tuple[str, torch.Tensor]],
+    *,
+    prefix: Optional[str],
+    num_layers: int,
+    use_head: bool,
+) -> LoadReport:
+    """Copy this rank's slices of ``(name, full tensor)`` pairs into ``params``.
+
+    Without ``prefix`` the first name that is a known tower prefix + a parameter name fixes it.
+    """
+    report = LoadReport(prefix)
+    unmatched: list[str] = []
+    known = sorted(KNOWN_PREFIXES, key=len, reverse=True)
+    for item in weights:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(f"load_weights expects (name, tensor) pairs, got {type(item).__name__}")
+        name, tensor = item
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"load_weights expects (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})"
+            )
+        if report.prefix is None:
+            found = next((p for p in known if name.startswith(p) and name[len(p) :] in specs), None)
+            if found is None:
+                unmatched.append(name)
+                continue
+            report.prefix = found
+        if not name.startswith(report.prefix):
+            continue
+        rest = name[len(report.prefix) :]
+        spec = specs.get(rest)
+        if spec is None:
+            (report.skipped if skippable(rest, num_layers, use_head) else report.unexpected).append(name)
+        elif tuple(tensor.shape) != spec.full_shape:
+            report.wrong_shapes.append(f"{name}: given {list(tensor.shape)} vs model {list(spec.full_shape)}")
+        else:
+            copy_shard(params[rest], tensor, spec)
+            report.loaded.append(rest)
+    if report.prefix is not None:
+        for name in unmatched:
+            if name.startswith(report.prefix):
+                rest = name[len(report.prefix) :]
+                (report.skipped if skippable(rest, num_layers, use_head) else report.unexpected).append(name)
+    loaded = set(report.loaded)
+    report.missing = [(report.prefix or "") + n for n in specs if n not in loaded]
+    return report

@@ -1,0 +1,358 @@
+"""Tensor parallelism: how weights are split, the parallel linear layers, and every collective.
+
+This is the only file that talks to ``torch.distributed``; the model code calls the layers and helpers
+defined here and never reads a global process group.
+
+Choices:
+
+* **Shards follow attention heads and may be uneven.** ``H`` heads over ``W`` ranks give the first
+  ``H % W`` ranks one extra head (16 over 3 = 6/5/5). A column-parallel layer keeps the output rows of
+  its rank's heads; the row-parallel layer after it keeps the matching input columns and sums partial
+  products with one all-reduce, which is exact whatever the shard sizes.
+* **The MLP width is split as evenly as possible** (4304 over 3 = 1435/1435/1434), independently of the
+  heads: any split is correct, and an even one keeps the slowest rank's share of the largest GEMMs small.
+* **Bias once.** A row-parallel layer adds its (replicated) bias after the all-reduce, never per rank.
+* **No group, or a group of one, means no communication** and the layers are plain ``nn.Linear`` math.
+* **Groups the library creates** (only when launched by torchrun without a group) get
+  ``DEFAULT_TIMEOUT`` and are destroyed at interpreter exit: gloo can abort a process at exit while a
+  group it still references is alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ProcessGroup = dist.ProcessGroup
+#: Timeout of process groups this library creates; override with ``TP_SIGLIP_PG_TIMEOUT_S``.
+DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("TP_SIGLIP_PG_TIMEOUT_S", "600")))
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ----------------------------------------------------------------------------- group helpers
+
+
+def group_size(group: Optional[ProcessGroup]) -> int:
+    """Number of ranks in ``group`` (1 for ``None``)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[ProcessGroup]) -> int:
+    """This process's rank inside ``group`` (0 for ``None``)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Split ``total`` items into ``parts`` contiguous shards, the first ``total % parts`` one larger."""
+    if parts < 1:
+        raise ValueError(f"cannot split into {parts} parts; expected at least 1")
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def shard_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, end)`` of shard ``index`` when ``total`` items are split by `split_sizes`."""
+    sizes = split_sizes(total, parts)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter's local tensor is cut from the full checkpoint tensor.
+
+    ``dim`` is the split dimension (``None``: replicated). ``ranges`` are the ``[start, end)`` spans of the
+    full tensor along ``dim`` that this rank keeps, concatenated in order (several spans for a stacked
+    q/k/v weight).
+    """
+
+    full_shape: tuple[int, ...]
+    dim: Optional[int] = None
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def local_shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.full_shape
+        shape = list(self.full_shape)
+        shape[self.dim] = sum(end - start for start, end in self.ranges)
+        return tuple(shape)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Sum ``x`` over ``group``; the identity without one. Traceable by ``torch.compile``."""
+    if group is None or group_size(group) == 1:
+        return x
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(x, "sum", group)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def all_gather_batch(x: torch.Tensor, sizes: Sequence[int], group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Concatenate along dim 0 the local batches of every rank (rank ``r`` holds ``sizes[r]`` rows)."""
+    if group is None or group_size(group) == 1:
+        return x
+    biggest = max(sizes)
+    padded = x.new_zeros((biggest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        gathered = funcol.all_gather_tensor(padded.contiguous(), 0, group)
+    else:
+        gathered = x.new_empty((biggest * len(sizes), *x.shape[1:]))
+        dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+    return torch.cat([gathered[r * biggest : r * biggest + n] for r, n in enumerate(sizes)])
+
+
+def agree_on_failure(error: Optional[BaseException], group: Optional[ProcessGroup], device: torch.device) -> None:
+    """Collective check-point: raise on every rank if ``error`` is set on any rank.
+
+    Each rank contributes a status code and up to 1 KiB of its error message (UTF-8 bytes in a tensor; no
+    pickling). A rank with its own error re-raises it; a healthy rank raises ``RuntimeError`` naming the
+    rank that failed and why. Without a group it simply re-raises ``error``.
+    """
+    if group is None or group_size(group) == 1:
+        if error is not None:
+            raise error
+        return
+    size, rank = group_size(group), group_rank(group)
+    width = 1024
+    message = b"" if error is None else f"{type(error).__name__}: {error}".encode()[: width - 1]
+    mine = torch.zeros(width, dtype=torch.uint8, device=device)
+    mine[0] = 0 if error is None else 1
+    if message:
+        mine[1 : 1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8).to(device)
+    everyone = torch.empty(size * width, dtype=torch.uint8, device=device)
+    dist.all_gather_into_tensor(everyone, mine, group=group)
+    table = everyone.view(size, width).cpu()
+    if error is not None:
+        raise error
+    failed = [r for r in range(size) if table[r, 0].item() != 0]
+    if failed:
+        texts = [bytes(table[r, 1:].tolist()).rstrip(bytes(1)).decode(errors="replace") for r in failed]
+        reasons = "; ".join(f"rank {r}: {text}" for r, text in zip(failed, texts))
+        raise RuntimeError(f"loading failed on rank(s) {failed} of {size} (this is rank {rank}): {reasons}")
+
+
+# ----------------------------------------------------------------------------- group resolution
+
+
+def resolve_group(
+    world_size: Optional[int],
+    process_group: Optional[ProcessGroup],
+    *,
+    backend: Optional[str] = None,
+) -> Optional[ProcessGroup]:
+    """Pick the process group for a model of ``world_size`` ranks (see ``from_pretrained``).
+
+    Order: the given group; else the default group when one exists; else, when ``world_size > 1`` and
+    torchrun's variables are set, a new default group (gloo on CPU, NCCL with CUDA). Returns ``None``
+    for a single rank without any group. ``world_size`` must match the group's size (that it does not
+    exceed the head count is checked by `TensorParallelPlan`).
+    """
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)):
+        raise TypeError(f"world_size must be an int, got {world_size!r}")
+    if world_size is not None and world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if process_group is not None and not isinstance(process_group, ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+
+    group: Optional[ProcessGroup]
+    if process_group is not None:
+        group = process_group
+    elif dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    elif world_size is not None and world_size > 1:
+        missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"world_size={world_size} needs {world_size} processes, but no process group exists and the "
+                f"launch variables {missing} are not set; launch with "
+                f"`torchrun --nproc-per-node {world_size} your_script.py` or pass process_group="
+            )
+        env_size = int(os.environ["WORLD_SIZE"])
+        if env_size != world_size:
+            raise ValueError(
+                f"world_size={world_size} but torchrun started WORLD_SIZE={env_size} processes; "
+                f"pass world_size={env_size} or launch with --nproc-per-node {world_size}"
+            )
+        group = init_default_group(backend)
+    else:
+        group = None
+
+    size = group_size(group)
+    if world_size is not None and world_size != size:
+        raise ValueError(
+            f"world_size={world_size} but the process group has {size} ranks; pass world_size={size}, or "
+            f"a process_group of {world_size} ranks (torch.distributed.new_group)"
+        )
+    if size == 1 and process_group is None:
+        return None  # a single rank needs no group; a caller's own group of one is kept as given
+    return group
+
+
+def collective_device(group: Optional[ProcessGroup]) -> torch.device:
+    """The device a collective on ``group`` needs its tensors on (CUDA for NCCL, else the CPU)."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_default_group(backend: Optional[str] = None) -> ProcessGroup:
+    """Initialise the default group from torchrun's variables; destroyed again at interpreter exit."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=DEFAULT_TIMEOUT)
+    logger.info(
+        "initialised the default process group: backend=%s, rank %d of %d, timeout %ss",
+        backend,
+        dist.get_rank(),
+        dist.get_world_size(),
+        DEFAULT_TIMEOUT.total_seconds(),
+    )
+    atexit.register(_destroy_default_group)
+    return dist.group.WORLD
+
+
+def _destroy_default_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W_local^T + b_local``: keeps the output rows ``ranges`` of a full ``(out, in)`` weight.
+
+    Input is replicated on every rank, output is sharded along its last dimension; no communication.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.ranges = tuple((int(a), int(b)) for a, b in ranges)
+        local = sum(b - a for a, b in self.ranges)
+        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
+
+    def shard_specs(self) -> dict[str, ShardSpec]:
+        specs = {"weight": ShardSpec((self.out_features, self.in_features), 0, self.ranges)}
+        if self.bias is not None:
+            specs["bias"] = ShardSpec((self.out_features,), 0, self.ranges)
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ranges={list(self.ranges)}"
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x_local W_local^T) + b``: keeps the input columns ``in_range`` of a full weight.
+
+    Input is sharded along its last dimension (the output of a column-parallel layer), output is full
+    and identical on every rank. The bias is replicated and added once, after the sum.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        in_range: tuple[int, int],
+        group: Optional[ProcessGroup],
+        *,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.in_range = (int(in_range[0]), int(in_range[1]))
+        self.group = group
+        local = self.in_range[1] - self.in_range[0]
+        self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def shard_specs(self) -> dict[str, ShardSpec]:
+        specs = {"weight": ShardSpec((self.out_features, self.in_features), 1, (self.in_range,))}
+        if self.bias is not None:
+            specs["bias"] = ShardSpec((self.out_features,))
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is None or group_size(self.group) == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = all_reduce_sum(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, in_range={self.in_range}"
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """Which heads and MLP columns this rank owns."""
+
+    world_size: int
+    rank: int
+    num_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @classmethod
+    def for_group(cls, group: Optional[ProcessGroup], num_heads: int, head_dim: int, intermediate_size: int):
+        size = group_size(group)
+        if size > num_heads:
+            raise ValueError(
+                f"world_size {size} is larger than num_attention_heads {num_heads}: every rank needs at "
+                f"least one head; use at most {num_heads} ranks"
+            )
+        return cls(size, group_rank(group), num_heads, head_dim, intermediate_size)
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """``[first, last)`` head of this rank."""
+        return shard_range(self.num_heads, self.world_size, self.rank)
+
+    @property
+    def head_columns(self) -> tuple[int, int]:
+        """Columns of the hidden dimension that this rank's heads cover."""
+        first, last = self.heads
+        return first * self.head_dim, last * self.head_dim
+
+    @property
+    def mlp_columns(self) -> tuple[int, int]:
+        """This rank's columns of the MLP's intermediate dimension."""
+        return shard_range(self.intermediate_size, self.world_size, self.rank)

@@ -1,0 +1,118 @@
+"""Random-weight checkpoints made with transformers, in the layouts real Hub repos use.
+
+Every layout stores the same vision tower (same seed -> same weights), so one transformers reference
+serves them all. Weights are perturbed after init so that no tensor is a constant (layer norms are not
+all ones, biases not all zeros): a loader that mixes up two tensors cannot pass by luck.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+TINY = dict(
+    hidden_size=96,
+    intermediate_size=200,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    image_size=32,
+    patch_size=8,
+)
+SO400M_2L = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100)
+GEMMA = dict(
+    model_type="gemma",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    vocab_size=300,
+)
+
+LAYOUTS = ("v5_vision", "v4_vision", "sharded", "full_siglip", "paligemma_hub", "paligemma_v5")
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to every parameter so none is constant."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * scale)
+
+
+def vision_model(config: dict[str, Any], seed: int = 0):
+    """A transformers SiglipVisionModel with seeded, perturbed random weights, eager attention, eval."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(SiglipVisionConfig(**config)).eval()
+    perturb(model, seed + 1)
+    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def save_layout(reference, layout: str, directory: Path) -> Path:
+    """Save ``reference`` (a SiglipVisionModel) as a checkpoint in ``layout``; returns the directory."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipConfig, SiglipModel
+
+    vision_cfg = reference.config.to_dict()
+    state = reference.state_dict()
+    if layout == "v5_vision":  # SiglipVisionModel.save_pretrained in transformers 5: no prefix
+        reference.save_pretrained(directory)
+    elif layout == "v4_vision":  # SiglipVisionModel saved by transformers 4.x: vision_model.*
+        _write(directory, {f"vision_model.{k}": v for k, v in state.items()}, vision_cfg)
+    elif layout == "sharded":  # several shards + model.safetensors.index.json
+        reference.save_pretrained(directory, max_shard_size="20KB" if reference.config.hidden_size < 200 else "40MB")
+        assert (directory / "model.safetensors.index.json").is_file()
+    elif layout == "full_siglip":  # SiglipModel: vision_model.* next to text_model.*, logit_scale/bias
+        full = SiglipModel(SiglipConfig(vision_config=vision_cfg, text_config=TEXT))
+        full.vision_model.load_state_dict(state)
+        full.save_pretrained(directory)
+    elif layout.startswith("paligemma"):  # PaliGemma: no head; language model + projector beside it
+        cfg = PaliGemmaConfig(
+            vision_config={**vision_cfg, "vision_use_head": False, "projection_dim": 32},
+            text_config=GEMMA,
+            image_token_index=299,
+            projection_dim=32,
+        )
+        pali = PaliGemmaForConditionalGeneration(cfg)
+        tower = {k: v for k, v in state.items() if not k.startswith("head.")}
+        pali.model.vision_tower.load_state_dict(tower)
+        pali.save_pretrained(directory)  # transformers 5 names the tower vision_tower.*
+        if layout == "paligemma_hub":  # the Hub's PaliGemma repos: vision_tower.vision_model.*
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(directory / "model.safetensors"))
+            renamed = {
+                (f"vision_tower.vision_model.{k[len('vision_tower.'):]}" if k.startswith("vision_tower.") else k): v
+                for k, v in tensors.items()
+            }
+            save_file(renamed, str(directory / "model.safetensors"))
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return directory
+
+
+def has_head(layout: str) -> bool:
+    return not layout.startswith("paligemma")
