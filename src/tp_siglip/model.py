@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_siglip.checks import check_pixel_values
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.initialization import default_flax_embed_init, lecun_normal_
-from tp_siglip import loader
+from tp_siglip import hub, loader
 from tp_siglip.parallel import (
     ColumnParallelLinear,
     ProcessGroup,
@@ -38,15 +39,21 @@ from tp_siglip.parallel import (
     ShardSpec,
     TensorParallelPlan,
     agree_on_failure,
+    all_gather_batch,
     collective_device,
+    group_rank,
     group_size,
     resolve_group,
+    split_sizes,
 )
 
 logger = logging.getLogger(__name__)
 
 DeviceLike = Union[torch.device, str, int, None]
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+PARALLEL_MODES = ("tensor", "data")
+#: transformers-style forward keywords accepted (and ignored) so the model drops into transformers code
+_IGNORED_FORWARD_KWARGS = ("return_dict", "output_attentions", "use_cache")
 
 
 def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
@@ -385,17 +392,26 @@ class SiglipVisionTransformer(nn.Module):
         device: DeviceLike = None,
         dtype: Optional[torch.dtype] = None,
         seed: int = 0,
+        parallel: str = "tensor",
     ):
         super().__init__()
         if not isinstance(config, SiglipVisionConfig):
             raise TypeError(f"config must be a SiglipVisionConfig, got {type(config).__name__}")
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel {parallel!r} is not one of {list(PARALLEL_MODES)}")
         self.config = config
-        self.process_group = process_group
+        self.parallel = parallel
+        #: the group weights are sharded over (tensor mode) and the one batches are split over (data mode)
+        self.process_group = process_group if parallel == "tensor" else None
+        self.data_group = process_group if parallel == "data" else None
+        #: validate that inputs hold no NaN/inf (one device sync per forward); servers may switch it off
+        self.check_finite = True
         self.plan = TensorParallelPlan.for_group(
-            process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
+            self.process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
         )
+        process_group = self.process_group
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         parts: dict[str, Any] = {"attn_implementation": attn_implementation, **kw}
         self.embeddings = SiglipVisionEmbeddings(config, **kw)
@@ -413,13 +429,13 @@ class SiglipVisionTransformer(nn.Module):
 
     @property
     def world_size(self) -> int:
-        """Number of tensor-parallel ranks."""
-        return group_size(self.process_group)
+        """Number of ranks the model runs on (tensor- or data-parallel)."""
+        return group_size(self.process_group if self.parallel == "tensor" else self.data_group)
 
     @property
     def rank(self) -> int:
-        """This process's tensor-parallel rank."""
-        return self.plan.rank
+        """This process's rank in the model's group."""
+        return group_rank(self.process_group if self.parallel == "tensor" else self.data_group)
 
     @property
     def is_meta(self) -> bool:
@@ -485,12 +501,18 @@ class SiglipVisionTransformer(nn.Module):
         num_hidden_layers: Optional[int] = None,
         use_head: Optional[bool] = None,
         attn_implementation: str = "sdpa",
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, os.PathLike[str]]] = None,
+        token: Optional[Union[str, bool]] = None,
+        local_files_only: bool = False,
+        download: str = "tower",
     ) -> "SiglipVisionTransformer":
-        """Load a SigLIP vision tower from a checkpoint directory, each rank reading only its slice.
+        """Load a SigLIP vision tower from a Hub repo or a directory, each rank reading only its slice.
 
         Args:
-            repo_or_dir: a directory with ``config.json`` and safetensors weights (one file, or shards
-                with ``model.safetensors.index.json``); vision-only, full SigLIP or VLM layouts.
+            repo_or_dir: a Hub repo id (``"google/siglip-so400m-patch14-384"``) or a directory with
+                ``config.json`` and safetensors weights (one file, or shards with
+                ``model.safetensors.index.json``); vision-only, full SigLIP or VLM layouts.
             world_size: number of tensor-parallel ranks; must equal the process group's size.
             process_group: the group to shard over. Default: the default group if one exists; else, for
                 ``world_size > 1`` under torchrun, a default group created here (gloo on CPU, NCCL on GPU).
@@ -502,6 +524,10 @@ class SiglipVisionTransformer(nn.Module):
             use_head: ``False`` skips the pooling head (``pooler_output`` is ``None``) even if the
                 checkpoint has one; default: the config's ``vision_use_head``.
             attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+            revision, cache_dir, token, local_files_only: as in huggingface_hub / transformers, for repo ids.
+            download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
+                byte ranges into tp-siglip's own cache; ``"files"`` downloads whole safetensors files
+                into the plain Hugging Face cache.
 
         If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
         """
@@ -524,8 +550,17 @@ class SiglipVisionTransformer(nn.Module):
         model: Optional[SiglipVisionTransformer] = None
         error: Optional[BaseException] = None
         try:
+            directory = hub.resolve_checkpoint(
+                repo_or_dir,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                download=download,
+                prefix=prefix,
+            )
             model = cls._load_local(
-                loader.local_checkpoint_dir(repo_or_dir),
+                directory,
                 group,
                 dtype=want_dtype,
                 device=target,
@@ -652,8 +687,33 @@ class SiglipVisionTransformer(nn.Module):
                 "this model's weights are not loaded (built on the meta device, or a load failed); call "
                 "load_weights(...) or build it with SiglipVisionTransformer.from_pretrained(...)"
             )
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=bool(output_hidden_states))
+        unknown = sorted(k for k in kwargs if k not in _IGNORED_FORWARD_KWARGS or kwargs[k] not in (None, False, True))
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
+        pixel_values = check_pixel_values(
+            pixel_values,
+            self.config,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            check_finite=self.check_finite,
+        )
+        if pixel_values.device != self.device:  # documented: inputs are moved to the model's device
+            pixel_values = pixel_values.to(self.device, non_blocking=True)
+        want_states = bool(output_hidden_states)
+        if self.data_group is None:
+            return self._encode(pixel_values, want_states, interpolate_pos_encoding)
+        sizes = split_sizes(pixel_values.shape[0], group_size(self.data_group))
+        start = sum(sizes[: group_rank(self.data_group)])
+        local = self._encode(pixel_values[start : start + sizes[group_rank(self.data_group)]], want_states, interpolate_pos_encoding)
+        gather = lambda t: all_gather_batch(t, sizes, self.data_group)  # noqa: E731
+        return SiglipVisionOutput(
+            last_hidden_state=gather(local.last_hidden_state),
+            pooler_output=None if local.pooler_output is None else gather(local.pooler_output),
+            hidden_states=None if local.hidden_states is None else tuple(gather(h) for h in local.hidden_states),
+        )
+
+    def _encode(self, pixel_values: torch.Tensor, output_hidden_states: bool, interpolate: bool) -> SiglipVisionOutput:
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
         last_hidden_state = self.post_layernorm(hidden_states)
         pooled = self.head(last_hidden_state) if self.head is not None else None
         return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
