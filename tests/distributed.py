@@ -35,3 +35,64 @@ def run_ranks(world_size: int, workdir: Path, fn: Callable[..., Any], *args: Any
     if store.exists():
         store.unlink()
     mp.start_processes(_entry, args=(world_size, str(store), fn, args), nprocs=world_size, join=True, start_method="spawn")
+
+
+def _pool_entry(rank: int, world_size: int, store: str, inbox: Any, outbox: Any) -> None:
+    import traceback
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=TIMEOUT)
+    try:
+        while True:
+            task = inbox.get()
+            if task is None:
+                break
+            fn, args = task
+            try:
+                outbox.put((rank, fn(rank, world_size, *args), None))
+            except BaseException:  # report, keep serving: the test decides
+                outbox.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` long-lived gloo ranks that run one task after another (saves a spawn per task)."""
+
+    def __init__(self, world_size: int, workdir: Path) -> None:
+        ctx = mp.get_context("spawn")
+        store = Path(workdir) / f"pool-store-{world_size}"
+        if store.exists():
+            store.unlink()
+        self.world_size = world_size
+        self.inboxes = [ctx.Queue() for _ in range(world_size)]
+        self.outbox = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_pool_entry, args=(r, world_size, str(store), self.inboxes[r], self.outbox), daemon=True)
+            for r in range(world_size)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
+        """Run ``fn(rank, world_size, *args)`` on every rank; return the results by rank or raise."""
+        for inbox in self.inboxes:
+            inbox.put((fn, args))
+        results: list[Any] = [None] * self.world_size
+        errors = []
+        for _ in range(self.world_size):
+            rank, value, error = self.outbox.get(timeout=timeout)
+            results[rank] = value
+            if error:
+                errors.append(f"rank {rank}:\n{error}")
+        if errors:
+            raise AssertionError("\n".join(errors))
+        return results
+
+    def close(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()

@@ -506,6 +506,7 @@ class SiglipVisionTransformer(nn.Module):
         token: Optional[Union[str, bool]] = None,
         local_files_only: bool = False,
         download: str = "tower",
+        parallel: str = "tensor",
     ) -> "SiglipVisionTransformer":
         """Load a SigLIP vision tower from a Hub repo or a directory, each rank reading only its slice.
 
@@ -528,6 +529,9 @@ class SiglipVisionTransformer(nn.Module):
             download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
                 byte ranges into tp-siglip's own cache; ``"files"`` downloads whole safetensors files
                 into the plain Hugging Face cache.
+            parallel: ``"tensor"`` (default) shards every layer over the ranks; ``"data"`` replicates the
+                weights and splits each batch over the ranks (uneven splits are fine), gathering the
+                outputs so every rank still returns the full result.
 
         If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
         """
@@ -543,6 +547,8 @@ class SiglipVisionTransformer(nn.Module):
             raise TypeError(f"use_head must be a bool or None, got {use_head!r}")
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel {parallel!r} is not one of {list(PARALLEL_MODES)}")
         want_dtype = loader.resolve_dtype(dtype)
         target = loader.resolve_device(device)
         group = resolve_group(world_size, process_group)
@@ -568,6 +574,7 @@ class SiglipVisionTransformer(nn.Module):
                 num_hidden_layers=num_hidden_layers,
                 use_head=use_head,
                 attn_implementation=attn_implementation,
+                parallel=parallel,
             )
         except Exception as err:  # every rank must hear about it, see agree_on_failure
             error = err
@@ -587,6 +594,7 @@ class SiglipVisionTransformer(nn.Module):
         num_hidden_layers: Optional[int],
         use_head: Optional[bool],
         attn_implementation: str,
+        parallel: str = "tensor",
     ) -> "SiglipVisionTransformer":
         checkpoint = loader.scan_checkpoint(directory, prefix)
         stored = checkpoint.config
@@ -605,7 +613,7 @@ class SiglipVisionTransformer(nn.Module):
         )
         if dtype is None:
             dtype = checkpoint.stored_dtype()
-        model = cls(config, group, attn_implementation=attn_implementation, device="meta", dtype=dtype)
+        model = cls(config, group, attn_implementation=attn_implementation, device="meta", dtype=dtype, parallel=parallel)
         specs = model.shard_specs()
         plan = loader.plan_load(
             checkpoint.shapes(),
@@ -687,9 +695,11 @@ class SiglipVisionTransformer(nn.Module):
                 "this model's weights are not loaded (built on the meta device, or a load failed); call "
                 "load_weights(...) or build it with SiglipVisionTransformer.from_pretrained(...)"
             )
-        unknown = sorted(k for k in kwargs if k not in _IGNORED_FORWARD_KWARGS or kwargs[k] not in (None, False, True))
+        unknown = sorted(k for k in kwargs if k not in _IGNORED_FORWARD_KWARGS)
         if unknown:
             raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported: attention weights are never materialised")
         pixel_values = check_pixel_values(
             pixel_values,
             self.config,

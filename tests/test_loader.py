@@ -1,0 +1,205 @@
+"""The local loader on one rank: features (early exit, head off, prefix, dtype) and every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import TINY, save_layout, vision_model
+from tp_siglip import SiglipVisionTransformer, loader
+from tp_siglip.loader import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    reference = vision_model(TINY, seed=7)
+    return reference, save_layout(reference, "v5_vision", root / "v5"), root
+
+
+@pytest.fixture
+def copy(tiny, tmp_path):
+    """A scratch copy of the tiny checkpoint that a test may damage."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny[1], target)
+    return target
+
+
+def _pixels(batch=2):
+    return torch.randn(batch, 3, TINY["image_size"], TINY["image_size"], generator=torch.Generator().manual_seed(3))
+
+
+def test_loads_on_meta_without_random_init(tiny, monkeypatch):
+    reference, ckpt, _ = tiny
+    calls = []
+    monkeypatch.setattr(SiglipVisionTransformer, "init_weights", lambda self, seed=0: calls.append(seed))
+    model = SiglipVisionTransformer.from_pretrained(ckpt)
+    assert calls == [] and not model.training and model.device == torch.device("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_pixels()).pooler_output, reference(_pixels()).pooler_output, atol=1e-4, rtol=0)
+
+
+def test_early_exit_matches_hidden_state_k_and_skips_reading_later_layers(tiny, monkeypatch):
+    reference, ckpt, _ = tiny
+    read = []
+    real = loader.copy_shard
+
+    def spy(param, source, spec):
+        read.append(param)
+        return real(param, source, spec)
+
+    monkeypatch.setattr(loader, "copy_shard", spy)
+    model = SiglipVisionTransformer.from_pretrained(ckpt, num_hidden_layers=1, use_head=False)
+    with torch.no_grad():
+        ours = model(_pixels(), output_hidden_states=True)
+        theirs = reference(_pixels(), output_hidden_states=True)
+    assert len(model.encoder.layers) == 1 and ours.pooler_output is None
+    assert len(ours.hidden_states) == 2
+    torch.testing.assert_close(ours.hidden_states[-1], theirs.hidden_states[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.last_hidden_state, reference.post_layernorm(theirs.hidden_states[1]), atol=1e-5, rtol=0)
+    assert len(read) == len(list(model.parameters()))  # nothing of layers 1, 2 or the head was read
+
+
+def test_early_exit_out_of_range(tiny):
+    with pytest.raises(ValueError, match="num_hidden_layers=9.*only 3"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], num_hidden_layers=9)
+    with pytest.raises(ValueError, match="num_hidden_layers must be >= 1, got 0"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], num_hidden_layers=0)
+
+
+def test_explicit_prefix_and_dtypes(tiny, tmp_path):
+    reference, _, root = tiny
+    ckpt = save_layout(reference, "v4_vision", tmp_path / "v4")
+    model = SiglipVisionTransformer.from_pretrained(ckpt, prefix="vision_model.", dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match="prefix='nope.'"):
+        SiglipVisionTransformer.from_pretrained(ckpt, prefix="nope.")
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    assert SiglipVisionTransformer.from_pretrained(ckpt).dtype == torch.bfloat16  # as stored
+    assert SiglipVisionTransformer.from_pretrained(ckpt, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype, error", [("float33", ValueError), (torch.int8, ValueError), (3, TypeError)])
+def test_bad_dtype(tiny, dtype, error):
+    with pytest.raises(error, match=str(dtype).replace(".", r"\.")):
+        SiglipVisionTransformer.from_pretrained(tiny[1], dtype=dtype)
+
+
+def test_world_size_arguments(tiny, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], world_size=0)
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], world_size=2)
+    with pytest.raises(TypeError, match="world_size must be an int"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], world_size="2")
+
+
+def test_missing_path_and_file_path(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        SiglipVisionTransformer.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(ValueError, match="is a file"):
+        SiglipVisionTransformer.from_pretrained(tiny[1] / "model.safetensors")
+
+
+def test_pickle_only_is_refused_unopened(copy):
+    (copy / "model.safetensors").unlink()
+    (copy / "pytorch_model.bin").write_bytes(b"this would be a pickle")
+    with pytest.raises(CheckpointError, match="(?s)pytorch_model.bin.*never unpickles"):
+        SiglipVisionTransformer.from_pretrained(copy)
+
+
+def test_truncated_file_names_the_file(copy):
+    path = copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        SiglipVisionTransformer.from_pretrained(copy)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="model.safetensors.*too short"):
+        SiglipVisionTransformer.from_pretrained(copy)
+
+
+def _rewrite_header(path, edit):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h["embeddings.patch_embedding.bias"].update(data_offsets=[0, 10**12]), "data_offsets|ends at byte"),
+        (lambda h: h["embeddings.patch_embedding.bias"].update(shape=[10**9, 10**9]), "inconsistent"),
+        (lambda h: h["embeddings.patch_embedding.bias"].update(shape=[-1]), "invalid shape"),
+        (lambda h: h["embeddings.patch_embedding.bias"].update(dtype="F128"), "unsupported dtype"),
+        (lambda h: h["embeddings.patch_embedding.bias"].update(data_offsets=[8, 8 + 96 * 4]), "overlap"),
+    ],
+)
+def test_lying_headers_are_rejected(copy, edit, message):
+    _rewrite_header(copy / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=message):
+        SiglipVisionTransformer.from_pretrained(copy)
+
+
+def test_absurd_header_length(copy):
+    path = copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    with pytest.raises(CheckpointError, match="announces a .*-byte header"):
+        SiglipVisionTransformer.from_pretrained(copy)
+
+
+def _edit_tensors(path, edit):
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(copy):
+    path = copy / "model.safetensors"
+    _edit_tensors(path, lambda t: t.pop("encoder.layers.1.mlp.fc2.bias"))
+    with pytest.raises(CheckpointError, match="missing tensors.*encoder.layers.1.mlp.fc2.bias"):
+        SiglipVisionTransformer.from_pretrained(copy)
+    _edit_tensors(path, lambda t: t.update({"encoder.layers.1.mlp.fc2.bias": torch.zeros(95)}))
+    with pytest.raises(CheckpointError, match=r"encoder.layers.1.mlp.fc2.bias: checkpoint \[95\] vs model \[96\]"):
+        SiglipVisionTransformer.from_pretrained(copy)
+    _edit_tensors(path, lambda t: t.update({"encoder.layers.1.mlp.fc2.bias": torch.zeros(96), "encoder.layers.1.mlp.fc3.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match="unexpected tensors.*encoder.layers.1.mlp.fc3.weight"):
+        SiglipVisionTransformer.from_pretrained(copy)
+
+
+def test_head_missing_suggests_use_head_false(copy):
+    _edit_tensors(copy / "model.safetensors", lambda t: [t.pop(k) for k in list(t) if k.startswith("head.")])
+    with pytest.raises(CheckpointError, match="use_head=False"):
+        SiglipVisionTransformer.from_pretrained(copy)
+    assert SiglipVisionTransformer.from_pretrained(copy, use_head=False).head is None
+
+
+def test_not_a_siglip_checkpoint(copy):
+    _edit_tensors(copy / "model.safetensors", lambda t: t.update({"x.weight": t.pop("embeddings.patch_embedding.weight")}))
+    with pytest.raises(CheckpointError, match="no SigLIP vision tensors"):
+        SiglipVisionTransformer.from_pretrained(copy)
+
+
+def test_missing_config_and_missing_shard(tiny, tmp_path):
+    reference, ckpt, _ = tiny
+    sharded = save_layout(reference, "sharded", tmp_path / "sharded")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"shard .*{shard.name}.* is missing"):
+        SiglipVisionTransformer.from_pretrained(sharded)
+    (sharded / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        SiglipVisionTransformer.from_pretrained(sharded)
