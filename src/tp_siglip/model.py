@@ -712,13 +712,26 @@ class SiglipVisionTransformer(nn.Module):
         if self.data_group is None:
             return self._encode(pixel_values, want_states, interpolate_pos_encoding)
         sizes = split_sizes(pixel_values.shape[0], group_size(self.data_group))
-        start = sum(sizes[: group_rank(self.data_group)])
-        local = self._encode(pixel_values[start : start + sizes[group_rank(self.data_group)]], want_states, interpolate_pos_encoding)
+        rank = group_rank(self.data_group)
+        start = sum(sizes[:rank])
+        if sizes[rank]:
+            local = self._encode(pixel_values[start : start + sizes[rank]], want_states, interpolate_pos_encoding)
+        else:  # fewer images than ranks: this rank only takes part in the gather
+            local = self._empty_output(*pixel_values.shape[-2:], want_states)
         gather = lambda t: all_gather_batch(t, sizes, self.data_group)  # noqa: E731
         return SiglipVisionOutput(
             last_hidden_state=gather(local.last_hidden_state),
             pooler_output=None if local.pooler_output is None else gather(local.pooler_output),
             hidden_states=None if local.hidden_states is None else tuple(gather(h) for h in local.hidden_states),
+        )
+
+    def _empty_output(self, height: int, width: int, output_hidden_states: bool) -> SiglipVisionOutput:
+        patch = self.config.patch_size
+        empty = torch.empty(0, (height // patch) * (width // patch), self.config.hidden_size, device=self.device, dtype=self.dtype)
+        return SiglipVisionOutput(
+            last_hidden_state=empty,
+            pooler_output=empty[:, 0] if self.head is not None else None,
+            hidden_states=(empty,) * (len(self.encoder.layers) + 1) if output_hidden_states else None,
         )
 
     def _encode(self, pixel_values: torch.Tensor, output_hidden_states: bool, interpolate: bool) -> SiglipVisionOutput:

@@ -117,8 +117,14 @@ def all_gather_batch(x: torch.Tensor, sizes: Sequence[int], group: Optional[Proc
         gathered = funcol.all_gather_tensor(padded.contiguous(), 0, group)
     else:
         gathered = x.new_empty((biggest * len(sizes), *x.shape[1:]))
-        dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+        _all_gather_flat(gathered, padded.contiguous(), group)
     return torch.cat([gathered[r * biggest : r * biggest + n] for r, n in enumerate(sizes)])
+
+
+def _all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
+    """All-gather ``mine`` from every rank into ``out`` (rank order along dim 0)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name, where present
+    gather(out, mine, group=group)
 
 
 def agree_on_failure(error: Optional[BaseException], group: Optional[ProcessGroup], device: torch.device) -> None:
@@ -140,7 +146,7 @@ def agree_on_failure(error: Optional[BaseException], group: Optional[ProcessGrou
     if message:
         mine[1 : 1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8).to(device)
     everyone = torch.empty(size * width, dtype=torch.uint8, device=device)
-    dist.all_gather_into_tensor(everyone, mine, group=group)
+    _all_gather_flat(everyone, mine, group)
     table = everyone.view(size, width).cpu()
     if error is not None:
         raise error

@@ -1,0 +1,160 @@
+"""Process groups: torchrun-style launch, failures on one rank, the caller's subgroups, data mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from checkpoints import TINY, save_layout, vision_model
+from distributed import run_ranks
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groups")
+    reference = vision_model(TINY, seed=11)
+    other = vision_model(TINY, seed=12)
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    save_file({"pixels": pixels}, str(root / "inputs.safetensors"))
+    with torch.no_grad():
+        refs = {
+            "a": reference(pixels, output_hidden_states=True),
+            "b": other(pixels, output_hidden_states=True),
+        }
+    return root, save_layout(reference, "v5_vision", root / "a"), save_layout(other, "sharded", root / "b"), refs
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(rank: int, world_size: int, port: int, ckpt: Path, out: Path, inputs: Path) -> subprocess.Popen:
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TP_SIGLIP_PG_TIMEOUT_S="60")
+    return subprocess.Popen([sys.executable, str(HERE / "rank_main.py"), str(ckpt), str(out), str(inputs)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_torchrun_style_launch_creates_the_group(tiny, tmp_path):
+    """RANK/WORLD_SIZE/MASTER_* set, no group: from_pretrained creates one (gloo) and every rank agrees."""
+    root, ckpt, _, refs = tiny
+    port = _free_port()
+    procs = [_launch(r, 2, port, ckpt, tmp_path / f"out{r}.safetensors", root / "inputs.safetensors") for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    for r in range(2):
+        out = load_file(str(tmp_path / f"out{r}.safetensors"))["pooler_output"]
+        torch.testing.assert_close(out, refs["a"].pooler_output, atol=1e-4, rtol=0)
+
+
+def test_a_failing_rank_does_not_leave_the_other_hanging(tiny, tmp_path):
+    """Two ranks started by hand (no torchrun agent to kill survivors); rank 1 gets a truncated file.
+    Both must fail promptly, and the healthy rank must say which rank failed and why."""
+    root, ckpt, _, _ = tiny
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    data = (ckpt / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    port = _free_port()
+    start = time.monotonic()
+    procs = [
+        _launch(0, 2, port, ckpt, tmp_path / "o0.safetensors", root / "inputs.safetensors"),
+        _launch(1, 2, port, broken, tmp_path / "o1.safetensors", root / "inputs.safetensors"),
+    ]
+    errors = [p.communicate(timeout=50)[1] for p in procs]
+    elapsed = time.monotonic() - start
+    assert [p.returncode for p in procs] == [3, 3], errors
+    assert "rank(s) [1]" in errors[0] and "truncated" in errors[0] and "broken/model.safetensors" in errors[0]
+    assert "CheckpointError" in errors[1] and "truncated" in errors[1]
+    assert elapsed < 45, f"took {elapsed:.0f} s: the healthy rank waited for a timeout"
+
+
+def _too_many_ranks(rank, world_size, ckpt):
+    from tp_siglip import SiglipVisionTransformer
+
+    with pytest.raises(ValueError, match="world_size 3 is larger than num_attention_heads 2"):
+        SiglipVisionTransformer.from_pretrained(ckpt, world_size=3)
+    with pytest.raises(ValueError, match="world_size=2 but the process group has 3 ranks"):
+        SiglipVisionTransformer.from_pretrained(ckpt, world_size=2)
+
+
+def test_more_ranks_than_heads_is_refused_on_every_rank(tmp_path):
+    ckpt = save_layout(vision_model({**TINY, "num_attention_heads": 2}, seed=1), "v5_vision", tmp_path / "two")
+    run_ranks(3, tmp_path, _too_many_ranks, str(ckpt))
+
+
+def _subgroups(rank, world_size, root, ckpt_a, ckpt_b):
+    from tp_siglip import SiglipVisionTransformer
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    ckpt = ckpt_a if rank < 2 else ckpt_b
+    model = SiglipVisionTransformer.from_pretrained(ckpt, process_group=mine)
+    assert model.world_size == 2 and model.rank == rank % 2
+    pixels = load_file(os.path.join(root, "inputs.safetensors"))["pixels"]
+    if rank >= 2:
+        pixels = pixels[:3]  # the groups run different work: any use of the default group would hang or mix
+    with torch.inference_mode():
+        out = model(pixels, output_hidden_states=True)
+    save_file({"pooler": out.pooler_output, "last": out.last_hidden_state.contiguous()},
+              os.path.join(root, f"sub-{rank}.safetensors"))
+
+
+def test_caller_subgroups_run_independently(tiny):
+    """4 ranks split into two groups of 2, each loading its own checkpoint and running its own batch."""
+    root, a, b, refs = tiny
+    run_ranks(4, root, _subgroups, str(root), str(a), str(b))
+    for rank in range(4):
+        out = load_file(str(root / f"sub-{rank}.safetensors"))
+        ref = refs["a"] if rank < 2 else refs["b"]
+        n = 5 if rank < 2 else 3
+        torch.testing.assert_close(out["pooler"], ref.pooler_output[:n], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["last"], ref.last_hidden_state[:n], atol=1e-4, rtol=0)
+
+
+def _data_vs_tensor(rank, world_size, root, ckpt):
+    from tp_siglip import SiglipVisionTransformer
+
+    pixels = load_file(os.path.join(root, "inputs.safetensors"))["pixels"]  # batch 5 over 2 ranks: 3 + 2
+    outs = {}
+    for mode in ("tensor", "data"):
+        model = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size, parallel=mode)
+        assert model.parallel == mode
+        with torch.inference_mode():
+            out = model(pixels, output_hidden_states=True)
+            outs[mode] = {"pooler": out.pooler_output, "last": out.last_hidden_state,
+                          **{f"h{i}": h for i, h in enumerate(out.hidden_states)}}
+            one = model(pixels[:1])  # fewer images than ranks: one rank has nothing to do
+            outs[mode]["one"] = one.pooler_output
+    save_file({f"{m}.{k}": v.contiguous() for m, d in outs.items() for k, v in d.items()},
+              os.path.join(root, f"modes-{rank}.safetensors"))
+
+
+def test_data_mode_equals_tensor_mode_and_transformers(tiny):
+    root, ckpt, _, refs = tiny
+    run_ranks(2, root, _data_vs_tensor, str(root), str(ckpt))
+    ref = refs["a"]
+    for rank in range(2):
+        out = load_file(str(root / f"modes-{rank}.safetensors"))
+        for mode in ("tensor", "data"):
+            torch.testing.assert_close(out[f"{mode}.pooler"], ref.pooler_output, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out[f"{mode}.last"], ref.last_hidden_state, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out[f"{mode}.one"], ref.pooler_output[:1], atol=1e-4, rtol=0)
+            for i, h in enumerate(ref.hidden_states):
+                torch.testing.assert_close(out[f"{mode}.h{i}"], h, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["data.pooler"], out["tensor.pooler"], atol=2e-5, rtol=0)
