@@ -3,7 +3,7 @@
 Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong value) with a
 message that names the offending value and says what is expected. The finiteness check is the only one
 that reads tensor data (one device sync); servers that cannot afford it switch it off with
-``model.check_finite = False``.
+``model.check_finite = False``, and it is skipped inside ``torch.compile`` graphs.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def check_pixel_values(
             f"pixel_values are {height}x{width}; with interpolate_pos_encoding=True height and width must be "
             f"positive multiples of the patch size {patch} (or exactly {size}x{size})"
         )
-    if check_finite and not bool(torch.isfinite(pixel_values).all()):
+    # a compiled graph cannot branch on tensor data: under torch.compile the finiteness check is skipped
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
         bad = int((~torch.isfinite(pixel_values)).sum())
         raise ValueError(
             f"pixel_values contain {bad} NaN or infinite value(s); check the preprocessing (set "
