@@ -189,7 +189,6 @@ class SiglipAttention(nn.Module):
         self,
         config: SiglipVisionConfig,
         plan: TensorParallelPlan,
-        group: Optional[ProcessGroup] = None,
         *,
         attn_implementation: str = "sdpa",
         device: DeviceLike = None,
@@ -206,7 +205,7 @@ class SiglipAttention(nn.Module):
         self.k_proj = ColumnParallelLinear(dim, dim, cols, **kw)
         self.v_proj = ColumnParallelLinear(dim, dim, cols, **kw)
         self.q_proj = ColumnParallelLinear(dim, dim, cols, **kw)
-        self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, group, **kw)
+        self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, plan.group, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
@@ -232,7 +231,6 @@ class SiglipMLP(nn.Module):
         self,
         config: SiglipVisionConfig,
         plan: TensorParallelPlan,
-        group: Optional[ProcessGroup] = None,
         *,
         device: DeviceLike = None,
         dtype: Optional[torch.dtype] = None,
@@ -241,7 +239,7 @@ class SiglipMLP(nn.Module):
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.activation_fn = ACTIVATIONS[config.hidden_act]
         self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, [plan.mlp_columns], **kw)
-        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, plan.mlp_columns, group, **kw)
+        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, plan.mlp_columns, plan.group, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -254,7 +252,6 @@ class SiglipEncoderLayer(nn.Module):
         self,
         config: SiglipVisionConfig,
         plan: TensorParallelPlan,
-        group: Optional[ProcessGroup] = None,
         *,
         attn_implementation: str = "sdpa",
         device: DeviceLike = None,
@@ -263,9 +260,9 @@ class SiglipEncoderLayer(nn.Module):
         super().__init__()
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
-        self.self_attn = SiglipAttention(config, plan, group, attn_implementation=attn_implementation, **kw)
+        self.self_attn = SiglipAttention(config, plan, attn_implementation=attn_implementation, **kw)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
-        self.mlp = SiglipMLP(config, plan, group, **kw)
+        self.mlp = SiglipMLP(config, plan, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
@@ -279,7 +276,6 @@ class SiglipEncoder(nn.Module):
         self,
         config: SiglipVisionConfig,
         plan: TensorParallelPlan,
-        group: Optional[ProcessGroup] = None,
         *,
         attn_implementation: str = "sdpa",
         device: DeviceLike = None,
@@ -287,7 +283,7 @@ class SiglipEncoder(nn.Module):
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            SiglipEncoderLayer(config, plan, group, attn_implementation=attn_implementation, device=device, dtype=dtype)
+            SiglipEncoderLayer(config, plan, attn_implementation=attn_implementation, device=device, dtype=dtype)
             for _ in range(config.num_hidden_layers)
         )
 
@@ -311,7 +307,6 @@ class SiglipPoolingAttention(nn.Module):
         self,
         config: SiglipVisionConfig,
         plan: TensorParallelPlan,
-        group: Optional[ProcessGroup] = None,
         *,
         attn_implementation: str = "sdpa",
         device: DeviceLike = None,
@@ -327,7 +322,7 @@ class SiglipPoolingAttention(nn.Module):
         local = end - start
         self.in_proj_weight = nn.Parameter(torch.empty(3 * local, dim, device=device, dtype=dtype))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * local, device=device, dtype=dtype))
-        self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, group, device=device, dtype=dtype)
+        self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, plan.group, device=device, dtype=dtype)
 
     def shard_specs(self) -> dict[str, ShardSpec]:
         dim = self.embed_dim
@@ -355,7 +350,6 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         self,
         config: SiglipVisionConfig,
         plan: TensorParallelPlan,
-        group: Optional[ProcessGroup] = None,
         *,
         attn_implementation: str = "sdpa",
         device: DeviceLike = None,
@@ -364,9 +358,9 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         super().__init__()
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.probe = nn.Parameter(torch.empty(1, 1, config.hidden_size, **kw))
-        self.attention = SiglipPoolingAttention(config, plan, group, attn_implementation=attn_implementation, **kw)
+        self.attention = SiglipPoolingAttention(config, plan, attn_implementation=attn_implementation, **kw)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
-        self.mlp = SiglipMLP(config, plan, group, **kw)
+        self.mlp = SiglipMLP(config, plan, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         probe = self.probe.expand(hidden_states.shape[0], -1, -1)
@@ -411,15 +405,14 @@ class SiglipVisionTransformer(nn.Module):
         self.plan = TensorParallelPlan.for_group(
             self.process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
         )
-        process_group = self.process_group
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         parts: dict[str, Any] = {"attn_implementation": attn_implementation, **kw}
         self.embeddings = SiglipVisionEmbeddings(config, **kw)
-        self.encoder = SiglipEncoder(config, self.plan, process_group, **parts)
+        self.encoder = SiglipEncoder(config, self.plan, **parts)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.use_head = config.vision_use_head
         self.head = (
-            SiglipMultiheadAttentionPoolingHead(config, self.plan, process_group, **parts) if self.use_head else None
+            SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
         )
         self._weights_ready = False
         if not self.is_meta:

@@ -329,8 +329,9 @@ class RowParallelLinear(nn.Module):
 
 @dataclass(frozen=True)
 class TensorParallelPlan:
-    """Which heads and MLP columns this rank owns."""
+    """The group a model is sharded over, and which heads and MLP columns this rank owns."""
 
+    group: Optional[ProcessGroup]
     world_size: int
     rank: int
     num_heads: int
@@ -345,7 +346,7 @@ class TensorParallelPlan:
                 f"world_size {size} is larger than num_attention_heads {num_heads}: every rank needs at "
                 f"least one head; use at most {num_heads} ranks"
             )
-        return cls(size, group_rank(group), num_heads, head_dim, intermediate_size)
+        return cls(group, size, group_rank(group), num_heads, head_dim, intermediate_size)
 
     @property
     def heads(self) -> tuple[int, int]:
