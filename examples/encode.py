@@ -83,7 +83,7 @@ def encode(args: argparse.Namespace, rank: int, world_size: int) -> None:
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(paths), unit="img", disable=rank != 0) as bar:
         for batch_paths, pixels in iter_batches(paths, args.batch_size, model.config.image_size, model.dtype):
-            out = model(pixels)
+            out = model(pixels.to(model.device))
             vectors = out.pooler_output if model.use_head else out.last_hidden_state.mean(dim=1)
             if rank == 0:  # every rank has the full outputs; only rank 0 keeps them
                 pooled.append(vectors.float().cpu())

@@ -19,8 +19,13 @@ def check_pixel_values(
     *,
     interpolate_pos_encoding: bool,
     check_finite: bool,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Return ``pixel_values`` if it is a valid ``(B, C, H, W)`` float batch for ``config``, else raise."""
+    """Return ``pixel_values`` if it is a valid ``(B, C, H, W)`` float batch for ``config`` on ``device``.
+
+    Inputs on another device are an error, not a silent copy: a server should see (and place) every
+    host-to-device transfer itself.
+    """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor of shape (B, C, H, W), got {type(pixel_values).__name__}")
     if not isinstance(interpolate_pos_encoding, bool):
@@ -52,6 +57,11 @@ def check_pixel_values(
         raise ValueError(
             f"pixel_values are {height}x{width}; with interpolate_pos_encoding=True height and width must be "
             f"positive multiples of the patch size {patch} (or exactly {size}x{size})"
+        )
+    if pixel_values.device != device:
+        raise ValueError(
+            f"pixel_values are on {pixel_values.device} but the model is on {device}; move them first with "
+            f"pixel_values.to(model.device)"
         )
     # a compiled graph cannot branch on tensor data: under torch.compile the finiteness check is skipped
     if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):

@@ -137,7 +137,10 @@ class SiglipVisionEmbeddings(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size, device=device, dtype=dtype)
+        # `_weight` skips nn.Embedding's own random init, which on the meta device would pull in torch's
+        # compiler stack (a second of imports) for a tensor the loader overwrites anyway
+        table = torch.empty(config.num_patches, config.hidden_size, device=device, dtype=dtype)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size, _weight=table)
 
     def position_table(self, rows: int, cols: int) -> torch.Tensor:
         """Position embeddings for a ``rows x cols`` patch grid, ``(1, rows * cols, D)``.
@@ -265,8 +268,9 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config, plan, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        # residual adds land in place in the freshly made branch outputs: one allocation less per add
+        hidden_states = self.self_attn(self.layer_norm1(hidden_states)).add_(hidden_states)
+        return self.mlp(self.layer_norm2(hidden_states)).add_(hidden_states)
 
 
 class SiglipEncoder(nn.Module):
@@ -698,9 +702,8 @@ class SiglipVisionTransformer(nn.Module):
             self.config,
             interpolate_pos_encoding=interpolate_pos_encoding,
             check_finite=self.check_finite,
+            device=self.device,
         )
-        if pixel_values.device != self.device:  # documented: inputs are moved to the model's device
-            pixel_values = pixel_values.to(self.device, non_blocking=True)
         want_states = bool(output_hidden_states)
         if self.data_group is None:
             return self._encode(pixel_values, want_states, interpolate_pos_encoding)
