@@ -1,0 +1,37 @@
+"""The shared-memory all-reduce that CPU ranks on one host use: exact sums, identical on every rank,
+growing for big tensors, nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from distributed import run_ranks
+
+
+def _sums(rank, world_size, root):
+    from tp_siglip import parallel, shm_allreduce
+
+    group = dist.group.WORLD
+    reducer = shm_allreduce.for_group(group)
+    assert reducer is not None, "shared-memory all-reduce should be usable on one host"
+    for step, (shape, dtype) in enumerate([((8, 5, 7), torch.float32), ((3, 1000), torch.bfloat16),
+                                           ((3, 1_200_000), torch.float32), ((4, 4), torch.float32)]):
+        parts = [torch.randn(shape, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype)
+                 for r in range(world_size)]
+        mine = parts[rank].clone()
+        out = parallel.all_reduce_sum(mine, group)
+        expected = sum(p.float() for p in parts).to(dtype)  # rank order, in fp32, rounded once
+        assert torch.equal(out, expected)
+        everyone = [torch.empty_like(out) for _ in range(world_size)]
+        dist.all_gather(everyone, out)
+        assert all(torch.equal(e, out) for e in everyone), "ranks disagree"
+    assert reducer.slot_bytes >= 3 * 1_200_000 * 4  # it grew for the 14 MB tensor
+
+
+def test_shared_memory_sums(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    run_ranks(3, tmp_path, _sums, str(tmp_path))
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("tp-siglip")} - before == set()
