@@ -203,3 +203,14 @@ def test_missing_config_and_missing_shard(tiny, tmp_path):
     (sharded / "config.json").unlink()
     with pytest.raises(CheckpointError, match="has no config.json"):
         SiglipVisionTransformer.from_pretrained(sharded)
+
+
+def test_code_in_a_repo_is_never_executed(copy, tmp_path):
+    """A repo that ships Python (remote-code style auto_map) loads as plain tensors; its code never runs."""
+    marker = tmp_path / "executed"
+    (copy / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((copy / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (copy / "config.json").write_text(json.dumps(config))
+    model = SiglipVisionTransformer.from_pretrained(copy)
+    assert model.head is not None and not marker.exists()
