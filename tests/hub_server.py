@@ -354,14 +354,17 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(body).encode()
         self._send(status, data, head, {"Content-Type": "application/json", **(extra or {})}, repo_id=repo_id, name="<api>")
 
-    def _send(
-        self, status: int, body: bytes, head: bool, headers: dict[str, str], repo_id: str = "", name: str = "<error>"
-    ) -> None:
+    def _start(self, status: int, headers: dict[str, str], length: int) -> None:
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         self.end_headers()
+
+    def _send(
+        self, status: int, body: bytes, head: bool, headers: dict[str, str], repo_id: str = "", name: str = "<error>"
+    ) -> None:
+        self._start(status, headers, len(body))
         if not head and body:
             self.wfile.write(body)
             self.hub._count(repo_id, name, len(body))
@@ -370,11 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, status: int, body: bytes, headers: dict[str, str], repo_id: str, name: str, fraction: float
     ) -> None:
         """Announce the whole body, send ``fraction`` of it, then cut the connection."""
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        self._start(status, headers, len(body))
         half = body[: int(len(body) * fraction)]
         self.wfile.write(half)
         self.wfile.flush()
