@@ -708,49 +708,46 @@ def throughput_cell(opts, ours, theirs, attn, geometry, dtype_name, batch, fp32_
     flops = geometry.flops_per_image()
     g_ours, g_theirs = ips_ours * flops / 1e9, ips_theirs * flops / 1e9
     speedup = ips_ours / ips_theirs
-    if device.type == "cpu":
-        target, met = at_least(speedup, 1.05 if dtype_name == "fp32" else 1.2)
-    else:
-        target, met = "", ""
     threads = f"{opts.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     log(
         f"{geometry.label} {dtype_name} b{batch}: ours {ips_ours:.2f} img/s, transformers {ips_theirs:.2f} img/s "
         f"({speedup:.2f}x), {warmup}+{rounds} rounds, mm ceiling {ceiling['gflops']:.0f} GFLOP/s, diff {check['text']}"
     )
-    compiled_row = None
-    if t_compiled:
-        ips_c = batch / median(t_compiled)
-        c_target, c_met = at_least(ips_c / ips_theirs, 1.05 if dtype_name == "fp32" else 1.2) if device.type == "cpu" else ("", "")
-        log(f"{geometry.label} {dtype_name} b{batch}: ours + torch.compile {ips_c:.2f} img/s ({ips_c / ips_theirs:.2f}x)")
-        compiled_row = Row(
+
+    def row(setup: str, ips: float, diff: str, data: dict) -> Row:
+        ratio = ips / ips_theirs
+        target, met = at_least(ratio, 1.05 if dtype_name == "fp32" else 1.2) if device.type == "cpu" else ("", "")
+        return Row(
             section="throughput",
             geometry=geometry.label,
             dtype=dtype_name,
             batch=str(batch),
-            setup=f"img/s, ours + torch.compile, 1 rank x {threads} vs transformers ({attn}, eager)",
-            ours=f"{ips_c:.2f}",
+            setup=setup,
+            ours=f"{ips:.2f}",
             reference=f"{ips_theirs:.2f}",
-            ratio=f"{ips_c / ips_theirs:.2f}x",
-            gflops=gflops_text(ips_c * flops / 1e9, g_theirs, ceiling["gflops"]),
-            max_diff=compiled_check["text"],
-            target=c_target,
-            met=c_met,
-            data={"compiled_seconds": t_compiled, "compiled_img_s": ips_c, "speedup": ips_c / ips_theirs},
+            ratio=f"{ratio:.2f}x",
+            gflops=gflops_text(ips * flops / 1e9, g_theirs, ceiling["gflops"]),
+            max_diff=diff,
+            target=target,
+            met=met,
+            data=data,
         )
-    return Row(
-        section="throughput",
-        geometry=geometry.label,
-        dtype=dtype_name,
-        batch=str(batch),
-        setup=f"img/s, 1 rank x {threads} vs transformers ({attn})",
-        ours=f"{ips_ours:.2f}",
-        reference=f"{ips_theirs:.2f}",
-        ratio=f"{speedup:.2f}x",
-        gflops=gflops_text(g_ours, g_theirs, ceiling["gflops"]),
-        max_diff=check["text"],
-        target=target,
-        met=met,
-        data={
+
+    compiled_row = None
+    if t_compiled:
+        ips_c = batch / median(t_compiled)
+        log(f"{geometry.label} {dtype_name} b{batch}: ours + torch.compile {ips_c:.2f} img/s ({ips_c / ips_theirs:.2f}x)")
+        compiled_row = row(
+            f"img/s, ours + torch.compile, 1 rank x {threads} vs transformers ({attn}, eager)",
+            ips_c,
+            compiled_check["text"],
+            {"compiled_seconds": t_compiled, "compiled_img_s": ips_c, "speedup": ips_c / ips_theirs},
+        )
+    eager_row = row(
+        f"img/s, 1 rank x {threads} vs transformers ({attn})",
+        ips_ours,
+        check["text"],
+        {
             "ours_seconds": t_ours,
             "theirs_seconds": t_theirs,
             "warmup_seconds": warm,
@@ -767,7 +764,8 @@ def throughput_cell(opts, ours, theirs, attn, geometry, dtype_name, batch, fp32_
             "attn_implementation": attn,
             "threads": opts.threads,
         },
-    ), compiled_row
+    )
+    return eager_row, compiled_row
 
 
 # ============================================================================ spawned ranks

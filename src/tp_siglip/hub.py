@@ -85,7 +85,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from tp_siglip.loader import (
-    ANCHOR,
     PICKLE_SUFFIXES,
     CheckpointError,
     TensorInfo,
@@ -93,7 +92,9 @@ from tp_siglip.loader import (
     header_length,
     local_checkpoint_dir,
     parse_header,
+    parse_index,
     read_header,
+    tower_prefix,
 )
 
 __all__ = ["DOWNLOAD_MODES", "TransferError", "resolve_checkpoint"]
@@ -533,8 +534,8 @@ def _hf_cached(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoF
     snapshot = config.parent
     index = cached(INDEX_FILE)
     if index is not None:
-        weight_map = _parse_index(index.read_bytes(), f"{hub.where}: {INDEX_FILE}")
-        chosen = _index_prefix(hub, weight_map, prefix)
+        weight_map = parse_index(index.read_bytes(), f"{hub.where}: {INDEX_FILE}")
+        chosen = tower_prefix(weight_map, prefix, hub.where)
         needed = {f for k, f in weight_map.items() if k.startswith(chosen)}
         return snapshot if all(cached(f) is not None for f in needed) else None
     if files is not None and INDEX_FILE in files:
@@ -545,35 +546,6 @@ def _hf_cached(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoF
         shards = _root_safetensors(files)
         return snapshot if shards and all(cached(f) is not None for f in shards) else None
     return snapshot if any(snapshot.glob("*.safetensors")) else None
-
-
-def _parse_index(raw: bytes, source: str) -> dict[str, str]:
-    """The ``weight_map`` of a safetensors index, checked like `loader.weight_files` does."""
-    try:
-        weight_map = json.loads(raw)["weight_map"]
-    except (KeyError, TypeError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{source} is not a valid safetensors index ({err!r})") from None
-    pairs = weight_map.items() if isinstance(weight_map, dict) else None
-    if pairs is None or not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
-        raise CheckpointError(f"{source}: weight_map must map tensor names to file names")
-    for name in sorted(set(weight_map.values())):
-        if Path(name).name != name or not name.endswith(".safetensors"):
-            raise CheckpointError(f"{source} names an unexpected shard file {name!r}")
-    return weight_map
-
-
-def _index_prefix(hub: _Hub, weight_map: dict[str, str], prefix: Optional[str]) -> str:
-    if prefix is None:
-        return find_prefix(weight_map, hub.where)
-    if prefix + ANCHOR not in weight_map:
-        raise _not_a_tower(hub, prefix)
-    return prefix
-
-
-def _not_a_tower(hub: _Hub, prefix: str) -> CheckpointError:
-    return CheckpointError(
-        f"{hub.where}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower"
-    )
 
 
 @contextlib.contextmanager
@@ -812,8 +784,8 @@ def _remote_headers(
     Returns the tower's prefix, the prefix auto-detection picks (None where it fails) and the headers by file.
     """
     if INDEX_FILE in files:
-        weight_map = _parse_index(remote.get(INDEX_FILE), f"{hub.where}: {INDEX_FILE}")
-        chosen = _index_prefix(hub, weight_map, prefix)
+        weight_map = parse_index(remote.get(INDEX_FILE), f"{hub.where}: {INDEX_FILE}")
+        chosen = tower_prefix(weight_map, prefix, hub.where)
         names = sorted({f for k, f in weight_map.items() if k.startswith(chosen)})
         auto = _auto_prefix(weight_map, hub)
     elif SINGLE_FILE in files:
@@ -835,9 +807,7 @@ def _remote_headers(
                 )
     else:
         auto = find_prefix(seen, hub.where) if prefix is None else _auto_prefix(seen, hub)
-        chosen = auto if prefix is None else prefix
-        if chosen + ANCHOR not in seen:
-            raise _not_a_tower(hub, chosen)
+        chosen = tower_prefix(seen, auto if prefix is None else prefix, hub.where)
     assert chosen is not None
     return chosen, auto, headers
 
@@ -992,8 +962,8 @@ def _download_files(hub: _Hub, sha: str, prefix: Optional[str], files: RepoFiles
 
     config = fetch(CONFIG_FILE)
     if INDEX_FILE in files:
-        weight_map = _parse_index(fetch(INDEX_FILE).read_bytes(), f"{hub.where}: {INDEX_FILE}")
-        chosen = _index_prefix(hub, weight_map, prefix)
+        weight_map = parse_index(fetch(INDEX_FILE).read_bytes(), f"{hub.where}: {INDEX_FILE}")
+        chosen = tower_prefix(weight_map, prefix, hub.where)
         needed = sorted({f for k, f in weight_map.items() if k.startswith(chosen)})
     elif SINGLE_FILE in files:
         needed = [SINGLE_FILE]

@@ -220,19 +220,27 @@ def _refuse_pickle(directory: Path) -> None:
         )
 
 
+def parse_index(raw: bytes, source: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json`` (local or fetched), checked."""
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+    except (KeyError, TypeError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{source} is not a valid safetensors index ({err!r})") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{source}: weight_map must map tensor names to file names")
+    for name in sorted(set(weight_map.values())):
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{source} names an unexpected shard file {name!r}")
+    return weight_map
+
+
 def weight_files(directory: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
     """The safetensors files of a checkpoint directory, and the index's weight map when sharded."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
-        for name in sorted(set(weight_map.values())):
-            if Path(name).name != name or not name.endswith(".safetensors"):
-                raise CheckpointError(f"{index} names an unexpected shard file {name!r}")
+        weight_map = parse_index(index.read_bytes(), str(index))
         return [directory / n for n in sorted(set(weight_map.values()))], weight_map
     single = directory / "model.safetensors"
     if single.is_file():
@@ -256,6 +264,15 @@ def find_prefix(names: Iterable[str], where: str) -> str:
     if len(candidates) > 1:
         raise CheckpointError(f"{where} holds several vision towers with prefixes {candidates}; pass prefix= to choose one")
     return candidates[0]
+
+
+def tower_prefix(names: Mapping[str, Any], prefix: Optional[str], where: str) -> str:
+    """``prefix`` checked against the tensor ``names``, or detected with `find_prefix` when ``None``."""
+    if prefix is None:
+        return find_prefix(names, where)
+    if prefix + ANCHOR not in names:
+        raise CheckpointError(f"{where}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower")
+    return prefix
 
 
 # ----------------------------------------------------------------------------- what to load
@@ -420,10 +437,7 @@ def scan_checkpoint(directory: Union[str, os.PathLike[str]], prefix: Optional[st
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {path}")
             tensors[name] = info
-    if prefix is None:
-        prefix = find_prefix(tensors, str(directory))
-    elif prefix + ANCHOR not in tensors:
-        raise CheckpointError(f"{directory}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower")
+    prefix = tower_prefix(tensors, prefix, str(directory))
     tower = {k: v for k, v in tensors.items() if k.startswith(prefix)}
     return Checkpoint(directory, config_path, config, prefix, tower)
 

@@ -56,6 +56,11 @@ PARALLEL_MODES = ("tensor", "data")
 _IGNORED_FORWARD_KWARGS = ("return_dict", "output_attentions", "use_cache")
 
 
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {list(choices)}")
+
+
 def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
@@ -395,10 +400,8 @@ class SiglipVisionTransformer(nn.Module):
         super().__init__()
         if not isinstance(config, SiglipVisionConfig):
             raise TypeError(f"config must be a SiglipVisionConfig, got {type(config).__name__}")
-        if attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
-        if parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel {parallel!r} is not one of {list(PARALLEL_MODES)}")
+        _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        _check_choice("parallel", parallel, PARALLEL_MODES)
         self.config = config
         self.parallel = parallel
         #: the group weights are sharded over (tensor mode) and the one batches are split over (data mode)
@@ -449,8 +452,7 @@ class SiglipVisionTransformer(nn.Module):
 
     def set_attn_implementation(self, implementation: str) -> None:
         """Switch every attention between ``"sdpa"`` (default) and ``"eager"`` (explicit fp32 softmax)."""
-        if implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation {implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
+        _check_choice("attn_implementation", implementation, ATTN_IMPLEMENTATIONS)
         for module in self.modules():
             if hasattr(module, "attn_implementation"):
                 module.attn_implementation = implementation
@@ -478,7 +480,7 @@ class SiglipVisionTransformer(nn.Module):
                 param = self.get_parameter(name)
                 full = torch.empty(spec.full_shape, dtype=torch.float32)
                 _init_full(name, full, self.config.hidden_size)
-                param.copy_(take_shard(full, spec))
+                loader.copy_shard(param, full, spec)
         finally:
             torch.random.set_rng_state(generator_state)
         self._weights_ready = True
@@ -542,10 +544,8 @@ class SiglipVisionTransformer(nn.Module):
             raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         if use_head is not None and not isinstance(use_head, bool):
             raise TypeError(f"use_head must be a bool or None, got {use_head!r}")
-        if attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
-        if parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel {parallel!r} is not one of {list(PARALLEL_MODES)}")
+        _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        _check_choice("parallel", parallel, PARALLEL_MODES)
         want_dtype = loader.resolve_dtype(dtype)
         target = loader.resolve_device(device)
         group = resolve_group(world_size, process_group)
@@ -736,18 +736,6 @@ class SiglipVisionTransformer(nn.Module):
         last_hidden_state = self.post_layernorm(hidden_states)
         pooled = self.head(last_hidden_state) if self.head is not None else None
         return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
-
-
-def take_shard(full: Any, spec: ShardSpec) -> torch.Tensor:
-    """Cut a rank's piece out of ``full`` (a tensor, or anything indexable like safetensors' slices)."""
-    if spec.dim is None:
-        return full[...] if not isinstance(full, torch.Tensor) else full
-    pieces = []
-    for start, end in spec.ranges:
-        index = [slice(None)] * len(spec.full_shape)
-        index[spec.dim] = slice(start, end)
-        pieces.append(full[tuple(index)])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=spec.dim)
 
 
 def _init_full(name: str, tensor: torch.Tensor, hidden_size: int) -> None:

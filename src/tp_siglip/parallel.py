@@ -314,7 +314,7 @@ class RowParallelLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.in_range = (int(in_range[0]), int(in_range[1]))
-        self.group = group
+        self.group = group if group_size(group) > 1 else None  # a group of one needs no all-reduce
         local = self.in_range[1] - self.in_range[0]
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
@@ -326,7 +326,7 @@ class RowParallelLinear(nn.Module):
         return specs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group is None or group_size(self.group) == 1:
+        if self.group is None:
             return F.linear(x, self.weight, self.bias)
         y = all_reduce_sum(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
