@@ -144,6 +144,8 @@ def test_no_images_fails_cleanly_on_every_rank(setup):
     empty.mkdir()
     proc = _run(["--model", str(headed), str(empty), "--output", str(root / "none.safetensors")])
     assert proc.returncode != 0
-    assert "[rank 0] error: no images found" in proc.stderr
-    assert "[rank 1] error: no images found" in proc.stderr
+    # Each rank fails on its own (no collective is involved); torchrun's agent may stop the slower rank
+    # before it prints, so at least one rank's message is required, and no rank may crash in encode.py.
+    assert "] error: no images found" in proc.stderr
+    assert 'encode.py", line' not in proc.stderr
     assert not (root / "none.safetensors").exists()

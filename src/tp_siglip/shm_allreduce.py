@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import weakref
 from typing import Optional
 
 import torch
@@ -47,7 +48,9 @@ class SharedMemoryAllReduce:
     """Sums contiguous CPU tensors over the ranks of ``group`` through one shared segment."""
 
     def __init__(self, group: dist.ProcessGroup, slot_bytes: int) -> None:
-        self.group = group
+        # only a weak reference: a group kept alive past destroy_process_group can make gloo abort the
+        # process at interpreter exit
+        self._group = weakref.ref(group)
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.slot_bytes = slot_bytes
@@ -74,6 +77,13 @@ class SharedMemoryAllReduce:
         if self.rank == 0:
             os.unlink(path)
         return buffer if bool(ok[0]) else None
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        group = self._group()
+        if group is None:
+            raise RuntimeError("the process group of this shared-memory all-reduce no longer exists")
+        return group
 
     @property
     def usable(self) -> bool:
@@ -106,19 +116,19 @@ class SharedMemoryAllReduce:
         return x
 
 
-_BY_GROUP: dict[int, tuple[dist.ProcessGroup, Optional[SharedMemoryAllReduce]]] = {}
+#: reducer per group, keyed weakly so that the cache never keeps a group alive
+_BY_GROUP: "weakref.WeakKeyDictionary[dist.ProcessGroup, Optional[SharedMemoryAllReduce]]" = weakref.WeakKeyDictionary()
 
 
 def for_group(group: dist.ProcessGroup) -> Optional[SharedMemoryAllReduce]:
     """The group's shared-memory reducer, set up on first use (collectively), or None if unusable."""
-    entry = _BY_GROUP.get(id(group))
-    if entry is not None and entry[0] is group:
-        return entry[1]
+    if group in _BY_GROUP:
+        return _BY_GROUP[group]
     reducer: Optional[SharedMemoryAllReduce] = None
     if dist.get_backend(group) == "gloo":
         reducer = SharedMemoryAllReduce(group, MIN_SLOT_BYTES)
         if not reducer.usable:
             logger.warning("shared-memory all-reduce unavailable (ranks on several hosts?); using gloo")
             reducer = None
-    _BY_GROUP[id(group)] = (group, reducer)
+    _BY_GROUP[group] = reducer
     return reducer
