@@ -41,14 +41,14 @@ def test_model_init_matches_transformers_recipe():
     model = SiglipVisionTransformer(CONFIG, seed=1)
     d = CONFIG.hidden_size
     assert torch.equal(model.post_layernorm.weight, torch.ones(d))
-    assert torch.equal(model.encoder.layers[0].self_attn.q_proj.bias, torch.zeros(d))
+    assert torch.equal(model.state_dict()["encoder.layers.0.self_attn.q_proj.bias"], torch.zeros(d))
     pos = model.embeddings.position_embedding.weight
     assert abs(pos.std().item() - 1 / math.sqrt(d)) < 0.01
     fc1 = model.encoder.layers[0].mlp.fc1
     bound = math.sqrt(6 / (d + CONFIG.intermediate_size))  # xavier uniform
     assert fc1.weight.abs().max() <= bound and fc1.weight.abs().max() > 0.9 * bound
     assert 0 < fc1.bias.abs().max() < 1e-5  # normal(std=1e-6)
-    assert model.head.attention.in_proj_weight.abs().max() <= math.sqrt(6 / (d + 3 * d))
+    assert model.state_dict()["head.attention.in_proj_weight"].abs().max() <= math.sqrt(6 / (d + 3 * d))
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32))
     assert torch.isfinite(out.last_hidden_state).all() and out.pooler_output.shape == (2, d)

@@ -6,11 +6,24 @@ The public surface is small on purpose:
 * :class:`SiglipVisionTransformer` -- the encoder; ``from_pretrained`` loads a checkpoint with each rank
   reading only its slice of the weights.
 * :class:`SiglipVisionOutput` -- what ``forward`` returns.
+* :class:`DataParallelEncoder` -- the data-parallel mode (``from_pretrained(..., parallel="data")``).
+* :func:`preprocess`, :func:`load_image` -- images to ``pixel_values`` exactly as transformers'
+  ``SiglipImageProcessor`` makes them.
 """
 
 __version__ = "0.1.0"
 
 from tp_siglip.config import SiglipVisionConfig
+from tp_siglip.data_parallel import DataParallelEncoder
 from tp_siglip.model import SiglipVisionOutput, SiglipVisionTransformer
+from tp_siglip.processing import load_image, preprocess
 
-__all__ = ["SiglipVisionConfig", "SiglipVisionOutput", "SiglipVisionTransformer", "__version__"]
+__all__ = [
+    "DataParallelEncoder",
+    "SiglipVisionConfig",
+    "SiglipVisionOutput",
+    "SiglipVisionTransformer",
+    "__version__",
+    "load_image",
+    "preprocess",
+]

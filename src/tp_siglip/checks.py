@@ -13,6 +13,12 @@ import torch
 from tp_siglip.config import SiglipVisionConfig
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {list(choices)}")
+
+
 def check_pixel_values(
     pixel_values: object,
     config: SiglipVisionConfig,

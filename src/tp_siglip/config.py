@@ -17,22 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tp_siglip.activations import get_activation
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-
-#: Activation names accepted in ``hidden_act`` (the subset of transformers' ``ACT2FN`` that SigLIP-style
-#: towers use); the model maps each to the same formula transformers uses.
-SUPPORTED_ACTIVATIONS = (
-    "gelu",
-    "gelu_pytorch_tanh",
-    "gelu_new",
-    "gelu_fast",
-    "gelu_python_tanh",
-    "quick_gelu",
-    "relu",
-    "silu",
-    "swish",
-)
-
 
 class SiglipVisionConfig(BaseModel):
     """Hyper-parameters of a SigLIP vision tower, with transformers' names and defaults."""
@@ -83,8 +69,7 @@ class SiglipVisionConfig(BaseModel):
     @field_validator("hidden_act")
     @classmethod
     def _known_activation(cls, value: str) -> str:
-        if value not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act {value!r} is not supported; expected one of {list(SUPPORTED_ACTIVATIONS)}")
+        get_activation(value)  # raises, naming the known activations
         return value
 
     @model_validator(mode="after")

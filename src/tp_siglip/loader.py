@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from tp_siglip.config import SiglipVisionConfig
-from tp_siglip.parallel import ShardSpec
+from tp_siglip.parallel import Layout, copy_piece, feeds_by_source
 
 logger = logging.getLogger(__name__)
 
@@ -278,62 +278,101 @@ def tower_prefix(names: Mapping[str, Any], prefix: Optional[str], where: str) ->
 # ----------------------------------------------------------------------------- what to load
 
 
+def expected_tensors(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors (names relative to the tower) a model with ``layout`` reads, with full shapes."""
+    return {piece.source: piece.full_shape for pieces in layout.values() for piece in pieces}
+
+
 @dataclass
 class LoadPlan:
-    """Which checkpoint key feeds which parameter, and which keys are deliberately skipped."""
+    """Which checkpoint key feeds which tower tensor, and which keys are deliberately skipped."""
 
     prefix: str
-    params: dict[str, str]  # parameter name -> checkpoint key
+    keys: dict[str, str]  # tower tensor name -> checkpoint key
     skipped: list[str] = field(default_factory=list)
 
 
 def skippable(name: str, num_layers: int, use_head: bool) -> bool:
-    """Whether tower parameter ``name`` belongs to a layer at index >= ``num_layers`` or to a disabled head."""
+    """Whether tower tensor ``name`` belongs to a layer at index >= ``num_layers`` or to a disabled head."""
     match = re.match(r"encoder\.layers\.(\d+)\.", name)
     if match and int(match.group(1)) >= num_layers:
         return True
     return not use_head and name.startswith("head.")
 
 
+@dataclass
+class LoadReport:
+    """What matching a checkpoint's tensors to a model found; `SiglipVisionTransformer.load_weights` returns it."""
+
+    prefix: Optional[str]
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    wrong_shapes: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """One line per kind of mismatch (empty when the checkpoint fits)."""
+        problems = []
+        if self.missing:
+            hint = " (the checkpoint has no pooling head: pass use_head=False)" if any("head." in m for m in self.missing) else ""
+            problems.append(f"missing tensors{hint}: {_short(self.missing)}")
+        if self.wrong_shapes:
+            problems.append(f"wrong shapes: {_short(self.wrong_shapes)}")
+        if self.unexpected:
+            problems.append(f"unexpected tensors under prefix {self.prefix!r}: {_short(self.unexpected)}")
+        return problems
+
+    def raise_if_incomplete(self, where: str = "load_weights") -> None:
+        problems = self.problems()
+        if problems:
+            raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def match_tensors(
+    available: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    prefix: str,
+    *,
+    num_layers: int,
+    use_head: bool,
+    source: str = "checkpoint",
+) -> LoadReport:
+    """Compare checkpoint keys (key -> full shape) under ``prefix`` with the tower tensors a model reads.
+
+    ``source`` names where the shapes come from in messages ("checkpoint", or "given" for a caller's tensors).
+    """
+    report = LoadReport(prefix)
+    for name, shape in expected.items():
+        key = prefix + name
+        if key not in available:
+            report.missing.append(key)
+        elif tuple(available[key]) != tuple(shape):
+            report.wrong_shapes.append(f"{key}: {source} {list(available[key])} vs model {list(shape)}")
+        else:
+            report.loaded.append(name)
+    for key in available:
+        rest = key[len(prefix) :]
+        if key.startswith(prefix) and rest not in expected:
+            (report.skipped if skippable(rest, num_layers, use_head) else report.unexpected).append(key)
+    return report
+
+
 def plan_load(
     available: Mapping[str, tuple[int, ...]],
-    specs: Mapping[str, ShardSpec],
+    layout: Layout,
     prefix: str,
     *,
     num_layers: int,
     use_head: bool,
     where: str,
 ) -> LoadPlan:
-    """Match checkpoint keys (name -> full shape) to the model's parameters, strictly."""
-    plan = LoadPlan(prefix, {})
-    missing, wrong = [], []
-    for name, spec in specs.items():
-        key = prefix + name
-        if key not in available:
-            missing.append(key)
-        elif tuple(available[key]) != spec.full_shape:
-            wrong.append(f"{key}: checkpoint {list(available[key])} vs model {list(spec.full_shape)}")
-        else:
-            plan.params[name] = key
-    unexpected = []
-    for key in available:
-        if not key.startswith(prefix) or key[len(prefix) :] in specs:
-            continue
-        if skippable(key[len(prefix) :], num_layers, use_head):
-            plan.skipped.append(key)
-        else:
-            unexpected.append(key)
-    problems = []
-    if missing:
-        hint = " (the checkpoint has no pooling head: pass use_head=False)" if any("head." in m for m in missing) else ""
-        problems.append(f"missing tensors{hint}: {_short(missing)}")
-    if wrong:
-        problems.append(f"wrong shapes: {_short(wrong)}")
-    if unexpected:
-        problems.append(f"unexpected tensors under prefix {prefix!r}: {_short(unexpected)}")
+    """Match checkpoint keys (name -> full shape) to the model's tensors, strictly."""
+    report = match_tensors(available, expected_tensors(layout), prefix, num_layers=num_layers, use_head=use_head)
+    problems = report.problems()
     if problems:
         raise CheckpointError(f"{where} does not match the config's vision tower: " + "; ".join(problems))
-    return plan
+    return LoadPlan(prefix, {name: prefix + name for name in report.loaded}, report.skipped)
 
 
 def _short(items: list[str], limit: int = 8) -> str:
@@ -341,40 +380,30 @@ def _short(items: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-# ----------------------------------------------------------------------------- copying shards
-
-
-@torch.no_grad()
-def copy_shard(param: torch.Tensor, source: Any, spec: ShardSpec) -> None:
-    """Copy this rank's piece of ``source`` (full tensor or safetensors slice) into ``param``."""
-    if spec.dim is None:
-        param.copy_(source[...] if not isinstance(source, torch.Tensor) else source)
-        return
-    offset = 0
-    for start, end in spec.ranges:
-        index: list[slice] = [slice(None)] * len(spec.full_shape)
-        index[spec.dim] = slice(start, end)
-        target: list[slice] = [slice(None)] * len(spec.full_shape)
-        target[spec.dim] = slice(offset, offset + end - start)
-        param[tuple(target)].copy_(source[tuple(index)])
-        offset += end - start
+# ----------------------------------------------------------------------------- reading
 
 
 def read_tensors(
     params: Mapping[str, torch.Tensor],
+    layout: Layout,
     plan: LoadPlan,
-    specs: Mapping[str, ShardSpec],
     infos: Mapping[str, TensorInfo],
 ) -> None:
-    """Fill ``params`` from local safetensors files, in file order, one short-lived mapping per tensor."""
-    order = sorted(plan.params.items(), key=lambda item: (infos[item[1]].file, infos[item[1]].start))
-    for name, key in order:
+    """Fill ``params`` from local safetensors files, in file order, one short-lived mapping per tensor.
+
+    Each checkpoint tensor is read through safetensors' slice API, only the pieces this rank keeps,
+    and copied into memory the parameter owns (no view of the mapped file survives).
+    """
+    feeds = feeds_by_source(layout, dict(params))
+    order = sorted(feeds, key=lambda name: (infos[plan.keys[name]].file, infos[plan.keys[name]].start))
+    for name in order:
+        key = plan.keys[name]
         path = infos[key].file
         try:
             with safe_open(path, framework="pt", device="cpu") as fh:
-                copy_shard(params[name], fh.get_slice(key), specs[name])
-        except CheckpointError:
-            raise
+                source = fh.get_slice(key)
+                for view, piece in feeds[name]:
+                    copy_piece(view, piece, source)
         except Exception as err:  # safetensors' own errors are not typed helpfully
             raise CheckpointError(f"{path}: could not read tensor {key!r}: {err}") from err
 
@@ -450,45 +479,29 @@ def _refuse_pickle_if_only(directory: Path) -> None:
 # ----------------------------------------------------------------------------- caller's tensors
 
 
-@dataclass
-class LoadReport:
-    """Outcome of `SiglipVisionTransformer.load_weights`."""
-
-    prefix: Optional[str]
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    wrong_shapes: list[str] = field(default_factory=list)
-
-    def raise_if_incomplete(self) -> None:
-        problems = []
-        if self.missing:
-            problems.append(f"missing tensors (prefix {self.prefix!r}): {_short(self.missing)}")
-        if self.wrong_shapes:
-            problems.append(f"wrong shapes: {_short(self.wrong_shapes)}")
-        if self.unexpected:
-            problems.append(f"unexpected tensors under prefix {self.prefix!r}: {_short(self.unexpected)}")
-        if problems:
-            raise CheckpointError("load_weights: " + "; ".join(problems))
+def _find_pairs_prefix(name: str, expected: Mapping[str, Any]) -> Optional[str]:
+    """The known tower prefix under which ``name`` is an expected tower tensor, if any."""
+    return next((p for p in sorted(KNOWN_PREFIXES, key=len, reverse=True) if name.startswith(p) and name[len(p) :] in expected), None)
 
 
 def load_from_pairs(
     params: Mapping[str, torch.Tensor],
-    specs: Mapping[str, ShardSpec],
+    layout: Layout,
     weights: Iterable[tuple[str, torch.Tensor]],
     *,
     prefix: Optional[str],
     num_layers: int,
     use_head: bool,
 ) -> LoadReport:
-    """Copy this rank's slices of ``(name, full tensor)`` pairs into ``params``.
+    """Copy this rank's pieces of ``(name, full tensor)`` pairs into ``params``.
 
-    Without ``prefix`` the first name that is a known tower prefix + a parameter name fixes it.
+    Without ``prefix`` the first name that is a known tower prefix + a tower tensor name fixes it.
+    Pairs are consumed one at a time, so a generator over a large state dict is never held whole.
     """
-    report = LoadReport(prefix)
-    unmatched: list[str] = []
-    known = sorted(KNOWN_PREFIXES, key=len, reverse=True)
+    expected = expected_tensors(layout)
+    feeds = feeds_by_source(layout, dict(params))
+    shapes: dict[str, tuple[int, ...]] = {}
+    found_prefix = prefix
     for item in weights:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise TypeError(f"load_weights expects (name, tensor) pairs, got {type(item).__name__}")
@@ -497,28 +510,39 @@ def load_from_pairs(
             raise TypeError(
                 f"load_weights expects (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})"
             )
-        if report.prefix is None:
-            found = next((p for p in known if name.startswith(p) and name[len(p) :] in specs), None)
-            if found is None:
-                unmatched.append(name)
-                continue
-            report.prefix = found
-        if not name.startswith(report.prefix):
-            continue
-        rest = name[len(report.prefix) :]
-        spec = specs.get(rest)
-        if spec is None:
-            (report.skipped if skippable(rest, num_layers, use_head) else report.unexpected).append(name)
-        elif tuple(tensor.shape) != spec.full_shape:
-            report.wrong_shapes.append(f"{name}: given {list(tensor.shape)} vs model {list(spec.full_shape)}")
-        else:
-            copy_shard(params[rest], tensor, spec)
-            report.loaded.append(rest)
-    if report.prefix is not None:
-        for name in unmatched:
-            if name.startswith(report.prefix):
-                rest = name[len(report.prefix) :]
-                (report.skipped if skippable(rest, num_layers, use_head) else report.unexpected).append(name)
-    loaded = set(report.loaded)
-    report.missing = [(report.prefix or "") + n for n in specs if n not in loaded]
+        shapes[name] = tuple(tensor.shape)
+        if found_prefix is None:
+            found_prefix = _find_pairs_prefix(name, expected)
+        rest = name[len(found_prefix) :] if found_prefix is not None and name.startswith(found_prefix) else None
+        if rest in expected and shapes[name] == tuple(expected[rest]):
+            for view, piece in feeds[rest]:
+                copy_piece(view, piece, tensor)
+    if found_prefix is None:
+        return LoadReport(None, missing=list(expected))
+    return match_tensors(shapes, expected, found_prefix, num_layers=num_layers, use_head=use_head, source="given")
+
+
+def load_pairs_into(
+    model: Any,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    *,
+    prefix: Optional[str],
+    device: Union[torch.device, str, int, None],
+    strict: bool,
+) -> LoadReport:
+    """`SiglipVisionTransformer.load_weights`: materialise a meta model, fill it, report (and raise if strict)."""
+    if model.is_meta:
+        model.to_empty(device=resolve_device(device))
+    model._weights_ready = False
+    report = load_from_pairs(
+        dict(model.named_parameters()),
+        model.checkpoint_layout(),
+        weights,
+        prefix=prefix,
+        num_layers=model.config.num_hidden_layers,
+        use_head=model.use_head,
+    )
+    if strict:
+        report.raise_if_incomplete()
+    model._weights_ready = not report.missing
     return report

@@ -1,86 +1,59 @@
-"""The SigLIP vision tower, written once for any tensor-parallel world size.
+"""The SigLIP vision tower's modules, written once for any tensor-parallel world size.
 
-Module and parameter names are transformers' ``SiglipVisionModel`` ones, so a checkpoint key maps to a
-parameter by stripping the tower's prefix. The model code is TP-agnostic: attention reshapes with
-``view(B, T, -1, head_dim)`` and so works for whatever number of heads this rank holds; the parallel
-layers (``parallel.py``) do the splitting and the all-reduces.
+This file only models: embeddings, attention, MLP, encoder layer, encoder, pooling head and the
+transformer that holds them. It imports nothing but the config, the parallel layers and torch; loading
+(``from_pretrained``, ``load_weights``) is delegated to ``pretrained.py`` and ``loader.py``, and the
+data-parallel mode is a wrapper (``data_parallel.py``).
 
 Choices:
 
-* The patch embedding, position table, layer norms and the probe are small and replicated; every
-  q/k/v/fc1 projection is column-parallel and every out_proj/fc2 row-parallel, in the encoder and in the
-  pooling head alike. Every rank therefore ends each layer with the full, identical activation and
-  returns full outputs.
+* Module and parameter names are transformers' ``SiglipVisionModel`` ones, except that each attention's
+  q, k and v projections are one fused column-parallel GEMM (``qkv_proj``; the pooling head's
+  ``in_proj``). ``state_dict()`` and loading still use transformers' names (``q_proj.weight``,
+  ``in_proj_weight``), so a checkpoint key maps to a parameter piece by stripping the tower's prefix.
+* The model code is TP-agnostic: attention reshapes with ``view(B, T, 3, -1, head_dim)`` and so works for
+  whatever number of heads this rank holds (16 heads over 3 ranks = 6/5/5); the parallel layers do the
+  splitting and the all-reduces. Every rank ends each layer with the full activation.
+* The patch embedding, position table, layer norms and the probe are small and replicated.
 * Softmax runs in fp32 (eager path) or inside SDPA's fused kernel, which accumulates in fp32.
-* ``SiglipVisionTransformer(config)`` random-initialises like transformers; ``device="meta"`` builds
-  the skeleton without allocating, which is what the loader starts from.
+* ``SiglipVisionTransformer(config)`` random-initialises like transformers (the same numbers at every
+  world size for a seed); ``device="meta"`` builds the skeleton without allocating, for the loader.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_siglip.checks import check_pixel_values
+from tp_siglip.activations import get_activation
+from tp_siglip.checks import check_choice, check_pixel_values
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.initialization import default_flax_embed_init, lecun_normal_
-from tp_siglip import hub, loader
 from tp_siglip.parallel import (
+    Block,
     ColumnParallelLinear,
+    Layout,
     ProcessGroup,
     RowParallelLinear,
-    ShardSpec,
     TensorParallelPlan,
-    agree_on_failure,
-    all_gather_batch,
-    collective_device,
-    group_rank,
-    group_size,
-    resolve_group,
-    split_sizes,
+    checkpoint_layout,
+    copy_piece,
+    feeds_by_source,
 )
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the loading layers sit above this file; imported lazily by the two entry points
+    from tp_siglip.loader import LoadReport
 
 DeviceLike = Union[torch.device, str, int, None]
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-PARALLEL_MODES = ("tensor", "data")
 #: transformers-style forward keywords accepted (and ignored) so the model drops into transformers code
 _IGNORED_FORWARD_KWARGS = ("return_dict", "output_attentions", "use_cache")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} {value!r} is not one of {list(choices)}")
-
-
-def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-
-
-#: ``hidden_act`` name -> function; each is the formula transformers uses under that name.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": _gelu_tanh_formula,
-    "gelu_python_tanh": _gelu_tanh_formula,
-    "gelu_fast": _gelu_fast,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 
 @dataclass
@@ -191,7 +164,7 @@ def attention(
 
 
 class SiglipAttention(nn.Module):
-    """Multi-head self-attention; this rank computes its own heads (q/k/v column-, out row-parallel)."""
+    """Multi-head self-attention; this rank computes its own heads (fused q/k/v column-, out row-parallel)."""
 
     def __init__(
         self,
@@ -208,19 +181,15 @@ class SiglipAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.dropout = config.attention_dropout
         self.attn_implementation = attn_implementation
-        cols = [plan.head_columns]
-        kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.k_proj = ColumnParallelLinear(dim, dim, cols, **kw)
-        self.v_proj = ColumnParallelLinear(dim, dim, cols, **kw)
-        self.q_proj = ColumnParallelLinear(dim, dim, cols, **kw)
-        self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, plan.group, **kw)
+        cols = plan.head_columns
+        blocks = [Block(name, dim, *cols) for name in ("q_proj", "k_proj", "v_proj")]
+        self.qkv_proj = ColumnParallelLinear(dim, blocks, device=device, dtype=dtype)
+        self.out_proj = RowParallelLinear(dim, dim, cols, plan.group, device=device, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
-        shape = (batch, tokens, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, -1, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, local heads, T, head_dim)
         out = attention(
             query,
             key,
@@ -245,8 +214,8 @@ class SiglipMLP(nn.Module):
     ):
         super().__init__()
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.activation_fn = ACTIVATIONS[config.hidden_act]
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, [plan.mlp_columns], **kw)
+        self.activation_fn = get_activation(config.hidden_act)
+        self.fc1 = ColumnParallelLinear.shard(config.hidden_size, config.intermediate_size, plan.mlp_columns, **kw)
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, plan.mlp_columns, plan.group, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -308,9 +277,11 @@ class SiglipEncoder(nn.Module):
 
 
 class SiglipPoolingAttention(nn.Module):
-    """``nn.MultiheadAttention``'s parameters (stacked ``in_proj_weight`` of q, k, v rows, then
-    ``out_proj``), split by heads like the encoder's attention: this rank keeps the q, k and v rows of
-    its heads and the matching ``out_proj`` columns."""
+    """The pooling head's ``nn.MultiheadAttention``, split by heads like the encoder's attention.
+
+    The checkpoint stores q, k and v stacked in one ``in_proj_weight`` (3D, D); ``in_proj`` keeps this
+    rank's rows of each third (one fused column-parallel layer), ``out_proj`` the matching columns.
+    """
 
     def __init__(
         self,
@@ -323,33 +294,21 @@ class SiglipPoolingAttention(nn.Module):
     ):
         super().__init__()
         dim = config.hidden_size
-        self.embed_dim = dim
         self.head_dim = config.head_dim
         self.attn_implementation = attn_implementation
         start, end = plan.head_columns
-        self.ranges = ((start, end), (dim + start, dim + end), (2 * dim + start, 2 * dim + end))
-        local = end - start
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * local, dim, device=device, dtype=dtype))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * local, device=device, dtype=dtype))
+        blocks = [Block("in_proj", 3 * dim, i * dim + start, i * dim + end, flat=True) for i in range(3)]
+        self.in_proj = ColumnParallelLinear(dim, blocks, device=device, dtype=dtype)
         self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, plan.group, device=device, dtype=dtype)
-
-    def shard_specs(self) -> dict[str, ShardSpec]:
-        dim = self.embed_dim
-        return {
-            "in_proj_weight": ShardSpec((3 * dim, dim), 0, self.ranges),
-            "in_proj_bias": ShardSpec((3 * dim,), 0, self.ranges),
-        }
 
     def forward(self, query: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
-        local = self.in_proj_weight.shape[0] // 3
-        w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(query, w[:local], b[:local]).view(batch, query.shape[1], -1, self.head_dim).transpose(1, 2)
-        k, v = F.linear(hidden_states, w[local:], b[local:]).view(batch, tokens, 2, -1, self.head_dim).unbind(2)
-        out = attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), scale=self.head_dim**-0.5, implementation=self.attn_implementation
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, query.shape[1], -1))
+        queries = query.shape[1]
+        q = self.in_proj(query, slice(0, 1)).view(batch, queries, -1, self.head_dim).transpose(1, 2)
+        kv = self.in_proj(hidden_states, slice(1, 3)).view(batch, tokens, 2, -1, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v, scale=self.head_dim**-0.5, implementation=self.attn_implementation)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, queries, -1))
 
 
 class SiglipMultiheadAttentionPoolingHead(nn.Module):
@@ -386,6 +345,9 @@ class SiglipVisionTransformer(nn.Module):
     ``seed``); ``device="meta"`` gives an unallocated skeleton to fill with `load_weights`.
     """
 
+    #: how the model splits work over its group (``DataParallelEncoder`` says ``"data"``)
+    parallel = "tensor"
+
     def __init__(
         self,
         config: SiglipVisionConfig,
@@ -395,22 +357,17 @@ class SiglipVisionTransformer(nn.Module):
         device: DeviceLike = None,
         dtype: Optional[torch.dtype] = None,
         seed: int = 0,
-        parallel: str = "tensor",
     ):
         super().__init__()
         if not isinstance(config, SiglipVisionConfig):
             raise TypeError(f"config must be a SiglipVisionConfig, got {type(config).__name__}")
-        _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
-        _check_choice("parallel", parallel, PARALLEL_MODES)
+        check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
         self.config = config
-        self.parallel = parallel
-        #: the group weights are sharded over (tensor mode) and the one batches are split over (data mode)
-        self.process_group = process_group if parallel == "tensor" else None
-        self.data_group = process_group if parallel == "data" else None
+        self.process_group = process_group
         #: validate that inputs hold no NaN/inf (one device sync per forward); servers may switch it off
         self.check_finite = True
         self.plan = TensorParallelPlan.for_group(
-            self.process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
+            process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
         )
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         parts: dict[str, Any] = {"attn_implementation": attn_implementation, **kw}
@@ -418,9 +375,7 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = SiglipEncoder(config, self.plan, **parts)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.use_head = config.vision_use_head
-        self.head = (
-            SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
-        )
+        self.head = SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
         self._weights_ready = False
         if not self.is_meta:
             self.init_weights(seed)
@@ -429,13 +384,13 @@ class SiglipVisionTransformer(nn.Module):
 
     @property
     def world_size(self) -> int:
-        """Number of ranks the model runs on (tensor- or data-parallel)."""
-        return group_size(self.process_group if self.parallel == "tensor" else self.data_group)
+        """Number of tensor-parallel ranks."""
+        return self.plan.world_size
 
     @property
     def rank(self) -> int:
         """This process's rank in the model's group."""
-        return group_rank(self.process_group if self.parallel == "tensor" else self.data_group)
+        return self.plan.rank
 
     @property
     def is_meta(self) -> bool:
@@ -452,40 +407,32 @@ class SiglipVisionTransformer(nn.Module):
 
     def set_attn_implementation(self, implementation: str) -> None:
         """Switch every attention between ``"sdpa"`` (default) and ``"eager"`` (explicit fp32 softmax)."""
-        _check_choice("attn_implementation", implementation, ATTN_IMPLEMENTATIONS)
+        check_choice("attn_implementation", implementation, ATTN_IMPLEMENTATIONS)
         for module in self.modules():
             if hasattr(module, "attn_implementation"):
                 module.attn_implementation = implementation
 
-    def shard_specs(self) -> dict[str, ShardSpec]:
-        """For every parameter (full name), how its local tensor is cut from the checkpoint's tensor."""
-        specs: dict[str, ShardSpec] = {}
-        for module_name, module in self.named_modules():
-            custom = module.shard_specs() if hasattr(module, "shard_specs") and module is not self else {}
-            for param_name, param in module.named_parameters(recurse=False):
-                full = f"{module_name}.{param_name}" if module_name else param_name
-                specs[full] = custom.get(param_name, ShardSpec(tuple(param.shape)))
-        return specs
+    def checkpoint_layout(self) -> Layout:
+        """For every parameter, the pieces of checkpoint tensors (names relative to the tower) it holds."""
+        return checkpoint_layout(self)
 
-    # ------------------------------------------------------------------ init
+    # ------------------------------------------------------------------ weights
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Random init as transformers does it, drawn on full-size tensors then sliced, one at a time,
-        so every world size gets the same model for the same ``seed``."""
+        """Random init as transformers does it, drawn on full-size checkpoint tensors then sliced, one at a
+        time, so every world size gets the same model for the same ``seed``."""
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            for name, spec in self.shard_specs().items():
-                param = self.get_parameter(name)
-                full = torch.empty(spec.full_shape, dtype=torch.float32)
-                _init_full(name, full, self.config.hidden_size)
-                loader.copy_shard(param, full, spec)
+            for source, targets in feeds_by_source(self.checkpoint_layout(), dict(self.named_parameters())).items():
+                full = torch.empty(targets[0][1].full_shape, dtype=torch.float32)
+                _init_full(source, full, self.config.hidden_size)
+                for view, piece in targets:
+                    copy_piece(view, piece, full)
         finally:
             torch.random.set_rng_state(generator_state)
         self._weights_ready = True
-
-    # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(
@@ -494,7 +441,7 @@ class SiglipVisionTransformer(nn.Module):
         *,
         world_size: Optional[int] = None,
         process_group: Optional[ProcessGroup] = None,
-        dtype: loader.DtypeLike = None,
+        dtype: Union[torch.dtype, str, None] = None,
         device: DeviceLike = None,
         prefix: Optional[str] = None,
         num_hidden_layers: Optional[int] = None,
@@ -506,138 +453,32 @@ class SiglipVisionTransformer(nn.Module):
         local_files_only: bool = False,
         download: str = "tower",
         parallel: str = "tensor",
-    ) -> "SiglipVisionTransformer":
-        """Load a SigLIP vision tower from a Hub repo or a directory, each rank reading only its slice.
+    ) -> nn.Module:
+        """Load a tower from a Hub repo id or a directory, each rank reading only its slice.
 
-        Args:
-            repo_or_dir: a Hub repo id (``"google/siglip-so400m-patch14-384"``) or a directory with
-                ``config.json`` and safetensors weights (one file, or shards with
-                ``model.safetensors.index.json``); vision-only, full SigLIP or VLM layouts.
-            world_size: number of tensor-parallel ranks; must equal the process group's size.
-            process_group: the group to shard over. Default: the default group if one exists; else, for
-                ``world_size > 1`` under torchrun, a default group created here (gloo on CPU, NCCL on GPU).
-            dtype: ``None``/``"auto"`` keeps the stored dtype; or e.g. ``torch.bfloat16``/``"bf16"``.
-            device: default: this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU.
-            prefix: the tower's key prefix (e.g. ``"vision_tower.vision_model."``); found automatically.
-            num_hidden_layers: run only the first k encoder layers (early exit); the skipped layers'
-                weights are never read. ``post_layernorm`` and the head then apply to layer k's output.
-            use_head: ``False`` skips the pooling head (``pooler_output`` is ``None``) even if the
-                checkpoint has one; default: the config's ``vision_use_head``.
-            attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
-            revision, cache_dir, token, local_files_only: as in huggingface_hub / transformers, for repo ids.
-            download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
-                byte ranges into tp-siglip's own cache; ``"files"`` downloads whole safetensors files
-                into the plain Hugging Face cache.
-            parallel: ``"tensor"`` (default) shards every layer over the ranks; ``"data"`` replicates the
-                weights and splits each batch over the ranks (uneven splits are fine), gathering the
-                outputs so every rank still returns the full result.
-
-        If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
+        See `tp_siglip.pretrained.load_pretrained` for every argument. Returns this class, or with
+        ``parallel="data"`` a `DataParallelEncoder` around it.
         """
-        if not isinstance(repo_or_dir, (str, os.PathLike)):
-            raise TypeError(f"repo_or_dir must be a path or repo id string, got {type(repo_or_dir).__name__}")
-        if prefix is not None and not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
-        if num_hidden_layers is not None and (isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int)):
-            raise TypeError(f"num_hidden_layers must be an int, got {num_hidden_layers!r}")
-        if num_hidden_layers is not None and num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
-        if use_head is not None and not isinstance(use_head, bool):
-            raise TypeError(f"use_head must be a bool or None, got {use_head!r}")
-        _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
-        _check_choice("parallel", parallel, PARALLEL_MODES)
-        want_dtype = loader.resolve_dtype(dtype)
-        target = loader.resolve_device(device)
-        group = resolve_group(world_size, process_group)
+        from tp_siglip.pretrained import load_pretrained  # the loading layers sit above the modules
 
-        model: Optional[SiglipVisionTransformer] = None
-        error: Optional[BaseException] = None
-        try:
-            directory = hub.resolve_checkpoint(
-                repo_or_dir,
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
-                download=download,
-                prefix=prefix,
-            )
-            model = cls._load_local(
-                directory,
-                group,
-                dtype=want_dtype,
-                device=target,
-                prefix=prefix,
-                num_hidden_layers=num_hidden_layers,
-                use_head=use_head,
-                attn_implementation=attn_implementation,
-                parallel=parallel,
-            )
-        except Exception as err:  # every rank must hear about it, see agree_on_failure
-            error = err
-        agree_on_failure(error, group, collective_device(group))
-        assert model is not None
-        return model
-
-    @classmethod
-    def _load_local(
-        cls,
-        directory: "os.PathLike[str]",
-        group: Optional[ProcessGroup],
-        *,
-        dtype: Optional[torch.dtype],
-        device: torch.device,
-        prefix: Optional[str],
-        num_hidden_layers: Optional[int],
-        use_head: Optional[bool],
-        attn_implementation: str,
-        parallel: str = "tensor",
-    ) -> "SiglipVisionTransformer":
-        checkpoint = loader.scan_checkpoint(directory, prefix)
-        stored = checkpoint.config
-        if num_hidden_layers is not None and num_hidden_layers > stored.num_hidden_layers:
-            raise ValueError(
-                f"num_hidden_layers={num_hidden_layers} but the checkpoint has only {stored.num_hidden_layers} layers"
-            )
-        if use_head and not stored.vision_use_head:
-            raise ValueError(f"use_head=True but {checkpoint.config_path} says the tower has no head (vision_use_head=false)")
-        config = SiglipVisionConfig(
-            **{
-                **stored.to_dict(),
-                "num_hidden_layers": num_hidden_layers or stored.num_hidden_layers,
-                "vision_use_head": stored.vision_use_head if use_head is None else use_head,
-            }
+        return load_pretrained(
+            cls,
+            repo_or_dir,
+            world_size=world_size,
+            process_group=process_group,
+            dtype=dtype,
+            device=device,
+            prefix=prefix,
+            num_hidden_layers=num_hidden_layers,
+            use_head=use_head,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            download=download,
+            parallel=parallel,
         )
-        if dtype is None:
-            dtype = checkpoint.stored_dtype()
-        model = cls(config, group, attn_implementation=attn_implementation, device="meta", dtype=dtype, parallel=parallel)
-        specs = model.shard_specs()
-        plan = loader.plan_load(
-            checkpoint.shapes(),
-            specs,
-            checkpoint.prefix,
-            num_layers=config.num_hidden_layers,
-            use_head=config.vision_use_head,
-            where=str(checkpoint.directory),
-        )
-        model.to_empty(device=device)
-        loader.read_tensors(dict(model.named_parameters()), plan, specs, checkpoint.tensors)
-        model._weights_ready = True
-        model.eval()
-        local = sum(p.numel() * p.element_size() for p in model.parameters())
-        logger.info(
-            "loaded %d tensors of %s (prefix %r, %d skipped) as rank %d of %d: %.1f MB on %s in %s",
-            len(plan.params),
-            checkpoint.directory,
-            checkpoint.prefix,
-            len(plan.skipped),
-            model.rank,
-            model.world_size,
-            local / 1e6,
-            device,
-            dtype,
-        )
-        return model
 
     def load_weights(
         self,
@@ -646,7 +487,7 @@ class SiglipVisionTransformer(nn.Module):
         prefix: Optional[str] = None,
         device: DeviceLike = None,
         strict: bool = True,
-    ) -> "loader.LoadReport":
+    ) -> "LoadReport":
         """Fill the model from ``(checkpoint name, full tensor)`` pairs; each rank keeps only its slice.
 
         Names may carry any known tower prefix (found from the first matching name) or the given
@@ -655,21 +496,9 @@ class SiglipVisionTransformer(nn.Module):
         ``strict`` (default) a missing tensor, a wrong shape or an unknown tensor under the prefix raises
         ``ValueError``; the report lists them either way.
         """
-        if self.is_meta:
-            self.to_empty(device=loader.resolve_device(device))
-        self._weights_ready = False
-        report = loader.load_from_pairs(
-            dict(self.named_parameters()),
-            self.shard_specs(),
-            weights,
-            prefix=prefix,
-            num_layers=self.config.num_hidden_layers,
-            use_head=self.use_head,
-        )
-        if strict:
-            report.raise_if_incomplete()
-        self._weights_ready = not report.missing
-        return report
+        from tp_siglip.loader import load_pairs_into  # the loading layers sit above the modules
+
+        return load_pairs_into(self, weights, prefix=prefix, device=device, strict=strict)
 
     # ------------------------------------------------------------------ forward
 
@@ -704,42 +533,15 @@ class SiglipVisionTransformer(nn.Module):
             check_finite=self.check_finite,
             device=self.device,
         )
-        want_states = bool(output_hidden_states)
-        if self.data_group is None:
-            return self._encode(pixel_values, want_states, interpolate_pos_encoding)
-        sizes = split_sizes(pixel_values.shape[0], group_size(self.data_group))
-        rank = group_rank(self.data_group)
-        start = sum(sizes[:rank])
-        if sizes[rank]:
-            local = self._encode(pixel_values[start : start + sizes[rank]], want_states, interpolate_pos_encoding)
-        else:  # fewer images than ranks: this rank only takes part in the gather
-            local = self._empty_output(*pixel_values.shape[-2:], want_states)
-        gather = lambda t: all_gather_batch(t, sizes, self.data_group)  # noqa: E731
-        return SiglipVisionOutput(
-            last_hidden_state=gather(local.last_hidden_state),
-            pooler_output=None if local.pooler_output is None else gather(local.pooler_output),
-            hidden_states=None if local.hidden_states is None else tuple(gather(h) for h in local.hidden_states),
-        )
-
-    def _empty_output(self, height: int, width: int, output_hidden_states: bool) -> SiglipVisionOutput:
-        patch = self.config.patch_size
-        empty = torch.empty(0, (height // patch) * (width // patch), self.config.hidden_size, device=self.device, dtype=self.dtype)
-        return SiglipVisionOutput(
-            last_hidden_state=empty,
-            pooler_output=empty[:, 0] if self.head is not None else None,
-            hidden_states=(empty,) * (len(self.encoder.layers) + 1) if output_hidden_states else None,
-        )
-
-    def _encode(self, pixel_values: torch.Tensor, output_hidden_states: bool, interpolate: bool) -> SiglipVisionOutput:
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
-        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=bool(output_hidden_states))
         last_hidden_state = self.post_layernorm(hidden_states)
         pooled = self.head(last_hidden_state) if self.head is not None else None
         return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
 
 
 def _init_full(name: str, tensor: torch.Tensor, hidden_size: int) -> None:
-    """Transformers' SigLIP init for the full-size tensor of parameter ``name``."""
+    """Transformers' SigLIP init for the full-size checkpoint tensor ``name``."""
     leaf = name.rsplit(".", 1)[-1]
     if "layer_norm" in name or "layernorm" in name:
         nn.init.ones_(tensor) if leaf == "weight" else nn.init.zeros_(tensor)

@@ -27,7 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,24 +73,84 @@ def shard_range(total: int, parts: int, index: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class ShardSpec:
-    """How a parameter's local tensor is cut from the full checkpoint tensor.
+class Piece:
+    """One block of a checkpoint tensor that a local parameter is made of.
 
-    ``dim`` is the split dimension (``None``: replicated). ``ranges`` are the ``[start, end)`` spans of the
-    full tensor along ``dim`` that this rank keeps, concatenated in order (several spans for a stacked
-    q/k/v weight).
+    ``source`` is the checkpoint name (relative to the tower) and ``full_shape`` its full shape. Along
+    ``dim`` the span ``[start, end)`` is taken (``dim=None``: the whole tensor). A parameter made of several
+    pieces (a fused q/k/v weight) is their concatenation along ``dim``, in order.
     """
 
+    source: str
     full_shape: tuple[int, ...]
     dim: Optional[int] = None
-    ranges: tuple[tuple[int, int], ...] = ()
+    start: int = 0
+    end: int = 0
 
-    def local_shape(self) -> tuple[int, ...]:
-        if self.dim is None:
-            return self.full_shape
-        shape = list(self.full_shape)
-        shape[self.dim] = sum(end - start for start, end in self.ranges)
-        return tuple(shape)
+    @property
+    def length(self) -> int:
+        """Size of the piece along ``dim``."""
+        return self.end - self.start
+
+    def index(self) -> tuple[slice, ...]:
+        """The piece's index into the full checkpoint tensor."""
+        index = [slice(None)] * len(self.full_shape)
+        if self.dim is not None:
+            index[self.dim] = slice(self.start, self.end)
+        return tuple(index)
+
+
+#: how every local parameter (full name) is cut from checkpoint tensors
+Layout = dict[str, tuple[Piece, ...]]
+
+
+def piece_targets(param: torch.Tensor, pieces: Sequence[Piece]) -> list[torch.Tensor]:
+    """Views of ``param`` that ``pieces`` fill, in order (a piece with ``dim=None`` fills all of it)."""
+    if len(pieces) == 1 and pieces[0].dim is None:
+        return [param]
+    views, offset = [], 0
+    for piece in pieces:
+        views.append(param.narrow(piece.dim, offset, piece.length))
+        offset += piece.length
+    return views
+
+
+def feeds_by_source(layout: Layout, params: dict[str, torch.Tensor]) -> dict[str, list[tuple[torch.Tensor, Piece]]]:
+    """For each checkpoint tensor (in layout order): the parameter views it fills and the piece each takes."""
+    feeds: dict[str, list[tuple[torch.Tensor, Piece]]] = {}
+    for name, pieces in layout.items():
+        for piece, view in zip(pieces, piece_targets(params[name], pieces)):
+            feeds.setdefault(piece.source, []).append((view, piece))
+    return feeds
+
+
+@torch.no_grad()
+def copy_piece(target: torch.Tensor, piece: Piece, source: Any) -> None:
+    """Copy ``piece`` of ``source`` (a full tensor, or a lazy safetensors slice) into ``target``."""
+    target.copy_(source[piece.index()])
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``[start, end)`` of a checkpoint linear layer with ``full_rows`` output rows.
+
+    ``name`` is the checkpoint layer's name relative to the parent of the layer that holds the block:
+    its tensors are ``{name}.weight`` / ``{name}.bias``, or ``{name}_weight`` / ``{name}_bias`` with
+    ``flat=True`` (``nn.MultiheadAttention``'s ``in_proj_weight``). ``name=None`` means the holding
+    layer itself (its own ``weight`` / ``bias``).
+    """
+
+    name: Optional[str]
+    full_rows: int
+    start: int
+    end: int
+    flat: bool = False
+
+    def tensor_name(self, leaf: str, own_prefix: str) -> str:
+        if self.name is None:
+            return own_prefix + leaf
+        parent = own_prefix[: own_prefix.rstrip(".").rfind(".") + 1]
+        return parent + self.name + ("_" if self.flat else ".") + leaf
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -256,40 +316,84 @@ def _destroy_default_group() -> None:
 
 
 class ColumnParallelLinear(nn.Module):
-    """``y = x W_local^T + b_local``: keeps the output rows ``ranges`` of a full ``(out, in)`` weight.
+    """``y = x W_local^T + b_local``, where ``W_local`` stacks this rank's row ``blocks`` of checkpoint layers.
 
     Input is replicated on every rank, output is sharded along its last dimension; no communication.
+    One block is the classic column-parallel layer (``fc1``); several blocks fuse layers that read the
+    same input into one GEMM (``q_proj``, ``k_proj``, ``v_proj``). ``state_dict()`` and loading still speak
+    the checkpoint's names: each block is stored under its own layer's name.
     """
 
     def __init__(
         self,
         in_features: int,
-        out_features: int,
-        ranges: Sequence[tuple[int, int]],
+        blocks: Sequence[Block],
         *,
         bias: bool = True,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        if not blocks:
+            raise ValueError("a ColumnParallelLinear needs at least one block")
         self.in_features = in_features
-        self.out_features = out_features
-        self.ranges = tuple((int(a), int(b)) for a, b in ranges)
-        local = sum(b - a for a, b in self.ranges)
-        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
+        self.blocks = tuple(blocks)
+        self.out_features = sum(b.end - b.start for b in self.blocks)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
+        if any(b.name is not None for b in self.blocks):
+            self._register_state_dict_hook(_split_blocks)
+            self._register_load_state_dict_pre_hook(_join_blocks, with_module=True)
 
-    def shard_specs(self) -> dict[str, ShardSpec]:
-        specs = {"weight": ShardSpec((self.out_features, self.in_features), 0, self.ranges)}
-        if self.bias is not None:
-            specs["bias"] = ShardSpec((self.out_features,), 0, self.ranges)
-        return specs
+    @classmethod
+    def shard(cls, in_features: int, out_features: int, rows: tuple[int, int], **kwargs: Any) -> "ColumnParallelLinear":
+        """The classic layer: rows ``[start, end)`` of its own ``(out_features, in_features)`` weight."""
+        return cls(in_features, [Block(None, out_features, *rows)], **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def block_rows(self) -> list[tuple[int, int]]:
+        """``[start, end)`` of each block within the local output."""
+        spans, offset = [], 0
+        for block in self.blocks:
+            spans.append((offset, offset + block.end - block.start))
+            offset += block.end - block.start
+        return spans
+
+    def forward(self, x: torch.Tensor, blocks: slice = slice(None)) -> torch.Tensor:
+        """The layer's output, or only that of ``blocks`` (e.g. ``slice(1, 3)``: k and v of a q/k/v layer)."""
+        if blocks == slice(None):
+            return F.linear(x, self.weight, self.bias)
+        spans = self.block_rows()[blocks]
+        rows = slice(spans[0][0], spans[-1][1])
+        return F.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])
+
+    def checkpoint_pieces(self, prefix: str) -> Layout:
+        """Where ``weight`` and ``bias`` come from, given this layer's own name ``prefix`` (with a dot)."""
+        shapes = {"weight": lambda rows: (rows, self.in_features), "bias": lambda rows: (rows,)}
+        if self.bias is None:
+            del shapes["bias"]
+        return {
+            leaf: tuple(Piece(b.tensor_name(leaf, prefix), shape(b.full_rows), 0, b.start, b.end) for b in self.blocks)
+            for leaf, shape in shapes.items()
+        }
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, ranges={list(self.ranges)}"
+        blocks = ", ".join(f"{b.name or 'self'}[{b.start}:{b.end}]" for b in self.blocks)
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks=({blocks})"
+
+
+def _split_blocks(module: ColumnParallelLinear, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """state_dict hook: store each block under its checkpoint layer's name (local rows only)."""
+    for leaf, pieces in module.checkpoint_pieces(prefix).items():
+        fused = state.pop(prefix + leaf)
+        for piece, view in zip(pieces, piece_targets(fused, pieces)):
+            state[piece.source] = view
+
+
+def _join_blocks(module: ColumnParallelLinear, state: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """load_state_dict pre-hook: the inverse of `_split_blocks`."""
+    for leaf, pieces in module.checkpoint_pieces(prefix).items():
+        if all(p.source in state for p in pieces):
+            state[prefix + leaf] = torch.cat([state.pop(p.source) for p in pieces])
 
 
 class RowParallelLinear(nn.Module):
@@ -319,11 +423,12 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
-    def shard_specs(self) -> dict[str, ShardSpec]:
-        specs = {"weight": ShardSpec((self.out_features, self.in_features), 1, (self.in_range,))}
+    def checkpoint_pieces(self, prefix: str) -> Layout:
+        """The weight's input columns of this rank; the bias whole."""
+        pieces = {"weight": (Piece(prefix + "weight", (self.out_features, self.in_features), 1, *self.in_range),)}
         if self.bias is not None:
-            specs["bias"] = ShardSpec((self.out_features,))
-        return specs
+            pieces["bias"] = (Piece(prefix + "bias", (self.out_features,)),)
+        return pieces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None:
@@ -333,6 +438,21 @@ class RowParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, in_range={self.in_range}"
+
+
+def checkpoint_layout(root: nn.Module) -> Layout:
+    """For every parameter of ``root`` (full name), the checkpoint pieces it is made of.
+
+    Parallel layers say it themselves (``checkpoint_pieces``); every other parameter is its checkpoint
+    tensor, whole and under its own name.
+    """
+    layout: Layout = {}
+    for module_name, module in root.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        custom = module.checkpoint_pieces(prefix) if hasattr(module, "checkpoint_pieces") else {}
+        for leaf, param in module.named_parameters(recurse=False):
+            layout[prefix + leaf] = custom.get(leaf) or (Piece(prefix + leaf, tuple(param.shape)),)
+    return layout
 
 
 @dataclass(frozen=True)

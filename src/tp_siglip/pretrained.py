@@ -1,0 +1,206 @@
+"""``from_pretrained``: the one entry point that composes the layers below it.
+
+    arguments -> process group (parallel) -> local files (hub) -> config + tensor headers (loader)
+              -> meta-device model (model) -> this rank's slices (loader) -> data-parallel wrapper
+
+Choices:
+
+* **Every argument is checked before any work**, with a message naming the value.
+* **No rank is left behind.** Whatever fails on one rank (a missing file, a corrupt header, a shape
+  mismatch) is shared with every rank in one collective (`parallel.agree_on_failure`) before anyone
+  runs a forward: all ranks raise, the healthy ones naming the rank that failed.
+* **Nothing half-loaded.** The model is built on the meta device (no random init), materialised on the
+  target device and filled from the checkpoint; only a model whose every tensor was read is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from tp_siglip import hub, loader
+from tp_siglip.checks import check_choice
+from tp_siglip.config import SiglipVisionConfig
+from tp_siglip.data_parallel import DataParallelEncoder
+from tp_siglip.model import ATTN_IMPLEMENTATIONS, SiglipVisionTransformer
+from tp_siglip.parallel import ProcessGroup, agree_on_failure, collective_device, resolve_group
+
+logger = logging.getLogger(__name__)
+
+PARALLEL_MODES = ("tensor", "data")
+
+
+def load_pretrained(
+    cls: type[SiglipVisionTransformer],
+    repo_or_dir: Union[str, os.PathLike[str]],
+    *,
+    world_size: Optional[int] = None,
+    process_group: Optional[ProcessGroup] = None,
+    dtype: loader.DtypeLike = None,
+    device: Union[torch.device, str, int, None] = None,
+    prefix: Optional[str] = None,
+    num_hidden_layers: Optional[int] = None,
+    use_head: Optional[bool] = None,
+    attn_implementation: str = "sdpa",
+    revision: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    token: Optional[Union[str, bool]] = None,
+    local_files_only: bool = False,
+    download: str = "tower",
+    parallel: str = "tensor",
+) -> nn.Module:
+    """Load a SigLIP vision tower from a Hub repo or a directory, each rank reading only its slice.
+
+    Args:
+        repo_or_dir: a Hub repo id (``"google/siglip-so400m-patch14-384"``) or a directory with
+            ``config.json`` and safetensors weights (one file, or shards with
+            ``model.safetensors.index.json``); vision-only, full SigLIP or VLM layouts.
+        world_size: number of ranks; must equal the process group's size.
+        process_group: the group to shard over. Default: the default group if one exists; else, for
+            ``world_size > 1`` under torchrun, a default group created here (gloo on CPU, NCCL on GPU).
+        dtype: ``None``/``"auto"`` keeps the stored dtype; or e.g. ``torch.bfloat16``/``"bf16"``.
+        device: default: this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU.
+        prefix: the tower's key prefix (e.g. ``"vision_tower.vision_model."``); found automatically.
+        num_hidden_layers: run only the first k encoder layers (early exit); the skipped layers'
+            weights are never read. ``post_layernorm`` and the head then apply to layer k's output.
+        use_head: ``False`` skips the pooling head (``pooler_output`` is ``None``) even if the
+            checkpoint has one; default: the config's ``vision_use_head``.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+        revision, cache_dir, token, local_files_only: as in huggingface_hub / transformers, for repo ids.
+        download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
+            byte ranges into tp-siglip's own cache; ``"files"`` downloads whole safetensors files
+            into the plain Hugging Face cache.
+        parallel: ``"tensor"`` (default) shards every layer over the ranks; ``"data"`` replicates the
+            weights and splits each batch over the ranks (a `DataParallelEncoder`), gathering the
+            outputs so every rank still returns the full result.
+
+    If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
+    """
+    _check_arguments(repo_or_dir, prefix, num_hidden_layers, use_head, attn_implementation, parallel)
+    want_dtype = loader.resolve_dtype(dtype)
+    target = loader.resolve_device(device)
+    group = resolve_group(world_size, process_group)
+    options = dict(
+        dtype=want_dtype,
+        device=target,
+        prefix=prefix,
+        num_hidden_layers=num_hidden_layers,
+        use_head=use_head,
+        attn_implementation=attn_implementation,
+    )
+    model: Optional[SiglipVisionTransformer] = None
+    error: Optional[BaseException] = None
+    try:
+        directory = hub.resolve_checkpoint(
+            repo_or_dir,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            download=download,
+            prefix=prefix,
+        )
+        model = load_checkpoint(cls, directory, group if parallel == "tensor" else None, **options)
+    except Exception as err:  # every rank must hear about it, see agree_on_failure
+        error = err
+    try:
+        agree_on_failure(error, group, collective_device(group))
+    finally:
+        del error  # a kept exception (and its frames) would keep the process group alive at exit
+    assert model is not None
+    return DataParallelEncoder(model, group) if parallel == "data" else model
+
+
+def _check_arguments(
+    repo_or_dir: object,
+    prefix: object,
+    num_hidden_layers: object,
+    use_head: object,
+    attn_implementation: str,
+    parallel: str,
+) -> None:
+    if not isinstance(repo_or_dir, (str, os.PathLike)):
+        raise TypeError(f"repo_or_dir must be a path or repo id string, got {type(repo_or_dir).__name__}")
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
+    if num_hidden_layers is not None and (isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int)):
+        raise TypeError(f"num_hidden_layers must be an int, got {num_hidden_layers!r}")
+    if isinstance(num_hidden_layers, int) and num_hidden_layers < 1:
+        raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
+    if use_head is not None and not isinstance(use_head, bool):
+        raise TypeError(f"use_head must be a bool or None, got {use_head!r}")
+    check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+    check_choice("parallel", parallel, PARALLEL_MODES)
+
+
+def load_checkpoint(
+    cls: type[SiglipVisionTransformer],
+    directory: Union[str, os.PathLike[str]],
+    group: Optional[ProcessGroup],
+    *,
+    dtype: Optional[torch.dtype],
+    device: torch.device,
+    prefix: Optional[str],
+    num_hidden_layers: Optional[int],
+    use_head: Optional[bool],
+    attn_implementation: str,
+) -> SiglipVisionTransformer:
+    """Build ``cls`` on the meta device for a local checkpoint and fill it with this rank's slices."""
+    checkpoint = loader.scan_checkpoint(directory, prefix)
+    config = _effective_config(checkpoint, num_hidden_layers, use_head)
+    dtype = dtype or checkpoint.stored_dtype()
+    model = cls(config, group, attn_implementation=attn_implementation, device="meta", dtype=dtype)
+    layout = model.checkpoint_layout()
+    plan = loader.plan_load(
+        checkpoint.shapes(),
+        layout,
+        checkpoint.prefix,
+        num_layers=config.num_hidden_layers,
+        use_head=config.vision_use_head,
+        where=str(checkpoint.directory),
+    )
+    model.to_empty(device=device)
+    loader.read_tensors(dict(model.named_parameters()), layout, plan, checkpoint.tensors)
+    model._weights_ready = True
+    model.eval()
+    _log_loaded(model, checkpoint, plan, device, dtype)
+    return model
+
+
+def _effective_config(
+    checkpoint: loader.Checkpoint, num_hidden_layers: Optional[int], use_head: Optional[bool]
+) -> SiglipVisionConfig:
+    """The stored config with the caller's early exit and head choice applied (checked against it)."""
+    stored = checkpoint.config
+    if num_hidden_layers is not None and num_hidden_layers > stored.num_hidden_layers:
+        raise ValueError(
+            f"num_hidden_layers={num_hidden_layers} but the checkpoint has only {stored.num_hidden_layers} layers"
+        )
+    if use_head and not stored.vision_use_head:
+        raise ValueError(f"use_head=True but {checkpoint.config_path} says the tower has no head (vision_use_head=false)")
+    changes: dict[str, Any] = {"num_hidden_layers": num_hidden_layers or stored.num_hidden_layers}
+    changes["vision_use_head"] = stored.vision_use_head if use_head is None else use_head
+    return SiglipVisionConfig(**{**stored.to_dict(), **changes})
+
+
+def _log_loaded(
+    model: SiglipVisionTransformer, checkpoint: loader.Checkpoint, plan: loader.LoadPlan, device: torch.device, dtype: torch.dtype
+) -> None:
+    local = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info(
+        "loaded %d tensors of %s (prefix %r, %d skipped) as rank %d of %d: %.1f MB on %s in %s",
+        len(plan.keys),
+        Path(checkpoint.directory),
+        checkpoint.prefix,
+        len(plan.skipped),
+        model.rank,
+        model.world_size,
+        local / 1e6,
+        device,
+        dtype,
+    )
