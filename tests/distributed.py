@@ -15,26 +15,63 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load, save
 
 TIMEOUT = timedelta(seconds=120)
 
 
-def _entry(rank: int, world_size: int, store: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _pack(value: Any) -> Any:
+    """``value`` with every tensor replaced by its safetensors bytes (no shared memory, no tensor pickling)."""
+    if isinstance(value, torch.Tensor):
+        return ("__tensor__", save({"t": value.detach().contiguous()}))
+    if isinstance(value, dict):
+        return {k: _pack(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pack(v) for v in value)
+    return value
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__tensor__":
+        return load(value[1])["t"]
+    if isinstance(value, dict):
+        return {k: _unpack(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unpack(v) for v in value)
+    return value
+
+
+def _entry(rank: int, world_size: int, store: str, fn: Callable[..., Any], args: tuple[Any, ...], results: Any) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=TIMEOUT)
     try:
-        fn(rank, world_size, *args)
+        results.put((rank, _pack(fn(rank, world_size, *args))))
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, workdir: Path, fn: Callable[..., Any], *args: Any) -> None:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; raise if any rank fails."""
+def run_ranks(world_size: int, workdir: Path, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return each rank's result.
+
+    Raise if any rank fails. Results (tensors, dicts and lists of them, plain values) come back through a
+    queue, drained while the ranks run so that a large result never blocks its sender.
+    """
     store = Path(workdir) / f"store-{os.getpid()}-{id(args)}-{world_size}"
     if store.exists():
         store.unlink()
-    mp.start_processes(_entry, args=(world_size, str(store), fn, args), nprocs=world_size, join=True, start_method="spawn")
+    results = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(
+        _entry, args=(world_size, str(store), fn, args, results), nprocs=world_size, join=False, start_method="spawn"
+    )
+    got: dict[int, Any] = {}
+    done = False
+    while not done:
+        done = context.join(timeout=0.1)
+        while not results.empty():
+            rank, value = results.get()
+            got[rank] = _unpack(value)
+    return [got[rank] for rank in range(world_size)]
 
 
 def _pool_entry(rank: int, world_size: int, store: str, inbox: Any, outbox: Any) -> None:

@@ -98,7 +98,7 @@ def test_more_ranks_than_heads_is_refused_on_every_rank(tmp_path):
     run_ranks(3, tmp_path, _too_many_ranks, str(ckpt))
 
 
-def _subgroups(rank, world_size, root, ckpt_a, ckpt_b):
+def _subgroups(rank, world_size, pixels, ckpt_a, ckpt_b):
     from tp_siglip import SiglipVisionTransformer
 
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -106,32 +106,29 @@ def _subgroups(rank, world_size, root, ckpt_a, ckpt_b):
     ckpt = ckpt_a if rank < 2 else ckpt_b
     model = SiglipVisionTransformer.from_pretrained(ckpt, process_group=mine)
     assert model.world_size == 2 and model.rank == rank % 2
-    pixels = load_file(os.path.join(root, "inputs.safetensors"))["pixels"]
     if rank >= 2:
         pixels = pixels[:3]  # the groups run different work: any use of the default group would hang or mix
     with torch.inference_mode():
         out = model(pixels, output_hidden_states=True)
-    save_file({"pooler": out.pooler_output, "last": out.last_hidden_state.contiguous()},
-              os.path.join(root, f"sub-{rank}.safetensors"))
+    return {"pooler": out.pooler_output, "last": out.last_hidden_state}
 
 
 def test_caller_subgroups_run_independently(tiny):
     """4 ranks split into two groups of 2, each loading its own checkpoint and running its own batch."""
     root, a, b, refs = tiny
-    run_ranks(4, root, _subgroups, str(root), str(a), str(b))
-    for rank in range(4):
-        out = load_file(str(root / f"sub-{rank}.safetensors"))
+    pixels = load_file(str(root / "inputs.safetensors"))["pixels"]
+    outs = run_ranks(4, root, _subgroups, pixels, str(a), str(b))
+    for rank, out in enumerate(outs):
         ref = refs["a"] if rank < 2 else refs["b"]
         n = 5 if rank < 2 else 3
         torch.testing.assert_close(out["pooler"], ref.pooler_output[:n], atol=1e-4, rtol=0)
         torch.testing.assert_close(out["last"], ref.last_hidden_state[:n], atol=1e-4, rtol=0)
 
 
-def _data_vs_tensor(rank, world_size, root, ckpt):
+def _data_vs_tensor(rank, world_size, pixels, ckpt):
     from tp_siglip import SiglipVisionTransformer
 
-    pixels = load_file(os.path.join(root, "inputs.safetensors"))["pixels"]  # batch 5 over 2 ranks: 3 + 2
-    outs = {}
+    outs = {}  # batch 5 over 2 ranks: 3 + 2
     for mode in ("tensor", "data"):
         model = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size, parallel=mode)
         assert model.parallel == mode
@@ -141,16 +138,14 @@ def _data_vs_tensor(rank, world_size, root, ckpt):
                           **{f"h{i}": h for i, h in enumerate(out.hidden_states)}}
             one = model(pixels[:1])  # fewer images than ranks: one rank has nothing to do
             outs[mode]["one"] = one.pooler_output
-    save_file({f"{m}.{k}": v.contiguous() for m, d in outs.items() for k, v in d.items()},
-              os.path.join(root, f"modes-{rank}.safetensors"))
+    return {f"{m}.{k}": v for m, d in outs.items() for k, v in d.items()}
 
 
 def test_data_mode_equals_tensor_mode_and_transformers(tiny):
     root, ckpt, _, refs = tiny
-    run_ranks(2, root, _data_vs_tensor, str(root), str(ckpt))
+    pixels = load_file(str(root / "inputs.safetensors"))["pixels"]
     ref = refs["a"]
-    for rank in range(2):
-        out = load_file(str(root / f"modes-{rank}.safetensors"))
+    for out in run_ranks(2, root, _data_vs_tensor, pixels, str(ckpt)):
         for mode in ("tensor", "data"):
             torch.testing.assert_close(out[f"{mode}.pooler"], ref.pooler_output, atol=1e-4, rtol=0)
             torch.testing.assert_close(out[f"{mode}.last"], ref.last_hidden_state, atol=1e-4, rtol=0)

@@ -1,18 +1,14 @@
 """Parity with transformers' SiglipVisionModel (eager, fp32) at world sizes 1-4, every checkpoint layout.
 
-One spawn per world size runs every job (checkpoint layout x input x dtype), writing each rank's outputs
-to a file; the tests then compare them with transformers' outputs on the same weights, and the ranks
-with each other (bitwise).
+One spawn per world size runs every job (checkpoint layout x input x dtype) and returns each rank's
+outputs; the tests then compare them with transformers' outputs on the same weights, and the ranks with
+each other (bitwise).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from checkpoints import LAYOUTS, SO400M_2L, TINY, has_head, save_layout, vision_model
 from distributed import run_ranks
@@ -65,17 +61,14 @@ def suite(tmp_path_factory):
     refs["so400m"] = _reference(big, inputs["so400m"], False, True)
     del big
 
-    save_file(inputs, str(root / "inputs.safetensors"))
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    return root, refs
+    return root, refs, inputs, jobs
 
 
-def _parity_worker(rank: int, world_size: int, root: str) -> None:
+def _parity_worker(rank: int, world_size: int, inputs: dict, jobs: list) -> dict:
     from tp_siglip import SiglipVisionTransformer
 
-    root_path = Path(root)
-    inputs = load_file(str(root_path / "inputs.safetensors"))
-    for job in json.loads((root_path / "jobs.json").read_text()):
+    outputs = {}
+    for job in jobs:
         model = SiglipVisionTransformer.from_pretrained(job["ckpt"], world_size=world_size, **job["kwargs"])
         pixels = inputs[job["input"]]
         with torch.inference_mode():
@@ -84,17 +77,16 @@ def _parity_worker(rank: int, world_size: int, root: str) -> None:
         if out.pooler_output is not None:
             result["pooler_output"] = out.pooler_output
         result.update({f"hidden_states.{i}": h for i, h in enumerate(out.hidden_states)})
-        save_file({k: v.contiguous() for k, v in result.items()}, str(root_path / f"out-{world_size}-{job['name']}-{rank}.safetensors"))
+        outputs[job["name"]] = result
+    return outputs
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda ws: f"ws{ws}")
 def results(request, suite):
-    root, refs = suite
+    root, refs, inputs, jobs = suite
     ws = request.param
-    run_ranks(ws, root, _parity_worker, str(root))
-    out = {}
-    for job in json.loads((root / "jobs.json").read_text()):
-        out[job["name"]] = [load_file(str(root / f"out-{ws}-{job['name']}-{r}.safetensors")) for r in range(ws)]
+    per_rank = run_ranks(ws, root, _parity_worker, inputs, jobs)
+    out = {job["name"]: [per_rank[r][job["name"]] for r in range(ws)] for job in jobs}
     return ws, out, refs
 
 
