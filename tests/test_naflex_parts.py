@@ -308,3 +308,37 @@ def test_balance_bad_arguments(costs: object, parts: object, error: type[Excepti
     for function in (balance_by_cost, split_by_count):
         with pytest.raises(error, match=message):
             function(costs, parts)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ tower builders
+
+VISION_MODEL_TYPE = {
+    "siglip2_vision": "siglip2_vision_model",
+    "siglip2": "siglip2_vision_model",
+    "idefics3": "idefics3_vision",
+    "smolvlm": "smolvlm_vision",
+    "colpali": "siglip_vision_model",
+}
+
+TEXT_ACT = {"idefics3": "silu", "smolvlm": "silu", "colpali": "gelu_pytorch_tanh", "siglip2": "gelu_pytorch_tanh"}
+
+
+@pytest.mark.parametrize("name", sorted(towers.BUILDERS))
+def test_tower_builders_write_the_documented_layout(name: str, tmp_path: Path) -> None:
+    """Each tower's tensors sit under its KEY_PREFIX, none constant; the vision config where VISION_CONFIG_PATH says."""
+    from safetensors.torch import load_file
+
+    model, directory = towers.BUILDERS[name](tmp_path / name)
+    tower = towers.vision_tower(model)
+    saved = load_file(str(directory / "model.safetensors"))
+    prefix = towers.KEY_PREFIX[name]
+    for key, value in tower.state_dict().items():
+        assert torch.equal(saved[prefix + key], value), key
+        assert value.numel() == 1 or value.float().std() > 0, f"{key} is constant"
+    has_head = any(key.startswith(prefix + "head.") for key in saved)
+    assert has_head == name.startswith("siglip2")
+    config = towers.read_config(directory)
+    assert towers.vision_config(config, name)["model_type"] == VISION_MODEL_TYPE[name]
+    text = config["vlm_config"]["text_config"] if name == "colpali" else config.get("text_config", {})
+    assert text.get("hidden_act") == TEXT_ACT.get(name)  # a text config can look like a vision one
+    assert tower.config._attn_implementation == "eager"
