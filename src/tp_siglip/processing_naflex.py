@@ -1,0 +1,194 @@
+"""Turn images into SigLIP2 NaFlex inputs, matching transformers' ``Siglip2ImageProcessor(max_num_patches=...)``.
+
+For each image the output is a variable grid of ``h x w`` patches with ``h * w <= max_num_patches``, chosen
+to keep the aspect ratio. This module returns ``pixel_values (B, max_num_patches, 3*p*p)`` float32,
+``pixel_attention_mask (B, max_num_patches)`` int32 and ``spatial_shapes (B, 2)`` int64, which is what
+transformers gives for the same images. With transformers 5.x and no torchvision installed,
+``Siglip2ImageProcessor`` resolves to ``Siglip2ImageProcessorPil``, and the tests compare against it bit for
+bit.
+
+The steps, with the choices made:
+
+* **RGB conversion** follows ``tp_siglip.processing``: a PIL image with an alpha band or a ``transparency``
+  entry is composited onto opaque white, and any other image goes through ``convert("RGB")``. A path is
+  opened, turned upright from its EXIF orientation and converted with ``convert("RGB")``, so a file's alpha
+  band is dropped (as transformers' ``load_image`` does), and then goes through the same conversion.
+  transformers' SigLIP2 processor has ``do_convert_rgb=None``: it passes RGB through and rejects other
+  modes (its channel count stops matching the 3-value mean). For those modes our output equals
+  ``Siglip2ImageProcessor(do_convert_rgb=True)``. This module keeps its own small opener instead of
+  importing a private one from ``tp_siglip.processing``.
+* **Target grid.** transformers binary-searches a scale ``s`` in ``[1e-6, 100]``, stopping when the interval
+  is narrower than 1e-5. Each side becomes ``max(p, ceil(side * s / p) * p)``, and the search keeps the
+  largest ``s`` whose patch count fits. The same search, with the same float arithmetic, is repeated here
+  (:func:`naflex_target_size`), because a closed form can round differently at ties. One result of the
+  upper bound of 100: a tiny image is enlarged at most about 100x, so it can use fewer patches than allowed.
+* **Resize** is Pillow ``BILINEAR`` on the uint8 RGB image (Pillow's antialiasing, no ``reducing_gap``),
+  transformers' default ``resample`` for SigLIP2.
+* **Rescale and normalize** use transformers' arithmetic: ``uint8 * (1/255)`` in float64, rounded to float32,
+  then ``(x - 0.5) / 0.5`` in float32. It is done once, as a 256-entry lookup table.
+* **Patch order** is row-major over patches. Inside a patch the order is ``(row, col, channel)`` with the
+  channel varying fastest, so a ``(h*w, p*p*3)`` array matches transformers' ``convert_image_to_patches``.
+  Padding rows are zeros, and their mask entries are 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from PIL import Image as PILImage
+
+__all__ = ["naflex_target_size", "preprocess_naflex"]
+
+logger = logging.getLogger(__name__)
+
+ImageLike = Union["PILImage.Image", str, "os.PathLike[str]"]
+
+_SEARCH_EPS = 1e-5  # transformers' binary-search width
+_SEARCH_LOW = _SEARCH_EPS / 10
+_SEARCH_HIGH = 100.0
+
+
+def _levels_to_values() -> np.ndarray:
+    """float32 value of each uint8 level after rescale (float64 * 1/255 -> float32) and normalize (0.5, 0.5)."""
+    rescaled = (np.arange(256, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (rescaled - np.float32(0.5)) / np.float32(0.5)
+
+
+_LEVELS = _levels_to_values()
+
+
+def _require_pil() -> tuple[Any, Any]:
+    try:
+        from PIL import Image, ImageOps
+    except ImportError as exc:
+        raise ImportError('NaFlex preprocessing needs Pillow; install it with: pip install "tp-siglip[images]"') from exc
+    return Image, ImageOps
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def naflex_target_size(height: int, width: int, *, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """The ``(height, width)`` in pixels, multiples of ``patch_size``, that an image is resized to.
+
+    This is the largest scale (found by transformers' binary search) whose patch grid fits ``max_num_patches``.
+    Every side is at least one patch.
+    """
+    for name, value in (("height", height), ("width", width)):
+        _positive_int(name, value)
+    patch = _positive_int("patch_size", patch_size)
+    limit = _positive_int("max_num_patches", max_num_patches)
+
+    def side(size: int, scale: float) -> int:
+        return max(patch, math.ceil(size * scale / patch) * patch)
+
+    low, high = _SEARCH_LOW, _SEARCH_HIGH
+    while high - low >= _SEARCH_EPS:
+        middle = (low + high) / 2
+        if (side(height, middle) // patch) * (side(width, middle) // patch) <= limit:
+            low = middle
+        else:
+            high = middle
+    return side(height, low), side(width, low)
+
+
+def _open_rgb(path: str | os.PathLike[str]) -> PILImage.Image:
+    """Open a file like transformers' ``load_image``: decode, apply EXIF orientation, ``convert("RGB")``."""
+    Image, ImageOps = _require_pil()
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Image file not found (or not a regular file): '{file}'")
+    try:
+        with Image.open(file) as opened:
+            opened.load()
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except (MemoryError, PermissionError):
+        raise
+    except Exception as exc:  # Pillow raises many types for bad data
+        raise ValueError(f"Cannot read image file '{file}': {type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(item: object, where: str) -> PILImage.Image:
+    """An RGB PIL image: transparency composited onto white, other modes through ``convert("RGB")``."""
+    Image, _ = _require_pil()
+    if isinstance(item, (str, os.PathLike)):
+        item = _open_rgb(item)
+    if not isinstance(item, Image.Image):
+        raise TypeError(f"{where} must be a PIL.Image.Image or a path (str or os.PathLike), got {type(item).__name__}")
+    if item.width == 0 or item.height == 0:
+        raise ValueError(f"{where} is empty (size {item.size})")
+    try:
+        if "A" not in item.getbands() and item.info.get("transparency") is None:
+            return item.convert("RGB")
+        rgba = item.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot convert mode {item.mode} to RGB: {type(exc).__name__}: {exc}") from exc
+
+
+def _patchify(values: np.ndarray, patch: int) -> np.ndarray:
+    """``(H, W, C)`` -> ``(H/p * W/p, p*p*C)``: patches row-major; inside one, rows, then columns, then channels."""
+    height, width, channels = values.shape
+    grid = values.reshape(height // patch, patch, width // patch, patch, channels)
+    return grid.transpose(0, 2, 1, 3, 4).reshape((height // patch) * (width // patch), patch * patch * channels)
+
+
+def preprocess_naflex(
+    images: ImageLike | Sequence[ImageLike],
+    *,
+    patch_size: int = 16,
+    max_num_patches: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Preprocess images for a SigLIP2 NaFlex tower, as ``Siglip2ImageProcessor(max_num_patches=...)`` does.
+
+    Args:
+        images: One image or a list/tuple of them: ``PIL.Image.Image`` objects or file paths.
+        patch_size: Patch side in pixels (the tower's ``patch_size``).
+        max_num_patches: Patches per image after padding (``N``). Each image gets the largest grid that fits.
+
+    Returns:
+        ``{"pixel_values": (B, N, 3*p*p) float32, "pixel_attention_mask": (B, N) int32 (1 = real patch,
+        real patches first), "spatial_shapes": (B, 2) int64 (patch rows, patch columns)}``.
+
+    Raises:
+        ImportError: Pillow is missing. TypeError / ValueError: bad arguments, an empty list, an unsupported
+            or empty image, an unreadable file. FileNotFoundError: a path that does not exist.
+    """
+    Image, _ = _require_pil()
+    patch = _positive_int("patch_size", patch_size)
+    limit = _positive_int("max_num_patches", max_num_patches)
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("images is an empty list; pass at least one image")
+        items, names = list(images), [f"images[{i}]" for i in range(len(images))]
+    else:
+        items, names = [images], ["image"]
+
+    pixel_values = torch.zeros(len(items), limit, 3 * patch * patch, dtype=torch.float32)
+    mask = torch.zeros(len(items), limit, dtype=torch.int32)
+    shapes = torch.empty(len(items), 2, dtype=torch.int64)
+    for index, (item, where) in enumerate(zip(items, names)):
+        rgb = _to_rgb(item, where)
+        height, width = naflex_target_size(rgb.height, rgb.width, patch_size=patch, max_num_patches=limit)
+        resized = rgb.resize((width, height), resample=Image.Resampling.BILINEAR)
+        patches = _patchify(_LEVELS[np.asarray(resized, dtype=np.uint8)], patch)
+        count = patches.shape[0]
+        pixel_values[index, :count] = torch.from_numpy(patches)
+        mask[index, :count] = 1
+        shapes[index, 0], shapes[index, 1] = height // patch, width // patch
+    logger.debug("preprocessed %d image(s) into NaFlex grids %s", len(items), shapes.tolist())
+    return {"pixel_values": pixel_values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
