@@ -8,14 +8,45 @@ import pytest
 from pydantic import ValidationError
 
 from tp_siglip import SiglipVisionConfig
+from tp_siglip.config import find_vision_config
 
 
-def test_defaults_equal_transformers():
-    from transformers import SiglipVisionConfig as HFConfig
+@pytest.mark.parametrize("hf_name", ["SiglipVisionConfig", "Siglip2VisionConfig", "Idefics3VisionConfig", "SmolVLMVisionConfig"])
+def test_defaults_equal_transformers(hf_name):
+    """Each tower type's defaults, read from a config that names only its model_type, equal transformers'."""
+    import transformers
 
-    ours, theirs = SiglipVisionConfig(), HFConfig()
-    for name in SiglipVisionConfig.model_fields:
-        assert getattr(ours, name) == getattr(theirs, name), name
+    theirs = getattr(transformers, hf_name)()
+    ours = SiglipVisionConfig.from_dict({"model_type": theirs.model_type})
+    compared = [name for name in SiglipVisionConfig.model_fields if name in theirs.to_dict()]
+    assert {"hidden_size", "patch_size", "num_attention_heads", "hidden_act"} <= set(compared)
+    for name in compared:
+        if name != "vision_use_head":  # None in transformers' Idefics3 configs; decided by the checkpoint here
+            assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.use_head == (hf_name in ("SiglipVisionConfig", "Siglip2VisionConfig"))
+    assert ours.variant == {"Siglip2VisionConfig": "naflex", "SiglipVisionConfig": "siglip"}.get(hf_name, "idefics3")
+    nested = SiglipVisionConfig.from_dict({"model_type": "x", "vision_config": theirs.to_dict()})
+    assert nested.use_head == ours.use_head
+    assert nested.model_copy(update={"vision_use_head": None}) == ours.model_copy(update={"vision_use_head": None})
+
+
+def test_vision_config_found_at_any_depth_and_never_invented():
+    colpali = {"model_type": "colpali", "text_config": {"model_type": "gemma", "hidden_size": 32},
+               "vlm_config": {"model_type": "paligemma", "text_config": {"hidden_size": 32},
+                              "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 64,
+                                                "num_attention_heads": 4, "patch_size": 8, "image_size": 32}}}
+    assert SiglipVisionConfig.from_dict(colpali).hidden_size == 64
+    assert find_vision_config(colpali)[1] == "vlm_config.vision_config"
+    # a nested config without model_type takes its parent's tower type
+    assert SiglipVisionConfig.from_dict({"model_type": "siglip2", "vision_config": {}}).variant == "naflex"
+    with pytest.raises(ValueError, match="model_type 'llama' with no vision_config at any depth.*config="):
+        SiglipVisionConfig.from_dict({"model_type": "llama", "hidden_act": "silu", "hidden_size": 32})
+    with pytest.raises(ValueError, match="'clip_vision_model' is not a SigLIP-family tower"):
+        SiglipVisionConfig.from_dict({"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"}})
+    with pytest.raises(ValueError, match="num_patches 10 must be a square"):
+        SiglipVisionConfig(variant="naflex", num_patches=10)
+    with pytest.raises(ValueError, match="num_patches 10 does not match image_size 32"):
+        SiglipVisionConfig(image_size=32, patch_size=8, num_patches=10)
 
 
 def test_reads_vision_and_nested_configs_ignoring_unknown_keys(tmp_path):
@@ -26,7 +57,7 @@ def test_reads_vision_and_nested_configs_ignoring_unknown_keys(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(nested))
     cfg = SiglipVisionConfig.from_json_file(path)
-    assert cfg == SiglipVisionConfig(patch_size=16)
+    assert cfg == SiglipVisionConfig(patch_size=16, vision_use_head=True)  # transformers writes the flag
     flat = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
             "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "image_size": 384,
             "projection_dim": 2048, "num_image_tokens": 729, "vision_use_head": False}

@@ -1,4 +1,4 @@
-"""The NaFlex / Idefics3 building blocks in ``tp_siglip.naflex``, checked against transformers on the same weights.
+"""The NaFlex / Idefics3 building blocks (embeddings, input checks, balancing), checked against transformers on the same weights.
 
 * ``NaFlexEmbeddings`` against ``Siglip2VisionEmbeddings`` from a tiny perturbed ``Siglip2VisionModel``. The
   batch mixes native, up- and down-sampled, width-1 and full/padded grids.
@@ -18,15 +18,14 @@ import towers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tp_siglip.naflex import (
-    NaFlexEmbeddings,
-    antialiased_bilinear_weights,
-    balance_by_cost,
-    check_naflex_inputs,
-    idefics3_position_ids,
-    max_share,
-    split_by_count,
-)
+from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
+from tp_siglip.checks import check_naflex_inputs
+from tp_siglip.data_parallel import balance_by_cost, max_share, split_by_count
+from tp_siglip.embeddings import NaFlexEmbeddings, antialiased_bilinear_weights, idefics3_position_ids
+
+
+def _naflex_config(**fields) -> SiglipVisionConfig:
+    return SiglipVisionConfig(variant="naflex", num_attention_heads=4, **fields)
 
 # (h, w) grids for a 4x4 table with N = 24 patches per image: native, full (h*w == N), width/height 1, upsampled
 SHAPES = [(4, 4), (4, 6), (2, 3), (1, 1), (3, 1), (1, 5), (6, 4), (5, 4), (2, 12), (1, 24), (2, 3)]
@@ -42,10 +41,12 @@ def siglip2(tmp_path_factory: pytest.TempPathFactory):
 def _ours_from(reference: torch.nn.Module, **kwargs) -> NaFlexEmbeddings:
     config = reference.config
     ours = NaFlexEmbeddings(
-        num_channels=config.num_channels,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        num_patches=config.num_patches,
+        _naflex_config(
+            num_channels=config.num_channels,
+            patch_size=config.patch_size,
+            hidden_size=config.hidden_size,
+            num_patches=config.num_patches,
+        ),
         **kwargs,
     )
     ours.load_state_dict(reference.embeddings.state_dict())
@@ -105,14 +106,12 @@ def test_width_one_weights_are_not_constant() -> None:
 
 def test_meta_device_and_bad_shapes() -> None:
     with torch.device("meta"):
-        meta = NaFlexEmbeddings(num_channels=3, patch_size=8, hidden_size=64, num_patches=16)
+        meta = NaFlexEmbeddings(_naflex_config(num_channels=3, patch_size=8, hidden_size=64, num_patches=16))
     assert meta.position_embedding.weight.is_meta and meta.patch_embedding.weight.is_meta
     out = meta(torch.empty(2, 24, 192, device="meta"), torch.tensor([[2, 3], [4, 6]]))
     assert out.shape == (2, 24, 64) and out.is_meta
-    with pytest.raises(ValueError, match="perfect square"):
-        NaFlexEmbeddings(num_channels=3, patch_size=8, hidden_size=64, num_patches=15)
-    with pytest.raises(ValueError, match=r"spatial_shapes\[1\] = \(5, 5\).*h\*w <= 24"):
-        meta(torch.empty(2, 24, 192, device="meta"), torch.tensor([[2, 3], [5, 5]]))
+    with pytest.raises(ValueError, match="num_patches 15 must be a square"):
+        _naflex_config(num_channels=3, patch_size=8, hidden_size=64, num_patches=15)
 
 
 # ----------------------------------------------------------------------------------------------- input checks
@@ -240,13 +239,18 @@ def test_idefics3_ids_match_real_grid_sizes(side: int) -> None:
     assert is_arange == (side != 25)  # a full 25x25 image repeats some ids in transformers
 
 
-def test_idefics3_ids_bad_arguments() -> None:
+def test_patch_attention_mask_bad_arguments() -> None:
+    model = SiglipVisionTransformer(SiglipVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                                       num_attention_heads=2, image_size=32, patch_size=8))
+    pixels = torch.zeros(2, 3, 32, 32)
     with pytest.raises(TypeError, match="patch_attention_mask must be a bool tensor, got dtype torch.int64"):
-        idefics3_position_ids(torch.ones(1, 2, 2, dtype=torch.long), 4)
-    with pytest.raises(ValueError, match=r"patch_attention_mask must be 3-D \(B, h, w\), got shape \(4,\)"):
-        idefics3_position_ids(torch.ones(4, dtype=torch.bool), 4)
-    with pytest.raises(ValueError, match="num_patches_per_side must be a positive int, got 0"):
-        idefics3_position_ids(torch.ones(1, 2, 2, dtype=torch.bool), 0)
+        model(pixels, patch_attention_mask=torch.ones(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"patch_attention_mask has shape \(4,\).*\(2, 4, 4\)"):
+        model(pixels, patch_attention_mask=torch.ones(4, dtype=torch.bool))
+    empty = torch.ones(2, 4, 4, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(ValueError, match="an image with no valid patch"):
+        model(pixels, patch_attention_mask=empty)
 
 
 # ---------------------------------------------------------------------------------------------- balancing

@@ -15,11 +15,12 @@ __version__ = "0.1.0"
 
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
-from tp_siglip.model import SiglipVisionOutput, SiglipVisionTransformer
+from tp_siglip.model import Siglip2VisionTransformer, SiglipVisionOutput, SiglipVisionTransformer
 from tp_siglip.processing import load_image, preprocess
 
 __all__ = [
     "DataParallelEncoder",
+    "Siglip2VisionTransformer",
     "SiglipVisionConfig",
     "SiglipVisionOutput",
     "SiglipVisionTransformer",

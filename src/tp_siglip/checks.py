@@ -8,6 +8,8 @@ that reads tensor data (one device sync); servers that cannot afford it switch i
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from tp_siglip.config import SiglipVisionConfig
@@ -24,13 +26,16 @@ def check_pixel_values(
     config: SiglipVisionConfig,
     *,
     interpolate_pos_encoding: bool,
+    patch_attention_mask: object,
     check_finite: bool,
     device: torch.device,
-) -> torch.Tensor:
-    """Return ``pixel_values`` if it is a valid ``(B, C, H, W)`` float batch for ``config`` on ``device``.
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Check a ``(B, C, H, W)`` float batch (and its optional patch mask) for ``config`` on ``device``.
 
-    Inputs on another device are an error, not a silent copy: a server should see (and place) every
-    host-to-device transfer itself.
+    Returns ``pixel_values`` and the ``(B, H/p, W/p)`` bool patch mask to use: the given one, an
+    all-true one for Idefics3 towers (their positions are always bucketized), else ``None``. Inputs on
+    another device are an error, not a silent copy: a server should see (and place) every host-to-device
+    transfer itself.
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor of shape (B, C, H, W), got {type(pixel_values).__name__}")
@@ -52,8 +57,19 @@ def check_pixel_values(
             f"pixel_values has {channels} channels (shape {shape}) but the model expects {config.num_channels}; "
             f"the layout must be channels-first (B, C, H, W)"
         )
+    bucketized = patch_attention_mask is not None or config.variant == "idefics3"
+    _check_size(shape, config, any_size=interpolate_pos_encoding or bucketized)
+    _check_device("pixel_values", pixel_values, device)
+    if bucketized:
+        patch_attention_mask = _check_patch_mask(patch_attention_mask, shape, config.patch_size, device)
+    _check_finite("pixel_values", pixel_values, check_finite)
+    return pixel_values, patch_attention_mask  # type: ignore[return-value]
+
+
+def _check_size(shape: tuple[int, ...], config: SiglipVisionConfig, *, any_size: bool) -> None:
+    height, width = shape[-2:]
     size, patch = config.image_size, config.patch_size
-    if not interpolate_pos_encoding:
+    if not any_size:
         if (height, width) != (size, size):
             raise ValueError(
                 f"pixel_values are {height}x{width} but the model was trained at {size}x{size}; resize the "
@@ -61,19 +77,142 @@ def check_pixel_values(
             )
     elif (height, width) != (size, size) and (height % patch or width % patch or height < patch or width < patch):
         raise ValueError(
-            f"pixel_values are {height}x{width}; with interpolate_pos_encoding=True height and width must be "
-            f"positive multiples of the patch size {patch} (or exactly {size}x{size})"
+            f"pixel_values are {height}x{width}; at other sizes than {size}x{size} height and width must be "
+            f"positive multiples of the patch size {patch}"
         )
-    if pixel_values.device != device:
+
+
+def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
         raise ValueError(
-            f"pixel_values are on {pixel_values.device} but the model is on {device}; move them first with "
-            f"pixel_values.to(model.device)"
+            f"{name} are on {tensor.device} but the model is on {device}; move them first with "
+            f"{name}.to(model.device)"
         )
+
+
+def _check_finite(name: str, tensor: torch.Tensor, check_finite: bool) -> None:
     # a compiled graph cannot branch on tensor data: under torch.compile the finiteness check is skipped
-    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-        bad = int((~torch.isfinite(pixel_values)).sum())
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
-            f"pixel_values contain {bad} NaN or infinite value(s); check the preprocessing (set "
+            f"{name} contain {bad} NaN or infinite value(s); check the preprocessing (set "
             f"model.check_finite = False to skip this check)"
         )
-    return pixel_values
+
+
+def _check_patch_mask(mask: object, shape: tuple[int, ...], patch: int, device: torch.device) -> torch.Tensor:
+    """The ``(B, H/p, W/p)`` bool patch mask (all true when ``mask`` is None), checked."""
+    batch, _, height, width = shape
+    grid = (batch, height // patch, width // patch)
+    if mask is None:
+        return torch.ones(grid, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"patch_attention_mask must be a bool torch.Tensor of shape {grid}, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"patch_attention_mask must be a bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != grid:
+        raise ValueError(
+            f"patch_attention_mask has shape {tuple(mask.shape)} but pixel_values {tuple(shape)} with patch size "
+            f"{patch} need (B, H/p, W/p) = {grid}"
+        )
+    _check_device("patch_attention_mask", mask, device)
+    if not bool(mask.reshape(batch, -1).any(1).all()):
+        raise ValueError("patch_attention_mask has an image with no valid patch; every image needs at least one")
+    return mask
+
+
+# ----------------------------------------------------------------------------- SigLIP2 NaFlex
+
+
+def _check_tensor(name: str, value: object, ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_mask_values(mask: torch.Tensor) -> None:
+    """A bool mask, or an integer mask holding only 0 and 1."""
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"pixel_attention_mask must be bool or an integer tensor of 0/1, got dtype {mask.dtype}")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        found = sorted(set(mask.unique().tolist()) - {0, 1})[:5]
+        raise ValueError(f"pixel_attention_mask must contain only 0 and 1, found value(s) {found}")
+
+
+def _check_spatial_shapes(spatial_shapes: object, batch: int, length: int) -> torch.Tensor:
+    shapes = _check_tensor("spatial_shapes", spatial_shapes, 2, "(B, 2) of (h, w) patch counts")
+    if shapes.dtype == torch.bool or shapes.is_floating_point() or shapes.is_complex():
+        raise TypeError(f"spatial_shapes must be an integer tensor (e.g. torch.long), got dtype {shapes.dtype}")
+    if tuple(shapes.shape) != (batch, 2):
+        raise ValueError(f"spatial_shapes must have shape ({batch}, 2) for {batch} image(s), got {tuple(shapes.shape)}")
+    for index, (height, width) in enumerate(shapes.tolist()):
+        if height <= 0 or width <= 0:
+            raise ValueError(f"spatial_shapes[{index}] = ({height}, {width}); both patch counts must be positive")
+        if height * width > length:
+            raise ValueError(
+                f"spatial_shapes[{index}] = ({height}, {width}) needs {height * width} patches but pixel_values "
+                f"holds only {length} per image"
+            )
+    return shapes
+
+
+def check_naflex_inputs(
+    pixel_values: object,
+    pixel_attention_mask: object,
+    spatial_shapes: object,
+    *,
+    num_channels: int,
+    patch_size: int,
+    check_finite: bool = True,
+    device: Optional[torch.device] = None,
+) -> None:
+    """Validate a NaFlex batch before any compute; raise ``TypeError`` / ``ValueError`` naming the problem.
+
+    Expected: ``pixel_values`` a float ``(B, N, C*p*p)`` tensor (``B >= 1``), finite; ``pixel_attention_mask``
+    a ``(B, N)`` bool or 0/1 integer tensor whose row ``i`` is ``h_i*w_i`` ones followed by zeros (valid
+    patches first); ``spatial_shapes`` an integer ``(B, 2)`` tensor of positive ``(h, w)`` with ``h*w <= N``.
+    """
+    pixels = _check_tensor("pixel_values", pixel_values, 3, "(B, N, C*p*p)")
+    if not pixels.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixels.dtype}")
+    batch, length, features = pixels.shape
+    expected = num_channels * patch_size * patch_size
+    if features != expected:
+        raise ValueError(
+            f"pixel_values has {features} values per patch (shape {tuple(pixels.shape)}) but the model expects "
+            f"C*p*p = {num_channels}*{patch_size}*{patch_size} = {expected}"
+        )
+    if batch == 0 or length == 0:
+        raise ValueError(f"pixel_values is empty (shape {tuple(pixels.shape)}); pass at least one image and patch")
+    mask = _check_tensor("pixel_attention_mask", pixel_attention_mask, 2, "(B, N)")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"pixel_attention_mask must have shape ({batch}, {length}) to match pixel_values, got {tuple(mask.shape)}"
+        )
+    _check_mask_values(mask)
+    shapes = _check_spatial_shapes(spatial_shapes, batch, length)
+    counts = (shapes[:, 0] * shapes[:, 1]).to(device=mask.device, dtype=torch.long)
+    valid = mask.to(torch.long).sum(1)
+    wrong_count = (valid != counts).nonzero().flatten().tolist()
+    if wrong_count:
+        i = wrong_count[0]
+        raise ValueError(
+            f"pixel_attention_mask[{i}] has {int(valid[i])} valid patch(es) but spatial_shapes[{i}] = "
+            f"{tuple(shapes[i].tolist())} needs {int(counts[i])}"
+        )
+    ones_first = torch.arange(length, device=mask.device)[None, :] < counts[:, None]
+    out_of_order = (mask.bool() != ones_first).any(1).nonzero().flatten().tolist()
+    if out_of_order:
+        i = out_of_order[0]
+        raise ValueError(
+            f"pixel_attention_mask[{i}] must be {int(counts[i])} ones followed by zeros (valid patches first, "
+            f"padding last)"
+        )
+    if device is not None:
+        for name, tensor in (("pixel_values", pixels), ("pixel_attention_mask", mask), ("spatial_shapes", shapes)):
+            _check_device(name, tensor, device)
+    _check_finite("pixel_values", pixels, check_finite)

@@ -1,27 +1,58 @@
-"""The vision tower's hyper-parameters.
+"""The vision tower's hyper-parameters, and finding them in any config.json.
 
-`SiglipVisionConfig` uses transformers' field names and defaults, so a `config.json` from the Hub
-reads straight into it. Two choices:
+`SiglipVisionConfig` uses transformers' field names and defaults, so a config from the Hub reads straight
+into it. One extra field, ``variant``, says which kind of tower it is:
 
-* A config may be a vision config (``model_type: siglip_vision_model``) or a full SigLIP / VLM config
-  that nests the vision part under ``vision_config``; `from_dict` accepts both.
-* Unknown keys (``projection_dim``, ``model_type``, ``torch_dtype``, ...) are ignored, while impossible
-  values (a hidden size that heads do not divide, a patch larger than the image, an unknown activation,
-  non-positive sizes) are rejected up front with a message naming the value.
+* ``"siglip"``: SigLIP, SigLIP2 fixed-res and the towers of PaliGemma, Gemma3, LLaVA-OneVision, ... --
+  images ``(B, C, H, W)``, a conv patch embedding, a position table over the ``image_size / patch_size``
+  grid, a pooling head unless ``vision_use_head`` is false;
+* ``"naflex"``: SigLIP2 NaFlex (``siglip2_vision_model``) -- flattened patches, a linear embedding and a
+  ``num_patches``-row square table resized per image; no ``image_size``;
+* ``"idefics3"``: Idefics3 / SmolVLM towers -- like ``"siglip"`` without a head, positions of partly
+  padded images found by bucketizing (transformers' defaults for these towers differ: 1152 hidden, 16
+  heads, patch 32).
+
+Choices:
+
+* **Found by structure, wherever it is** (`find_vision_config`): a top-level vision config (its
+  ``model_type``), else the shallowest ``vision_config`` at any depth (``vlm_config.vision_config`` in
+  ColPali), else a legacy top-level config without ``model_type``. A config that is none of these (a
+  llama text config) is an error, never a default tower.
+* **Defaults follow the tower's model_type** (SigLIP, SigLIP2, Idefics3, SmolVLM), as transformers fills
+  them, with one exception: a config that does not state ``vision_use_head`` gets a head only if the
+  checkpoint holds one (transformers would build a random head); unknown keys (``projection_dim``, ``torch_dtype``, ...) are ignored; impossible values are rejected
+  up front with a message naming the value. Whether the config agrees with the checkpoint's tensors is
+  checked by the loader.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
-from tp_siglip.activations import get_activation
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from tp_siglip.activations import get_activation
+
+#: vision ``model_type`` -> (variant, defaults that differ from SigLIP's)
+VISION_MODEL_TYPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "siglip_vision_model": ("siglip", {}),
+    "siglip2_vision_model": ("naflex", {"num_patches": 256}),
+    "idefics3_vision": ("idefics3", {"hidden_size": 1152, "num_attention_heads": 16, "patch_size": 32}),
+    "smolvlm_vision": ("idefics3", {"hidden_size": 1152, "num_attention_heads": 16, "patch_size": 32}),
+}
+#: parent ``model_type`` -> vision ``model_type``, for nested vision configs that do not name theirs
+PARENT_VISION_TYPES = {"siglip2": "siglip2_vision_model", "idefics3": "idefics3_vision", "smolvlm": "smolvlm_vision"}
+Variant = Literal["siglip", "naflex", "idefics3"]
+#: a top-level config without model_type is read as a (legacy) vision config only if it names one of these
+_LEGACY_KEYS = {"hidden_size", "patch_size", "image_size", "num_hidden_layers", "num_attention_heads"}
+
+
 class SiglipVisionConfig(BaseModel):
-    """Hyper-parameters of a SigLIP vision tower, with transformers' names and defaults."""
+    """Hyper-parameters of a SigLIP-family vision tower, with transformers' names and defaults."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
 
@@ -30,25 +61,40 @@ class SiglipVisionConfig(BaseModel):
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 224
+    image_size: Optional[int] = None  #: 224 unless given; None for NaFlex, whose images have any size
     patch_size: int = 16
+    num_patches: Optional[int] = None  #: rows of the position table; derived from image_size unless NaFlex
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
-    vision_use_head: bool = True
+    #: None (not stated): a head if the checkpoint has one (``use_head``: true without a checkpoint)
+    vision_use_head: Optional[bool] = None
+    variant: Variant = "siglip"
 
-    @field_validator(
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_channels",
-        "image_size",
-        "patch_size",
-    )
+    @model_validator(mode="before")
     @classmethod
-    def _positive(cls, value: int, info: Any) -> int:
-        if value < 1:
+    def _variant_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}
+        variant = data.get("variant", "siglip")
+        if variant == "naflex":
+            data.setdefault("num_patches", 256)
+            data["image_size"] = None
+        else:
+            data.setdefault("image_size", 224)
+            size, patch = data["image_size"], data.get("patch_size", 16)
+            if isinstance(size, int) and isinstance(patch, int) and 0 < patch <= size:
+                data.setdefault("num_patches", (size // patch) ** 2)
+        if variant == "idefics3":
+            data["vision_use_head"] = False  # these towers have no pooling head
+        return data
+
+    @field_validator("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                     "image_size", "patch_size", "num_patches")
+    @classmethod
+    def _positive(cls, value: Optional[int], info: Any) -> Optional[int]:
+        if value is not None and value < 1:
             raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
         return value
 
@@ -79,8 +125,20 @@ class SiglipVisionConfig(BaseModel):
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}; every head must have the same width"
             )
+        if self.variant == "naflex":
+            assert self.num_patches is not None
+            if math.isqrt(self.num_patches) ** 2 != self.num_patches:
+                raise ValueError(f"num_patches {self.num_patches} must be a square (a G x G position grid) for NaFlex")
+            return self
+        assert self.image_size is not None
         if self.patch_size > self.image_size:
             raise ValueError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
+        grid = (self.image_size // self.patch_size) ** 2
+        if self.num_patches != grid:
+            raise ValueError(
+                f"num_patches {self.num_patches} does not match image_size {self.image_size} // patch_size "
+                f"{self.patch_size} squared ({grid})"
+            )
         return self
 
     @property
@@ -89,33 +147,35 @@ class SiglipVisionConfig(BaseModel):
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def num_patches(self) -> int:
-        """Rows of the position table: (image_size // patch_size) ** 2."""
-        return (self.image_size // self.patch_size) ** 2
+    def use_head(self) -> bool:
+        """Whether the tower has a pooling head: ``vision_use_head``, true when not stated."""
+        return self.vision_use_head is not False
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position table (a square grid)."""
+        assert self.num_patches is not None
+        return self.num_patches
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> SiglipVisionConfig:
-        """Build from a config dict: a vision config, or one that nests it under ``vision_config``.
+        """Build from any config dict: found with `find_vision_config`, defaults by its model_type.
 
         ``overrides`` replace fields after reading (e.g. ``num_hidden_layers=k`` for early exit).
         """
-        if not isinstance(data, dict):
-            raise TypeError(f"a config must be a dict, got {type(data).__name__}")
-        vision = data.get("vision_config", data)
-        if vision is None:  # some VLM configs write `"vision_config": null` to mean "defaults"
-            vision = {}
-        if not isinstance(vision, dict):
-            raise TypeError(f"vision_config must be a dict, got {type(vision).__name__}")
-        fields = {k: v for k, v in vision.items() if v is not None and k in cls.model_fields}
-        fields.update({k: v for k, v in overrides.items() if v is not None})
+        vision, _where, model_type = find_vision_config(data)
         unknown = sorted(set(overrides) - set(cls.model_fields))
         if unknown:
             raise TypeError(f"unknown config field(s) {unknown}; expected some of {sorted(cls.model_fields)}")
+        variant, defaults = VISION_MODEL_TYPES[model_type]
+        fields = {"variant": variant, **defaults}
+        fields.update({k: v for k, v in vision.items() if v is not None and k in cls.model_fields})
+        fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str], **overrides: Any) -> SiglipVisionConfig:
-        """Read ``config.json`` (vision or nested) from ``path``; errors name the file."""
+        """Read ``config.json`` (any layout `find_vision_config` knows) from ``path``; errors name the file."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -125,9 +185,50 @@ class SiglipVisionConfig(BaseModel):
             raise ValueError(f"config file {path} is not valid JSON: {err}") from None
         try:
             return cls.from_dict(data, **overrides)
-        except ValidationError as err:
-            raise ValueError(f"config file {path} holds an invalid vision config: {err}") from None
+        except (ValidationError, ValueError) as err:
+            raise ValueError(f"config file {path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (what ``SiglipVisionConfig(**d)`` reads back)."""
         return self.model_dump()
+
+
+def _vision_type(data: dict[str, Any], parent_type: Optional[str]) -> str:
+    """The vision model_type of a vision config dict (named, or implied by its parent's model_type)."""
+    named = data.get("model_type")
+    if named is None:
+        return PARENT_VISION_TYPES.get(parent_type or "", "siglip_vision_model")
+    if named not in VISION_MODEL_TYPES:
+        raise ValueError(
+            f"vision tower model_type {named!r} is not a SigLIP-family tower; tp-siglip runs "
+            f"{sorted(VISION_MODEL_TYPES)} (pass config= to force one)"
+        )
+    return named
+
+
+def find_vision_config(data: object) -> tuple[dict[str, Any], str, str]:
+    """Locate the vision config in a config dict: ``(vision dict, where it was, vision model_type)``.
+
+    A top-level vision config (its model_type, or a legacy config without model_type); else the
+    shallowest ``vision_config`` at any depth (``null`` means the defaults). Anything else is a
+    ``ValueError`` naming what was found.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"a config must be a dict, got {type(data).__name__}")
+    top_type = data.get("model_type")
+    legacy = top_type is None and "vision_config" not in data and bool(_LEGACY_KEYS & set(data))
+    if top_type in VISION_MODEL_TYPES or legacy or data == {}:
+        return data, "the top level", _vision_type(data, None)
+    level: list[tuple[str, dict[str, Any]]] = [("", data)]
+    while level:
+        for path, node in level:
+            if "vision_config" in node:
+                vision = node["vision_config"] or {}
+                if not isinstance(vision, dict):
+                    raise TypeError(f"{path}vision_config must be a dict, got {type(vision).__name__}")
+                return vision, f"{path}vision_config", _vision_type(vision, node.get("model_type"))
+        level = [(f"{path}{key}.", value) for path, node in level for key, value in node.items() if isinstance(value, dict)]
+    raise ValueError(
+        f"no vision config found: model_type {top_type!r} with no vision_config at any depth; pass the "
+        f"tower's config explicitly (config=SiglipVisionConfig(...) or a dict)"
+    )

@@ -9,9 +9,11 @@ Choices:
 
 * **Every rank passes the whole batch** (as in tensor mode); the split is deterministic, so ranks agree
   on it without talking.
-* **Shares are balanced by cost, not by count**: ``costs`` (patches per image) go to the least-loaded
-  rank, largest first. Images of one fixed size cost the same, which gives contiguous, near-equal
-  shares. Outputs are put back in input order.
+* **Shares are balanced by cost, not by count** (`balance_by_cost`): a NaFlex image costs its valid
+  patches, and each rank trims the padding none of its images needs, so one big image and many small
+  ones spread evenly; images of one fixed size cost the same and get contiguous, near-equal shares
+  (`split_by_count`). Outputs are put back in input order. Greedy longest-processing-time is within 4/3
+  of the best split (Graham's bound) and deterministic, so ranks agree on it without talking.
 * **A rank with nothing to do** (fewer images than ranks) encodes one image to learn the shapes of the
   outputs and sends none of it: no extra collective, and it costs no wall time (the busy ranks take
   at least as long).
@@ -19,36 +21,77 @@ Choices:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import heapq
+import inspect
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tp_siglip.model import SiglipVisionOutput
 from tp_siglip.parallel import ProcessGroup, all_gather_batch, group_rank, group_size
 
 
-def balanced_shares(costs: Sequence[int], parts: int) -> list[list[int]]:
-    """Indices of ``costs`` for each of ``parts`` ranks, so that the largest total cost is small.
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    Greedy longest-processing-time: the costliest item first, each to the least-loaded rank (ties: the
-    lower rank); each share in ascending order. Equal costs give contiguous, near-equal shares.
+
+def _check_costs(costs: object, parts: object) -> tuple[list[int], int]:
+    if isinstance(costs, (str, bytes)) or not isinstance(costs, Sequence):
+        raise TypeError(f"costs must be a sequence of non-negative ints, got {type(costs).__name__}")
+    values = list(costs)
+    for index, cost in enumerate(values):
+        if not _is_int(cost):
+            raise TypeError(f"costs[{index}] must be an int, got {cost!r}")
+        if cost < 0:
+            raise ValueError(f"costs[{index}] must be non-negative, got {cost}")
+    if not _is_int(parts):
+        raise TypeError(f"parts must be a positive int, got {parts!r}")
+    if parts < 1:  # type: ignore[operator]
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    return values, int(parts)  # type: ignore[arg-type]
+
+
+def balance_by_cost(costs: Sequence[int], parts: int) -> list[list[int]]:
+    """Share item indices out to ``parts`` ranks so the largest per-rank total cost is small.
+
+    Greedy longest-processing-time: items by cost descending (ties: lower index first), each to the part
+    with the least load so far (ties: lower part number). Every index appears exactly once. Each part's
+    indices are sorted ascending, and a part may be empty when there are fewer items than parts.
     """
-    if parts < 1:
-        raise ValueError(f"cannot split a batch over {parts} ranks; expected at least 1")
-    loads = [0] * parts
-    shares: list[list[int]] = [[] for _ in range(parts)]
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        target = min(range(parts), key=lambda r: (loads[r], r))
-        shares[target].append(index)
-        loads[target] += costs[index]
-    for share in shares:
-        share.sort()
-    if len(set(costs)) <= 1:  # one cost: keep each share contiguous (cheaper slicing, same balance)
-        sizes = [len(s) for s in shares]
-        starts = [sum(sizes[:r]) for r in range(parts)]
-        shares = [list(range(start, start + size)) for start, size in zip(starts, sizes)]
-    return shares
+    values, count = _check_costs(costs, parts)
+    heap = [(0, part) for part in range(count)]
+    assignment: list[list[int]] = [[] for _ in range(count)]
+    for index in sorted(range(len(values)), key=lambda i: (-values[i], i)):
+        load, part = heapq.heappop(heap)
+        assignment[part].append(index)
+        heapq.heappush(heap, (load + values[index], part))
+    return [sorted(members) for members in assignment]
+
+
+def split_by_count(costs: Sequence[int], parts: int) -> list[list[int]]:
+    """Contiguous split by number of items, ignoring cost (the first ``len % parts`` parts get one extra).
+
+    Same signature as :func:`balance_by_cost` so the two can be swapped and compared.
+    """
+    values, count = _check_costs(costs, parts)
+    base, extra = divmod(len(values), count)
+    assignment, start = [], 0
+    for part in range(count):
+        size = base + (1 if part < extra else 0)
+        assignment.append(list(range(start, start + size)))
+        start += size
+    return assignment
+
+
+def max_share(costs: Sequence[int], assignment: Sequence[Sequence[int]]) -> float:
+    """The largest part's share of the total cost (1/parts is perfect balance; 0.0 if everything is free)."""
+    total = sum(costs)
+    if total == 0:
+        return 0.0
+    return max(sum(costs[i] for i in part) for part in assignment) / total
 
 
 class DataParallelEncoder(nn.Module):
@@ -84,26 +127,51 @@ class DataParallelEncoder(nn.Module):
         self.module.check_finite = value
 
     def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> SiglipVisionOutput:
-        """``module(pixel_values, ...)`` on this rank's images; the full outputs, in input order, on every rank."""
+        """``module(pixel_values, ...)`` on this rank's images; the full outputs, in input order, on every rank.
+
+        Every tensor argument with one row per image is split like ``pixel_values``. With a NaFlex
+        ``pixel_attention_mask`` images cost their valid patches, and each rank drops the padding columns
+        none of its images needs (rows past an image's patches then come back as zeros).
+        """
         size = group_size(self.group)
         if size == 1 or not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() < 1:
             return self.module(pixel_values, *args, **kwargs)  # one rank, or let the model raise its error
-        shares = balanced_shares([1] * pixel_values.shape[0], size)
-        mine = shares[group_rank(self.group)]
-        # an idle rank (fewer images than ranks) encodes one image to learn the output shapes, sends none
-        local = self.module(pixel_values[mine or [0]], *args, **kwargs)
-        return gather_outputs(local, [len(share) for share in shares], shares, self.group)
+        bound = inspect.signature(self.module.forward).bind(pixel_values, *args, **kwargs)
+        batch, tokens = pixel_values.shape[0], pixel_values.shape[1] if pixel_values.dim() > 1 else 0
+        mask = bound.arguments.get("pixel_attention_mask")
+        naflex = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, tokens)
+        costs = [int(c) for c in mask.sum(1).tolist()] if naflex else [1] * batch
+        shares = balance_by_cost(costs, size) if len(set(costs)) > 1 else split_by_count(costs, size)
+        # an idle rank (fewer images than ranks) encodes the cheapest image to learn the output shapes, sends none
+        mine = shares[group_rank(self.group)] or [min(range(batch), key=lambda i: (costs[i], i))]
+        keep = max(costs[i] for i in mine) if naflex else None
+        for name, value in bound.arguments.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                value = value[mine]
+                if keep is not None and name in ("pixel_values", "pixel_attention_mask"):
+                    value = value[:, :keep]
+                bound.arguments[name] = value
+        local = self.module(*bound.args, **bound.kwargs)
+        return gather_outputs(local, [len(share) for share in shares], shares, self.group, tokens)
 
 
 def gather_outputs(
-    local: SiglipVisionOutput, sizes: list[int], shares: list[list[int]], group: ProcessGroup
+    local: SiglipVisionOutput, sizes: list[int], shares: list[list[int]], group: ProcessGroup, tokens: int
 ) -> SiglipVisionOutput:
-    """All-gather each output over ``group`` (rank ``r`` sends its first ``sizes[r]`` rows) in input order."""
-    order = torch.tensor([i for share in shares for i in share]).argsort()
+    """All-gather each output over ``group`` (rank ``r`` sends its first ``sizes[r]`` rows) in input order.
+
+    Token outputs shorter than ``tokens`` (a rank that dropped padding) are padded back with zeros.
+    """
+    flat = [i for share in shares for i in share]
+    order = None if flat == sorted(flat) else torch.tensor(flat).argsort()
     mine = sizes[group_rank(group)]
 
     def gather(tensor: torch.Tensor) -> torch.Tensor:
-        return all_gather_batch(tensor[:mine].contiguous(), sizes, group)[order.to(tensor.device)]
+        tensor = tensor[:mine]
+        if tensor.dim() == 3 and tensor.shape[1] < tokens:
+            tensor = F.pad(tensor, (0, 0, 0, tokens - tensor.shape[1]))
+        full = all_gather_batch(tensor.contiguous(), sizes, group)
+        return full if order is None else full[order.to(full.device)]
 
     return SiglipVisionOutput(
         last_hidden_state=gather(local.last_hidden_state),

@@ -270,7 +270,7 @@ class _Hub:
         cache_dir: Optional[Union[str, os.PathLike[str]]],
         token: Optional[Union[str, bool]],
         local_files_only: bool,
-    ) -> "_Hub":
+    ) -> _Hub:
         offline = _offline_reason(local_files_only)
         return cls(repo_id, revision or "main", _endpoint(), _hub_cache(cache_dir), token, offline)
 
@@ -684,7 +684,7 @@ class _Remote:
             )
             time.sleep(wait)
 
-    def _check_response(self, response: "httpx2.Response", name: str, pos: int, end: int) -> int:
+    def _check_response(self, response: httpx2.Response, name: str, pos: int, end: int) -> int:
         """Check a ranged answer; returns how many leading body bytes to drop."""
         if response.status_code == 206:
             match = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", "").strip())

@@ -18,6 +18,7 @@ Steps, each with an error that names the file or tensor at fault:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from safetensors import safe_open
 
-from tp_siglip.config import SiglipVisionConfig
+from tp_siglip.config import SiglipVisionConfig, find_vision_config
 from tp_siglip.parallel import Layout, copy_piece, feeds_by_source
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def parse_header(raw: bytes, file_size: int, source: str) -> dict[str, TensorInf
             )
         infos[name] = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1], source)
     spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
-    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+    for (_, end_a, name_a), (start_b, _, name_b) in itertools.pairwise(spans):
         if start_b < end_a:
             raise CheckpointError(f"{source}: tensors {name_a!r} and {name_b!r} overlap; the header is corrupt")
     return infos
@@ -256,6 +257,12 @@ def find_prefix(names: Iterable[str], where: str) -> str:
     """The vision tower's key prefix: what precedes ``embeddings.patch_embedding.weight``."""
     candidates = sorted({n[: -len(ANCHOR)] for n in names if n.endswith(ANCHOR)})
     candidates = [c for c in candidates if c == "" or c.endswith(".")]
+    if not candidates and any(n.endswith("patch_embed.proj.weight") for n in names):
+        raise CheckpointError(
+            f"{where} looks like a timm / open_clip checkpoint (patch_embed.proj.weight, blocks.N.*); tp-siglip "
+            f"reads the transformers layout (vision_model.embeddings.patch_embedding.weight, ...): use the "
+            f"transformers release of the model (e.g. google/siglip-*) or convert the weights"
+        )
     if not candidates:
         raise CheckpointError(
             f"{where} has no SigLIP vision tensors: no key ends in {ANCHOR!r}. Is this a SigLIP (or a VLM "
@@ -426,7 +433,7 @@ class Checkpoint:
     """A scanned local checkpoint: its vision config, the tower's prefix and the tower's tensors."""
 
     directory: Path
-    config_path: Path
+    config_source: str  # where the config came from, for messages
     config: SiglipVisionConfig
     prefix: str
     tensors: dict[str, TensorInfo]  # only keys under the prefix
@@ -442,15 +449,47 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: {info.name} is stored as {info.dtype}, not a floating-point type")
         return dtype
 
+    def has_head(self) -> bool:
+        """Whether the checkpoint holds a pooling head for the tower."""
+        return any(k.startswith(self.prefix + "head.") for k in self.tensors)
 
-def scan_checkpoint(directory: Union[str, os.PathLike[str]], prefix: Optional[str] = None) -> Checkpoint:
-    """Read config and headers (only of the files that hold the tower) of a local checkpoint."""
+
+def scan_checkpoint(
+    directory: Union[str, os.PathLike[str]],
+    prefix: Optional[str] = None,
+    config: Optional[SiglipVisionConfig] = None,
+) -> Checkpoint:
+    """Read config and headers (only of the files that hold the tower) of a local checkpoint.
+
+    ``config`` replaces the one found in ``config.json`` (which then need not exist). The config is
+    checked against the tensors' shapes (`check_config`).
+    """
     directory = Path(directory)
     config_path = directory / "config.json"
-    if not config_path.is_file():
+    if config is None and not config_path.is_file():
         _refuse_pickle_if_only(directory)
         raise CheckpointError(f"{directory} has no config.json; expected a SigLIP (or VLM) checkpoint directory")
-    config = SiglipVisionConfig.from_json_file(config_path)
+    tensors = _tower_headers(directory, prefix)
+    prefix = tower_prefix(tensors, prefix, str(directory))  # what the tensors are decides the clearest error
+    if config is None:
+        config, source = read_config(config_path)
+    else:
+        source = "the config= argument"
+    tower = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    checkpoint = Checkpoint(directory, source, config, prefix, tower)
+    check_config(checkpoint)
+    return checkpoint
+
+
+def read_config(path: Path) -> tuple[SiglipVisionConfig, str]:
+    """The vision config in ``path`` and where in the file it sits (for messages)."""
+    config = SiglipVisionConfig.from_json_file(path)
+    _, where, _ = find_vision_config(json.loads(path.read_text(encoding="utf-8")))
+    return config, f"{path} ({where})"
+
+
+def _tower_headers(directory: Path, prefix: Optional[str]) -> dict[str, TensorInfo]:
+    """Headers of the safetensors files that hold the tower (with an index: only those shards)."""
     files, weight_map = weight_files(directory)
     if weight_map is not None:
         if prefix is None:
@@ -466,9 +505,45 @@ def scan_checkpoint(directory: Union[str, os.PathLike[str]], prefix: Optional[st
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {path}")
             tensors[name] = info
-    prefix = tower_prefix(tensors, prefix, str(directory))
-    tower = {k: v for k, v in tensors.items() if k.startswith(prefix)}
-    return Checkpoint(directory, config_path, config, prefix, tower)
+    return tensors
+
+
+def tensor_facts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """What a tower's tensor shapes (names relative to the tower) say about its config."""
+    facts: dict[str, Any] = {}
+    patch = shapes.get(ANCHOR)
+    if patch is not None and len(patch) == 4:
+        facts.update(variant="conv (image) patch embedding", hidden_size=patch[0], num_channels=patch[1], patch_size=patch[2])
+    elif patch is not None and len(patch) == 2:
+        facts.update(variant="linear (NaFlex) patch embedding", hidden_size=patch[0], patch_values=patch[1])
+    positions = shapes.get("embeddings.position_embedding.weight")
+    if positions is not None:
+        facts["num_patches"] = positions[0]
+    fc1 = shapes.get("encoder.layers.0.mlp.fc1.weight")
+    if fc1 is not None:
+        facts["intermediate_size"] = fc1[0]
+    layers = [int(m.group(1)) for m in (re.match(r"encoder\.layers\.(\d+)\.", k) for k in shapes) if m]
+    if layers:
+        facts["num_hidden_layers"] = max(layers) + 1
+    return facts
+
+
+def check_config(checkpoint: Checkpoint) -> None:
+    """Raise if the config disagrees with the tensors' shapes, naming both (the config is never patched)."""
+    config = checkpoint.config
+    shapes = {k[len(checkpoint.prefix) :]: v.shape for k, v in checkpoint.tensors.items()}
+    facts = tensor_facts(shapes)
+    said: dict[str, Any] = {k: getattr(config, k) for k in facts if hasattr(config, k)}
+    said["variant"] = "linear (NaFlex) patch embedding" if config.variant == "naflex" else "conv (image) patch embedding"
+    if "patch_values" in facts:
+        said["patch_values"] = config.num_channels * config.patch_size**2
+    wrong = [f"{name}: config {said[name]!r}, tensors {facts[name]!r}" for name in facts if said.get(name) != facts[name]]
+    if wrong:
+        raise CheckpointError(
+            f"{checkpoint.directory}: the config ({checkpoint.config_source}) disagrees with the checkpoint's "
+            f"tensors under prefix {checkpoint.prefix!r}: {'; '.join(wrong)}. Fix the config, or pass the right "
+            f"one with from_pretrained(..., config=...)"
+        )
 
 
 def _refuse_pickle_if_only(directory: Path) -> None:

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_siglip.activations import get_activation
-from tp_siglip.checks import check_choice, check_pixel_values
+from tp_siglip.checks import check_choice, check_naflex_inputs, check_pixel_values
 from tp_siglip.config import SiglipVisionConfig
+from tp_siglip.embeddings import NaFlexEmbeddings, SiglipVisionEmbeddings
 from tp_siglip.initialization import default_flax_embed_init, lecun_normal_
 from tp_siglip.parallel import (
     Block,
@@ -98,52 +99,6 @@ class SiglipVisionOutput:
         return getattr(self, key) if key in self.keys() else default
 
 
-class SiglipVisionEmbeddings(nn.Module):
-    """Non-overlapping patches (a "valid" strided conv) plus a learned, replicated position table."""
-
-    def __init__(self, config: SiglipVisionConfig, *, device: DeviceLike = None, dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        self.config = config
-        self.patch_size = config.patch_size
-        self.grid = config.image_size // config.patch_size
-        self.patch_embedding = nn.Conv2d(
-            config.num_channels,
-            config.hidden_size,
-            kernel_size=config.patch_size,
-            stride=config.patch_size,
-            padding="valid",
-            device=device,
-            dtype=dtype,
-        )
-        # `_weight` skips nn.Embedding's own random init, which on the meta device would pull in torch's
-        # compiler stack (a second of imports) for a tensor the loader overwrites anyway
-        table = torch.empty(config.num_patches, config.hidden_size, device=device, dtype=dtype)
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size, _weight=table)
-
-    def position_table(self, rows: int, cols: int) -> torch.Tensor:
-        """Position embeddings for a ``rows x cols`` patch grid, ``(1, rows * cols, D)``.
-
-        The native grid uses the table as is; any other grid resizes the square table with bicubic
-        interpolation (align_corners=False, no antialiasing), as transformers does.
-        """
-        table = self.position_embedding.weight
-        if (rows, cols) == (self.grid, self.grid):
-            return table.unsqueeze(0)
-        dim = table.shape[-1]
-        square = table.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
-        resized = F.interpolate(square, size=(rows, cols), mode="bicubic", align_corners=False)
-        return resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
-
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        height, width = pixel_values.shape[-2:]
-        weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(dtype=weight.dtype))
-        embeddings = patches.flatten(2).transpose(1, 2)
-        if interpolate_pos_encoding:
-            return embeddings + self.position_table(height // self.patch_size, width // self.patch_size)
-        return embeddings + self.position_embedding.weight
-
-
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -151,12 +106,18 @@ def attention(
     *,
     scale: float,
     implementation: str,
+    key_mask: Optional[torch.Tensor] = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention on ``(B, heads, T, head_dim)`` tensors, softmax accumulated in fp32."""
+    """Softmax attention on ``(B, heads, T, head_dim)`` tensors, softmax accumulated in fp32.
+
+    ``key_mask`` (bool, broadcastable to ``(B, 1, 1, T)``, True = attend) hides padded keys.
+    """
     if implementation == "sdpa":
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout, scale=scale)
     weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        weights = weights.masked_fill(~key_mask, torch.finfo(weights.dtype).min)
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout:
         weights = F.dropout(weights, p=dropout)
@@ -186,7 +147,7 @@ class SiglipAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(dim, blocks, device=device, dtype=dtype)
         self.out_proj = RowParallelLinear(dim, dim, cols, plan.group, device=device, dtype=dtype)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, -1, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, local heads, T, head_dim)
@@ -196,6 +157,7 @@ class SiglipAttention(nn.Module):
             value,
             scale=self.scale,
             implementation=self.attn_implementation,
+            key_mask=key_mask,
             dropout=self.dropout if self.training else 0.0,
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
@@ -241,9 +203,9 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.mlp = SiglipMLP(config, plan, **kw)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # residual adds land in place in the freshly made branch outputs: one allocation less per add
-        hidden_states = self.self_attn(self.layer_norm1(hidden_states)).add_(hidden_states)
+        hidden_states = self.self_attn(self.layer_norm1(hidden_states), key_mask).add_(hidden_states)
         return self.mlp(self.layer_norm2(hidden_states)).add_(hidden_states)
 
 
@@ -266,11 +228,11 @@ class SiglipEncoder(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, output_hidden_states: bool = False
+        self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, key_mask)
             if states is not None:
                 states.append(hidden_states)
         return hidden_states, None if states is None else tuple(states)
@@ -301,13 +263,15 @@ class SiglipPoolingAttention(nn.Module):
         self.in_proj = ColumnParallelLinear(dim, blocks, device=device, dtype=dtype)
         self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, plan.group, device=device, dtype=dtype)
 
-    def forward(self, query: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
         queries = query.shape[1]
         q = self.in_proj(query, slice(0, 1)).view(batch, queries, -1, self.head_dim).transpose(1, 2)
         kv = self.in_proj(hidden_states, slice(1, 3)).view(batch, tokens, 2, -1, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(q, k, v, scale=self.head_dim**-0.5, implementation=self.attn_implementation)
+        out = attention(q, k, v, scale=self.head_dim**-0.5, implementation=self.attn_implementation, key_mask=key_mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, queries, -1))
 
 
@@ -330,9 +294,9 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.mlp = SiglipMLP(config, plan, **kw)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         probe = self.probe.expand(hidden_states.shape[0], -1, -1)
-        pooled = self.attention(probe, hidden_states)
+        pooled = self.attention(probe, hidden_states, key_mask)
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 
@@ -371,10 +335,10 @@ class SiglipVisionTransformer(nn.Module):
         )
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         parts: dict[str, Any] = {"attn_implementation": attn_implementation, **kw}
-        self.embeddings = SiglipVisionEmbeddings(config, **kw)
+        self.embeddings = self._make_embeddings(config, **kw)
         self.encoder = SiglipEncoder(config, self.plan, **parts)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
-        self.use_head = config.vision_use_head
+        self.use_head = config.use_head
         self.head = SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
         self._weights_ready = False
         if not self.is_meta:
@@ -453,6 +417,7 @@ class SiglipVisionTransformer(nn.Module):
         local_files_only: bool = False,
         download: str = "tower",
         parallel: str = "tensor",
+        config: Union[SiglipVisionConfig, dict[str, Any], None] = None,
     ) -> nn.Module:
         """Load a tower from a Hub repo id or a directory, each rank reading only its slice.
 
@@ -478,6 +443,7 @@ class SiglipVisionTransformer(nn.Module):
             local_files_only=local_files_only,
             download=download,
             parallel=parallel,
+            config=config,
         )
 
     def load_weights(
@@ -487,7 +453,7 @@ class SiglipVisionTransformer(nn.Module):
         prefix: Optional[str] = None,
         device: DeviceLike = None,
         strict: bool = True,
-    ) -> "LoadReport":
+    ) -> LoadReport:
         """Fill the model from ``(checkpoint name, full tensor)`` pairs; each rank keeps only its slice.
 
         Names may carry any known tower prefix (found from the first matching name) or the given
@@ -502,20 +468,14 @@ class SiglipVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: Optional[bool] = None,
-        interpolate_pos_encoding: bool = False,
-        **kwargs: Any,
-    ) -> SiglipVisionOutput:
-        """Encode ``pixel_values (B, C, H, W)``; every rank returns the full outputs.
+    @staticmethod
+    def _make_embeddings(config: SiglipVisionConfig, **kw: Any) -> nn.Module:
+        if config.variant == "naflex":
+            raise ValueError("this config is a SigLIP2 NaFlex tower (variant='naflex'): build a Siglip2VisionTransformer")
+        return SiglipVisionEmbeddings(config, **kw)
 
-        Returns ``last_hidden_state (B, patches, hidden)`` after ``post_layernorm``, ``pooler_output
-        (B, hidden)`` (``None`` without a head) and, when ``output_hidden_states``, a tuple of
-        ``num_hidden_layers + 1`` tensors: the embeddings, then each layer's output (before
-        ``post_layernorm``).
-        """
+    def _check_ready(self, kwargs: dict[str, Any]) -> None:
+        """Refuse to run unloaded weights or unknown keywords."""
         if not self._weights_ready:
             raise RuntimeError(
                 "this model's weights are not loaded (built on the meta device, or a load failed); call "
@@ -526,18 +486,91 @@ class SiglipVisionTransformer(nn.Module):
             raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: attention weights are never materialised")
-        pixel_values = check_pixel_values(
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        patch_attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> SiglipVisionOutput:
+        """Encode ``pixel_values (B, C, H, W)``; every rank returns the full outputs.
+
+        Returns ``last_hidden_state (B, patches, hidden)`` after ``post_layernorm``, ``pooler_output
+        (B, hidden)`` (``None`` without a head) and, when ``output_hidden_states``, a tuple of
+        ``num_hidden_layers + 1`` tensors: the embeddings, then each layer's output (before
+        ``post_layernorm``). ``patch_attention_mask (B, H/p, W/p)`` (bool, as Idefics3 passes it) marks
+        the real patches of padded images: padded patches are hidden from attention and positions are
+        bucketized like ``Idefics3VisionTransformer``; Idefics3 towers do that even without a mask.
+        """
+        self._check_ready(kwargs)
+        pixel_values, patch_attention_mask = check_pixel_values(
             pixel_values,
             self.config,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            patch_attention_mask=patch_attention_mask,
             check_finite=self.check_finite,
             device=self.device,
         )
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=bool(output_hidden_states))
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, patch_attention_mask)
+        key_mask = None
+        if patch_attention_mask is not None and not bool(patch_attention_mask.all()):
+            key_mask = patch_attention_mask.reshape(pixel_values.shape[0], 1, 1, -1)
+        return self._encode(embeddings, key_mask, bool(output_hidden_states))
+
+    def _encode(
+        self, embeddings: torch.Tensor, key_mask: Optional[torch.Tensor], output_hidden_states: bool
+    ) -> SiglipVisionOutput:
+        """The encoder, post-layernorm and head on ``(B, T, D)`` embeddings; ``key_mask`` hides padding."""
+        hidden_states, all_states = self.encoder(embeddings, key_mask, output_hidden_states=output_hidden_states)
         last_hidden_state = self.post_layernorm(hidden_states)
-        pooled = self.head(last_hidden_state) if self.head is not None else None
+        pooled = self.head(last_hidden_state, key_mask) if self.head is not None else None
         return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
+
+
+class Siglip2VisionTransformer(SiglipVisionTransformer):
+    """SigLIP2 NaFlex: variable resolution, patches flattened by the processor, padded to ``N`` per image.
+
+    Same layers as `SiglipVisionTransformer`; the embeddings are `NaFlexEmbeddings` and ``forward`` takes
+    transformers' ``Siglip2VisionModel`` arguments. ``from_pretrained`` returns this class for NaFlex
+    checkpoints.
+    """
+
+    @staticmethod
+    def _make_embeddings(config: SiglipVisionConfig, **kw: Any) -> nn.Module:
+        if config.variant != "naflex":
+            raise ValueError(f"Siglip2VisionTransformer needs a NaFlex config (variant='naflex'), got {config.variant!r}")
+        return NaFlexEmbeddings(config, **kw)
+
+    def forward(  # type: ignore[override]
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> SiglipVisionOutput:
+        """Encode ``pixel_values (B, N, C*p*p)`` whose image ``i`` fills the first ``h*w`` of ``N`` rows.
+
+        ``pixel_attention_mask (B, N)`` (1 for real patches, valid ones first) hides padding from attention
+        and from the pooling head; ``spatial_shapes (B, 2)`` gives each image's patch grid ``(h, w)``.
+        Outputs as `SiglipVisionTransformer.forward`; rows past ``h*w`` hold what transformers computes
+        there (padding tokens that attend to the image), which no consumer should read.
+        """
+        self._check_ready(kwargs)
+        check_naflex_inputs(
+            pixel_values,
+            pixel_attention_mask,
+            spatial_shapes,
+            num_channels=self.config.num_channels,
+            patch_size=self.config.patch_size,
+            check_finite=self.check_finite,
+            device=self.device,
+        )
+        embeddings = self.embeddings(pixel_values, spatial_shapes)
+        key_mask = pixel_attention_mask.bool().reshape(pixel_values.shape[0], 1, 1, -1)
+        return self._encode(embeddings, key_mask, bool(output_hidden_states))
 
 
 def _init_full(name: str, tensor: torch.Tensor, hidden_size: int) -> None:

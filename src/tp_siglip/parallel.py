@@ -346,7 +346,7 @@ class ColumnParallelLinear(nn.Module):
             self._register_load_state_dict_pre_hook(_join_blocks, with_module=True)
 
     @classmethod
-    def shard(cls, in_features: int, out_features: int, rows: tuple[int, int], **kwargs: Any) -> "ColumnParallelLinear":
+    def shard(cls, in_features: int, out_features: int, rows: tuple[int, int], **kwargs: Any) -> ColumnParallelLinear:
         """The classic layer: rows ``[start, end)`` of its own ``(out_features, in_features)`` weight."""
         return cls(in_features, [Block(None, out_features, *rows)], **kwargs)
 

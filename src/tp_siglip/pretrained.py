@@ -27,7 +27,7 @@ from tp_siglip import hub, loader
 from tp_siglip.checks import check_choice
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
-from tp_siglip.model import ATTN_IMPLEMENTATIONS, SiglipVisionTransformer
+from tp_siglip.model import ATTN_IMPLEMENTATIONS, Siglip2VisionTransformer, SiglipVisionTransformer
 from tp_siglip.parallel import ProcessGroup, agree_on_failure, collective_device, resolve_group
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def load_pretrained(
     local_files_only: bool = False,
     download: str = "tower",
     parallel: str = "tensor",
+    config: Union[SiglipVisionConfig, dict[str, Any], None] = None,
 ) -> nn.Module:
     """Load a SigLIP vision tower from a Hub repo or a directory, each rank reading only its slice.
 
@@ -69,7 +70,8 @@ def load_pretrained(
         num_hidden_layers: run only the first k encoder layers (early exit); the skipped layers'
             weights are never read. ``post_layernorm`` and the head then apply to layer k's output.
         use_head: ``False`` skips the pooling head (``pooler_output`` is ``None``) even if the
-            checkpoint has one; default: the config's ``vision_use_head``.
+            checkpoint has one; default: the config's ``vision_use_head``, or where the config does not
+            say, whether the checkpoint holds a head.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
         revision, cache_dir, token, local_files_only: as in huggingface_hub / transformers, for repo ids.
         download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
@@ -78,10 +80,14 @@ def load_pretrained(
         parallel: ``"tensor"`` (default) shards every layer over the ranks; ``"data"`` replicates the
             weights and splits each batch over the ranks (a `DataParallelEncoder`), gathering the
             outputs so every rank still returns the full result.
+        config: the tower's config (a `SiglipVisionConfig`, or a dict read like a config.json), used
+            instead of the repo's config.json. Either way it must agree with the tensors' shapes.
 
-    If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
+    Returns a `SiglipVisionTransformer`, a `Siglip2VisionTransformer` for SigLIP2 NaFlex checkpoints, or
+    the data-parallel wrapper around one. If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
     """
     _check_arguments(repo_or_dir, prefix, num_hidden_layers, use_head, attn_implementation, parallel)
+    config = _resolve_config(config)
     want_dtype = loader.resolve_dtype(dtype)
     target = loader.resolve_device(device)
     group = resolve_group(world_size, process_group)
@@ -92,6 +98,7 @@ def load_pretrained(
         num_hidden_layers=num_hidden_layers,
         use_head=use_head,
         attn_implementation=attn_implementation,
+        config=config,
     )
     model: Optional[SiglipVisionTransformer] = None
     error: Optional[BaseException] = None
@@ -138,6 +145,14 @@ def _check_arguments(
     check_choice("parallel", parallel, PARALLEL_MODES)
 
 
+def _resolve_config(config: object) -> Optional[SiglipVisionConfig]:
+    if config is None or isinstance(config, SiglipVisionConfig):
+        return config
+    if isinstance(config, dict):
+        return SiglipVisionConfig.from_dict(config)
+    raise TypeError(f"config must be a SiglipVisionConfig, a dict or None, got {type(config).__name__}")
+
+
 def load_checkpoint(
     cls: type[SiglipVisionTransformer],
     directory: Union[str, os.PathLike[str]],
@@ -149,11 +164,14 @@ def load_checkpoint(
     num_hidden_layers: Optional[int],
     use_head: Optional[bool],
     attn_implementation: str,
+    config: Optional[SiglipVisionConfig] = None,
 ) -> SiglipVisionTransformer:
-    """Build ``cls`` on the meta device for a local checkpoint and fill it with this rank's slices."""
-    checkpoint = loader.scan_checkpoint(directory, prefix)
+    """Build ``cls`` (or its NaFlex sibling) on the meta device for a local checkpoint; fill this rank's slices."""
+    checkpoint = loader.scan_checkpoint(directory, prefix, config)
     config = _effective_config(checkpoint, num_hidden_layers, use_head)
     dtype = dtype or checkpoint.stored_dtype()
+    if config.variant == "naflex" and not issubclass(cls, Siglip2VisionTransformer):
+        cls = Siglip2VisionTransformer
     model = cls(config, group, attn_implementation=attn_implementation, device="meta", dtype=dtype)
     layout = model.checkpoint_layout()
     plan = loader.plan_load(
@@ -161,7 +179,7 @@ def load_checkpoint(
         layout,
         checkpoint.prefix,
         num_layers=config.num_hidden_layers,
-        use_head=config.vision_use_head,
+        use_head=config.use_head,
         where=str(checkpoint.directory),
     )
     model.to_empty(device=device)
@@ -181,10 +199,11 @@ def _effective_config(
         raise ValueError(
             f"num_hidden_layers={num_hidden_layers} but the checkpoint has only {stored.num_hidden_layers} layers"
         )
-    if use_head and not stored.vision_use_head:
-        raise ValueError(f"use_head=True but {checkpoint.config_path} says the tower has no head (vision_use_head=false)")
+    head = checkpoint.has_head() if stored.vision_use_head is None else stored.vision_use_head
+    if use_head and not head:
+        raise ValueError(f"use_head=True but the tower has no head ({checkpoint.config_source}, {checkpoint.directory})")
     changes: dict[str, Any] = {"num_hidden_layers": num_hidden_layers or stored.num_hidden_layers}
-    changes["vision_use_head"] = stored.vision_use_head if use_head is None else use_head
+    changes["vision_use_head"] = head if use_head is None else use_head
     return SiglipVisionConfig(**{**stored.to_dict(), **changes})
 
 

@@ -117,7 +117,7 @@ class SharedMemoryAllReduce:
 
 
 #: reducer per group, keyed weakly so that the cache never keeps a group alive
-_BY_GROUP: "weakref.WeakKeyDictionary[dist.ProcessGroup, Optional[SharedMemoryAllReduce]]" = weakref.WeakKeyDictionary()
+_BY_GROUP: weakref.WeakKeyDictionary[dist.ProcessGroup, Optional[SharedMemoryAllReduce]] = weakref.WeakKeyDictionary()
 
 
 def for_group(group: dist.ProcessGroup) -> Optional[SharedMemoryAllReduce]:

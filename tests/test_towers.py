@@ -1,0 +1,150 @@
+"""Towers beyond plain SigLIP, loaded with the default call: SigLIP2 NaFlex (alone and inside Siglip2Model),
+Idefics3 / SmolVLM (``model.vision_model.``, no head, padded images) and ColPali (config nested two deep).
+
+Parity with transformers' own vision module on the same weights (fp32, <= 1e-4) at world sizes 1-4 in
+tensor mode, and at 2 and 3 ranks in data mode, on batches that mix image sizes and aspect ratios. One
+spawn per set-up runs every tower; each rank returns its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import towers
+from distributed import run_ranks
+from safetensors.torch import save_file
+
+from tp_siglip import Siglip2VisionTransformer, SiglipVisionTransformer
+from tp_siglip.loader import CheckpointError
+
+NAFLEX_SHAPES = [(4, 6), (2, 3), (1, 5), (3, 3), (6, 4)]  # padded to 24 patches; the table is 4x4
+NAFLEX_LENGTH = 24
+
+
+def _naflex_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(NAFLEX_SHAPES, dtype=torch.long)
+    counts = shapes.prod(1)
+    mask = (torch.arange(NAFLEX_LENGTH)[None, :] < counts[:, None]).to(torch.int32)
+    pixels = torch.randn(len(NAFLEX_SHAPES), NAFLEX_LENGTH, 3 * 8 * 8, generator=gen) * mask[..., None]
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+def _idefics3_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three 40x40 images (5x5 patches): one full, two padded to 3x4 and 5x2 real patches."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(3, 5, 5, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :3, :4] = True
+    mask[2, :, :2] = True
+    pixels = torch.randn(3, 3, 40, 40, generator=gen) * mask.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    return {"pixel_values": pixels, "patch_attention_mask": mask}
+
+
+def _outputs(out, head: bool) -> dict[str, torch.Tensor]:
+    result = {"last_hidden_state": out.last_hidden_state}
+    result.update({f"hidden_states.{i}": h for i, h in enumerate(out.hidden_states)})
+    if head:
+        result["pooler_output"] = out.pooler_output
+    return result
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """Every tower saved by transformers, the inputs, and transformers' outputs on them."""
+    root = tmp_path_factory.mktemp("towers")
+    jobs, refs = [], {}
+    for name, builder in towers.BUILDERS.items():
+        model, directory = builder(root / name)
+        tower = towers.vision_tower(model)
+        if name.startswith("siglip2"):
+            inputs, head = _naflex_inputs(), True
+        elif name == "colpali":
+            inputs, head = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))}, False
+        else:
+            inputs, head = _idefics3_inputs(), False
+        with torch.no_grad():
+            refs[name] = _outputs(tower(**inputs, output_hidden_states=True), head)
+            if name == "idefics3":  # no mask: transformers still bucketizes the positions of the full grid
+                job = {"pixel_values": inputs["pixel_values"]}
+                refs["idefics3-nomask"] = _outputs(tower(**job, output_hidden_states=True), False)
+                jobs.append(("idefics3-nomask", str(directory), job))
+        jobs.append((name, str(directory), inputs))
+    return root, jobs, refs
+
+
+def _encode_towers(rank: int, world_size: int, jobs: list, parallel: str) -> dict:
+    results = {}
+    for name, directory, inputs in jobs:
+        model = SiglipVisionTransformer.from_pretrained(directory, world_size=world_size, parallel=parallel)
+        with torch.inference_mode():
+            out = model(**inputs, output_hidden_states=True)
+        results[name] = _outputs(out, out.pooler_output is not None)
+        results[name]["class"] = torch.tensor(int(isinstance(getattr(model, "module", model), Siglip2VisionTransformer)))
+    return results
+
+
+def _valid_rows(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """NaFlex token outputs restricted to each image's real patches (data mode zeroes the padding rows)."""
+    if not name.startswith("siglip2") or key == "pooler_output":
+        return tensor
+    counts = torch.tensor(NAFLEX_SHAPES).prod(1)
+    return tensor * (torch.arange(NAFLEX_LENGTH)[None, :] < counts[:, None])[..., None]
+
+
+@pytest.mark.parametrize("world_size, parallel", [(1, "tensor"), (2, "tensor"), (3, "tensor"), (4, "tensor"),
+                                                  (2, "data"), (3, "data")])
+def test_towers_match_transformers(suite, world_size, parallel):
+    root, jobs, refs = suite
+    for rank, per_rank in enumerate(run_ranks(world_size, root, _encode_towers, jobs, parallel)):
+        for name, ours in per_rank.items():
+            assert bool(ours.pop("class")) == name.startswith("siglip2"), name
+            assert sorted(ours) == sorted(refs[name]), name
+            for key, value in ours.items():
+                theirs = refs[name][key]
+                if parallel == "data":
+                    value, theirs = _valid_rows(name, key, value), _valid_rows(name, key, theirs)
+                assert value.shape == theirs.shape, (name, key)
+                diff = (value - theirs).abs().max().item()
+                assert diff <= 1e-4, (name, key, rank, diff)
+
+
+# ----------------------------------------------------------------------------- refusals that name the fix
+
+
+def test_config_that_disagrees_with_the_tensors_names_both(suite, tmp_path):
+    root, _, _ = suite
+    broken = tmp_path / "idefics3"
+    shutil.copytree(root / "idefics3", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 96
+    config["vision_config"]["intermediate_size"] = 256
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"(?s)config\.json \(vision_config\).*hidden_size: config 96, tensors 64"
+                                              r".*intermediate_size: config 256, tensors 128.*config="):
+        SiglipVisionTransformer.from_pretrained(broken)
+    right = towers.vision_config(towers.read_config(root / "idefics3"), "idefics3")
+    model = SiglipVisionTransformer.from_pretrained(broken, config=right)  # config= overrides the file
+    assert model.config.hidden_size == 64 and model.head is None
+
+
+def test_timm_checkpoint_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_siglip_224", "num_classes": 0}))
+    save_file({"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="timm.*patch_embed.proj.weight.*transformers"):
+        SiglipVisionTransformer.from_pretrained(tmp_path)
+
+
+def test_naflex_call_with_inconsistent_masks_is_refused(suite):
+    root, _, _ = suite
+    model = SiglipVisionTransformer.from_pretrained(root / "siglip2_vision")
+    inputs = _naflex_inputs()
+    inputs["spatial_shapes"] = inputs["spatial_shapes"].flip(0)
+    with pytest.raises(ValueError, match=r"pixel_attention_mask\[1\] has 6 valid patch\(es\) but spatial_shapes\[1\] = \(3, 3\) needs 9"):
+        model(**inputs)
+    with pytest.raises(TypeError, match="spatial_shapes"):
+        model(inputs["pixel_values"], inputs["pixel_attention_mask"])
