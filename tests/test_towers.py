@@ -112,6 +112,49 @@ def test_towers_match_transformers(suite, world_size, parallel):
                 assert diff <= 1e-4, (name, key, rank, diff)
 
 
+# ----------------------------------------------------------------------------- inside the VLMs
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory):
+    """Tiny Idefics3 and SmolVLM (32 px images, 4x4 patches, 4 tokens each after the connector), a prompt with
+    two images (the second padded to half its width) and their logits."""
+    root = tmp_path_factory.mktemp("vlms")
+    pixels = torch.randn(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(1, 2, 32, 32, dtype=torch.long)
+    mask[0, 1, :, 16:] = 0
+    pixels = pixels * mask[:, :, None]
+    ids = torch.tensor([[1, 5] + [299] * 4 + [7] + [299] * 4 + [9, 11]])
+    prompt = {"input_ids": ids, "pixel_values": pixels, "pixel_attention_mask": mask}
+    made = {}
+    for name in ("idefics3", "smolvlm"):
+        model, directory = getattr(towers, name)(root / name, image_size=32)
+        with torch.no_grad():
+            made[name] = (str(directory), model(**prompt).logits)
+    return root, prompt, made
+
+
+def _swap_towers(rank: int, world_size: int, prompt: dict, made: dict) -> dict:
+    import transformers
+
+    logits = {}
+    for name, (directory, _) in made.items():
+        cls = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}[name]
+        model = getattr(transformers, cls).from_pretrained(directory, attn_implementation="eager").eval()
+        model.model.vision_model = SiglipVisionTransformer.from_pretrained(directory, world_size=world_size)
+        with torch.no_grad():
+            logits[name] = model(**prompt).logits
+    return logits
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_idefics3_and_smolvlm_with_our_tower_give_the_same_logits(vlms, world_size):
+    root, prompt, made = vlms
+    for per_rank in run_ranks(world_size, root, _swap_towers, prompt, made):
+        for name, (_, logits) in made.items():
+            torch.testing.assert_close(per_rank[name], logits, atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- refusals that name the fix
 
 

@@ -113,21 +113,21 @@ def siglip2(directory: Path, *, seed: int = 0):
     return _finish(Siglip2Model(config), seed, directory)
 
 
-def idefics3(directory: Path, *, seed: int = 0):
+def idefics3(directory: Path, *, seed: int = 0, **vision: Any):
     """``Idefics3ForConditionalGeneration`` with a tiny llama; tower under ``model.vision_model.``."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = Idefics3Config(vision_config=IDEFICS3_VISION, text_config=LLAMA_TEXT, image_token_id=299)
+    config = Idefics3Config(vision_config={**IDEFICS3_VISION, **vision}, text_config=LLAMA_TEXT, image_token_id=299)
     return _finish(Idefics3ForConditionalGeneration(config), seed, directory)
 
 
-def smolvlm(directory: Path, *, seed: int = 0):
+def smolvlm(directory: Path, *, seed: int = 0, **vision: Any):
     """``SmolVLMForConditionalGeneration`` with a tiny llama; tower under ``model.vision_model.``."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = SmolVLMConfig(vision_config=IDEFICS3_VISION, text_config=LLAMA_TEXT, image_token_id=299)
+    config = SmolVLMConfig(vision_config={**IDEFICS3_VISION, **vision}, text_config=LLAMA_TEXT, image_token_id=299)
     return _finish(SmolVLMForConditionalGeneration(config), seed, directory)
 
 

@@ -7,8 +7,9 @@ The public surface is small on purpose:
   reading only its slice of the weights.
 * :class:`SiglipVisionOutput` -- what ``forward`` returns.
 * :class:`DataParallelEncoder` -- the data-parallel mode (``from_pretrained(..., parallel="data")``).
+* :class:`Siglip2VisionTransformer` -- SigLIP2 NaFlex towers (``from_pretrained`` returns one for them).
 * :func:`preprocess`, :func:`load_image` -- images to ``pixel_values`` exactly as transformers'
-  ``SiglipImageProcessor`` makes them.
+  ``SiglipImageProcessor`` makes them; :func:`preprocess_naflex` as ``Siglip2ImageProcessor`` does.
 """
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
 from tp_siglip.model import Siglip2VisionTransformer, SiglipVisionOutput, SiglipVisionTransformer
 from tp_siglip.processing import load_image, preprocess
+from tp_siglip.processing_naflex import preprocess_naflex
 
 __all__ = [
     "DataParallelEncoder",
@@ -27,4 +29,5 @@ __all__ = [
     "__version__",
     "load_image",
     "preprocess",
+    "preprocess_naflex",
 ]
