@@ -10,16 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import TINY, save_layout, vision_model
+from checkpoints import TINY, save_layout
 from tp_siglip import SiglipVisionTransformer, loader
 from tp_siglip.loader import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    reference = vision_model(TINY, seed=7)
-    return reference, save_layout(reference, "v5_vision", root / "v5"), root
+def tiny(tiny_checkpoint, tmp_path_factory):
+    return (*tiny_checkpoint, tmp_path_factory.mktemp("loader"))
 
 
 @pytest.fixture

@@ -8,28 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from checkpoints import save_layout, vision_model
-from distributed import RankPool
 
 _counter = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def pools(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pools")
-    made: dict[int, RankPool] = {}
-
-    def get(world_size: int) -> RankPool:
-        if world_size not in made:
-            made[world_size] = RankPool(world_size, root)
-        return made[world_size]
-
-    yield root, get
-    for pool in made.values():
-        pool.close()
+def pools(rank_pools):
+    return rank_pools
 
 
 @st.composite
@@ -67,7 +56,7 @@ def _run(rank: int, world_size: int, ckpt: str, pixels: torch.Tensor, interpolat
     ]
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30)
 @given(case=cases())
 def test_random_geometries_match_transformers(pools, case):
     config, world_size, batch, (height, width), interpolate = case
@@ -116,7 +105,7 @@ def _run_naflex(rank: int, world_size: int, ckpt: str, inputs: dict, parallel: s
     return out.last_hidden_state.clone(), None if out.pooler_output is None else out.pooler_output.clone()
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8)
 @given(case=naflex_cases())
 def test_random_naflex_batches_match_transformers(pools, case):
     """Random NaFlex geometries, image grids and max_num_patches, tensor or data mode, 1-4 ranks."""

@@ -97,9 +97,9 @@ def _valid_rows(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("world_size, parallel", [(1, "tensor"), (2, "tensor"), (3, "tensor"), (4, "tensor"),
                                                   (2, "data"), (3, "data")])
-def test_towers_match_transformers(suite, world_size, parallel):
-    root, jobs, refs = suite
-    for rank, per_rank in enumerate(run_ranks(world_size, root, _encode_towers, jobs, parallel)):
+def test_towers_match_transformers(suite, rank_pools, world_size, parallel):
+    _, jobs, refs = suite
+    for rank, per_rank in enumerate(rank_pools[1](world_size).run(_encode_towers, jobs, parallel)):
         for name, ours in per_rank.items():
             assert bool(ours.pop("class")) == name.startswith("siglip2"), name
             assert sorted(ours) == sorted(refs[name]), name
