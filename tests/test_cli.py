@@ -343,7 +343,7 @@ def test_strict_stops_at_the_first_bad_file(setup, tmp_path, capsys):
     first_bad = corpus / next(name for name in LISTED if name in BAD)
     errors = _error_lines(err)
     assert len(errors) == 1 and f"--strict: cannot use {first_bad}:" in errors[0], err
-    tensors, meta = _read(output)  # what was encoded before it is kept, marked incomplete
+    _, meta = _read(output)  # what was encoded before it is kept, marked incomplete
     assert meta["complete"] == "false" and json.loads(meta["paths"]) == [str(corpus / LISTED[0])]
     assert "--resume" in out
 

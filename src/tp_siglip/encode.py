@@ -24,13 +24,11 @@ Choices made:
 * **Rank 0 owns the output.** Only rank 0 checks, reads (``--resume``) and writes ``--output``, so other
   nodes need not see it; what the other ranks must know (which files an earlier output holds) rank 0
   broadcasts once the process group exists.
-* **Lockstep on bad files.** Every rank decodes every file of a batch; then the ranks all-reduce (MAX), per
-  file: "failed here", "read here", a 62-bit hash of the decoded pixels and its negation. A file is encoded
-  only if no rank failed and all ranks decoded the same pixels; otherwise it is skipped on every rank. So
-  a file unreadable on one rank only (a flaky mount, a permission that differs between nodes, a file
-  rewritten mid-run) is skipped everywhere and batches stay identical across ranks. Rank 0 prints the
-  reason; a rank whose own read failed while another rank's worked logs its reason as a warning. Before
-  the first batch the ranks also check that they list the same files (a hash of the list, all-reduced).
+* **Lockstep on bad files.** Every rank decodes every file of a batch; the ranks then agree which files
+  to keep (`tp_siglip.lockstep`): a file is encoded only if every rank read it and decoded the same pixels,
+  else it is skipped on every rank, so batches stay identical across ranks. Rank 0 prints the reason; a
+  rank whose own read failed while another rank's worked logs its reason as a warning. Before the first
+  batch the ranks check that they list the same files.
 * **Flat memory, atomic output, resumable.** Rows go to a spool on disk (`embeddings_file`), not to lists in
   memory, even with ``--tokens``. The output is written atomically at the end, every ``--save-every``
   seconds as a checkpoint (``complete: false``), and once more when the run stops early (Ctrl-C, SIGTERM,
@@ -46,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -65,6 +62,7 @@ import torch.distributed as dist
 
 from tp_siglip import __version__, hardware, processing
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
+from tp_siglip.lockstep import RanksDisagree, agree_on_batch, agree_on_files
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
 
@@ -308,10 +306,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         say.error("interrupted")
         return EXIT_INTERRUPTED
-    except (JobError, OSError, ValueError, TypeError, RuntimeError, ImportError) as err:
+    except (JobError, RanksDisagree, OSError, ValueError, TypeError, RuntimeError, ImportError) as err:
         # Input errors happen alike on every rank, a failed load is reported on every rank by from_pretrained
         # and decisions about files are agreed collectively: no rank is left waiting for another.
-        text = str(err) if isinstance(err, JobError) else f"{type(err).__name__}: {err}"
+        text = str(err) if isinstance(err, (JobError, RanksDisagree)) else f"{type(err).__name__}: {err}"
         say.error(" ".join(text.split()))
         return EXIT_FAILED
     return EXIT_OK
@@ -325,9 +323,9 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
             args.model, world_size=world_size, dtype=args.dtype, device=device, parallel=args.parallel
         )
     except Exception as err:
-        text = " ".join(f"{type(err).__name__}: {err}".split())
-        if len(text) > 400:
-            text = text[:397] + "..."
+        text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
+        if len(text) > 1000:
+            text = text[:997] + "..."
         hint = ""
         if not Path(args.model).exists():
             hint = (
@@ -393,72 +391,6 @@ class _NoBar:
         pass
 
 
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _digest(data: Any) -> int:
-    """A 62-bit hash (fits an int64 and its negation) of bytes or a C-contiguous buffer."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
-
-
-def agree_on_plan(files: Sequence[Path], done: Optional[list[bool]], problem: Optional[str], rank: int, world_size: int) -> list[bool]:
-    """Check all ranks list the same files; return rank 0's "already in the output" flags on every rank.
-
-    ``done`` and ``problem`` (a reason not to resume) are only meaningful on rank 0.
-    """
-    if world_size == 1 or not dist.is_initialized():
-        if problem:
-            raise UsageError(problem)
-        return done or [False] * len(files)
-    device = _collective_device()
-    listing = _digest("\n".join(map(str, files)).encode())
-    flags = torch.tensor([listing, -listing, int(bool(problem))], dtype=torch.int64, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0].item() != -flags[1].item():
-        raise JobError("the ranks list different image files; every rank must see the same files (same inputs, same working directory)")
-    if flags[2].item():
-        raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
-    mask = torch.tensor(done if (rank == 0 and done) else [False] * len(files), dtype=torch.uint8, device=device)
-    dist.broadcast(mask, src=0)
-    return [bool(v) for v in mask.tolist()]
-
-
-def agree_on_batch(pixels: torch.Tensor, reasons: list[Optional[str]], world_size: int) -> tuple[list[bool], list[str]]:
-    """Decide, identically on every rank, which files of a batch to encode (see the module docstring).
-
-    Returns ``(keep, why)``: ``why[i]`` says why file ``i`` is skipped (this rank's reason, or what the
-    other ranks saw), or why this rank's own read failed although another rank's worked (``keep`` false).
-    """
-    count = len(reasons)
-    failed = [int(r is not None) for r in reasons]
-    if world_size == 1 or not dist.is_initialized():
-        return [not f for f in failed], [r or "" for r in reasons]
-    hashes = [0 if failed[i] else _digest(pixels[i].contiguous().view(torch.uint8).numpy()) for i in range(count)]
-    table = torch.tensor(
-        [failed, [1 - f for f in failed], hashes, [-h for h in hashes]], dtype=torch.int64, device=_collective_device()
-    )
-    dist.all_reduce(table, op=dist.ReduceOp.MAX)
-    any_failed, any_read, high, neg_low = (row.tolist() for row in table.cpu())
-    keep, why = [], []
-    for i in range(count):
-        if reasons[i] is not None:
-            keep.append(False)
-            why.append(reasons[i] if not any_read[i] else f"{reasons[i]} (read fine on another rank)")
-        elif any_failed[i]:
-            keep.append(False)
-            why.append("unreadable on another rank (see that rank's warning)")
-        elif high[i] != -neg_low[i]:
-            keep.append(False)
-            why.append("the ranks decoded different pixels (was the file changed while being read?)")
-        else:
-            keep.append(True)
-            why.append("")
-    return keep, why
-
-
 class _Output:
     """Rank 0's side of the output: the row spool, the paths, the skipped files, checkpoints."""
 
@@ -519,7 +451,11 @@ class _Job:
         if earlier is not None:
             problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size)
         done_paths = set(earlier.paths) if earlier is not None else set()
-        done = agree_on_plan(plan.files, [str(p) in done_paths for p in plan.files], problem, self.rank, self.world_size)
+        done, refused = agree_on_files(
+            plan.files, [str(p) in done_paths for p in plan.files], problem is not None, self.rank, self.world_size
+        )
+        if refused:
+            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
         remaining = [p for p, d in zip(plan.files, done) if not d]
         say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {self.world_size} rank(s), {args.parallel} parallel")
         if args.resume:
