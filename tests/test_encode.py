@@ -1,4 +1,5 @@
-"""The main job, ``examples/encode.py``, run as users run it: under torchrun (2 CPU ranks) and plain python.
+"""The main job, run as users run it: ``torchrun -m tp_siglip.encode`` and ``examples/encode.py`` under torchrun
+(2 CPU ranks), and ``python -m tp_siglip encode`` (one process).
 
 Its embeddings must match transformers' own pipeline on the same files: ``SiglipImageProcessor`` (the
 PIL backend, since there is no torchvision here) then ``SiglipVisionModel`` with the same weights.
@@ -19,8 +20,10 @@ from safetensors import safe_open
 from checkpoints import TINY, save_layout, vision_model
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "encode.py"
-IMAGES = "examples/images"  # relative to REPO, the working directory of every run
+SCRIPT = [str(REPO / "examples" / "encode.py")]
+MODULE = ["-m", "tp_siglip.encode"]  # torchrun's -m, like python's
+COMMAND = ["-m", "tp_siglip", "encode"]  # what the tp-siglip console script runs (one process)
+IMAGES = "src/tp_siglip/images"  # the bundled photos, relative to REPO, the working directory of every run
 CONFIG = {**TINY, "image_size": 64, "patch_size": 16}  # 16 patches of 16 px
 TOLERANCE = 2e-3
 TIMEOUT_S = 180
@@ -31,20 +34,22 @@ def _expected_paths() -> list[str]:
     return [f"{IMAGES}/{p.name}" for p in sorted(files)]
 
 
-def _run(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+def _run(args: list[str], ranks: int = 2, entry: list[str] = SCRIPT) -> subprocess.CompletedProcess:
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_SIGLIP_PG_TIMEOUT_S": "60"}
     return subprocess.run(
-        [*launcher, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        [*launcher, *entry, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
 
 
-def _encode(args: list[str], ranks: int = 2) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+def _encode(
+    args: list[str], ranks: int = 2, entry: list[str] = SCRIPT
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """Run the job, require success, and return (tensors, metadata, stdout) of the file it wrote."""
     output = Path(args[args.index("--output") + 1])
-    proc = _run(args, ranks)
+    proc = _run(args, ranks, entry)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     with safe_open(str(output), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata(), proc.stdout
@@ -83,7 +88,9 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def tensor_run(setup):
     root, headed, _, _ = setup
     output = root / "tensor.safetensors"
-    return _encode(["--model", str(headed), IMAGES, "--output", str(output), "--tokens", "--batch-size", "2"])
+    return _encode(
+        ["--model", str(headed), IMAGES, "--output", str(output), "--tokens", "--batch-size", "2"], entry=MODULE
+    )
 
 
 def test_tensor_parallel_matches_transformers(setup, tensor_run):
@@ -98,6 +105,7 @@ def test_tensor_parallel_matches_transformers(setup, tensor_run):
     assert metadata["parallel"] == "tensor"
     assert metadata["dtype"] == "float32"
     assert metadata["embedding"] == "pooler_output"
+    assert metadata["complete"] == "true" and json.loads(metadata["skipped"]) == []
 
 
 def test_prints_speed_and_similarity_table_on_rank_0_only(tensor_run):
@@ -129,13 +137,14 @@ def test_data_parallel_gives_the_same_embeddings(setup, tensor_run):
 def test_single_process_headless_tower_stores_mean_pooled(setup):
     root, _, headless, reference = setup
     output = root / "single.safetensors"
-    tensors, metadata, stdout = _encode(["--model", str(headless), IMAGES, "--output", str(output)], ranks=1)
+    tensors, metadata, stdout = _encode(["--model", str(headless), IMAGES, "--output", str(output)], ranks=1, entry=COMMAND)
     assert sorted(tensors) == ["mean_pooled"]
     _close(tensors["mean_pooled"], reference["mean_pooled"])
     assert metadata["embedding"] == "mean_pooled"
     assert metadata["world_size"] == "1"
     assert json.loads(metadata["paths"]) == _expected_paths()
     assert "no pooling head" in stdout
+    assert "summary: 5 encoded, 0 skipped (unreadable), 1 ignored by extension (.md: 1)" in stdout  # SOURCES.md
 
 
 def test_no_images_fails_cleanly_on_every_rank(setup):

@@ -23,9 +23,17 @@ Image = pytest.importorskip("PIL.Image")
 ImageFile = pytest.importorskip("PIL.ImageFile")
 
 import tp_siglip.processing as processing  # noqa: E402
-from tp_siglip.processing import find_images, iter_batches, load_image, preprocess  # noqa: E402
+from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus  # noqa: E402
+from tp_siglip.processing import (  # noqa: E402
+    find_images,
+    iter_batches,
+    load_image,
+    preprocess,
+    preprocess_files,
+    scan_images,
+)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "tp_siglip" / "images"  # shipped in the wheel
 BUNDLED = sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in processing.IMAGE_SUFFIXES)
 IMAGE_SIZES = (224, 384)
 INSTALL_HINT = 'pip install "tp-siglip[images]"'
@@ -511,3 +519,61 @@ def test_iter_batches_bad_file_names_it(tmp_path: Path) -> None:
     next(batches)
     with pytest.raises(ValueError, match=re.escape(str(bogus))):
         next(batches)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# real corpora: scan_images and preprocess_files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_scan_images_counts_what_it_leaves_out(tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path / "corpus")
+    scan = scan_images([corpus])
+    assert scan.files == [corpus / name for name in LISTED] == find_images(corpus)
+    assert dict(scan.ignored) == IGNORED
+    assert scan.hidden == HIDDEN
+    direct = scan_images([corpus / "notes.txt"])  # a file named directly is kept whatever its suffix
+    assert direct.files == [corpus / "notes.txt"] and not direct.ignored
+
+
+def test_preprocess_files_records_a_reason_per_bad_file(tmp_path: Path, strict_pillow: None) -> None:
+    corpus = make_corpus(tmp_path / "corpus")
+    vanished = corpus / "vanished.png"
+    paths = [corpus / name for name in LISTED] + [vanished]
+    values, reasons = preprocess_files(paths, 48, dtype=torch.bfloat16)
+    assert values.shape == (len(paths), 3, 48, 48) and values.dtype == torch.bfloat16
+    for path, row, reason in zip(paths, values, reasons, strict=True):
+        name = path.relative_to(corpus).as_posix()
+        if name in GOOD:
+            assert reason is None
+            assert torch.equal(row, preprocess(path, 48, dtype=torch.bfloat16)[0])
+        else:
+            assert reason is not None and str(path) not in reason
+            assert BAD.get(name, "file not found") in reason.lower(), (name, reason)
+            assert torch.count_nonzero(row) == 0
+
+
+def test_exif_and_alpha_path_versus_pil_image(reference, tmp_path: Path) -> None:
+    """What the README states, checked for us and for transformers: a path gets the EXIF rotation and loses
+    its alpha band; an opened PIL image keeps its stored orientation and is composited onto white."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent
+    Image.fromarray(rgba).save(tmp_path / "clear_red.png")
+    red_rgb = torch.tensor([1.0, -1.0, -1.0])
+    white = torch.ones(3)
+    for run in (lambda image: preprocess(image, 8), lambda image: reference(image, 8)):
+        assert torch.equal(run(str(tmp_path / "clear_red.png"))[0, :, 0, 0], red_rgb)  # alpha dropped
+        with Image.open(tmp_path / "clear_red.png") as opened:
+            assert torch.equal(run(opened)[0, :, 0, 0], white)  # alpha composited onto white
+
+    wide = np.zeros((8, 16, 3), dtype=np.uint8)
+    wide[:, :8, 0] = 255  # left half red, stored 16 wide and 8 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(wide).save(tmp_path / "rotated.png", exif=exif.tobytes())
+    for run in (lambda image: preprocess(image, (8, 16)), lambda image: reference(image, (8, 16))):
+        upright = run(str(tmp_path / "rotated.png"))[0, 0]  # rotated to 16 high: each column half red
+        with Image.open(tmp_path / "rotated.png") as opened:
+            stored = run(opened)[0, 0]  # not rotated: left half red
+        assert torch.all(stored[:, :8] == 1.0) and torch.all(stored[:, 8:] == -1.0)
+        assert torch.all(upright[:4] == upright[:4, :1]) and not torch.equal(upright, stored)

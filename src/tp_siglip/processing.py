@@ -38,15 +38,21 @@ The choices made, and why:
 * **Memory**: :func:`preprocess` decodes one image at a time straight into a preallocated output tensor, and
   :func:`iter_batches` loads a batch only when it is asked for. Memory use therefore stays flat however many
   files are processed.
+* **Real corpora**: :func:`scan_images` lists a folder like :func:`find_images` and also counts what it left
+  out (by extension, and hidden files). :func:`preprocess_files` reads a batch of files without stopping at a
+  bad one: each unreadable file (empty, truncated, not an image, a pixel format Pillow cannot decode,
+  vanished, no permission) gets a short reason instead of raising, and its row is left at zero. The caller
+  decides what to do with it (``tp-siglip encode`` skips it on every rank, or stops with ``--strict``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -59,10 +65,14 @@ __all__ = [
     "IMAGE_STD",
     "IMAGE_SUFFIXES",
     "RESCALE_FACTOR",
+    "ImageScan",
     "find_images",
     "iter_batches",
     "load_image",
     "preprocess",
+    "preprocess_files",
+    "require_pillow",
+    "scan_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +90,11 @@ _ALLOWED_CHANNELS = (1, 3, 4)
 
 PathLike = Union[str, "os.PathLike[str]"]
 ImageLike = Union["PILImage.Image", np.ndarray, str, "os.PathLike[str]"]
+
+
+def require_pillow() -> None:
+    """Raise :class:`ImportError` with the install command when Pillow is missing (a cheap early check)."""
+    _require_pil()
 
 
 def _require_pil() -> tuple[Any, Any]:
@@ -316,45 +331,40 @@ def preprocess(
     return pixel_values
 
 
-def find_images(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Expand files and folders into a list of image files.
+class ImageScan(NamedTuple):
+    """What :func:`scan_images` found: the image files, and what it left out inside folders.
 
-    Files given directly are kept whatever their suffix, in the order given. Folders are searched
-    recursively for files whose suffix (case-insensitive) is in :data:`IMAGE_SUFFIXES`, in sorted order of
-    their path relative to that folder. Hidden files and folders (names starting with ``"."``, e.g. macOS
-    ``._photo.jpg`` resource forks) are skipped inside folders. If a file shows up twice, only its first
-    occurrence is kept.
+    Attributes:
+        files: The image files, in the order :func:`find_images` returns them.
+        ignored: Files inside folders skipped for their extension, counted per lower-case suffix
+            (``"(none)"`` for names without one).
+        hidden: Files inside folders skipped because they or a folder above them are hidden (``"."`` names).
+    """
 
-    Args:
-        inputs: One path, or a list of paths to files and/or folders.
+    files: list[Path]
+    ignored: Counter[str]
+    hidden: int
 
-    Returns:
-        The image files, as :class:`pathlib.Path` objects.
+
+def scan_images(inputs: PathLike | Iterable[PathLike]) -> ImageScan:
+    """List image files like :func:`find_images`, and count the files left out inside folders.
 
     Raises:
-        FileNotFoundError: An input path does not exist (the message names it).
-        ValueError: An input path exists but is neither a regular file nor a folder.
-        TypeError: An input is not a ``str`` / ``os.PathLike``.
+        FileNotFoundError / ValueError / TypeError: as :func:`find_images`.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     found: list[Path] = []
+    ignored: Counter[str] = Counter()
+    hidden = 0
     seen: set[Path] = set()
     for raw in inputs:
         if not isinstance(raw, (str, os.PathLike)):
             raise TypeError(f"find_images expects paths (str or os.PathLike), got {_describe(raw)}")
         path = Path(raw)
         if path.is_dir():
-            files = sorted(
-                (
-                    candidate
-                    for candidate in path.rglob("*")
-                    if candidate.suffix.lower() in IMAGE_SUFFIXES
-                    and candidate.is_file()
-                    and not any(part.startswith(".") for part in candidate.relative_to(path).parts)
-                ),
-                key=lambda candidate: candidate.relative_to(path).parts,
-            )
+            files, hidden_here = _scan_folder(path, ignored)
+            hidden += hidden_here
             if not files:
                 logger.warning("No image files (%s) found in folder '%s'", ", ".join(sorted(IMAGE_SUFFIXES)), path)
         elif path.is_file():
@@ -367,8 +377,48 @@ def find_images(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
             if file not in seen:
                 seen.add(file)
                 found.append(file)
-    logger.debug("find_images: %d file(s)", len(found))
-    return found
+    logger.debug("scan_images: %d file(s), %d ignored, %d hidden", len(found), sum(ignored.values()), hidden)
+    return ImageScan(found, ignored, hidden)
+
+
+def _scan_folder(folder: Path, ignored: Counter[str]) -> tuple[list[Path], int]:
+    """The folder's image files in sorted relative-path order, and its hidden files' count; counts the other
+    files into ``ignored``."""
+    files, hidden = [], 0
+    for candidate in folder.rglob("*"):
+        if not candidate.is_file():
+            continue
+        relative = candidate.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            hidden += 1
+        elif candidate.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(candidate)
+        else:
+            ignored[candidate.suffix.lower() or "(none)"] += 1
+    return sorted(files, key=lambda candidate: candidate.relative_to(folder).parts), hidden
+
+
+def find_images(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Expand files and folders into a list of image files.
+
+    Files given directly are kept whatever their suffix, in the order given. Folders are searched
+    recursively for files whose suffix (case-insensitive) is in :data:`IMAGE_SUFFIXES`, in sorted order of
+    their path relative to that folder. Hidden files and folders (names starting with ``"."``, e.g. macOS
+    ``._photo.jpg`` resource forks) are skipped inside folders. If a file shows up twice, only its first
+    occurrence is kept. :func:`scan_images` does the same and also counts what was left out.
+
+    Args:
+        inputs: One path, or a list of paths to files and/or folders.
+
+    Returns:
+        The image files, as :class:`pathlib.Path` objects.
+
+    Raises:
+        FileNotFoundError: An input path does not exist (the message names it).
+        ValueError: An input path exists but is neither a regular file nor a folder.
+        TypeError: An input is not a ``str`` / ``os.PathLike``.
+    """
+    return scan_images(inputs).files
 
 
 def iter_batches(
@@ -424,3 +474,68 @@ def _generate_batches(
             batch = []
     if batch:
         yield batch, preprocess(batch, image_size, dtype=dtype)
+
+
+def preprocess_files(
+    paths: Sequence[PathLike],
+    image_size: int | tuple[int, int] = 224,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, list[str | None]]:
+    """Preprocess image files like :func:`preprocess`, recording a reason for each unreadable file.
+
+    Args:
+        paths: Image files.
+        image_size: Output side length, or a ``(height, width)`` pair.
+        dtype: Floating-point dtype of the result.
+
+    Returns:
+        ``(pixel_values, reasons)``: ``pixel_values`` has one row per path (``(len(paths), 3, H, W)``); the row
+        of an unreadable file is all zeros. ``reasons[i]`` is ``None`` when file ``i`` was read, else a short
+        description of what is wrong with it (without the path).
+
+    Raises:
+        ImportError: Pillow is not installed. TypeError / ValueError: bad ``image_size`` or ``dtype``.
+        MemoryError: decoding ran out of memory (not a property of the file, so not recorded).
+    """
+    Image, _ = _require_pil()
+    height, width = _check_image_size(image_size)
+    _check_dtype(dtype)
+    pixel_values = torch.zeros((len(paths), 3, height, width), dtype=dtype)
+    reasons: list[str | None] = []
+    for index, raw in enumerate(paths):
+        path = Path(raw)
+        try:
+            if path.is_file() and path.stat().st_size == 0:
+                raise ValueError("empty file (0 bytes)")
+            rgb = _pil_to_rgb(load_image(path))
+        except (OSError, ValueError, SyntaxError) as exc:  # not MemoryError: that says nothing about the file
+            reasons.append(_failure_reason(exc, path))
+            continue
+        resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
+        values = _LOOKUP[np.asarray(resized, dtype=np.uint8)]
+        pixel_values[index].copy_(torch.from_numpy(values).permute(2, 0, 1))
+        reasons.append(None)
+    return pixel_values, reasons
+
+
+def _failure_reason(exc: BaseException, path: Path) -> str:
+    """A one-line reason for an unreadable file, without its path (the caller prints the path)."""
+    from PIL import UnidentifiedImageError
+
+    cause = exc.__cause__ if isinstance(exc, ValueError) and exc.__cause__ is not None else exc
+    if isinstance(cause, FileNotFoundError):
+        return "file not found (removed after it was listed?)"
+    if isinstance(cause, PermissionError):
+        return "permission denied"
+    if isinstance(cause, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(cause, UnidentifiedImageError):
+        return "not an image Pillow can decode (another file type, or an unsupported pixel format)"
+    text = str(cause)
+    for form in (repr(str(path)), repr(path), str(path)):
+        text = text.replace(form, "")
+    text = " ".join(text.replace(" :", ":").split()) or "no details"
+    if cause is exc and isinstance(exc, ValueError):  # our own message (e.g. an empty file)
+        return text
+    return f"{type(cause).__name__}: {text}"

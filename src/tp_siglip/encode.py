@@ -1,0 +1,581 @@
+"""The main job: image files in, one safetensors file of embeddings out, on one process or N torchrun ranks.
+
+    tp-siglip encode [IMAGES...] [--model M] [--output F]           # one process
+    python -m tp_siglip.encode [IMAGES...] ...                      # the same
+    torchrun --nproc-per-node 2 -m tp_siglip.encode [IMAGES...] ... # 2 ranks (or: torchrun ... --no-python tp-siglip encode)
+
+Every rank reads the same images. With ``--parallel tensor`` (default) each rank holds a slice of the weights
+and works on the whole batch; with ``--parallel data`` each rank holds all the weights and encodes its share
+of the batch. Rank 0 writes one safetensors file, all tensors float32, rows in the order of ``paths``:
+``pooler_output`` (N, hidden), or ``mean_pooled`` (the mean of ``last_hidden_state`` over patches) for towers
+without a pooling head; ``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths``
+(JSON list), ``model``, ``dtype``, ``world_size``, ``parallel``, ``embedding``, ``skipped`` (JSON list of
+``[path, reason]``), ``complete`` (``"false"`` for a checkpoint or an interrupted run) and
+``tp_siglip_version``. Rank 0 prints a line per skipped file, the throughput, a summary and the cosine
+similarities of the first five images.
+
+Choices made:
+
+* **Checked before the model loads.** Inputs, ``--device`` (CUDA present?), ``--model`` (a folder with
+  ``config.json``, or a valid repo id), ``--output`` (not a folder, its folder exists and takes a new file)
+  and ``--resume`` (the earlier output's model, dtype and tensors) are checked first: a bad one prints one
+  line and exits with status 2, no traceback. A model that cannot be loaded (offline, unknown repo) prints
+  one line saying what to do and exits with 1.
+* **Rank 0 owns the output.** Only rank 0 checks, reads (``--resume``) and writes ``--output``, so other
+  nodes need not see it; what the other ranks must know (which files an earlier output holds) rank 0
+  broadcasts once the process group exists.
+* **Lockstep on bad files.** Every rank decodes every file of a batch; the ranks then agree which files
+  to keep (`tp_siglip.lockstep`): a file is encoded only if every rank read it and decoded the same pixels,
+  else it is skipped on every rank, so batches stay identical across ranks. Rank 0 prints the reason; a
+  rank whose own read failed while another rank's worked logs its reason as a warning. Before the first
+  batch the ranks check that they list the same files.
+* **Flat memory, atomic output, resumable.** Rows go to a spool on disk (`embeddings_file`), not to lists in
+  memory, even with ``--tokens``. The output is written atomically at the end, every ``--save-every``
+  seconds as a checkpoint (``complete: false``), and once more when the run stops early (Ctrl-C, SIGTERM,
+  ``--strict``, an error while encoding). ``--resume`` keeps the rows of the existing output, re-reads the
+  files it skipped, and encodes only files it does not list.
+* **Prints.** This module is a command-line program: results go to stdout (rank 0 only), errors to stderr
+  (every rank, prefixed ``[rank N]`` under torchrun), diagnostics through ``logging``.
+* **Exit status**: 0 done; 1 failed while running (model load, ``--strict`` bad file, no readable image,
+  ranks disagree); 2 bad arguments; 130 interrupted (after writing what was encoded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tp_siglip import __version__, hardware, processing
+from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
+from tp_siglip.lockstep import RanksDisagree, agree_on_batch, agree_on_files
+
+__all__ = ["DEFAULT_IMAGES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/siglip-base-patch16-224"
+#: the five bundled example photographs (CC0 / public domain, see SOURCES.md there), shipped in the wheel
+DEFAULT_IMAGES = Path(__file__).resolve().parent / "images"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SIMILARITY_ROWS = 5
+
+
+class UsageError(Exception):
+    """A bad argument, found before any real work (exit status 2)."""
+
+
+class JobError(Exception):
+    """The job cannot go on (exit status 1); the message is one line saying why and what to do."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every default (help texts that already say ``default:`` are left alone)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the encode job's arguments to ``parser`` (shared by ``tp-siglip encode`` and ``-m tp_siglip.encode``)."""
+    add = parser.add_argument
+    add("inputs", nargs="*", type=Path, metavar="IMAGE_OR_FOLDER",
+        help=f"image files and/or folders, searched recursively (default: the 5 bundled photos in {DEFAULT_IMAGES})")
+    add("--model", default=DEFAULT_MODEL,
+        help="Hub repo id (downloaded once, needs the network) or a local folder with config.json and *.safetensors")
+    add("--output", type=Path, default=Path("embeddings.safetensors"), help="safetensors file to write (atomically)")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto = as stored. On a CPU without native bf16/fp16 half precision is ~7x slower: use float32")
+    add("--batch-size", type=_positive_int, default=8, help="images per forward pass")
+    add("--parallel", default="tensor", choices=["tensor", "data"], help="split the weights (tensor) or each batch (data) over the ranks")
+    add("--tokens", action="store_true", help="also store last_hidden_state (N, patches, hidden); spooled to disk")
+    add("--device", default=None,
+        help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
+    add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
+    add("--resume", action="store_true",
+        help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens)")
+    add("--save-every", type=_seconds, default=600.0, metavar="SECONDS",
+        help="also write --output (marked incomplete) at most this often while encoding; 0: only at the end")
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Encode images with a (tensor-parallel) SigLIP vision tower.", formatter_class=HelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) -> int:
+    """Parse ``argv`` and run the job; returns the exit status (argparse itself exits 2 on bad options)."""
+    return run(build_parser(prog).parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- checks before the model loads
+
+
+@dataclass
+class Plan:
+    """What the checks found: the files, what was left out, the device, and (rank 0) the earlier output."""
+
+    files: list[Path]
+    ignored: Counter = field(default_factory=Counter)
+    hidden: int = 0
+    device: Optional[str] = None
+    earlier: Optional[EarlierOutput] = None
+
+
+def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
+    """Every check that needs no model; raises :class:`UsageError` with a one-line message."""
+    try:
+        processing.require_pillow()
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    inputs = args.inputs or [DEFAULT_IMAGES]
+    try:
+        scan = processing.scan_images(inputs)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if not scan.files:
+        left_out = f" (ignored by extension: {_counts(scan.ignored)})" if scan.ignored else ""
+        raise UsageError(f"no images found in {', '.join(map(str, inputs))}{left_out}")
+    plan = Plan(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
+    _check_model(args.model)
+    if rank == 0:
+        _check_output(args.output)
+        if args.resume and args.output.exists():
+            try:
+                plan.earlier = EarlierOutput.read(args.output)
+            except OutputFileError as err:
+                raise UsageError(f"--resume: {err}") from None
+            _check_resume(plan.earlier, args)
+    return plan
+
+
+def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
+    if device is None:
+        return None
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r} is not a device name (expected e.g. cpu, cuda, cuda:1)") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch ({torch.__version__}) is built without CUDA"
+                if torch.version.cuda is None
+                else "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+            )
+            raise UsageError(f"--device {device}: CUDA is not available: {why}; use --device cpu, or install a CUDA build of torch")
+        if chosen.index is None and world_size > 1:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {chosen}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return str(chosen)
+
+
+def _check_model(model: str) -> None:
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--model {model}: not a folder; expected a folder with config.json and *.safetensors, or a Hub repo id")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {model}: this folder has no config.json; expected a checkpoint folder (config.json, *.safetensors)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise UsageError(
+            f"--model {model!r}: no such folder, and not a valid Hub repo id (expected e.g. {DEFAULT_MODEL})"
+        ) from None
+
+
+def _check_output(output: Path) -> None:
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'embeddings.safetensors'}")
+    if output.exists() and not output.is_file():
+        raise UsageError(f"--output {output} exists and is not a regular file")
+    parent = output.parent
+    if not parent.exists():
+        raise UsageError(f"--output {output}: the folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise UsageError(f"--output {output}: {parent} is not a folder")
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=f".{output.name}.probe-", dir=parent)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"--output {output}: cannot write in {parent} ({err.strerror or err})") from None
+
+
+def _check_resume(earlier: EarlierOutput, args: argparse.Namespace) -> None:
+    meta, where = earlier.metadata, f"--resume: {earlier.path}"
+    if meta.get("model") != str(args.model):
+        raise UsageError(f"{where} holds embeddings of --model {meta.get('model')}, not {args.model}; use that --model or another --output")
+    if args.dtype != "auto" and meta.get("dtype") != args.dtype:
+        raise UsageError(f"{where} was computed in {meta.get('dtype')}, not {args.dtype}; use --dtype {meta.get('dtype')} or another --output")
+    has_tokens = "last_hidden_state" in earlier.tensors
+    if has_tokens != args.tokens:
+        fix = "add --tokens" if has_tokens else "drop --tokens"
+        raise UsageError(f"{where} {'holds' if has_tokens else 'has no'} last_hidden_state; {fix} to resume it, or use another --output")
+
+
+def _resume_problem(earlier: EarlierOutput, embedding: str, dtype_name: str, hidden: int) -> Optional[str]:
+    """What stops the loaded model from continuing ``earlier`` (rank 0, after loading), or ``None``."""
+    where = f"--resume: {earlier.path}"
+    if earlier.metadata.get("dtype") != dtype_name:
+        return f"{where} was computed in {earlier.metadata.get('dtype')}, this run computes in {dtype_name}; pass --dtype {earlier.metadata.get('dtype')}"
+    if earlier.metadata.get("embedding") != embedding or embedding not in earlier.tensors:
+        return f"{where} stores {earlier.metadata.get('embedding')}, this model gives {embedding}: not the same model"
+    if earlier.tensors[embedding].shape[1:] != (hidden,):
+        return f"{where}: rows of shape {list(earlier.tensors[embedding].shape[1:])}, this model gives [{hidden}]: not the same model"
+    return None
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job described by parsed ``args``; returns the exit status. Every rank calls this."""
+    rank, world_size = _rank_and_world()
+    where = f"[rank {rank}] " if world_size > 1 else ""
+    logging.basicConfig(level=logging.WARNING, format=f"{where}%(levelname)s %(name)s: %(message)s")
+    say = Printer(rank, world_size)
+    try:
+        plan = check_arguments(args, rank, world_size)
+        model = _load_model(args, plan.device, world_size)
+        with _sigterm_as_interrupt():
+            _Job(args, plan, model, rank, world_size, say).run()
+    except UsageError as err:
+        say.error(str(err))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        say.error("interrupted")
+        return EXIT_INTERRUPTED
+    except (JobError, RanksDisagree, OSError, ValueError, TypeError, RuntimeError, ImportError) as err:
+        # Input errors happen alike on every rank, a failed load is reported on every rank by from_pretrained
+        # and decisions about files are agreed collectively: no rank is left waiting for another.
+        text = str(err) if isinstance(err, (JobError, RanksDisagree)) else f"{type(err).__name__}: {err}"
+        say.error(" ".join(text.split()))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int) -> Any:
+    from tp_siglip import SiglipVisionTransformer
+
+    try:
+        return SiglipVisionTransformer.from_pretrained(
+            args.model, world_size=world_size, dtype=args.dtype, device=device, parallel=args.parallel
+        )
+    except Exception as err:
+        text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
+        if len(text) > 1000:
+            text = text[:997] + "..."
+        hint = ""
+        if not Path(args.model).exists():
+            hint = (
+                " To run without the network, pass --model <local folder> (config.json and *.safetensors, e.g. a "
+                "Hub snapshot copied from a machine with network access)"
+            )
+            if not os.environ.get("HF_HUB_OFFLINE"):
+                hint += "; to use a copy already in the Hugging Face cache, set HF_HUB_OFFLINE=1"
+            hint += "."
+        raise JobError(f"cannot load --model {args.model}: {text}.{hint}") from err
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (what torchrun and batch schedulers send) raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class Printer:
+    """Rank 0 prints results to stdout (above the progress bar); every rank prints its errors to stderr."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.bar: Any = None
+
+    def __call__(self, text: str) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def error(self, text: str) -> None:
+        prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
+        print(f"{prefix}error: {text}", file=sys.stderr, flush=True)
+
+    def progress(self, total: int) -> Any:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
+            return _NoBar()
+        self.bar = tqdm(total=total, unit="img", disable=None if self.rank == 0 else True)  # None: a bar only on a terminal
+        return self.bar
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Output:
+    """Rank 0's side of the output: the row spool, the paths, the skipped files, checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, earlier: Optional[EarlierOutput], metadata: dict[str, str]) -> None:
+        self.path, self.save_every = args.output, args.save_every
+        self.metadata = metadata
+        self.spool = RowSpool(args.output.parent, args.output.name)
+        self.paths: list[str] = []
+        self.skipped: list[list[str]] = []
+        self.first: list[torch.Tensor] = []
+        if earlier is not None:
+            earlier.copy_into(self.spool)
+            self.paths = list(earlier.paths)
+            first = earlier.first_rows(metadata["embedding"], SIMILARITY_ROWS)
+            self.first = [] if first is None else list(first)
+        self.last_save = time.monotonic()
+
+    def add(self, paths: list[Path], tensors: dict[str, torch.Tensor]) -> None:
+        self.spool.append(tensors)
+        self.paths.extend(str(p) for p in paths)
+        embedding = tensors[self.metadata["embedding"]]
+        self.first.extend(row.clone() for row in embedding[: max(0, SIMILARITY_ROWS - len(self.first))])
+
+    def save(self, complete: bool) -> None:
+        metadata = {
+            **self.metadata,
+            "paths": json.dumps(self.paths),
+            "skipped": json.dumps(self.skipped),
+            "complete": "true" if complete else "false",
+        }
+        write_atomic(self.path, self.spool, metadata)
+        self.last_save = time.monotonic()
+
+    def checkpoint_if_due(self) -> None:
+        if self.save_every and self.spool.rows and time.monotonic() - self.last_save >= self.save_every:
+            self.save(complete=False)
+            logger.info("checkpoint: %d rows in %s", self.spool.rows, self.path)
+
+    def close(self) -> None:
+        self.spool.close()
+
+
+class _Job:
+    """One run of the job on one rank, once the arguments are checked and the model is loaded."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, model: Any, rank: int, world_size: int, say: Printer) -> None:
+        self.args, self.plan, self.model = args, plan, model
+        self.rank, self.world_size, self.say = rank, world_size, say
+        self.embedding = "pooler_output" if model.use_head else "mean_pooled"
+        self.dtype_name = str(model.dtype).removeprefix("torch.")
+
+    def run(self) -> None:
+        args, plan, say = self.args, self.plan, self.say
+        if self.rank == 0:
+            hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
+        earlier = plan.earlier if self.rank == 0 else None
+        problem = None
+        if earlier is not None:
+            problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size)
+        done_paths = set(earlier.paths) if earlier is not None else set()
+        done, refused = agree_on_files(
+            plan.files, [str(p) in done_paths for p in plan.files], problem is not None, self.rank, self.world_size
+        )
+        if refused:
+            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
+        remaining = [p for p, d in zip(plan.files, done) if not d]
+        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {self.world_size} rank(s), {args.parallel} parallel")
+        if args.resume:
+            say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
+        if not self.model.use_head:
+            say("this tower has no pooling head: storing the mean of last_hidden_state over patches as mean_pooled")
+        output = self._open_output(earlier) if self.rank == 0 else None
+        try:
+            encoded, seconds = self._encode(remaining, output)
+            if output is not None:
+                self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
+        except BaseException:
+            if output is not None:
+                self._save_partial(output)
+            raise
+        finally:
+            if output is not None:
+                output.close()
+
+    def _open_output(self, earlier: Optional[EarlierOutput]) -> _Output:
+        metadata = {
+            "format": "pt",
+            "model": str(self.args.model),
+            "dtype": self.dtype_name,
+            "world_size": str(self.world_size),
+            "parallel": self.args.parallel,
+            "embedding": self.embedding,
+            "tp_siglip_version": __version__,
+        }
+        if earlier is not None and set(earlier.paths) - {str(p) for p in self.plan.files}:
+            logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
+        return _Output(self.args, earlier, metadata)
+
+    def _encode(self, remaining: list[Path], output: Optional[_Output]) -> tuple[int, float]:
+        args, model, size = self.args, self.model, self.model.config.image_size
+        encoded, start = 0, time.perf_counter()
+        bar = self.say.progress(len(remaining))
+        try:
+            with torch.inference_mode():
+                for first in range(0, len(remaining), args.batch_size):
+                    batch = remaining[first : first + args.batch_size]
+                    pixels, reasons = processing.preprocess_files(batch, size, dtype=model.dtype)
+                    keep, why = agree_on_batch(pixels, reasons, self.world_size)
+                    self._report_skips(batch, keep, why, reasons, output)
+                    chosen = [i for i, ok in enumerate(keep) if ok]
+                    if chosen:
+                        rows = pixels if len(chosen) == len(batch) else pixels[chosen]
+                        self._forward(rows, [batch[i] for i in chosen], output)
+                        encoded += len(chosen)
+                    bar.update(len(batch))
+                    if output is not None:
+                        output.checkpoint_if_due()
+        finally:
+            bar.close()
+            self.say.bar = None
+        return encoded, time.perf_counter() - start
+
+    def _forward(self, pixels: torch.Tensor, paths: list[Path], output: Optional[_Output]) -> None:
+        out = self.model(pixels.to(self.model.device))
+        if output is None:  # every rank has the full outputs; only rank 0 keeps them
+            return
+        vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
+        tensors = {self.embedding: vectors.float().cpu()}
+        if self.args.tokens:
+            tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
+        output.add(paths, tensors)
+
+    def _report_skips(self, batch: list[Path], keep: list[bool], why: list[str], reasons: list, output: Optional[_Output]) -> None:
+        for i, path in enumerate(batch):
+            if keep[i]:
+                continue
+            if self.args.strict:
+                raise JobError(f"--strict: cannot use {path}: {why[i]}")
+            if output is not None:
+                output.skipped.append([str(path), why[i]])
+                self.say(f"skipped {path}: {why[i]}")
+            elif reasons[i] is not None and why[i] != reasons[i]:  # this rank alone could not read it
+                logger.warning("cannot read %s: %s; it is skipped on every rank", path, reasons[i])
+
+    def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
+        args, say = self.args, self.say
+        if not output.paths:
+            raise JobError(f"no readable image among the {len(self.plan.files)} files; nothing written")
+        output.save(complete=True)
+        rate = encoded / seconds if seconds > 0 else 0.0
+        say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; wrote {args.output} ({len(output.paths)} rows)")
+        parts = [f"{encoded} encoded", f"{len(output.skipped)} skipped (unreadable)"]
+        ignored = sum(self.plan.ignored.values())
+        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.plan.ignored)})" if ignored else ""))
+        if self.plan.hidden:
+            parts.append(f"{self.plan.hidden} hidden file(s) ignored")
+        if args.resume:
+            parts.append(f"{earlier_rows} already in the output")
+        say("summary: " + ", ".join(parts))
+        print_similarities(torch.stack(output.first), [Path(p).stem for p in output.paths[: len(output.first)]], say)
+
+    def _save_partial(self, output: _Output) -> None:
+        if not output.paths:
+            return
+        try:
+            output.save(complete=False)
+        except OSError as err:
+            logger.error("could not write the partial output %s: %s", output.path, err)
+            return
+        self.say(
+            f"stopped early: wrote the {len(output.paths)} rows encoded so far to {output.path} "
+            "(metadata complete=false); run again with --resume to continue"
+        )
+
+
+def print_similarities(vectors: torch.Tensor, names: list[str], say: Any = print) -> None:
+    """Cosine similarity of every pair, as a small table with short names."""
+    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    similarity = unit @ unit.T
+    names = [n if len(n) <= 10 else n[:9] + "~" for n in names]
+    say(f"cosine similarity of the first {len(names)} images")
+    say(" " * 10 + "".join(f"{n:>11}" for n in names))
+    for name, row in zip(names, similarity.tolist()):
+        say(f"{name:<10}" + "".join(f"{v:>11.3f}" for v in row))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""The command line (``tp-siglip encode`` / ``tp-siglip env``), the CPU dtype policy, and the main job on a
+real-looking corpus: bad files skipped in lockstep, argument errors before the model loads, atomic and
+resumable output.
+
+Runs call ``main()`` in this process (no subprocess: each costs seconds), on one tiny checkpoint built once.
+The embeddings are checked against transformers on the same weights and files. Two ranks are spawned once
+(a `RankPool`) for the tests that need a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import socket
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from checkpoints import TINY, save_layout, vision_model
+from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
+from distributed import RankPool
+from tp_siglip import __version__, cli, embeddings_file, encode, hardware
+
+CONFIG = {**TINY, "image_size": 32, "patch_size": 8}
+TOLERANCE = 2e-3
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A checkpoint, a corpus, and transformers' embeddings of every good file of the corpus."""
+    from transformers import SiglipImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    root = tmp_path_factory.mktemp("cli")
+    model = vision_model(CONFIG, seed=11)
+    checkpoint = save_layout(model, "v5_vision", root / "checkpoint")
+    corpus = make_corpus(root / "corpus")
+    hf_logging.set_verbosity_error()
+    processor = SiglipImageProcessor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
+    pixels = processor(images=[str(corpus / name) for name in GOOD], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    reference = {str(corpus / name): row for name, row in zip(GOOD, out.pooler_output)}
+    return root, checkpoint, corpus, reference
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = encode.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the model gets loaded (argument errors must come first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(encode, "_load_model", refuse)
+
+
+# ----------------------------------------------------------------------------- the CPU dtype policy
+
+
+X86_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n"
+X86_BF16 = "processor\t: 0\nmodel name\t: Intel Xeon 8480+\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+X86_FP16 = "processor\t: 0\nmodel name\t: Intel Xeon 6980P\nflags\t\t: avx2 avx512f avx512_fp16 amx_fp16\n"
+ARM_BF16 = "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd fphp asimdhp bf16 sve\nCPU part\t: 0xd40\n"
+ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch, tmp_path):
+    """``fake_cpu(text)`` makes /proc/cpuinfo read ``text`` (None: no such file) and re-arms the one warning."""
+
+    def use(text):
+        path = tmp_path / "cpuinfo"
+        if text is None:
+            path = tmp_path / "missing"
+        else:
+            path.write_text(text)
+        monkeypatch.setattr(hardware, "CPUINFO", path)
+        monkeypatch.setattr(hardware, "_warned", False)
+        hardware.cpu_info.cache_clear()
+
+    yield use
+    hardware.cpu_info.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "text, bf16, fp16",
+    [(X86_AVX2, False, False), (X86_BF16, True, False), (X86_FP16, False, True), (ARM_BF16, True, True), (ARM_OLD, False, False)],
+    ids=["avx2", "avx512_bf16", "avx512_fp16", "arm-bf16", "arm-old"],
+)
+def test_cpu_flags(fake_cpu, text, bf16, fp16):
+    fake_cpu(text)
+    assert hardware.cpu_has_native_bf16() is bf16
+    assert hardware.cpu_has_native_fp16() is fp16
+
+
+def test_cpu_flags_without_proc_cpuinfo_ask_torch(fake_cpu, monkeypatch):
+    fake_cpu(None)
+    assert hardware.cpu_info().flags is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert hardware.cpu_has_native_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert hardware.cpu_has_native_bf16() is False
+
+
+def test_this_machines_flags_are_read():
+    hardware.cpu_info.cache_clear()
+    flags = set()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if not flags:
+        pytest.skip("no flags line in /proc/cpuinfo on this machine")
+    assert hardware.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def test_emulated_half_warns_once_naming_dtype_cpu_cost_and_fix(fake_cpu, caplog):
+    fake_cpu(X86_AVX2)
+    with caplog.at_level(logging.WARNING, logger="tp_siglip.hardware"):
+        assert hardware.warn_if_emulated_half(torch.device("cpu"), torch.float32) is False
+        assert hardware.warn_if_emulated_half("cuda", torch.bfloat16) is False  # not a CPU
+        assert hardware.warn_if_emulated_half(torch.device("cpu"), torch.bfloat16) is True
+        assert hardware.warn_if_emulated_half(torch.device("cpu"), torch.bfloat16) is False  # once per process
+        assert hardware.warn_if_emulated_half(torch.device("cpu"), torch.float16) is False
+    assert len(caplog.records) == 1, caplog.text
+    message = caplog.records[0].getMessage()
+    for part in ("bfloat16", "AMD EPYC 7B12", "avx512_bf16", "7x slower", "--dtype float32", "dtype=torch.float32"):
+        assert part in message, message
+
+
+def test_native_half_does_not_warn(fake_cpu, caplog):
+    fake_cpu(X86_BF16)
+    with caplog.at_level(logging.WARNING, logger="tp_siglip.hardware"):
+        assert hardware.warn_if_emulated_half(torch.device("cpu"), torch.bfloat16) is False
+        assert hardware.warn_if_emulated_half(torch.device("cpu"), torch.float16) is True  # no fp16 on that CPU
+    assert "float16" in caplog.text and "could not tell" not in caplog.text
+
+
+def test_encode_warns_about_emulated_bf16(setup, fake_cpu, tmp_path, capsys, caplog):
+    _, checkpoint, corpus, _ = setup
+    fake_cpu(X86_AVX2)
+    with caplog.at_level(logging.WARNING, logger="tp_siglip.hardware"):
+        code, _, err = _run(["--model", checkpoint, corpus / GOOD[0], "--output", tmp_path / "o.safetensors", "--dtype", "bfloat16"], capsys)
+    assert code == 0, err
+    assert [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()], caplog.text
+    _, meta = _read(tmp_path / "o.safetensors")
+    assert meta["dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- tp-siglip env, --help, --version
+
+
+def test_env_report(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example:8080")
+    monkeypatch.setenv("HF_TOKEN", "hf_do_not_print_me")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line[2:].split(": ", 1) for line in out.splitlines())
+    assert lines["tp-siglip"].startswith(__version__)
+    assert lines["Python"].startswith(platform.python_version())
+    assert lines["torch"] == torch.__version__
+    for package in ("huggingface_hub", "safetensors", "pydantic", "numpy", "transformers"):
+        assert lines[package] == metadata.version(package)
+    assert lines["Hugging Face cache"] == str(tmp_path / "hub-cache")
+    assert lines["HF_ENDPOINT"] == "http://hub.example:8080"
+    assert lines["HF_HUB_OFFLINE"] == "unset"
+    assert lines["HF_TOKEN"] == "set (not shown)" and "hf_do_not_print_me" not in out
+    assert lines["native bf16 on CPU"] == ("yes" if hardware.cpu_has_native_bf16() else "no (emulated: use float32)")
+    assert lines["CUDA build"] == (torch.version.cuda or "none (CPU-only torch)")
+    assert hardware.cpu_info().model in lines["CPU"]
+
+
+def test_help_shows_every_default(capsys):
+    for parser in (encode.build_parser("tp-siglip encode"), cli.build_parser()._subparsers._group_actions[0].choices["encode"]):
+        formatter = parser.formatter_class(prog="x")
+        for action in parser._actions:
+            if action.dest != "help":
+                assert "default" in formatter._get_help_string(action), action.dest
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["encode", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 8)", "(default: google/siglip-base-patch16-224)", "(default: embeddings.safetensors)",
+                  "(default: 600.0)", "(default: auto)", "(default: tensor)", "bundled photos"):
+        assert shown in text, shown
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tp-siglip {__version__}"
+
+
+# ----------------------------------------------------------------------------- errors before the model loads
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["output-is-folder", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+     "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
+)
+def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
+    _, checkpoint, corpus, _ = setup
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    argv = {"--model": checkpoint, "--output": tmp_path / "out.safetensors", "inputs": [corpus]}
+    named = {
+        "output-is-folder": ("--output", tmp_path),
+        "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
+        "parent-is-file": ("--output", tmp_path / "file" / "out.safetensors"),
+        "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),
+        "missing-input": ("inputs", [corpus, tmp_path / "nowhere"]),
+        "no-images": ("inputs", [tmp_path / "empty"]),
+        "device-cuda": ("--device", "cuda"),
+        "bad-device": ("--device", "graphics-card"),
+        "model-not-found": ("--model", tmp_path / "no" / "such" / "model"),
+        "model-no-config": ("--model", tmp_path / "empty"),
+        "model-is-file": ("--model", tmp_path / "file"),
+    }
+    key, value = named[case]
+    if case == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if case == "unwritable" and (not Path("/proc").is_dir() or os.access("/proc", os.W_OK) and _can_create_in("/proc")):
+        pytest.skip("no unwritable /proc here")
+    argv[key] = value
+    inputs = argv.pop("inputs")
+    code, out, err = _run([*(inputs if isinstance(inputs, list) else [inputs]), *(x for kv in argv.items() for x in kv)], capsys)
+    assert code == 2, (out, err)
+    errors = _error_lines(err)
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    shown = str(value[-1] if isinstance(value, list) else value)
+    assert shown in errors[0] or case == "unwritable" and "/proc" in errors[0], errors[0]
+    if case == "device-cuda":
+        assert "--device cpu" in errors[0]
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def _can_create_in(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, ".tp-siglip-probe"), "w"):
+            pass
+    except OSError:
+        return False
+    os.unlink(os.path.join(folder, ".tp-siglip-probe"))
+    return True
+
+
+def test_bad_option_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        encode.main(["--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["offline", "unreachable"])
+def test_model_that_cannot_be_fetched(setup, how, tmp_path, monkeypatch, capsys):
+    _, _, corpus, _ = setup
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    if how == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    code, _, err = _run([corpus / GOOD[0], "--model", "test-org/not-cached", "--output", tmp_path / "o.safetensors"], capsys)
+    assert code == 1, err
+    errors = _error_lines(err)
+    assert len(errors) == 1, err
+    assert "test-org/not-cached" in errors[0] and "--model <local folder>" in errors[0], errors[0]
+    assert ("offline" if how == "offline" else "could not be reached") in errors[0]
+
+
+# ----------------------------------------------------------------------------- a real-looking corpus
+
+
+def test_bad_files_are_skipped_with_reasons(setup, tmp_path, capsys, monkeypatch):
+    _, checkpoint, corpus, reference = setup
+    saves = []
+    real_write = embeddings_file.write_atomic
+    monkeypatch.setattr(encode, "write_atomic", lambda path, spool, meta: (saves.append(meta["complete"]), real_write(path, spool, meta)))
+    output = tmp_path / "out" / "emb.safetensors"
+    output.parent.mkdir()
+    code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--batch-size", "2", "--save-every", "1e-9"], capsys)
+    assert code == 0, err
+    tensors, meta = _read(output)
+    good = [str(corpus / name) for name in GOOD]
+    assert json.loads(meta["paths"]) == good  # every readable image, in listing order
+    assert (tensors["pooler_output"] - torch.stack([reference[p] for p in good])).abs().max() <= TOLERANCE
+    skipped = json.loads(meta["skipped"])
+    assert [path for path, _ in skipped] == [str(corpus / name) for name in LISTED if name in BAD]
+    for path, reason in skipped:
+        fragment = BAD[Path(path).relative_to(corpus).as_posix()]
+        assert fragment in reason.lower(), (path, reason)
+        assert f"skipped {path}: {reason}" in out.splitlines()
+    summary = [line for line in out.splitlines() if line.startswith("summary:")]
+    ignored = ", ".join(f"{k}: {v}" for k, v in sorted(IGNORED.items()))
+    assert summary == [
+        f"summary: {len(GOOD)} encoded, {len(BAD)} skipped (unreadable), {sum(IGNORED.values())} ignored by extension "
+        f"({ignored}), {HIDDEN} hidden file(s) ignored"
+    ], out
+    assert meta["complete"] == "true"
+    assert saves[-1] == "true" and saves[:-1] and set(saves[:-1]) == {"false"}  # checkpoints, then the final file
+    assert sorted(p.name for p in output.parent.iterdir()) == ["emb.safetensors"]  # no temporary file or spool left
+
+
+def test_strict_stops_at_the_first_bad_file(setup, tmp_path, capsys):
+    _, checkpoint, corpus, _ = setup
+    output = tmp_path / "strict.safetensors"
+    code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--strict", "--batch-size", "1"], capsys)
+    assert code == 1
+    first_bad = corpus / next(name for name in LISTED if name in BAD)
+    errors = _error_lines(err)
+    assert len(errors) == 1 and f"--strict: cannot use {first_bad}:" in errors[0], err
+    _, meta = _read(output)  # what was encoded before it is kept, marked incomplete
+    assert meta["complete"] == "false" and json.loads(meta["paths"]) == [str(corpus / LISTED[0])]
+    assert "--resume" in out
+
+
+@pytest.fixture(scope="module")
+def clean_folder(setup):
+    root, _, corpus, _ = setup
+    folder = root / "clean"
+    folder.mkdir()
+    for name in GOOD:
+        (folder / Path(name).name).write_bytes((corpus / name).read_bytes())
+    return folder
+
+
+def test_interrupted_run_resumes(setup, clean_folder, tmp_path, capsys, monkeypatch):
+    _, checkpoint, _, _ = setup
+    args = [clean_folder, "--model", checkpoint, "--batch-size", "2", "--tokens"]
+    code, _, err = _run([*args, "--output", tmp_path / "full.safetensors"], capsys)
+    assert code == 0, err
+    full, _ = _read(tmp_path / "full.safetensors")
+
+    real_load = encode._load_model
+
+    def load_then_interrupt(*a, **k):
+        model = real_load(*a, **k)
+        forward, calls = model.forward, []
+
+        def interrupted_forward(*fa, **fk):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return forward(*fa, **fk)
+
+        model.forward = interrupted_forward
+        return model
+
+    output = tmp_path / "resumed.safetensors"
+    monkeypatch.setattr(encode, "_load_model", load_then_interrupt)
+    code, out, err = _run([*args, "--output", output], capsys)
+    assert code == encode.EXIT_INTERRUPTED, err
+    partial, meta = _read(output)
+    assert meta["complete"] == "false" and partial["pooler_output"].shape[0] == 2 and "--resume" in out
+    monkeypatch.setattr(encode, "_load_model", real_load)
+
+    code, out, err = _run([*args, "--output", output, "--resume"], capsys)
+    assert code == 0, err
+    resumed, meta = _read(output)
+    assert meta["complete"] == "true"
+    assert f"resuming: 2 rows already in {output}" in out and "2 already in the output" in out
+    assert json.loads(meta["paths"]) == [str(p) for p in sorted(clean_folder.iterdir())]
+    for name in ("pooler_output", "last_hidden_state"):
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
+
+    code, out, err = _run([*args, "--output", output, "--resume"], capsys)  # nothing left to do
+    assert code == 0 and "summary: 0 encoded" in out, err
+    torch.testing.assert_close(_read(output)[0]["pooler_output"], full["pooler_output"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["model", "tokens", "dtype", "dtype-auto"])
+def test_resume_refuses_another_setup(setup, clean_folder, tmp_path, capsys, change):
+    root, checkpoint, _, _ = setup
+    output = tmp_path / "earlier.safetensors"
+    first = [clean_folder / "a_good.png", "--model", checkpoint, "--output", output]
+    code, _, err = _run([*first, *(["--dtype", "bfloat16"] if change == "dtype-auto" else [])], capsys)
+    assert code == 0, err
+    before = output.read_bytes()
+    other = {
+        "model": ["--model", root / "corpus" / ".." / "checkpoint"],  # the same weights, another name: refused
+        "tokens": ["--tokens"],
+        "dtype": ["--dtype", "float16"],
+        "dtype-auto": [],  # auto resolves to float32 after loading; the earlier output is bfloat16
+    }[change]
+    code, _, err = _run([*first, "--resume", *other], capsys)
+    assert code == 2, err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and "--resume" in errors[0], err
+    assert output.read_bytes() == before
+
+
+def test_failed_write_keeps_the_earlier_output(setup, clean_folder, tmp_path, capsys, monkeypatch):
+    _, checkpoint, _, _ = setup
+    output = tmp_path / "kept.safetensors"
+    code, _, err = _run([clean_folder, "--model", checkpoint, "--output", output], capsys)
+    assert code == 0, err
+    before = output.read_bytes()
+
+    def disk_full(self, name, target):
+        target.write(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(embeddings_file.RowSpool, "copy_to", disk_full)
+    code, _, err = _run([clean_folder, "--model", checkpoint, "--output", output, "--tokens"], capsys)
+    assert code == 1 and "No space left on device" in err
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+
+def _rank_task(rank: int, world_size: int, argv: list[str], unreadable_on_rank_1: str, extra_on_rank_1: str) -> tuple:
+    from tp_siglip import processing
+
+    if rank == 1 and unreadable_on_rank_1:
+        real = processing.load_image
+
+        def flaky(path):
+            if str(path) == unreadable_on_rank_1:  # as load_image reports a read error
+                raise ValueError(f"Cannot read image file '{path}'") from OSError("stale file handle")
+            return real(path)
+
+        processing.load_image = flaky
+    if rank == 1 and extra_on_rank_1:
+        argv = [extra_on_rank_1, *argv]
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    root.handlers.clear()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = encode.main(argv)
+    root.handlers.clear()
+    if rank == 1 and unreadable_on_rank_1:
+        processing.load_image = real
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_two_ranks_stay_in_lockstep(setup, tmp_path):
+    _, checkpoint, corpus, reference = setup
+    flaky = str(corpus / GOOD[1])
+    output = tmp_path / "ranks.safetensors"
+    argv = [str(corpus), "--model", str(checkpoint), "--output", str(output), "--batch-size", "3"]
+    pool = RankPool(2, tmp_path)
+    try:
+        (code0, out0, err0), (code1, out1, err1) = pool.run(_rank_task, argv, flaky, "", timeout=180)
+        assert code0 == 0 and code1 == 0, (err0, err1)
+        assert f"skipped {flaky}: unreadable on another rank" in out0, out0
+        assert out1 == "" and f"cannot read {flaky}: OSError: stale file handle" in err1, err1
+        assert all(name not in err1 for name in BAD), err1  # files no rank can read are reported by rank 0 only
+        for name in BAD:
+            assert f"skipped {corpus / name}: " in out0
+        tensors, meta = _read(output)
+        good = [str(corpus / name) for name in GOOD if str(corpus / name) != flaky]
+        assert json.loads(meta["paths"]) == good and meta["world_size"] == "2"
+        assert (tensors["pooler_output"] - torch.stack([reference[p] for p in good])).abs().max() <= TOLERANCE
+
+        mismatch = [*argv[:-2], "--output", str(tmp_path / "never.safetensors")]
+        results = pool.run(_rank_task, mismatch, "", str(checkpoint / "config.json"), timeout=180)
+        for code, _, err in results:
+            assert code == 1 and "the ranks list different image files" in err, err
+        assert not (tmp_path / "never.safetensors").exists()
+    finally:
+        pool.close()
