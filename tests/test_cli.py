@@ -26,7 +26,7 @@ from safetensors import safe_open
 from checkpoints import TINY, save_layout, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
 from distributed import RankPool
-from tp_siglip import __version__, cli, embeddings_file, encode, hardware
+from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file, encode, hardware
 
 CONFIG = {**TINY, "image_size": 32, "patch_size": 8}
 TOLERANCE = 2e-3
@@ -172,6 +172,15 @@ def test_encode_warns_about_emulated_bf16(setup, fake_cpu, tmp_path, capsys, cap
     assert [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()], caplog.text
     _, meta = _read(tmp_path / "o.safetensors")
     assert meta["dtype"] == "bfloat16"
+
+
+def test_from_pretrained_warns_about_emulated_bf16(tiny_checkpoint, fake_cpu, caplog):
+    """The library call itself warns (once), not only the command."""
+    fake_cpu(X86_AVX2)
+    with caplog.at_level(logging.WARNING, logger="tp_siglip.hardware"):
+        SiglipVisionTransformer.from_pretrained(tiny_checkpoint[1], dtype="bf16")
+        SiglipVisionTransformer.from_pretrained(tiny_checkpoint[1], dtype="float32")
+    assert len([r for r in caplog.records if "7x slower" in r.getMessage()]) == 1, caplog.text
 
 
 # ----------------------------------------------------------------------------- tp-siglip env, --help, --version

@@ -11,6 +11,8 @@ Choices:
   runs a forward: all ranks raise, the healthy ones naming the rank that failed.
 * **Nothing half-loaded.** The model is built on the meta device (no random init), materialised on the
   target device and filled from the checkpoint; only a model whose every tensor was read is returned.
+* **Half precision on a CPU without native support is warned about** (once per process, naming the
+  cost and the fix: float32), not silently ~7x slower; see ``hardware.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tp_siglip import hub, loader
 from tp_siglip.checks import check_choice
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
+from tp_siglip.hardware import warn_if_emulated_half
 from tp_siglip.model import ATTN_IMPLEMENTATIONS, Siglip2VisionTransformer, SiglipVisionTransformer
 from tp_siglip.parallel import ProcessGroup, agree_on_failure, collective_device, resolve_group
 
@@ -187,6 +190,7 @@ def load_checkpoint(
     model._weights_ready = True
     model.eval()
     _log_loaded(model, checkpoint, plan, device, dtype)
+    warn_if_emulated_half(device, dtype)  # bf16/fp16 on a CPU without them: ~7x slower than fp32, said once
     return model
 
 
