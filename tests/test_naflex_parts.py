@@ -14,14 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import towers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import towers
 from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
 from tp_siglip.checks import check_naflex_inputs
-from tp_siglip.data_parallel import balance_by_cost, max_share, split_by_count
+from tp_siglip.data_parallel import balance_by_cost, split_by_count
 from tp_siglip.embeddings import NaFlexEmbeddings, antialiased_bilinear_weights, idefics3_position_ids
+
+
+def max_share(costs: Sequence[int], assignment: Sequence[Sequence[int]]) -> float:
+    """The largest part's share of the total cost (1/parts is perfect balance; 0.0 if everything is free)."""
+    total = sum(costs)
+    if total == 0:
+        return 0.0
+    return max(sum(costs[i] for i in part) for part in assignment) / total
 
 
 def _naflex_config(**fields) -> SiglipVisionConfig:

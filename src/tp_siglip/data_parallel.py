@@ -86,14 +86,6 @@ def split_by_count(costs: Sequence[int], parts: int) -> list[list[int]]:
     return assignment
 
 
-def max_share(costs: Sequence[int], assignment: Sequence[Sequence[int]]) -> float:
-    """The largest part's share of the total cost (1/parts is perfect balance; 0.0 if everything is free)."""
-    total = sum(costs)
-    if total == 0:
-        return 0.0
-    return max(sum(costs[i] for i in part) for part in assignment) / total
-
-
 class DataParallelEncoder(nn.Module):
     """Runs ``module`` on this rank's share of each batch and gathers every rank's outputs.
 
