@@ -331,9 +331,13 @@ VISION_MODEL_TYPE = {
     "idefics3": "idefics3_vision",
     "smolvlm": "smolvlm_vision",
     "colpali": "siglip_vision_model",
+    "gemma3": "siglip_vision_model",
+    "llava_onevision": "siglip_vision_model",
+    "llava": "siglip_vision_model",
 }
 
-TEXT_ACT = {"idefics3": "silu", "smolvlm": "silu", "colpali": "gelu_pytorch_tanh", "siglip2": "gelu_pytorch_tanh"}
+TEXT_ACT = {"idefics3": "silu", "smolvlm": "silu", "colpali": "gelu_pytorch_tanh", "siglip2": "gelu_pytorch_tanh",
+            "gemma3": None, "llava_onevision": "silu", "llava": "silu"}  # gemma3 text names it hidden_activation
 
 
 @pytest.mark.parametrize("name", sorted(towers.BUILDERS))
@@ -349,7 +353,7 @@ def test_tower_builders_write_the_documented_layout(name: str, tmp_path: Path) -
         assert torch.equal(saved[prefix + key], value), key
         assert value.numel() == 1 or value.float().std() > 0, f"{key} is constant"
     has_head = any(key.startswith(prefix + "head.") for key in saved)
-    assert has_head == name.startswith("siglip2")
+    assert has_head == (name.startswith("siglip2") or name == "llava")
     config = towers.read_config(directory)
     assert towers.vision_config(config, name)["model_type"] == VISION_MODEL_TYPE[name]
     text = config["vlm_config"]["text_config"] if name == "colpali" else config.get("text_config", {})

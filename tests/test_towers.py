@@ -1,5 +1,6 @@
 """Towers beyond plain SigLIP, loaded with the default call: SigLIP2 NaFlex (alone and inside Siglip2Model),
-Idefics3 / SmolVLM (``model.vision_model.``, no head, padded images) and ColPali (config nested two deep).
+Idefics3 / SmolVLM (``model.vision_model.``, no head, padded images), ColPali (config nested two deep) and
+the SigLIP towers of Gemma3, LLaVA-OneVision and LLaVA as transformers 5 saves them (``vision_tower.``).
 
 Parity with transformers' own vision module on the same weights (fp32, <= 1e-4) at world sizes 1-4 in
 tensor mode, and at 2 and 3 ranks in data mode, on batches that mix image sizes and aspect ratios. One
@@ -62,8 +63,9 @@ def suite(tmp_path_factory):
         tower = towers.vision_tower(model)
         if name.startswith("siglip2"):
             inputs, head = _naflex_inputs(), True
-        elif name == "colpali":
-            inputs, head = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))}, False
+        elif name in ("colpali", "gemma3", "llava_onevision", "llava"):
+            inputs = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))}
+            head = name == "llava"
         else:
             inputs, head = _idefics3_inputs(), False
         with torch.no_grad():

@@ -76,6 +76,9 @@ KEY_PREFIX = {
     "idefics3": "model.vision_model.",
     "smolvlm": "model.vision_model.",
     "colpali": "vlm.vision_tower.",
+    "gemma3": "vision_tower.",
+    "llava_onevision": "vision_tower.",
+    "llava": "vision_tower.",
 }
 VISION_CONFIG_PATH: dict[str, tuple[str, ...]] = {
     "siglip2_vision": (),
@@ -83,6 +86,9 @@ VISION_CONFIG_PATH: dict[str, tuple[str, ...]] = {
     "idefics3": ("vision_config",),
     "smolvlm": ("vision_config",),
     "colpali": ("vlm_config", "vision_config"),
+    "gemma3": ("vision_config",),
+    "llava_onevision": ("vision_config",),
+    "llava": ("vision_config",),
 }
 
 
@@ -146,12 +152,53 @@ def colpali(directory: Path, *, seed: int = 0):
     return _finish(ColPaliForRetrieval(ColPaliConfig(vlm_config=vlm, embedding_dim=16)), seed, directory)
 
 
+#: a SigLIP tower inside Gemma3 / LLaVA-OneVision / LLaVA (``vision_tower.`` in transformers 5)
+SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, patch_size=8, image_size=32)
+SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=300)
+
+
+def gemma3(directory: Path, *, seed: int = 0):
+    """``Gemma3ForConditionalGeneration``: SigLIP tower without head (as the Hub's) under ``vision_tower.``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(SMALL_TEXT, model_type="gemma3_text", head_dim=16)
+    config = Gemma3Config(vision_config={**SIGLIP_VISION, "vision_use_head": False}, text_config=text,
+                          mm_tokens_per_image=4, image_token_index=299)
+    return _finish(Gemma3ForConditionalGeneration(config), seed, directory)
+
+
+def llava_onevision(directory: Path, *, seed: int = 0):
+    """``LlavaOnevisionForConditionalGeneration`` (qwen2 text): SigLIP tower without head under ``vision_tower.``."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(vision_config={**SIGLIP_VISION, "vision_use_head": False},
+                                  text_config=dict(SMALL_TEXT, model_type="qwen2"), image_token_index=299)
+    return _finish(LlavaOnevisionForConditionalGeneration(config), seed, directory)
+
+
+def llava(directory: Path, *, seed: int = 0):
+    """``LlavaForConditionalGeneration`` (llama text) with a SigLIP tower that keeps its head."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config=SIGLIP_VISION, text_config=dict(SMALL_TEXT, model_type="llama"),
+                         image_token_index=299)
+    return _finish(LlavaForConditionalGeneration(config), seed, directory)
+
+
 BUILDERS: dict[str, Callable[..., tuple[Any, Path]]] = {
     "siglip2_vision": siglip2_vision,
     "siglip2": siglip2,
     "idefics3": idefics3,
     "smolvlm": smolvlm,
     "colpali": colpali,
+    "gemma3": gemma3,
+    "llava_onevision": llava_onevision,
+    "llava": llava,
 }
 
 
@@ -166,6 +213,8 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
         return model.model.vision_model
     if name == "ColPaliForRetrieval":
         return model.vlm.vision_tower
+    if name in ("Gemma3ForConditionalGeneration", "LlavaOnevisionForConditionalGeneration", "LlavaForConditionalGeneration"):
+        return model.model.vision_tower
     raise TypeError(f"no known vision tower in {name}")
 
 
