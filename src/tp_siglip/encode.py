@@ -14,19 +14,41 @@ without a pooling head; ``last_hidden_state`` (N, patches, hidden) with ``--toke
 ``tp_siglip_version``. Rank 0 prints a line per skipped file, the throughput, a summary and the cosine
 similarities of the first five images.
 
+**SigLIP2 NaFlex towers** (``model.config.variant == "naflex"``) take images of any size and aspect ratio,
+mixed in one batch: each image is resized to the largest grid of at most ``--max-num-patches`` patches that
+keeps its aspect ratio and padded to that many patches (`tp_siglip.processing_naflex`, as transformers'
+``Siglip2ImageProcessor``). ``--max-num-patches`` defaults to the checkpoint's own
+``preprocessor_config.json`` (``max_num_patches``) when it is on disk (a ``--model`` folder, or a Hub repo
+whose file is already in the Hugging Face cache: no network call just for it), else to transformers' 256.
+What changes in the output:
+
+* metadata ``max_num_patches`` (absent for fixed-resolution towers);
+* ``mean_pooled`` (towers without a head) is the mean over each image's *valid* patches only;
+* with ``--tokens``: ``last_hidden_state`` is ``(N, max_num_patches, hidden)`` with image ``i``'s tokens in
+  its first ``h*w`` rows and zeros after them (whatever the tower computed there, so tensor and data mode
+  write the same file), plus ``pixel_attention_mask`` ``(N, max_num_patches)`` (1.0 = a real patch) and
+  ``spatial_shapes`` ``(N, 2)`` (the patch grid ``h, w``, row-major), both float32 holding whole numbers,
+  as every tensor of the file is float32. Token ``r * w + c`` of image ``i`` is the patch at row ``r``,
+  column ``c`` of its grid.
+
 Choices made:
 
 * **Checked before the model loads.** Inputs, ``--device`` (CUDA present?), ``--model`` (a folder with
-  ``config.json``, or a valid repo id), ``--output`` (not a folder, its folder exists and takes a new file)
-  and ``--resume`` (the earlier output's model, dtype and tensors) are checked first: a bad one prints one
-  line and exits with status 2, no traceback. A model that cannot be loaded (offline, unknown repo) prints
+  ``config.json``, or a valid repo id), ``--output`` (not a folder, its folder exists and takes a new file),
+  ``--max-num-patches`` (a positive int; refused for a fixed-resolution tower whose config is on disk) and
+  ``--resume`` (the earlier output's model, dtype, tensors and ``max_num_patches``) are checked first: a bad
+  one prints one line and exits with status 2, no traceback. What needs the model (``--max-num-patches``
+  given for a fixed-resolution tower fetched from the Hub, the dtype ``auto`` resolves to) is checked right
+  after loading, on every rank alike, also with status 2. A model that cannot be loaded (offline, unknown repo) prints
   one line saying what to do and exits with 1.
 * **Rank 0 owns the output.** Only rank 0 checks, reads (``--resume``) and writes ``--output``, so other
   nodes need not see it; what the other ranks must know (which files an earlier output holds) rank 0
   broadcasts once the process group exists.
 * **Lockstep on bad files.** Every rank decodes every file of a batch; the ranks then agree which files
   to keep (`tp_siglip.lockstep`): a file is encoded only if every rank read it and decoded the same pixels,
-  else it is skipped on every rank, so batches stay identical across ranks. Rank 0 prints the reason; a
+  else it is skipped on every rank, so batches stay identical across ranks. For NaFlex the hash covers the
+  patches and the grid, and every rank uses rank 0's ``max_num_patches`` (a rank whose copy of the
+  checkpoint says otherwise logs a warning). Rank 0 prints the reason; a
   rank whose own read failed while another rank's worked logs its reason as a warning. Before the first
   batch the ranks check that they list the same files.
 * **Flat memory, atomic output, resumable.** Rows go to a spool on disk (`embeddings_file`), not to lists in
@@ -60,11 +82,11 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, hardware, processing
+from tp_siglip import __version__, hardware, processing, processing_naflex
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
-from tp_siglip.lockstep import RanksDisagree, agree_on_batch, agree_on_files
+from tp_siglip.lockstep import RanksDisagree, agree_on_batch, agree_on_files, share_from_rank0
 
-__all__ = ["DEFAULT_IMAGES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
+__all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +94,9 @@ DEFAULT_MODEL = "google/siglip-base-patch16-224"
 #: the five bundled example photographs (CC0 / public domain, see SOURCES.md there), shipped in the wheel
 DEFAULT_IMAGES = Path(__file__).resolve().parent / "images"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: transformers' ``Siglip2ImageProcessor`` default, used when the checkpoint does not say
+DEFAULT_MAX_NUM_PATCHES = 256
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 SIMILARITY_ROWS = 5
 
 
@@ -128,12 +153,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute dtype; auto = as stored. On a CPU without native bf16/fp16 half precision is ~7x slower: use float32")
     add("--batch-size", type=_positive_int, default=8, help="images per forward pass")
     add("--parallel", default="tensor", choices=["tensor", "data"], help="split the weights (tensor) or each batch (data) over the ranks")
-    add("--tokens", action="store_true", help="also store last_hidden_state (N, patches, hidden); spooled to disk")
+    add("--tokens", action="store_true",
+        help="also store last_hidden_state (N, patches, hidden); spooled to disk. NaFlex towers: (N, max_num_patches, "
+             "hidden) with padding rows zero, plus pixel_attention_mask (N, max_num_patches) and spatial_shapes (N, 2)")
+    add("--max-num-patches", type=_positive_int, default=None, metavar="N",
+        help="SigLIP2 NaFlex towers only: patches per image; each image gets the largest grid of at most N patches "
+             f"that keeps its aspect ratio (default: max_num_patches of the checkpoint's {PREPROCESSOR_CONFIG} when it "
+             f"is on disk, else {DEFAULT_MAX_NUM_PATCHES})")
     add("--device", default=None,
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
-        help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens)")
+        help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens, and for NaFlex --max-num-patches)")
     add("--save-every", type=_seconds, default=600.0, metavar="SECONDS",
         help="also write --output (marked incomplete) at most this often while encoding; 0: only at the end")
 
@@ -163,6 +194,10 @@ class Plan:
     hidden: int = 0
     device: Optional[str] = None
     earlier: Optional[EarlierOutput] = None
+    #: NaFlex patches per image; None when the checkpoint's preprocessor config is unusable (see patches_from)
+    max_num_patches: Optional[int] = DEFAULT_MAX_NUM_PATCHES
+    #: where max_num_patches came from, or what is wrong with the checkpoint's value
+    patches_from: str = "transformers' default"
 
 
 def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
@@ -181,6 +216,11 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
         raise UsageError(f"no images found in {', '.join(map(str, inputs))}{left_out}")
     plan = Plan(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
     _check_model(args.model)
+    _check_naflex_option(args)
+    if args.max_num_patches is not None:
+        plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
+    else:
+        plan.max_num_patches, plan.patches_from = _checkpoint_max_num_patches(args.model)
     if rank == 0:
         _check_output(args.output)
         if args.resume and args.output.exists():
@@ -188,7 +228,7 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
                 plan.earlier = EarlierOutput.read(args.output)
             except OutputFileError as err:
                 raise UsageError(f"--resume: {err}") from None
-            _check_resume(plan.earlier, args)
+            _check_resume(plan.earlier, args, plan)
     return plan
 
 
@@ -234,6 +274,68 @@ def _check_model(model: str) -> None:
         ) from None
 
 
+def _file_on_disk(model: str, name: str) -> Optional[Path]:
+    """``name`` of ``--model`` if it is on this machine: in the folder, or in the Hugging Face cache (no network)."""
+    path = Path(model)
+    if path.exists():
+        found = path / name
+        return found if path.is_dir() and found.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from tp_siglip.hub import _hub_cache  # the cache from_pretrained looks in (HF_HUB_CACHE read now)
+
+        cached = try_to_load_from_cache(model, name, cache_dir=_hub_cache(None))
+    except Exception:  # an unusual repo id or cache: no default from it, the loader says what is wrong
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _checkpoint_max_num_patches(model: str) -> tuple[Optional[int], str]:
+    """``(max_num_patches, where it came from)`` for ``--model``; ``(None, the problem)`` for a bad config file.
+
+    A problem only matters for a NaFlex tower (checked once loaded): a fixed-resolution checkpoint's
+    preprocessor config is not read for anything else.
+    """
+    found = _file_on_disk(model, PREPROCESSOR_CONFIG)
+    if found is None:
+        return DEFAULT_MAX_NUM_PATCHES, "transformers' default"
+    try:
+        data = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"cannot read {found}: {err}; fix it or pass --max-num-patches"
+    value = data.get("max_num_patches") if isinstance(data, dict) else None
+    if value is None:
+        return DEFAULT_MAX_NUM_PATCHES, "transformers' default"
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return None, f"{found}: max_num_patches must be a positive integer, got {value!r}; fix it or pass --max-num-patches"
+    return value, str(found)
+
+
+def _not_naflex(args: argparse.Namespace) -> UsageError:
+    return UsageError(
+        f"--max-num-patches {args.max_num_patches}: --model {args.model} is a fixed-resolution tower, not a SigLIP2 "
+        "NaFlex one (its images are resized to its image_size); drop --max-num-patches"
+    )
+
+
+def _check_naflex_option(args: argparse.Namespace) -> None:
+    """Refuse ``--max-num-patches`` for a fixed-resolution tower whose config is on disk (else after loading)."""
+    if args.max_num_patches is None:
+        return
+    config = _file_on_disk(args.model, "config.json")
+    if config is None:
+        return
+    from tp_siglip.config import SiglipVisionConfig
+
+    try:
+        variant = SiglipVisionConfig.from_json_file(config).variant
+    except (OSError, ValueError, TypeError):
+        return  # the loader reports a bad config
+    if variant != "naflex":
+        raise _not_naflex(args)
+
+
 def _check_output(output: Path) -> None:
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'embeddings.safetensors'}")
@@ -252,7 +354,7 @@ def _check_output(output: Path) -> None:
         raise UsageError(f"--output {output}: cannot write in {parent} ({err.strerror or err})") from None
 
 
-def _check_resume(earlier: EarlierOutput, args: argparse.Namespace) -> None:
+def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, plan: Plan) -> None:
     meta, where = earlier.metadata, f"--resume: {earlier.path}"
     if meta.get("model") != str(args.model):
         raise UsageError(f"{where} holds embeddings of --model {meta.get('model')}, not {args.model}; use that --model or another --output")
@@ -262,11 +364,22 @@ def _check_resume(earlier: EarlierOutput, args: argparse.Namespace) -> None:
     if has_tokens != args.tokens:
         fix = "add --tokens" if has_tokens else "drop --tokens"
         raise UsageError(f"{where} {'holds' if has_tokens else 'has no'} last_hidden_state; {fix} to resume it, or use another --output")
+    patches = meta.get("max_num_patches")
+    if patches is not None and plan.max_num_patches is not None and patches != str(plan.max_num_patches):
+        raise UsageError(
+            f"{where} was encoded with max_num_patches {patches}, this run uses {plan.max_num_patches} "
+            f"(from {plan.patches_from}); pass --max-num-patches {patches} or use another --output"
+        )
 
 
-def _resume_problem(earlier: EarlierOutput, embedding: str, dtype_name: str, hidden: int) -> Optional[str]:
-    """What stops the loaded model from continuing ``earlier`` (rank 0, after loading), or ``None``."""
+def _resume_problem(
+    earlier: EarlierOutput, embedding: str, dtype_name: str, hidden: int, max_num_patches: Optional[int]
+) -> Optional[str]:
+    """What stops the loaded model (``max_num_patches``: None unless NaFlex) from continuing ``earlier``, or ``None``."""
     where = f"--resume: {earlier.path}"
+    patches = earlier.metadata.get("max_num_patches")
+    if patches != (None if max_num_patches is None else str(max_num_patches)):
+        return f"{where} was encoded with max_num_patches {patches}, this run uses {max_num_patches}: not the same setup"
     if earlier.metadata.get("dtype") != dtype_name:
         return f"{where} was computed in {earlier.metadata.get('dtype')}, this run computes in {dtype_name}; pass --dtype {earlier.metadata.get('dtype')}"
     if earlier.metadata.get("embedding") != embedding or embedding not in earlier.tensors:
@@ -441,15 +554,31 @@ class _Job:
         self.rank, self.world_size, self.say = rank, world_size, say
         self.embedding = "pooler_output" if model.use_head else "mean_pooled"
         self.dtype_name = str(model.dtype).removeprefix("torch.")
+        self.naflex = model.config.variant == "naflex"
+        if not self.naflex and args.max_num_patches is not None:
+            raise _not_naflex(args)
+        self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
+
+    def _share_max_num_patches(self) -> None:
+        """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
+        own = self.plan.max_num_patches
+        shared = share_from_rank0(own or 0, self.world_size)
+        if shared == 0:
+            raise UsageError(self.plan.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
+        if own is not None and own != shared:
+            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.plan.patches_from, shared)
+        self.max_num_patches = shared
 
     def run(self) -> None:
         args, plan, say = self.args, self.plan, self.say
         if self.rank == 0:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
+        if self.naflex:
+            self._share_max_num_patches()
         earlier = plan.earlier if self.rank == 0 else None
         problem = None
         if earlier is not None:
-            problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size)
+            problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size, self.max_num_patches)
         done_paths = set(earlier.paths) if earlier is not None else set()
         done, refused = agree_on_files(
             plan.files, [str(p) in done_paths for p in plan.files], problem is not None, self.rank, self.world_size
@@ -457,11 +586,13 @@ class _Job:
         if refused:
             raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
         remaining = [p for p, d in zip(plan.files, done) if not d]
-        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {self.world_size} rank(s), {args.parallel} parallel")
+        naflex = f", NaFlex max_num_patches {self.max_num_patches} (from {plan.patches_from})" if self.naflex else ""
+        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {self.world_size} rank(s), {args.parallel} parallel{naflex}")
         if args.resume:
             say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
         if not self.model.use_head:
-            say("this tower has no pooling head: storing the mean of last_hidden_state over patches as mean_pooled")
+            patches = "each image's valid patches" if self.naflex else "patches"
+            say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
         output = self._open_output(earlier) if self.rank == 0 else None
         try:
             encoded, seconds = self._encode(remaining, output)
@@ -485,25 +616,28 @@ class _Job:
             "embedding": self.embedding,
             "tp_siglip_version": __version__,
         }
+        if self.naflex:
+            metadata["max_num_patches"] = str(self.max_num_patches)
         if earlier is not None and set(earlier.paths) - {str(p) for p in self.plan.files}:
             logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
         return _Output(self.args, earlier, metadata)
 
     def _encode(self, remaining: list[Path], output: Optional[_Output]) -> tuple[int, float]:
-        args, model, size = self.args, self.model, self.model.config.image_size
+        args = self.args
         encoded, start = 0, time.perf_counter()
         bar = self.say.progress(len(remaining))
         try:
             with torch.inference_mode():
                 for first in range(0, len(remaining), args.batch_size):
                     batch = remaining[first : first + args.batch_size]
-                    pixels, reasons = processing.preprocess_files(batch, size, dtype=model.dtype)
-                    keep, why = agree_on_batch(pixels, reasons, self.world_size)
+                    inputs, reasons, compared = self._prepare(batch)
+                    keep, why = agree_on_batch(compared, reasons, self.world_size)
                     self._report_skips(batch, keep, why, reasons, output)
                     chosen = [i for i, ok in enumerate(keep) if ok]
                     if chosen:
-                        rows = pixels if len(chosen) == len(batch) else pixels[chosen]
-                        self._forward(rows, [batch[i] for i in chosen], output)
+                        if len(chosen) < len(batch):
+                            inputs = {name: tensor[chosen] for name, tensor in inputs.items()}
+                        self._forward(inputs, [batch[i] for i in chosen], output)
                         encoded += len(chosen)
                     bar.update(len(batch))
                     if output is not None:
@@ -513,14 +647,42 @@ class _Job:
             self.say.bar = None
         return encoded, time.perf_counter() - start
 
-    def _forward(self, pixels: torch.Tensor, paths: list[Path], output: Optional[_Output]) -> None:
-        out = self.model(pixels.to(self.model.device))
+    def _prepare(self, batch: list[Path]) -> tuple[dict[str, torch.Tensor], list[Optional[str]], torch.Tensor]:
+        """This rank's model inputs for ``batch`` (one row per file), the reasons, and what the ranks compare."""
+        model = self.model
+        if not self.naflex:
+            pixels, reasons = processing.preprocess_files(batch, model.config.image_size, dtype=model.dtype)
+            return {"pixel_values": pixels}, reasons, pixels
+        inputs, reasons = processing_naflex.preprocess_naflex_files(
+            batch, patch_size=model.config.patch_size, max_num_patches=self.max_num_patches, dtype=model.dtype
+        )
+        # the grid counts too: the same patches laid out on another grid are another image
+        compared = torch.cat(
+            [inputs["pixel_values"].flatten(1).view(torch.uint8), inputs["spatial_shapes"].view(torch.uint8)], dim=1
+        )
+        return inputs, reasons, compared
+
+    def _forward(self, inputs: dict[str, torch.Tensor], paths: list[Path], output: Optional[_Output]) -> None:
+        names = ("pixel_values", "pixel_attention_mask", "spatial_shapes") if self.naflex else ("pixel_values",)
+        out = self.model(*(inputs[name].to(self.model.device) for name in names))
         if output is None:  # every rank has the full outputs; only rank 0 keeps them
             return
-        vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
-        tensors = {self.embedding: vectors.float().cpu()}
+        if not self.naflex:
+            vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
+            tensors = {self.embedding: vectors.float().cpu()}
+            if self.args.tokens:
+                tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
+            output.add(paths, tensors)
+            return
+        mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
+        # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
+        tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
+        vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
+        tensors = {self.embedding: vectors.cpu()}
         if self.args.tokens:
-            tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
+            tensors["last_hidden_state"] = tokens.cpu()
+            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float()
+            tensors["spatial_shapes"] = inputs["spatial_shapes"].float()
         output.add(paths, tensors)
 
     def _report_skips(self, batch: list[Path], keep: list[bool], why: list[str], reasons: list, output: Optional[_Output]) -> None:

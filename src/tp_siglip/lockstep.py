@@ -3,11 +3,13 @@
 Every rank lists and decodes the same files, and every batch must be identical on every rank (tensor
 parallel: each rank computes a slice of the same batch; data parallel: each takes its share of it). A
 file that one rank cannot read, or reads differently, must therefore be dropped by every rank, in the same
-batch. Two collectives on the default process group decide this; both return the same answer on every rank.
+batch. A few collectives on the default process group decide this; each returns the same answer on every rank.
 
 * :func:`agree_on_files`, once before the first batch: the ranks compare a hash of their file lists (a
   mismatch raises :class:`RanksDisagree` on every rank), rank 0 says whether it can resume, and rank 0's
   "already in the output" flags are broadcast (only rank 0 reads the earlier output).
+* :func:`share_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
+  default from its own copy of the checkpoint; different copies must not mean different grids).
 * :func:`agree_on_batch`, once per batch: one all-reduce (MAX) of four int64 rows per file: "failed here",
   "read here", a 62-bit hash of the decoded pixels and its negation. A file is kept only when no rank
   failed and the maximum hash equals the minimum (every rank decoded the same pixels). The cost is one
@@ -28,7 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["RanksDisagree", "agree_on_batch", "agree_on_files"]
+__all__ = ["RanksDisagree", "agree_on_batch", "agree_on_files", "share_from_rank0"]
 
 
 class RanksDisagree(RuntimeError):
@@ -76,11 +78,21 @@ def agree_on_files(
     return [bool(v) for v in mask.tolist()], bool(flags[2].item())
 
 
+def share_from_rank0(value: int, world_size: int) -> int:
+    """Rank 0's ``value`` on every rank (one broadcast of one int64); ``value`` itself without a process group."""
+    if not _distributed(world_size):
+        return value
+    shared = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(shared, src=0)
+    return int(shared.item())
+
+
 def agree_on_batch(pixels: torch.Tensor, reasons: list[Optional[str]], world_size: int) -> tuple[list[bool], list[str]]:
     """Decide, identically on every rank, which files of a batch to encode.
 
     Args:
-        pixels: This rank's decoded batch (rows of unreadable files are ignored).
+        pixels: This rank's decoded batch, one row per file (rows of unreadable files are ignored); any dtype,
+            its bytes are hashed (NaFlex: the patches and the grid, see `tp_siglip.encode`).
         reasons: Per file, ``None`` when this rank read it, else why not.
 
     Returns:

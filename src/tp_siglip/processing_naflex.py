@@ -15,8 +15,8 @@ The steps, with the choices made:
   band is dropped (as transformers' ``load_image`` does), and then goes through the same conversion.
   transformers' SigLIP2 processor has ``do_convert_rgb=None``: it passes RGB through and rejects other
   modes (its channel count stops matching the 3-value mean). For those modes our output equals
-  ``Siglip2ImageProcessor(do_convert_rgb=True)``. This module keeps its own small opener instead of
-  importing a private one from ``tp_siglip.processing``.
+  ``Siglip2ImageProcessor(do_convert_rgb=True)``. :func:`preprocess_naflex` has its own small opener,
+  which raises on a bad file and names it; it opens a file exactly as ``tp_siglip.processing.load_image``.
 * **Target grid.** transformers binary-searches a scale ``s`` in ``[1e-6, 100]``, stopping when the interval
   is narrower than 1e-5. Each side becomes ``max(p, ceil(side * s / p) * p)``, and the search keeps the
   largest ``s`` whose patch count fits. The same search, with the same float arithmetic, is repeated here
@@ -29,6 +29,11 @@ The steps, with the choices made:
 * **Patch order** is row-major over patches. Inside a patch the order is ``(row, col, channel)`` with the
   channel varying fastest, so a ``(h*w, p*p*3)`` array matches transformers' ``convert_image_to_patches``.
   Padding rows are zeros, and their mask entries are 0.
+* **Files of a corpus** (:func:`preprocess_naflex_files`, what ``tp-siglip encode`` uses): a batch of paths
+  is read without stopping at a bad file, with :func:`tp_siglip.processing.load_image` and the reasons of
+  ``tp_siglip.processing`` (shared on purpose, so that fixed-resolution and NaFlex runs skip the same files
+  with the same words). An unreadable file's row stays a valid placeholder (a 1x1 grid of one zero patch),
+  so the batch could still be fed as is; the caller decides to drop it.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image as PILImage
 
-__all__ = ["naflex_target_size", "preprocess_naflex"]
+__all__ = ["naflex_target_size", "preprocess_naflex", "preprocess_naflex_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +173,7 @@ def preprocess_naflex(
         ImportError: Pillow is missing. TypeError / ValueError: bad arguments, an empty list, an unsupported
             or empty image, an unreadable file. FileNotFoundError: a path that does not exist.
     """
-    Image, _ = _require_pil()
+    _require_pil()
     patch = _positive_int("patch_size", patch_size)
     limit = _positive_int("max_num_patches", max_num_patches)
     if isinstance(images, (list, tuple)):
@@ -178,17 +183,81 @@ def preprocess_naflex(
     else:
         items, names = [images], ["image"]
 
-    pixel_values = torch.zeros(len(items), limit, 3 * patch * patch, dtype=torch.float32)
-    mask = torch.zeros(len(items), limit, dtype=torch.int32)
-    shapes = torch.empty(len(items), 2, dtype=torch.int64)
+    batch = _empty_batch(len(items), patch, limit, torch.float32)
     for index, (item, where) in enumerate(zip(items, names)):
-        rgb = _to_rgb(item, where)
-        height, width = naflex_target_size(rgb.height, rgb.width, patch_size=patch, max_num_patches=limit)
-        resized = rgb.resize((width, height), resample=Image.Resampling.BILINEAR)
-        patches = _patchify(_LEVELS[np.asarray(resized, dtype=np.uint8)], patch)
-        count = patches.shape[0]
-        pixel_values[index, :count] = torch.from_numpy(patches)
-        mask[index, :count] = 1
-        shapes[index, 0], shapes[index, 1] = height // patch, width // patch
-    logger.debug("preprocessed %d image(s) into NaFlex grids %s", len(items), shapes.tolist())
-    return {"pixel_values": pixel_values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+        _fill_row(batch, index, _to_rgb(item, where), patch, limit)
+    logger.debug("preprocessed %d image(s) into NaFlex grids %s", len(items), batch["spatial_shapes"].tolist())
+    return batch
+
+
+def _empty_batch(count: int, patch: int, limit: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``count`` rows of zeros, each a valid 1x1 grid (one zero patch, then padding) until filled."""
+    mask = torch.zeros(count, limit, dtype=torch.int32)
+    mask[:, 0] = 1
+    return {
+        "pixel_values": torch.zeros(count, limit, 3 * patch * patch, dtype=dtype),
+        "pixel_attention_mask": mask,
+        "spatial_shapes": torch.ones(count, 2, dtype=torch.int64),
+    }
+
+
+def _fill_row(batch: dict[str, torch.Tensor], index: int, rgb: PILImage.Image, patch: int, limit: int) -> None:
+    """Resize an RGB image to its NaFlex grid and write its patches, mask and grid into row ``index``."""
+    Image, _ = _require_pil()
+    height, width = naflex_target_size(rgb.height, rgb.width, patch_size=patch, max_num_patches=limit)
+    resized = rgb.resize((width, height), resample=Image.Resampling.BILINEAR)
+    patches = _patchify(_LEVELS[np.asarray(resized, dtype=np.uint8)], patch)
+    count = patches.shape[0]
+    batch["pixel_values"][index, :count] = torch.from_numpy(patches)  # cast to the batch's dtype here
+    batch["pixel_attention_mask"][index, :count] = 1
+    batch["spatial_shapes"][index, 0], batch["spatial_shapes"][index, 1] = height // patch, width // patch
+
+
+def preprocess_naflex_files(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    patch_size: int = 16,
+    max_num_patches: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], list[str | None]]:
+    """Preprocess image files like :func:`preprocess_naflex`, recording a reason for each unreadable file.
+
+    The NaFlex counterpart of :func:`tp_siglip.processing.preprocess_files`: files are read with
+    :func:`tp_siglip.processing.load_image`, and a file that cannot be read gets the same short reason.
+
+    Args:
+        paths: Image files.
+        patch_size: Patch side in pixels (the tower's ``patch_size``).
+        max_num_patches: Patches per image after padding (``N``).
+        dtype: Floating-point dtype of ``pixel_values`` (the mask stays int32, the grids int64).
+
+    Returns:
+        ``(inputs, reasons)``: ``inputs`` as :func:`preprocess_naflex` returns it, one row per path.
+        ``reasons[i]`` is ``None`` when file ``i`` was read, else why not (without the path). The row of an
+        unreadable file is a placeholder that is still a valid input: a 1x1 grid whose one patch is zeros.
+
+    Raises:
+        ImportError: Pillow is missing. TypeError / ValueError: bad ``patch_size``, ``max_num_patches``
+            or ``dtype``. MemoryError: decoding ran out of memory (not a property of the file).
+    """
+    from tp_siglip import processing
+
+    _require_pil()
+    patch = _positive_int("patch_size", patch_size)
+    limit = _positive_int("max_num_patches", max_num_patches)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    batch = _empty_batch(len(paths), patch, limit, dtype)
+    reasons: list[str | None] = []
+    for index, raw in enumerate(paths):
+        path = Path(raw)
+        try:
+            if path.is_file() and path.stat().st_size == 0:
+                raise ValueError("empty file (0 bytes)")
+            rgb = _to_rgb(processing.load_image(path), str(path))
+        except (OSError, ValueError, SyntaxError) as exc:  # not MemoryError: that says nothing about the file
+            reasons.append(processing._failure_reason(exc, path))
+            continue
+        _fill_row(batch, index, rgb, patch, limit)
+        reasons.append(None)
+    return batch, reasons
