@@ -62,7 +62,8 @@ def vision_model(config: dict[str, Any], seed: int = 0):
     model = SiglipVisionModel(SiglipVisionConfig(**config)).eval()
     perturb(model, seed + 1)
     model.config._attn_implementation = "eager"
-    model.set_attn_implementation("eager")
+    if hasattr(model, "set_attn_implementation"):  # transformers < 4.56 reads the config's choice at forward time
+        model.set_attn_implementation("eager")
     return model
 
 
@@ -112,7 +113,8 @@ def save_layout(reference, layout: str, directory: Path) -> Path:
             projection_dim=32,
         )
         pali = PaliGemmaForConditionalGeneration(cfg)
-        _load_tower(pali.model.vision_tower, {k: v for k, v in state.items() if not k.startswith("head.")})
+        inner = getattr(pali, "model", pali)  # transformers < 4.52 has no .model level
+        _load_tower(inner.vision_tower, {k: v for k, v in state.items() if not k.startswith("head.")})
         pali.save_pretrained(directory)  # vision_tower.* (transformers 5) or vision_tower.vision_model.* (4.x)
         # the Hub's PaliGemma repos: vision_tower.vision_model.*; transformers 5's layout: vision_tower.*
         tower = "vision_tower.vision_model." if layout == "paligemma_hub" else "vision_tower."

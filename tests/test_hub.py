@@ -10,9 +10,11 @@ Test repos (random tiny SigLIP tower, same weights everywhere, transformers' out
   between language-model tensors; shard 4 holds only language-model tensors;
 * ``PICKLE`` (only ``pytorch_model.bin``), ``NO_TOWER`` (text tensors only), ``GATED`` (``VISION`` behind a gate).
 
-The figures asserted: weight bytes served <= 1.10 x the tower's own bytes (single file and sharded), at
-world sizes 1 and 2 (two ranks fetching at once still fetch once), 0 on a second load, 0 when the Hugging
-Face cache already holds the files; offline loads from the cache with the server stopped.
+The figures asserted: weight bytes served <= 1.02 x the tower's own bytes (single file and sharded), at
+world sizes 1 and 2 (two ranks fetching at once still fetch once), with two dropped connections, and per
+node with two torchrun nodes on this host; 0 on a second load, 0 when the Hugging Face cache already holds
+the files; offline loads from the cache with the server stopped. Everything goes through the installed
+huggingface_hub (0.3x with transformers 4.x, 2.x with transformers 5; .ci/run tests both) over HTTP.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -279,12 +284,77 @@ def test_parity_with_transformers_by_repo_id(spawned: SimpleNamespace, repos: Si
 
 @pytest.mark.parametrize("repo_id", PARITY_REPOS)
 def test_only_the_tower_bytes_are_fetched_once(spawned: SimpleNamespace, repos: SimpleNamespace, repo_id: str) -> None:
-    """Weight bytes served <= 1.10x the tower's own bytes, even with two ranks loading at the same time."""
+    """Weight bytes served <= 1.02x the tower's own bytes, even with two ranks loading at the same time."""
     tower = repos.towers[repo_id]
     served = spawned.served[repo_id]
     assert tower <= served <= BYTES_FACTOR * tower, (repo_id, served, tower)
     snapshot = next((own_repo_dir(spawned.cache, repo_id) / "snapshots").iterdir())
     assert_same_tower(snapshot, repos.folders[repo_id], PREFIXES[repo_id])
+
+
+# ----------------------------------------------------------------------------- two nodes on one host
+
+NODE_RANK_PROGRAM = Path(__file__).with_name("hub_node_rank.py")
+NODE_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_each_fetch_the_tower_once(
+    env: SimpleNamespace, repos: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun --nnodes 2 on one host, 2 ranks per node, each node with its own HF_HUB_CACHE (and token, to
+    tell them apart at the server): each node fetches the tower exactly once, ranks take LOCAL_RANK's device
+    (the CPU here), and the outputs equal a one-node load and transformers."""
+    port, out = _free_port(), tmp_path / "out"
+    out.mkdir()
+    procs = []
+    for node in range(2):
+        node_env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / f"node{node}-cache"), HF_TOKEN=f"hf_node{node}",
+                        OMP_NUM_THREADS="1", TP_SIGLIP_PG_TIMEOUT_S="60", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                   "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   str(NODE_RANK_PROGRAM), VLM_SHARDED, str(repos.root / "inputs.safetensors"), str(out)]
+        procs.append(subprocess.Popen(command, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [proc.communicate(timeout=NODE_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    single = env.server.weight_bytes(VLM_SHARDED) // 2  # what one node fetched, if both fetched the same
+    per_node = [env.server.weight_bytes_by_token[f"hf_node{node}"] for node in range(2)]
+    assert per_node == [single, single] and repos.towers[VLM_SHARDED] <= single <= BYTES_FACTOR * repos.towers[VLM_SHARDED]
+    for node in range(2):
+        snapshots = own_repo_dir(tmp_path / f"node{node}-cache", VLM_SHARDED) / "snapshots"
+        (snapshot,) = snapshots.iterdir()
+        assert json.loads((snapshot / "tp_siglip_tower.json").read_text())["fetched_bytes"] == single
+    facts = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
+    assert [(f["group_node"], f["local_rank"]) for f in facts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {f["resolved_device"] for f in facts} == {f["param_device"] for f in facts} == {"cpu"}
+
+    one_node = run_model(VLM_SHARDED, repos.pixels)["last_hidden_state"]
+    for rank in range(4):
+        got = load_file(str(out / f"rank{rank}.safetensors"))["last_hidden_state"]
+        torch.testing.assert_close(got, one_node, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, repos.reference["last_hidden_state"], atol=1e-4, rtol=0)
+
+
+def test_ranks_pick_the_gpu_of_their_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What from_pretrained does with device=None: CPU without CUDA; with CUDA, cuda:LOCAL_RANK."""
+    from tp_siglip.loader import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # no CUDA here to ask
+    assert resolve_device(None) == torch.device("cuda", 1)
 
 
 # ----------------------------------------------------------------------------- cache behaviour
@@ -541,7 +611,8 @@ def test_interrupted_transfer_leaves_nothing_behind(
         hub.resolve_checkpoint(VLM_SHARDED)
     if how == "dropped-connections":
         assert repr(VLM_SHARDED) in str(info.value) and "'main'" in str(info.value)
-        assert len(waits) >= 3 and repeated_reads(env.server) == len(waits)  # huggingface_hub retried, then gave up
+        # retried (by huggingface_hub and/or tp-siglip: every wait was followed by the same request), then gave up
+        assert len(waits) >= tower_cache.RETRIES and repeated_reads(env.server) == len(waits)
     own = own_repo_dir(env.cache, VLM_SHARDED)
     assert list((own / "snapshots").iterdir()) == []
     assert not (own / "refs").exists()

@@ -40,7 +40,8 @@ def _swap(rank, world_size, root, ckpt, hub):
     from tp_siglip import SiglipVisionTransformer
 
     model = PaliGemmaForConditionalGeneration.from_pretrained(hub, attn_implementation="eager").eval()
-    model.model.vision_tower = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size)
+    inner = getattr(model, "model", model)  # transformers < 4.52 has no .model level
+    inner.vision_tower = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size)
     prompt = load_file(os.path.join(root, "prompt.safetensors"))
     with torch.no_grad():
         logits = model(input_ids=prompt["ids"], pixel_values=prompt["pixels"]).logits
