@@ -2,7 +2,8 @@
 
 Every layout stores the same vision tower (same seed -> same weights), so one transformers reference
 serves them all, with transformers 4.x (which nests a SiglipVisionModel's tensors under ``vision_model.``)
-as with 5.x: each layout comes out with the key names the README documents for it, whichever is installed. Weights are perturbed after init so that no tensor is a constant (layer norms are not
+as with 5.x: each layout comes out with the key names the README documents for it, whichever is installed.
+Weights are perturbed after init so that no tensor is a constant (layer norms are not
 all ones, biases not all zeros): a loader that mixes up two tensors cannot pass by luck.
 """
 

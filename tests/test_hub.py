@@ -330,6 +330,8 @@ def test_two_nodes_each_fetch_the_tower_once(
     single = env.server.weight_bytes(VLM_SHARDED) // 2  # what one node fetched, if both fetched the same
     per_node = [env.server.weight_bytes_by_token[f"hf_node{node}"] for node in range(2)]
     assert per_node == [single, single] and repos.towers[VLM_SHARDED] <= single <= BYTES_FACTOR * repos.towers[VLM_SHARDED]
+    tower = repos.towers[VLM_SHARDED]
+    FIGURES[f"{VLM_SHARDED} per node (2 nodes x 2 ranks)"] = {"served_weight_bytes": single, "tower_bytes": tower}
     for node in range(2):
         snapshots = own_repo_dir(tmp_path / f"node{node}-cache", VLM_SHARDED) / "snapshots"
         (snapshot,) = snapshots.iterdir()
@@ -624,7 +626,10 @@ def test_interrupted_transfer_leaves_nothing_behind(
     assert_same_tower(path, repos.folders[VLM_SHARDED], PREFIXES[VLM_SHARDED])
 
 
-@pytest.mark.parametrize("fault", [Fault("drop", remaining=2, data_only=True), Fault("short")], ids=["dropped-twice", "short-ranges"])
+FAULTS = [Fault("drop", remaining=2, data_only=True), Fault("short")]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=["dropped-twice", "short-ranges"])
 def test_transfer_resumes_after_drops_and_short_ranges(
     env: SimpleNamespace, repos: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, fault: Fault
 ) -> None:

@@ -103,7 +103,7 @@ class Remote:
             if not data or len(data) > end - pos:
                 raise TransferError(f"{self.where}: {name}: asked for bytes {pos}-{end - 1}, got {len(data)} bytes")
             yield pos, data
-            pos += len(data)
+            pos, failures = pos + len(data), 0
 
     def read_bytes(self, name: str, start: int, end: int) -> bytes:
         return b"".join(data for _, data in self.read(name, start, end, max(end - start, 1)))
