@@ -170,17 +170,7 @@ def fetch_tower(remote: Remote, snapshots: Path, files: RepoFiles, prefix: Optio
     rank = {name: i for i, name in enumerate(headers)}
     order = sorted((i for infos in headers.values() for k, i in infos.items() if k.startswith(chosen)),
                    key=lambda info: (rank[info.file], info.start))
-    entries, runs, tower_bytes = {}, [], 0
-    max_gap = min(MAX_GAP_BYTES, sum(i.nbytes for i in order) // 64)
-    for info in order:  # each run: [file, start, end, [(src start, src end, dst offset), ...]]
-        entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
-                              "data_offsets": [tower_bytes, tower_bytes + info.nbytes]}
-        if info.nbytes and not (runs and runs[-1][0] == info.file and 0 <= info.start - runs[-1][2] <= max_gap):
-            runs.append([info.file, info.start, info.end, []])
-        if info.nbytes:
-            runs[-1][2] = info.end
-            runs[-1][3].append((info.start, info.end, tower_bytes))
-        tower_bytes += info.nbytes
+    entries, runs, tower_bytes = _plan(order)
     metadata = {"format": "pt", "source": f"{meta['endpoint']}/{remote.repo_id}", "commit": remote.sha,
                 "prefix": chosen}
     raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
@@ -221,6 +211,26 @@ def fetch_tower(remote: Remote, snapshots: Path, files: RepoFiles, prefix: Optio
                 remote.weight_bytes / 1e6, len(order), tower_bytes / 1e6, chosen, remote.requests, repo_bytes / 1e6,
                 100.0 * remote.weight_bytes / max(repo_bytes, 1), final)
     return final
+
+
+def _plan(order: list[TensorInfo]) -> tuple[dict[str, Any], list[list[Any]], int]:
+    """Header entries of the new file (the tensors packed in ``order``), the runs to read, the tower's bytes.
+
+    A run is ``[file, start, end, pieces]``: one byte range of a source file holding the tensors ``pieces``
+    (``(source start, source end, offset in the new data section)``), with gaps up to ``max_gap`` between them.
+    """
+    entries, runs, offset = {}, [], 0
+    max_gap = min(MAX_GAP_BYTES, sum(i.nbytes for i in order) // 64)
+    for info in order:
+        span = [offset, offset + info.nbytes]
+        entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": span}
+        if info.nbytes and not (runs and runs[-1][0] == info.file and 0 <= info.start - runs[-1][2] <= max_gap):
+            runs.append([info.file, info.start, info.end, []])
+        if info.nbytes:
+            runs[-1][2] = info.end
+            runs[-1][3].append((info.start, info.end, offset))
+        offset += info.nbytes
+    return entries, runs, offset
 
 
 def _place(fh: Any, data_start: int, pieces: list[tuple[int, int, int]], pos: int, data: bytes) -> None:
