@@ -1,7 +1,9 @@
 """Random-weight checkpoints made with transformers, in the layouts real Hub repos use.
 
 Every layout stores the same vision tower (same seed -> same weights), so one transformers reference
-serves them all. Weights are perturbed after init so that no tensor is a constant (layer norms are not
+serves them all, with transformers 4.x (which nests a SiglipVisionModel's tensors under ``vision_model.``)
+as with 5.x: each layout comes out with the key names the README documents for it, whichever is installed.
+Weights are perturbed after init so that no tensor is a constant (layer norms are not
 all ones, biases not all zeros): a loader that mixes up two tensors cannot pass by luck.
 """
 
@@ -61,8 +63,20 @@ def vision_model(config: dict[str, Any], seed: int = 0):
     model = SiglipVisionModel(SiglipVisionConfig(**config)).eval()
     perturb(model, seed + 1)
     model.config._attn_implementation = "eager"
-    model.set_attn_implementation("eager")
+    if hasattr(model, "set_attn_implementation"):  # transformers < 4.56 reads the config's choice at forward time
+        model.set_attn_implementation("eager")
     return model
+
+
+def tower_state(model) -> dict[str, torch.Tensor]:
+    """A SiglipVisionModel's tensors without prefix (transformers 4.x names them ``vision_model.*``, 5.x does not)."""
+    return {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
+
+
+def _load_tower(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load unprefixed tower tensors into a SiglipVisionModel of the installed transformers."""
+    nested = next(iter(module.state_dict())).startswith("vision_model.")
+    module.load_state_dict({("vision_model." if nested else "") + k: v for k, v in state.items()})
 
 
 def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
@@ -77,9 +91,12 @@ def save_layout(reference, layout: str, directory: Path) -> Path:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipConfig, SiglipModel
 
     vision_cfg = reference.config.to_dict()
-    state = reference.state_dict()
+    state = tower_state(reference)
     if layout == "v5_vision":  # SiglipVisionModel.save_pretrained in transformers 5: no prefix
-        reference.save_pretrained(directory)
+        if state.keys() == reference.state_dict().keys():
+            reference.save_pretrained(directory)
+        else:  # transformers 4.x would write vision_model.*
+            _write(directory, state, vision_cfg)
     elif layout == "v4_vision":  # SiglipVisionModel saved by transformers 4.x: vision_model.*
         _write(directory, {f"vision_model.{k}": v for k, v in state.items()}, vision_cfg)
     elif layout == "sharded":  # several shards + model.safetensors.index.json
@@ -97,17 +114,19 @@ def save_layout(reference, layout: str, directory: Path) -> Path:
             projection_dim=32,
         )
         pali = PaliGemmaForConditionalGeneration(cfg)
-        tower = {k: v for k, v in state.items() if not k.startswith("head.")}
-        pali.model.vision_tower.load_state_dict(tower)
-        pali.save_pretrained(directory)  # transformers 5 names the tower vision_tower.*
-        if layout == "paligemma_hub":  # the Hub's PaliGemma repos: vision_tower.vision_model.*
-            from safetensors.torch import load_file
+        inner = getattr(pali, "model", pali)  # transformers < 4.52 has no .model level
+        _load_tower(inner.vision_tower, {k: v for k, v in state.items() if not k.startswith("head.")})
+        pali.save_pretrained(directory)  # vision_tower.* (transformers 5) or vision_tower.vision_model.* (4.x)
+        # the Hub's PaliGemma repos: vision_tower.vision_model.*; transformers 5's layout: vision_tower.*
+        tower = "vision_tower.vision_model." if layout == "paligemma_hub" else "vision_tower."
+        from safetensors.torch import load_file
 
-            tensors = load_file(str(directory / "model.safetensors"))
-            renamed = {
-                (f"vision_tower.vision_model.{k[len('vision_tower.'):]}" if k.startswith("vision_tower.") else k): v
-                for k, v in tensors.items()
-            }
+        tensors = load_file(str(directory / "model.safetensors"))
+        renamed = {
+            (tower + k.removeprefix("vision_tower.").removeprefix("vision_model.") if k.startswith("vision_tower.") else k): v
+            for k, v in tensors.items()
+        }
+        if renamed.keys() != tensors.keys():
             save_file(renamed, str(directory / "model.safetensors"))
     else:
         raise ValueError(f"unknown layout {layout!r}")

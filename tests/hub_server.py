@@ -1,6 +1,7 @@
 """A small Hugging Face Hub look-alike for the tests: serves model repos from local folders over HTTP.
 
-Only what huggingface_hub (2.x) and tp-siglip ask for:
+Only what huggingface_hub (0.3x as transformers 4.x pins it, and 2.x: both ask for the same routes) and
+tp-siglip ask for (``paths-info`` is never asked: ``model_info(files_metadata=True)`` gives the sizes):
 
 * ``GET /api/models/{repo}`` and ``GET /api/models/{repo}/revision/{rev}``: JSON with ``id``, ``sha`` and
   ``siblings`` (``rfilename``, ``size``, ``blobId``, ``lfs`` for weight files);
@@ -15,9 +16,10 @@ RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound`` on 404s, ``GatedRepo``
 403 (token not granted) of a gated repo's files. Any other ``/api/`` path is a plain 404.
 
 Every body byte written is counted per (repo, file), weight files (``*.safetensors``, pickles) apart from
-the rest, and every request is logged, so tests can assert what a load cost. ``fault`` injects transfer
-failures into ranged reads of weight files: ``"drop"`` sends the headers and part of the body, then closes
-the connection; ``"short"`` answers a shorter (but well-formed) range than asked.
+the rest, weight bytes also per bearer token (to tell clients apart), and every request is logged, so
+tests can assert what a load cost. ``fault`` injects transfer failures into ranged reads of weight files
+(optionally only of tensor data, not of headers): ``"drop"`` sends the headers and part of the body, then
+closes the connection; ``"short"`` answers a shorter (but well-formed) range than asked.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Fault:
     remaining: Optional[int] = None
     min_length: int = 1024  # only ranged reads at least this long (spares the 8-byte header probes)
     fraction: float = 0.5  # share of the asked bytes sent before dropping / answered with "short"
+    data_only: bool = False  # only ranged reads of tensor data, not of a safetensors file's header
 
 
 def _is_weight(name: str) -> bool:
@@ -116,6 +119,7 @@ class HubServer:
     def reset_counts(self) -> None:
         with self._lock:
             self.served: Counter[tuple[str, str]] = Counter()  # (repo, file) -> body bytes written
+            self.weight_bytes_by_token: Counter[str] = Counter()  # bearer token ("" for none) -> weight bytes
             self.requests: list[tuple[str, str, Optional[str]]] = []  # (method, path, Range header)
 
     def weight_bytes(self, repo_id: Optional[str] = None) -> int:
@@ -128,14 +132,18 @@ class HubServer:
         with self._lock:
             return sum(n for (repo, name), n in self.served.items() if not _is_weight(name) and repo_id in (None, repo))
 
-    def _count(self, repo_id: str, name: str, n: int) -> None:
+    def _count(self, repo_id: str, name: str, n: int, token: str = "") -> None:
         with self._lock:
             self.served[(repo_id, name)] += n
+            if _is_weight(name):
+                self.weight_bytes_by_token[token] += n
 
-    def _take_fault(self, length: int) -> Optional[Fault]:
+    def _take_fault(self, first: int, length: int, data: bytes) -> Optional[Fault]:
         with self._lock:
             fault = self.fault
             if fault is None or length < fault.min_length or fault.remaining == 0:
+                return None
+            if fault.data_only and first < 8 + int.from_bytes(data[:8], "little"):
                 return None
             if fault.remaining is not None:
                 fault.remaining -= 1
@@ -191,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # headers and body leave in separate writes: without this, Nagle + delayed ACKs add ~40 ms per request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.hub._lock:
             self.hub._connections.add(self.connection)
 
@@ -221,6 +231,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._resolve("/".join(parts[:k]), parts[k + 1] if len(parts) > k + 1 else "", "/".join(parts[k + 2 :]), head)
         else:
             self._json(404, {"error": "Not Found"}, head)
+
+    def _token(self) -> Optional[str]:
+        auth = self.headers.get("Authorization", "")
+        return auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
 
     def _repo_and_sha(self, repo_id: str, revision: str, head: bool) -> Optional[tuple[Repo, str]]:
         repo = self.hub.repos.get(repo_id)
@@ -294,8 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         repo, sha = found
         if repo.gated:
-            auth = self.headers.get("Authorization", "")
-            token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
+            token = self._token()
             if token is None:
                 message = (
                     f"Access to model {repo_id} is restricted. You must have access to it and be authenticated "
@@ -335,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             first, last = parsed
             status = 206
-        fault = self.hub._take_fault(last - first + 1) if (status == 206 and f.lfs) else None
+        fault = self.hub._take_fault(first, last - first + 1, f.data) if (status == 206 and f.lfs) else None
         if fault is not None and fault.mode == "short":
             last = first + int((last - first) * fault.fraction)
         if status == 206:
@@ -367,7 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._start(status, headers, len(body))
         if not head and body:
             self.wfile.write(body)
-            self.hub._count(repo_id, name, len(body))
+            self.hub._count(repo_id, name, len(body), self._token() or "")
 
     def _send_dropping(
         self, status: int, body: bytes, headers: dict[str, str], repo_id: str, name: str, fraction: float
@@ -377,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         half = body[: int(len(body) * fraction)]
         self.wfile.write(half)
         self.wfile.flush()
-        self.hub._count(repo_id, name, len(half))
+        self.hub._count(repo_id, name, len(half), self._token() or "")
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)

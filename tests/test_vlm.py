@@ -21,7 +21,10 @@ def pali(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
     ckpt = save_layout(vision_model(TINY, seed=21), "paligemma_v5", root / "pali")
     hub = save_layout(vision_model(TINY, seed=21), "paligemma_hub", root / "pali_hub")
-    model = PaliGemmaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
+    # transformers loads the Hub's layout (4.x and 5.x alike); our tower reads transformers 5's layout (ckpt)
+    model, info = PaliGemmaForConditionalGeneration.from_pretrained(hub, attn_implementation="eager", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model.eval()
     tokens = (TINY["image_size"] // TINY["patch_size"]) ** 2
     ids = torch.tensor([[model.config.image_token_index] * tokens + [2, 5, 7, 9]] * 2)
     pixels = torch.randn(2, 3, TINY["image_size"], TINY["image_size"], generator=torch.Generator().manual_seed(2))
@@ -31,13 +34,14 @@ def pali(tmp_path_factory):
     return root, ckpt, hub, logits
 
 
-def _swap(rank, world_size, root, ckpt):
+def _swap(rank, world_size, root, ckpt, hub):
     from transformers import PaliGemmaForConditionalGeneration
 
     from tp_siglip import SiglipVisionTransformer
 
-    model = PaliGemmaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
-    model.model.vision_tower = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(hub, attn_implementation="eager").eval()
+    inner = getattr(model, "model", model)  # transformers < 4.52 has no .model level
+    inner.vision_tower = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size)
     prompt = load_file(os.path.join(root, "prompt.safetensors"))
     with torch.no_grad():
         logits = model(input_ids=prompt["ids"], pixel_values=prompt["pixels"]).logits
@@ -46,8 +50,8 @@ def _swap(rank, world_size, root, ckpt):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_paligemma_with_our_tower_gives_the_same_logits(pali, world_size):
-    root, ckpt, _, logits = pali
-    run_ranks(world_size, root, _swap, str(root), str(ckpt))
+    root, ckpt, hub, logits = pali
+    run_ranks(world_size, root, _swap, str(root), str(ckpt), str(hub))
     for rank in range(world_size):
         ours = load_file(str(root / f"swap-{world_size}-{rank}.safetensors"))["logits"]
         torch.testing.assert_close(ours, logits, atol=1e-4, rtol=0)
