@@ -283,9 +283,9 @@ def _file_on_disk(model: str, name: str) -> Optional[Path]:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        from tp_siglip.hub import _hub_cache  # the cache from_pretrained looks in (HF_HUB_CACHE read now)
+        from tp_siglip.hub import hub_cache_dir  # the cache from_pretrained looks in (HF_HUB_CACHE read now)
 
-        cached = try_to_load_from_cache(model, name, cache_dir=_hub_cache(None))
+        cached = try_to_load_from_cache(model, name, cache_dir=hub_cache_dir())
     except Exception:  # an unusual repo id or cache: no default from it, the loader says what is wrong
         return None
     return Path(cached) if isinstance(cached, str) else None

@@ -74,6 +74,18 @@ def resolve_checkpoint(
     return _resolve(_Hub.create(repo_or_dir, revision or "main", cache_dir, token, local_files_only), prefix, download)
 
 
+def hub_cache_dir(cache_dir: Optional[PathArg] = None) -> Path:
+    """The Hugging Face hub cache: ``cache_dir``, else ``HF_HUB_CACHE`` (or the legacy name), else
+    ``HF_HOME/hub``, else huggingface_hub's default; environment variables are read now, not at import."""
+    from huggingface_hub import constants
+
+    env = os.environ
+    home = os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None
+    cache = cache_dir or env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or home
+    cache = cache or constants.HF_HUB_CACHE
+    return Path(os.path.expandvars(os.path.expanduser(os.fspath(cache)))).resolve()
+
+
 @dataclass(frozen=True)
 class _Hub:
     """Where and how to reach one repo, as read at call time: the settings every step shares."""
@@ -93,10 +105,7 @@ class _Hub:
         from huggingface_hub import constants
 
         env = os.environ
-        home = os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None
-        cache = cache_dir or env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or home
-        cache = cache or constants.HF_HUB_CACHE
-        cache = Path(os.path.expandvars(os.path.expanduser(os.fspath(cache)))).resolve()
+        cache = hub_cache_dir(cache_dir)
         flags = [(n, env_flag(n)) for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if env_flag(n) is not None]
         offline = "local_files_only=True" if local_only else None
         if offline is None and (flags[0][1] if flags else constants.HF_HUB_OFFLINE):  # the first one set decides

@@ -510,7 +510,7 @@ def preprocess_files(
                 raise ValueError("empty file (0 bytes)")
             rgb = _pil_to_rgb(load_image(path))
         except (OSError, ValueError, SyntaxError) as exc:  # not MemoryError: that says nothing about the file
-            reasons.append(_failure_reason(exc, path))
+            reasons.append(failure_reason(exc, path))
             continue
         resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
         values = _LOOKUP[np.asarray(resized, dtype=np.uint8)]
@@ -519,7 +519,7 @@ def preprocess_files(
     return pixel_values, reasons
 
 
-def _failure_reason(exc: BaseException, path: Path) -> str:
+def failure_reason(exc: BaseException, path: Path) -> str:
     """A one-line reason for an unreadable file, without its path (the caller prints the path)."""
     from PIL import UnidentifiedImageError
 

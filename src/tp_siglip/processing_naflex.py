@@ -256,7 +256,7 @@ def preprocess_naflex_files(
                 raise ValueError("empty file (0 bytes)")
             rgb = _to_rgb(processing.load_image(path), str(path))
         except (OSError, ValueError, SyntaxError) as exc:  # not MemoryError: that says nothing about the file
-            reasons.append(processing._failure_reason(exc, path))
+            reasons.append(processing.failure_reason(exc, path))
             continue
         _fill_row(batch, index, rgb, patch, limit)
         reasons.append(None)
