@@ -213,3 +213,20 @@ def test_code_in_a_repo_is_never_executed(copy, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     model = SiglipVisionTransformer.from_pretrained(copy)
     assert model.head is not None and not marker.exists()
+
+
+@pytest.mark.parametrize("prefix", ["vision_tower.vision_model.", "model.vision_tower.vision_model.", "model.vision_model."])
+def test_vlm_prefixes_and_head_decided_by_the_checkpoint(tiny, tmp_path, prefix):
+    """A LLaVA-style repo: the tower under a VLM prefix next to language-model tensors, the vision config
+    nested without vision_use_head and no head tensors -> loaded headless, equal to transformers."""
+    reference, ckpt, _ = tiny
+    tensors = {prefix + k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if not k.startswith("head.")}
+    tensors["model.language_model.embed_tokens.weight"] = torch.zeros(4, 8)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    vision = {k: v for k, v in json.loads((ckpt / "config.json").read_text()).items() if k != "vision_use_head"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "vision_config": vision}))
+    model = SiglipVisionTransformer.from_pretrained(tmp_path)
+    assert model.head is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(_pixels()).last_hidden_state, reference(_pixels()).last_hidden_state,
+                                   atol=1e-4, rtol=0)
