@@ -56,14 +56,14 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable (also in spawned ranks)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import fused_qkv, memory, scaling, throughput  # noqa: E402
-from benchmarks.checkpoints import Checkpoints  # noqa: E402
-from benchmarks.common import START, log  # noqa: E402
-from benchmarks.machine import header, load_average, machine_info  # noqa: E402
-from benchmarks.options import SECTIONS, Options, estimate_seconds, parse_options  # noqa: E402
-from benchmarks.table import Row, markdown  # noqa: E402
+from benchmarks import fused_qkv, memory, scaling, throughput
+from benchmarks.checkpoints import Checkpoints
+from benchmarks.common import START, log
+from benchmarks.machine import header, load_average, machine_info
+from benchmarks.options import SECTIONS, Options, estimate_seconds, parse_options
+from benchmarks.table import Row, markdown
 
 NOTES = {
     "throughput": throughput.NOTES,
@@ -94,7 +94,7 @@ def run_sections(opts: Options, tmpdir: Optional[Path]) -> tuple[list[Row], list
         for section in (s for s in SECTIONS if s in opts.sections):
             try:
                 run_section(section, opts, checkpoints, root, rows)
-            except Exception:  # noqa: BLE001 - report, go on with the next section
+            except Exception:  # report, go on with the next section
                 failures.append(f"{section}: {traceback.format_exc()}")
                 log(f"{section} FAILED:\n{failures[-1]}")
                 rows.append(Row(section, "", "", "", "FAILED (see stderr)", "", "", ""))

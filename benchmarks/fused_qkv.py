@@ -38,11 +38,11 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.checkpoints import Checkpoints, load_ours  # noqa: E402
-from benchmarks.common import DTYPES, Geometry, log, max_abs_diff, median, scale_of  # noqa: E402
-from benchmarks.options import Options  # noqa: E402
-from benchmarks.ranks import RankGroup, barrier, forward_rounds  # noqa: E402
-from benchmarks.table import Row, gflops_text  # noqa: E402
+from benchmarks.checkpoints import Checkpoints, load_ours
+from benchmarks.common import DTYPES, Geometry, log, max_abs_diff, median, scale_of
+from benchmarks.options import Options
+from benchmarks.ranks import RankGroup, barrier, forward_rounds
+from benchmarks.table import Row, gflops_text
 
 NOTES = ["fused: the same loaded model with each encoder attention's q/k/v as one fused GEMM (today) or as three "
          "GEMMs on cloned, separately allocated q/k/v weights (the code before the fusion); interleaved "

@@ -15,6 +15,7 @@ barriers and is timed on each rank, so rank 0's times are the group's wall time.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -53,7 +54,7 @@ def _rank_main(rank: int, world: int, threads: int, store: str, device_kind: str
             command, args = message
             try:
                 outbox.put((rank, command(state, *args), None))
-            except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+            except BaseException:  # reported to the parent, which raises
                 outbox.put((rank, None, traceback.format_exc()))
     finally:
         state.clear()
@@ -140,17 +141,15 @@ class RankGroup:
 
     def close(self) -> None:
         for inbox in self.inboxes:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 inbox.put(None)
-            except (OSError, ValueError):
-                pass
         for proc in self.procs:
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=10)
 
-    def __enter__(self) -> "RankGroup":
+    def __enter__(self) -> RankGroup:
         return self
 
     def __exit__(self, *exc: Any) -> None:
