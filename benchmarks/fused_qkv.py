@@ -13,8 +13,10 @@ them before a forward, so nothing but the q/k/v projections differs. Set-ups: 1 
 and 2 ranks in tensor mode with N/2 threads each (on GPUs: 1 GPU, and 2 GPUs when there are two), each
 a `RankGroup` of spawned ranks; every forward sits between barriers and is timed on rank 0. Per
 (geometry, dtype): warm-up forwards of both variants (their outputs compared: max abs diff), then timed
-forwards interleaved fused, three, fused, three, ... with medians reported, so that a busy moment
-on a shared machine hits both alike; the ratio fused / three is the result. A second row times the
+forwards interleaved fused, three, fused, three, ... (at least `MIN_PAIRS` pairs) with medians
+reported, so that a busy moment on a shared machine hits both alike; the ratio fused / three is the
+result, shown with the range of the ratios of single pairs (each pair ran back to back, so a change in
+the machine's load between pairs cancels out of it). A second row times the
 q/k/v projections alone (one ``(B*T, D) x (D, 3*local)`` GEMM vs three ``(D, local)`` ones, bias
 included, interleaved the same way) on each rank at once.
 
@@ -40,14 +42,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.checkpoints import Checkpoints, load_ours
 from benchmarks.common import DTYPES, Geometry, log, max_abs_diff, median, scale_of
+from benchmarks.options import FUSED_MIN_PAIRS as MIN_PAIRS
 from benchmarks.options import Options
 from benchmarks.ranks import RankGroup, barrier, forward_rounds
 from benchmarks.table import Row, gflops_text
 
 NOTES = ["fused: the same loaded model with each encoder attention's q/k/v as one fused GEMM (today) or as three "
          "GEMMs on cloned, separately allocated q/k/v weights (the code before the fusion); interleaved "
-         "forwards fused, three, fused, ..., medians, barriers around each forward, timed on rank 0; "
-         "ratio = fused / three (above 1: fused is faster)."]
+         "forwards fused, three, fused, ... (at least 5 pairs), medians, barriers around each forward, timed on "
+         "rank 0; ratio = fused / three speed (above 1: fused is faster), in brackets the range of the ratios of "
+         "single pairs."]
 VARIANTS = ("fused", "three")
 
 
@@ -155,6 +159,17 @@ def run_fused(opts: Options, checkpoints: Checkpoints, workdir: Path, rows: list
                     rows.extend(_fused_cell(opts, group, label, geometry, dtype_name))
 
 
+def pair_ratios(times: dict[str, list[float]]) -> list[float]:
+    """Speed ratio fused / three of each interleaved pair (``three_i / fused_i``): a drift in the machine's
+    load between pairs cancels out of each one."""
+    return [three / fused for fused, three in zip(times["fused"], times["three"])]
+
+
+def ratio_text(ratio: float, pairs: list[float]) -> str:
+    """``"1.012x (pairs 0.98-1.05)"``: the ratio of medians and the range of the per-pair ratios."""
+    return f"{ratio:.3f}x" + (f" (pairs {min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else "")
+
+
 def _fused_cell(opts: Options, group: RankGroup, label: str, geometry: Geometry, dtype_name: str) -> list[Row]:
     """Warm-up and output check, interleaved timed forwards, then the GEMM-only pairs; two rows."""
     image, batch = geometry.image, opts.fused_batch
@@ -162,22 +177,23 @@ def _fused_cell(opts: Options, group: RankGroup, label: str, geometry: Geometry,
     outputs = {v: {k: torch.from_numpy(a) for k, a in warm[v]["outputs"].items()} for v in VARIANTS}
     diff, scale = max_abs_diff(outputs["fused"], outputs["three"]), scale_of(outputs["three"])
     rounds = opts.iterations(warm["fused"]["times"][-1] + warm["three"]["times"][-1])
+    rounds = rounds if opts.fixed_iters is not None else max(MIN_PAIRS, rounds)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):  # interleaved: fused, three, fused, three, ...
         for v in VARIANTS:
             times[v].extend(group.call(fused_forward_command, v, image, batch, 1, False)[0]["times"])
     ips = {v: batch / median(times[v]) for v in VARIANTS}
     flops = geometry.flops_per_image()
-    ratio = ips["fused"] / ips["three"]
+    ratio, pairs = ips["fused"] / ips["three"], pair_ratios(times)
     log(f"fused {label} {geometry.label} {dtype_name} b{batch}: fused {ips['fused']:.2f} img/s, three "
-        f"{ips['three']:.2f} img/s ({ratio:.3f}x), {opts.warmup}+{rounds} rounds, diff {diff:.1e}")
+        f"{ips['three']:.2f} img/s ({ratio_text(ratio, pairs)}), {opts.warmup}+{rounds} rounds, diff {diff:.1e}")
     common = ("fused", geometry.label, dtype_name, str(batch))
     forward_row = Row(
         *common, f"img/s, fused q/k/v vs three q/k/v GEMMs, {label}", f"{ips['fused']:.2f}", f"{ips['three']:.2f}",
-        f"{ratio:.3f}x", gflops_text(ips["fused"] * flops / 1e9, ips["three"] * flops / 1e9, None),
+        ratio_text(ratio, pairs), gflops_text(ips["fused"] * flops / 1e9, ips["three"] * flops / 1e9, None),
         f"{diff:.1e} fused vs three (outputs up to {scale:.1f})",
-        data={"seconds": times, "img_s": ips, "ratio": ratio, "rounds": rounds, "max_abs_diff": diff, "output_scale": scale,
-              "warmup_seconds": {v: warm[v]["times"] for v in VARIANTS}},
+        data={"seconds": times, "img_s": ips, "ratio": ratio, "pair_ratios": pairs, "rounds": rounds,
+              "max_abs_diff": diff, "output_scale": scale, "warmup_seconds": {v: warm[v]["times"] for v in VARIANTS}},
     )
     return [forward_row, _gemm_row(opts, group, label, geometry, common)]
 
@@ -187,17 +203,18 @@ def _gemm_row(opts: Options, group: RankGroup, label: str, geometry: Geometry, c
     rows = opts.fused_batch * geometry.tokens
     warm = group.call(fused_gemm_command, rows, 1)[0]
     pair = sum(warm["times"][v][0] for v in VARIANTS)
-    reps = 1 if opts.quick else max(5, min(40, int(2.0 / max(pair, 1e-6))))
+    reps = 1 if opts.quick else max(MIN_PAIRS, min(40, int(2.0 / max(pair, 1e-6))))
     found = group.call(fused_gemm_command, rows, reps)[0]
     rate = {v: found["flops"] / median(found["times"][v]) / 1e9 for v in VARIANTS}
-    ratio = rate["fused"] / rate["three"]
+    ratio, pairs = rate["fused"] / rate["three"], pair_ratios(found["times"])
     local = int(found["flops"] / (2 * rows * geometry.hidden))
     log(f"fused {label} {geometry.label} {common[2]}: q/k/v GEMM ({rows}x{geometry.hidden}x{local}) fused "
-        f"{rate['fused']:.0f} GFLOP/s, three {rate['three']:.0f} GFLOP/s ({ratio:.3f}x), {reps} pairs")
+        f"{rate['fused']:.0f} GFLOP/s, three {rate['three']:.0f} GFLOP/s ({ratio_text(ratio, pairs)}), {reps} pairs")
     return Row(
         *common, f"GFLOP/s, q/k/v projections alone ({rows}x{geometry.hidden} @ {geometry.hidden}x{local}), fused vs "
-        f"three, {label}", f"{rate['fused']:.0f}", f"{rate['three']:.0f}", f"{ratio:.3f}x",
-        data={"seconds": found["times"], "gflops": rate, "ratio": ratio, "pairs": reps, "shape": [rows, geometry.hidden, local]},
+        f"three, {label}", f"{rate['fused']:.0f}", f"{rate['three']:.0f}", ratio_text(ratio, pairs),
+        data={"seconds": found["times"], "gflops": rate, "ratio": ratio, "pair_ratios": pairs, "pairs": reps,
+              "shape": [rows, geometry.hidden, local]},
     )
 
 

@@ -24,6 +24,8 @@ DEFAULT_SECTIONS = ("throughput", "scaling", "memory")
 QUICK_LAYERS = {"base-224": 2, "so400m-384": 1}
 #: the fused q/k/v section keeps so400m short on the CPU (the q/k/v share of a layer does not depend on depth)
 FUSED_CPU_LAYERS = {"so400m-384": 4}
+#: the fused section times at least this many interleaved pairs per cell (outside --quick / --iters)
+FUSED_MIN_PAIRS = 5
 
 
 @dataclass
@@ -214,6 +216,7 @@ def estimate_seconds(opts: Options) -> float:
             total += write_cost(g)
             for dtype_name in opts.dtypes:  # two set-ups (1 rank, 2 ranks), each: warm pair + timed pairs + GEMMs
                 pair = 2 * opts.fused_batch * g.flops_per_image() / speed[dtype_name]
-                total += 2 * (pair * (opts.warmup + opts.iterations(pair)) + 4.0)
+                pairs = opts.iterations(pair) if opts.fixed_iters is not None else max(FUSED_MIN_PAIRS, opts.iterations(pair))
+                total += 2 * (pair * (opts.warmup + pairs) + 4.0)
         total += 2 * 6.0  # spawning the two rank groups
     return total
