@@ -15,8 +15,8 @@ a `RankGroup` of spawned ranks; every forward sits between barriers and is timed
 (geometry, dtype): warm-up forwards of both variants (their outputs compared: max abs diff), then timed
 forwards interleaved fused, three, fused, three, ... (at least `MIN_PAIRS` pairs) with medians
 reported, so that a busy moment on a shared machine hits both alike; the ratio fused / three is the
-result, shown with the range of the ratios of single pairs (each pair ran back to back, so a change in
-the machine's load between pairs cancels out of it). A second row times the
+result, shown with the median and range of the ratios of single pairs (each pair ran back to back,
+so a change in the machine's load between pairs cancels out of it). A second row times the
 q/k/v projections alone (one ``(B*T, D) x (D, 3*local)`` GEMM vs three ``(D, local)`` ones, bias
 included, interleaved the same way) on each rank at once.
 
@@ -50,8 +50,8 @@ from benchmarks.table import Row, gflops_text
 NOTES = ["fused: the same loaded model with each encoder attention's q/k/v as one fused GEMM (today) or as three "
          "GEMMs on cloned, separately allocated q/k/v weights (the code before the fusion); interleaved "
          "forwards fused, three, fused, ... (at least 5 pairs), medians, barriers around each forward, timed on "
-         "rank 0; ratio = fused / three speed (above 1: fused is faster), in brackets the range of the ratios of "
-         "single pairs."]
+         "rank 0; ratio = fused / three speed (above 1: fused is faster) from the two medians, in brackets the "
+         "median and the range of the ratios of single pairs (steadier when the load drifts during a cell)."]
 VARIANTS = ("fused", "three")
 
 
@@ -166,8 +166,11 @@ def pair_ratios(times: dict[str, list[float]]) -> list[float]:
 
 
 def ratio_text(ratio: float, pairs: list[float]) -> str:
-    """``"1.012x (pairs 0.98-1.05)"``: the ratio of medians and the range of the per-pair ratios."""
-    return f"{ratio:.3f}x" + (f" (pairs {min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else "")
+    """``"1.012x (pairs: 1.01, 0.98-1.05)"``: the ratio of the medians, then the median and the range of
+    the per-pair ratios (the steadier figure when the machine's load drifts during a cell)."""
+    if len(pairs) < 2:
+        return f"{ratio:.3f}x"
+    return f"{ratio:.3f}x (pairs: {median(pairs):.2f}, {min(pairs):.2f}-{max(pairs):.2f})"
 
 
 def _fused_cell(opts: Options, group: RankGroup, label: str, geometry: Geometry, dtype_name: str) -> list[Row]:
@@ -192,7 +195,8 @@ def _fused_cell(opts: Options, group: RankGroup, label: str, geometry: Geometry,
         *common, f"img/s, fused q/k/v vs three q/k/v GEMMs, {label}", f"{ips['fused']:.2f}", f"{ips['three']:.2f}",
         ratio_text(ratio, pairs), gflops_text(ips["fused"] * flops / 1e9, ips["three"] * flops / 1e9, None),
         f"{diff:.1e} fused vs three (outputs up to {scale:.1f})",
-        data={"seconds": times, "img_s": ips, "ratio": ratio, "pair_ratios": pairs, "rounds": rounds,
+        data={"seconds": times, "img_s": ips, "ratio": ratio, "pair_ratios": pairs,
+              "pair_ratio_median": median(pairs), "rounds": rounds,
               "max_abs_diff": diff, "output_scale": scale, "warmup_seconds": {v: warm[v]["times"] for v in VARIANTS}},
     )
     return [forward_row, _gemm_row(opts, group, label, geometry, common)]
@@ -213,7 +217,8 @@ def _gemm_row(opts: Options, group: RankGroup, label: str, geometry: Geometry, c
     return Row(
         *common, f"GFLOP/s, q/k/v projections alone ({rows}x{geometry.hidden} @ {geometry.hidden}x{local}), fused vs "
         f"three, {label}", f"{rate['fused']:.0f}", f"{rate['three']:.0f}", ratio_text(ratio, pairs),
-        data={"seconds": found["times"], "gflops": rate, "ratio": ratio, "pair_ratios": pairs, "pairs": reps,
+        data={"seconds": found["times"], "gflops": rate, "ratio": ratio, "pair_ratios": pairs,
+              "pair_ratio_median": median(pairs), "pairs": reps,
               "shape": [rows, geometry.hidden, local]},
     )
 
