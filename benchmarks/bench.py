@@ -37,7 +37,7 @@ Usage::
     python benchmarks/bench.py                      # throughput, scaling, memory (CPU); ~25 min on 2 cores
     python benchmarks/bench.py --quick              # smoke run: 1-2 layers, batch 1/2, 1 iteration
     python benchmarks/bench.py --only throughput --so400m-b32 --json out.json
-    python benchmarks/bench.py --only fused         # or: python benchmarks/fused_qkv.py; ~5 min on 2 cores
+    python benchmarks/bench.py --only fused         # or: python benchmarks/fused_qkv.py; ~5 min on 2 idle cores
     python benchmarks/bench.py --device cuda
 """
 
