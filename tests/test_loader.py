@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import TINY, save_layout
+from checkpoints import TINY, save_layout, tower_state
 from tp_siglip import SiglipVisionTransformer, loader
 from tp_siglip.loader import CheckpointError
 
@@ -230,3 +230,38 @@ def test_vlm_prefixes_and_head_decided_by_the_checkpoint(tiny, tmp_path, prefix)
     with torch.no_grad():
         torch.testing.assert_close(model(_pixels()).last_hidden_state, reference(_pixels()).last_hidden_state,
                                    atol=1e-4, rtol=0)
+
+
+def _state_dict_round_trip(rank, world_size, ckpt):
+    import torch.distributed as dist
+
+    model = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size)
+    state = model.state_dict()
+    other = SiglipVisionTransformer(model.config, process_group=dist.group.WORLD, seed=1)
+    other.load_state_dict(state)  # strict: every key used, none missing
+    return {"state": state, "same": all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())}
+
+
+def test_state_dict_speaks_transformers_names_and_round_trips(tiny, tmp_path):
+    """One rank: state_dict() equals transformers' (names, shapes, values); at 2 ranks each rank's entries
+    are its slices (q/k/v rows of its heads, in_proj's three thirds together) and load back exactly."""
+    reference, ckpt, _ = tiny
+    model = SiglipVisionTransformer.from_pretrained(ckpt)
+    ours, theirs = model.state_dict(), tower_state(reference)
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name
+    fresh = SiglipVisionTransformer(model.config, seed=3)
+    fresh.load_state_dict(ours)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in ours.items())
+    from distributed import run_ranks
+
+    dim, heads = TINY["hidden_size"], TINY["num_attention_heads"]
+    for rank, out in enumerate(run_ranks(2, tmp_path, _state_dict_round_trip, str(ckpt))):
+        assert out["same"]
+        rows = slice(rank * dim // 2, (rank + 1) * dim // 2)
+        state = out["state"]
+        assert torch.equal(state["encoder.layers.0.self_attn.k_proj.weight"], theirs["encoder.layers.0.self_attn.k_proj.weight"][rows])
+        thirds = theirs["head.attention.in_proj_weight"].split(dim)
+        assert torch.equal(state["head.attention.in_proj_weight"], torch.cat([t[rows] for t in thirds]))
+        assert heads % 2 == 0

@@ -46,6 +46,7 @@ from tp_siglip.parallel import (
     checkpoint_layout,
     copy_piece,
     feeds_by_source,
+    join_blocks,
 )
 
 if TYPE_CHECKING:  # the loading layers sit above this file; imported lazily by the two entry points
@@ -341,6 +342,7 @@ class SiglipVisionTransformer(nn.Module):
         self.use_head = config.use_head
         self.head = SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
         self._weights_ready = False
+        self._register_load_state_dict_pre_hook(join_blocks, with_module=True)  # checkpoint names in
         if not self.is_meta:
             self.init_weights(seed)
 

@@ -342,8 +342,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
         if any(b.name is not None for b in self.blocks):
-            self._register_state_dict_hook(_split_blocks)
-            self._register_load_state_dict_pre_hook(_join_blocks, with_module=True)
+            self._register_state_dict_hook(_split_blocks)  # loading: `join_blocks` on the model
 
     @classmethod
     def shard(cls, in_features: int, out_features: int, rows: tuple[int, int], **kwargs: Any) -> ColumnParallelLinear:
@@ -382,18 +381,33 @@ class ColumnParallelLinear(nn.Module):
 
 
 def _split_blocks(module: ColumnParallelLinear, state: dict[str, Any], prefix: str, _meta: Any) -> None:
-    """state_dict hook: store each block under its checkpoint layer's name (local rows only)."""
+    """state_dict hook: store each block under its checkpoint tensor's name (this rank's rows only).
+
+    Blocks cut from one checkpoint tensor (``in_proj_weight``'s q, k and v thirds) are stored together.
+    """
     for leaf, pieces in module.checkpoint_pieces(prefix).items():
         fused = state.pop(prefix + leaf)
+        grouped: dict[str, list[torch.Tensor]] = {}
         for piece, view in zip(pieces, piece_targets(fused, pieces)):
-            state[piece.source] = view
+            grouped.setdefault(piece.source, []).append(view)
+        for source, views in grouped.items():
+            state[source] = views[0] if len(views) == 1 else torch.cat(views)
 
 
-def _join_blocks(module: ColumnParallelLinear, state: dict[str, Any], prefix: str, *_args: Any) -> None:
-    """load_state_dict pre-hook: the inverse of `_split_blocks`."""
-    for leaf, pieces in module.checkpoint_pieces(prefix).items():
-        if all(p.source in state for p in pieces):
-            state[prefix + leaf] = torch.cat([state.pop(p.source) for p in pieces])
+def join_blocks(root: nn.Module, state: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """load_state_dict pre-hook for the module that holds fused layers: the inverse of `_split_blocks`.
+
+    It must sit on an ancestor (the model): torch hands a layer only the keys under its own name, and
+    ``q_proj.weight`` is not under ``qkv_proj.``.
+    """
+    for name, module in root.named_modules():
+        if not isinstance(module, ColumnParallelLinear) or all(b.name is None for b in module.blocks):
+            continue
+        for leaf, pieces in module.checkpoint_pieces(f"{prefix}{name}.").items():
+            sources = list(dict.fromkeys(p.source for p in pieces))
+            if all(source in state for source in sources):
+                chunks = {s: list(state.pop(s).split([p.length for p in pieces if p.source == s])) for s in sources}
+                state[f"{prefix}{name}.{leaf}"] = torch.cat([chunks[p.source].pop(0) for p in pieces])
 
 
 class RowParallelLinear(nn.Module):
