@@ -613,8 +613,8 @@ def test_interrupted_transfer_leaves_nothing_behind(
         hub.resolve_checkpoint(VLM_SHARDED)
     if how == "dropped-connections":
         assert repr(VLM_SHARDED) in str(info.value) and "'main'" in str(info.value)
-        # retried (by huggingface_hub and/or tp-siglip: every wait was followed by the same request), then gave up
-        assert len(waits) >= tower_cache.RETRIES and repeated_reads(env.server) == len(waits)
+        # retried by huggingface_hub (every wait was followed by the same request), then gave up
+        assert len(waits) >= 2 and repeated_reads(env.server) == len(waits)
     own = own_repo_dir(env.cache, VLM_SHARDED)
     assert list((own / "snapshots").iterdir()) == []
     assert not (own / "refs").exists()
