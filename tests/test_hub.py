@@ -14,7 +14,7 @@ The figures asserted: weight bytes served <= 1.02 x the tower's own bytes (singl
 world sizes 1 and 2 (two ranks fetching at once still fetch once), with two dropped connections, and per
 node with two torchrun nodes on this host; 0 on a second load, 0 when the Hugging Face cache already holds
 the files; offline loads from the cache with the server stopped. Everything goes through the installed
-huggingface_hub (0.3x with transformers 4.x, 2.x with transformers 5; .ci/run tests both) over HTTP.
+huggingface_hub (0.36+ with transformers 4.x, 2.x with transformers 5; .ci/run tests both) over HTTP.
 """
 
 from __future__ import annotations

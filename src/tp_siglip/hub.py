@@ -1,13 +1,12 @@
 """Turning a Hub repo id (or a directory) into a local directory with config.json and the vision tower.
 
-`resolve_checkpoint`: a path goes to `loader.local_checkpoint_dir`; a repo id goes through huggingface_hub's
-public API (0.36 to 2.x). ``HfApi.model_info`` resolves the revision to a commit sha (offline or unreachable:
-the caches' ``refs/``). The tower is reused, with no weight traffic, from tp-siglip's tower cache or the plain
-Hugging Face cache; on a miss ``download="tower"`` fetches only its byte ranges (`tower_cache`) into
-``<hub cache>/tp-siglip/models--{org}--{name}/snapshots/{sha}/``, ``download="files"`` the whole files holding
-it into the plain cache. One download per node: the fetching process holds a per-repo ``filelock`` (released
-by the OS if it dies) and looks at the caches again under it. Errors keep huggingface_hub's types and name
-repo and revision. ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE`` are read at call time.
+Only huggingface_hub's public API (0.36 to 2.x): ``HfApi.model_info`` resolves the revision to a commit sha
+(offline or unreachable: the caches' ``refs/``); the tower is reused from tp-siglip's tower cache or the plain
+Hugging Face cache, else ``download="tower"`` fetches only its byte ranges (`tower_cache`) into ``<hub cache>/
+tp-siglip/models--{org}--{name}/snapshots/{sha}/``, ``download="files"`` the files holding it into the plain
+cache. One download per node: the fetching process holds a per-repo ``filelock`` (released by the OS if it
+dies) and looks at the caches again under it. Errors keep huggingface_hub's types and name repo and revision.
+``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE`` are read at call time, not at import.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 from tp_siglip import __version__
 from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_dir, parse_index
@@ -34,11 +33,9 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 PathArg = Union[str, "os.PathLike[str]"]
 
 
-def resolve_checkpoint(
-    repo_or_dir: PathArg, *, revision: Optional[str] = None, cache_dir: Optional[PathArg] = None,
-    token: Optional[Union[str, bool]] = None, local_files_only: bool = False, download: str = "tower",
-    prefix: Optional[str] = None,
-) -> Path:
+def resolve_checkpoint(repo_or_dir: PathArg, *, revision: Optional[str] = None, cache_dir: Optional[PathArg] = None,
+                       token: Optional[Union[str, bool]] = None, local_files_only: bool = False, download: str = "tower",
+                       prefix: Optional[str] = None) -> Path:
     """A local directory with ``config.json`` and safetensors holding (at least) the vision tower of
     ``repo_or_dir`` (a directory or ``"org/name"``); ``revision`` defaults to ``"main"``, ``prefix`` (the
     tower's key prefix) to the detected one. Raises FileNotFoundError (neither a path nor a repo id),
@@ -58,8 +55,7 @@ def resolve_checkpoint(
         raise FileNotFoundError(
             f"{repo_or_dir!r}: no such checkpoint directory exists, and it is not a valid Hub repo id "
             f"({str(err).strip().splitlines()[0]}). Pass a directory holding config.json and *.safetensors, "
-            f"or a repo id such as 'google/siglip-so400m-patch14-384'"
-        ) from None
+            f"or a repo id such as 'google/siglip-so400m-patch14-384'") from None
     for name, value in (("revision", revision), ("prefix", prefix)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name} must be a string or None, got {type(value).__name__}")
@@ -67,8 +63,7 @@ def resolve_checkpoint(
 
 
 def hub_cache_dir(cache_dir: Optional[PathArg] = None) -> Path:
-    """The hub cache: ``cache_dir``, else ``HF_HUB_CACHE`` (or the legacy name), else ``HF_HOME/hub``, else
-    huggingface_hub's default; environment variables are read now, not at import."""
+    """``cache_dir``, else ``HF_HUB_CACHE``, ``HF_HOME/hub`` or huggingface_hub's default (read now, not at import)."""
     from huggingface_hub import constants
 
     env = os.environ
@@ -105,7 +100,8 @@ def _resolve(hub: _Hub, prefix: Optional[str], download: str) -> Path:
                               timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as err:  # an HTTP error, or a connection error (typed by huggingface_hub's HTTP library)
         if isinstance(err, HfHubHTTPError) and getattr(err.response, "status_code", None) not in UNREACHABLE_STATUS:
-            raise _reword(hub, err)
+            _reword(hub, err)
+            raise
         return _from_caches(hub, prefix, err)
     if not info.sha or not _SHA.match(info.sha):
         raise CheckpointError(f"{hub.where}: {hub.endpoint} returned no valid commit sha ({info.sha!r})")
@@ -119,7 +115,11 @@ def _resolve(hub: _Hub, prefix: Optional[str], download: str) -> Path:
     if not weights or CONFIG_FILE not in files:
         missing = "config.json" if weights else "*.safetensors weights (looked for model.safetensors and an index)"
         raise CheckpointError(f"{hub.where} has no {missing}; expected a SigLIP (or VLM) checkpoint repo")
-    found = _cached(hub, info.sha, prefix, files) or _fetch_locked(hub, info.sha, prefix, files, download)
+    try:
+        found = _cached(hub, info.sha, prefix, files) or _fetch_locked(hub, info.sha, prefix, files, download)
+    except HfHubHTTPError as err:  # a ranged read or a download refused
+        _reword(hub, err)
+        raise
     path = _ref_path(hub.own_dir / "refs", hub.revision)  # remember revision -> sha for offline loads
     if path is not None and hub.revision != info.sha and not (path.is_file() and path.read_text() == info.sha):
         try:  # atomically; best effort: a read-only cache still loads
@@ -134,7 +134,6 @@ def _resolve(hub: _Hub, prefix: Optional[str], download: str) -> Path:
 def _fetch_locked(hub: _Hub, sha: str, prefix: Optional[str], files: RepoFiles, download: str) -> Path:
     """Under the repo's file lock, look at the caches again (another process may have filled them), else fetch."""
     from filelock import FileLock, Timeout
-    from huggingface_hub.errors import HfHubHTTPError
 
     lock = FileLock(str(hub.cache / "tp-siglip" / ".locks" / f"{hub.folder}.lock"))
     Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
@@ -147,11 +146,9 @@ def _fetch_locked(hub: _Hub, sha: str, prefix: Optional[str], files: RepoFiles, 
         if (found := _cached(hub, sha, prefix, files)) is not None:
             return found
         if download == "files":
-            return _hf_snapshot(hub, sha, prefix, files, download=True)  # type: ignore[return-value]  # raises, never None
+            return cast(Path, _hf_snapshot(hub, sha, prefix, files, download=True))  # downloading, it raises or finds
         remote = Remote(hub.repo_id, sha, hub.endpoint, hub.token, files, hub.where)
         return fetch_tower(remote, hub.own_dir / "snapshots", prefix, {"revision": hub.revision, "endpoint": hub.endpoint})
-    except HfHubHTTPError as err:
-        raise _reword(hub, err)
     finally:
         lock.release()
 
@@ -171,8 +168,7 @@ def _from_caches(hub: _Hub, prefix: Optional[str], cause: Optional[BaseException
     raise LocalEntryNotFoundError(
         f"{hub.where}: {reason}, and no cached copy of its vision tower was found (looked in {hub.own_dir} and "
         f"{hub.cache / hub.folder}). Load it once with network access first"
-        + ("" if cause is not None else ", or unset HF_HUB_OFFLINE / pass local_files_only=False")
-    ) from cause
+        + ("" if cause is not None else ", or unset HF_HUB_OFFLINE / pass local_files_only=False")) from cause
 
 
 def _ref_path(refs: Path, revision: str) -> Optional[Path]:
@@ -182,36 +178,34 @@ def _ref_path(refs: Path, revision: str) -> Optional[Path]:
 
 
 _HINTS = {  # by error type (the first one in its MRO): what went wrong and what to do
-    "GatedRepoError": " is gated (HTTP {status}): accept its conditions on {endpoint}/{repo}, then pass token=... "
-    "(or set HF_TOKEN) of an account that was granted access",
-    "RepositoryNotFoundError": " was not found on {endpoint} (HTTP {status}), nor is there a local directory {repo!r}: "
-    "check the repo id, or pass token=... if the repo is private",
+    "GatedRepoError": " is gated (HTTP {status}): accept its conditions on {endpoint}/{repo}, pass token=... with access",
+    "RepositoryNotFoundError": " was not found on {endpoint} (HTTP {status}), nor a directory {repo!r}: check the id, "
+    "or pass token=... if the repo is private",
     "RevisionNotFoundError": ": the repo exists but has no revision {revision!r} (branch, tag or commit sha)",
     "HfHubHTTPError": ": a request to {endpoint} failed (HTTP {status}); for 401/403 pass token=... with read access",
 }
 
 
-def _reword(hub: _Hub, err: Any) -> Any:
-    """huggingface_hub's error, same object and type, its message now naming the repo and the revision."""
+def _reword(hub: _Hub, err: Any) -> None:
+    """Make huggingface_hub's error (same object and type) name the repo and the revision."""
     hint = next(_HINTS[c.__name__] for c in type(err).__mro__ if c.__name__ in _HINTS)
-    text = hint.format(status=getattr(err.response, "status_code", None), endpoint=hub.endpoint, repo=hub.repo_id, revision=hub.revision)
+    status = getattr(err.response, "status_code", None)
+    text = hint.format(status=status, endpoint=hub.endpoint, repo=hub.repo_id, revision=hub.revision)
     err.args = (f"{hub.where}{text}\n[huggingface_hub: {str(err).strip()}]",)
-    return err
 
 
 def _cached(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoFiles]) -> Optional[Path]:
     """tp-siglip's tower for ``sha``, else a Hugging Face snapshot holding the tower, else None."""
-    found, kind = find_cached_tower(hub.own_dir / "snapshots", sha, prefix, hub.where), "tp-siglip's tower cache"
-    if found is None:
-        found, kind = _hf_snapshot(hub, sha, prefix, files), "the Hugging Face cache"
+    found = find_cached_tower(hub.own_dir / "snapshots", sha, prefix, hub.where) or _hf_snapshot(hub, sha, prefix, files)
     if found is not None:
-        logger.info("%s: using commit %s from %s at %s (no weights downloaded)", hub.where, sha, kind, found)
+        logger.info("%s: using commit %s from the cache at %s (no weights downloaded)", hub.where, sha, found)
     return found
 
 
-def _hf_snapshot(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoFiles], download: bool = False) -> Optional[Path]:
-    """The Hugging Face cache's snapshot of ``sha`` if it has config.json and every file holding the tower, else
-    None; with ``download``, those files are fetched (``hf_hub_download``) first. ``files=None``: offline."""
+def _hf_snapshot(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoFiles], download: bool = False
+                 ) -> Optional[Path]:
+    """The Hugging Face cache's snapshot of ``sha`` if it has config.json and every file holding the tower (first
+    fetched with ``hf_hub_download`` when ``download``), else None. ``files``, the repo's listing, is None offline."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -231,11 +225,9 @@ def _hf_snapshot(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[Rep
         return None
     files = files if files is not None else {p.name: None for p in config.parent.iterdir()}  # offline: what is there
     index = get(INDEX_FILE) if INDEX_FILE in files else None
-    if index is None and INDEX_FILE in files:
-        return None
     weight_map = parse_index(index.read_bytes(), f"{hub.where}: {INDEX_FILE}") if index is not None else None
     needed = tower_files(weight_map, files, prefix, hub.where)
-    if not needed or not all(get(name) is not None for name in needed):
+    if (index is None and INDEX_FILE in files) or not needed or not all(get(name) is not None for name in needed):
         return None
     if download:
         logger.info("%s: the %d safetensors files holding the tower are in %s", hub.where, len(needed), config.parent)

@@ -1,13 +1,13 @@
 """Fetching only a checkpoint's vision tower, by byte ranges, into a checked vision-only safetensors file.
 
-`fetch_tower` reads the headers of the files holding the tower (with an index, only its shards), then the
-tower's bytes, and writes them, names kept, as ``snapshots/<sha>/model.safetensors`` beside ``config.json``
-and a manifest; `find_cached_tower` finds it. Reads are ranged GETs through huggingface_hub's `HfFileSystem`,
-which resends one whose connection dropped (>= 0.36) or got a 5xx, losing what it had received: the tower is
-read in chunks of ~1/`CHUNKS_PER_TOWER` of it, and a shorter answer than asked is continued. Adjacent tensors
-form one run (gaps up to ``min(MAX_GAP_BYTES, tower/64)`` are read and dropped). All is written in
-``snapshots/.tmp-*`` and renamed into place once its size and safetensors' parser agree with the plan; an
-error removes it. Ranged bytes cannot be checked against the LFS sha256 (of whole files); sizes are.
+`fetch_tower` reads the headers of the files holding the tower (with an index, only its shards), then its
+bytes, and writes them, names kept, as ``snapshots/<sha>/model.safetensors`` beside ``config.json`` and a
+manifest (`find_cached_tower` finds it). Reads are ranged GETs through huggingface_hub's `HfFileSystem`, which
+resends one that dropped (>= 0.36) or got a 5xx, losing what it had received: so the tower is read in chunks of
+~1/`CHUNKS_PER_TOWER`, and a short answer is continued. Adjacent tensors form one run (gaps up to
+``min(MAX_GAP_BYTES, tower/64)`` are read and dropped). All is written in ``snapshots/.tmp-*`` and renamed into
+place once its size and safetensors' parser agree with the plan; an error removes it. (Ranged bytes cannot be
+checked against the LFS sha256 of whole files; sizes and offsets are.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from tp_siglip.loader import CheckpointError, TensorInfo, find_prefix, header_le
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", "model.safetensors"
-MANIFEST_FILE, MAX_GAP_BYTES, CHUNKS_PER_TOWER, MIN_CHUNK, MAX_CHUNK = "tp_siglip_tower.json", 1 << 20, 128, 4096, 64 << 20
+MANIFEST_FILE = "tp_siglip_tower.json"
+MAX_GAP_BYTES, CHUNKS_PER_TOWER, MIN_CHUNK, MAX_CHUNK = 1 << 20, 128, 4096, 64 << 20  # see the module docstring
 RepoFiles = Mapping[str, Optional[int]]  # a repo's files: name -> size in bytes (None where unknown)
 
 
@@ -118,28 +119,26 @@ def find_cached_tower(snapshots: Path, sha: str, prefix: Optional[str], where: s
     return None
 
 
-def _tower_headers(remote: Remote, prefix: Optional[str]) -> tuple[str, Optional[str], dict[str, dict[str, TensorInfo]]]:
-    """The tower's prefix, the one auto-detection picks (None where it fails), and the headers of its files."""
-    where, weight_map = remote.where, None
-    if INDEX_FILE in remote.files:
-        weight_map = parse_index(remote.read_bytes(INDEX_FILE), f"{where}: {INDEX_FILE}")
-    headers = {}
-    for name in tower_files(weight_map, remote.files, prefix, where):  # two ranged reads each
+def _tower_tensors(remote: Remote, prefix: Optional[str]) -> tuple[str, Optional[str], list[TensorInfo]]:
+    """The tower's prefix, the one auto-detection picks (None where it fails), and its tensors in file order."""
+    where, files = remote.where, remote.files
+    weight_map = parse_index(remote.read_bytes(INDEX_FILE), f"{where}: {INDEX_FILE}") if INDEX_FILE in files else None
+    infos: list[TensorInfo] = []
+    for name in tower_files(weight_map, files, prefix, where):  # two ranged reads each
         source, size = f"{where}: {name}", remote.open(name).size
         length = header_length(remote.read_bytes(name, 0, min(8, size)), size, source)
-        infos = parse_header(remote.read_bytes(name, 8, 8 + length), size, source)
-        headers[name] = {key: dataclasses.replace(info, file=name) for key, info in infos.items()}
-    keys = [(key, name) for name, infos in headers.items() for key in infos]
-    seen = dict(keys)
+        header = parse_header(remote.read_bytes(name, 8, 8 + length), size, source)
+        infos += sorted((dataclasses.replace(info, file=name) for info in header.values()), key=lambda info: info.start)
+    seen = {info.name: info.file for info in infos}
     chosen = tower_prefix(weight_map or seen, prefix, where)
     wrong = sorted(k for k, name in (weight_map or {}).items() if k.startswith(chosen) and seen.get(k) != name)
-    if len(seen) < len(keys) or wrong:
-        raise CheckpointError(f"{where}: the headers of {sorted(headers)} repeat a tensor or disagree with {INDEX_FILE} "
-                              f"(on {wrong[:3]})")
+    if len(seen) < len(infos) or wrong:
+        raise CheckpointError(f"{where}: the shards' headers repeat a tensor or disagree with {INDEX_FILE} (on {wrong[:3]})")
     try:
-        return chosen, find_prefix(weight_map or seen, where), headers
+        auto: Optional[str] = find_prefix(weight_map or seen, where)
     except CheckpointError:
-        return chosen, None, headers
+        auto = None
+    return chosen, auto, [info for info in infos if info.name.startswith(chosen)]
 
 
 def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: dict[str, str]) -> Path:
@@ -147,17 +146,13 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
     from huggingface_hub.utils import tqdm
     from safetensors import safe_open
 
-    config = remote.read_bytes(CONFIG_FILE)
     try:
-        json.loads(config)
+        json.loads(config := remote.read_bytes(CONFIG_FILE))
     except ValueError as err:
         raise CheckpointError(f"{remote.where}: config.json is not valid JSON ({err})") from None
-    chosen, auto, headers = _tower_headers(remote, prefix)
-    order = [i for infos in headers.values() for i in sorted(infos.values(), key=lambda i: i.start) if i.name.startswith(chosen)]
-    entries, runs, tower_bytes = _plan(order)
+    chosen, auto, order = _tower_tensors(remote, prefix)
     metadata = {"format": "pt", "source": f"{meta['endpoint']}/{remote.repo_id}", "commit": remote.sha, "prefix": chosen}
-    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw, runs, tower_bytes = _plan(order, metadata)
     file_size, chunk = 8 + len(raw) + tower_bytes, min(MAX_CHUNK, max(MIN_CHUNK, tower_bytes // CHUNKS_PER_TOWER))
     snapshots.mkdir(parents=True, exist_ok=True)
     for stale in snapshots.glob(".tmp-*"):  # the caller holds the repo lock: these belong to a dead process
@@ -178,12 +173,13 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
             fh.flush()
             os.fsync(fh.fileno())
         with safe_open(str(tmp / SINGLE_FILE), framework="pt") as check:  # safetensors' own parser agrees
-            if (tmp / SINGLE_FILE).stat().st_size != file_size or set(check.keys()) != set(entries):
+            if (tmp / SINGLE_FILE).stat().st_size != file_size or set(check.keys()) != {i.name for i in order}:
                 raise CheckpointError(f"{remote.where}: the tower written to {tmp} does not match the plan")
         repo_bytes = sum(remote.files.get(name) or 0 for name in root_safetensors(remote.files))
-        manifest = dict(meta, repo_id=remote.repo_id, commit=remote.sha, prefix=chosen, tensors=len(order),
-                        source_files={n: remote.open(n).size for n in headers}, tower_bytes=tower_bytes, file_size=file_size,
-                        fetched_bytes=remote.weight_bytes, requests=remote.requests, repo_safetensors_bytes=repo_bytes)
+        sources = {name: remote.open(name).size for name in dict.fromkeys(info.file for info in order)}
+        manifest = dict(meta, repo_id=remote.repo_id, commit=remote.sha, prefix=chosen, tensors=len(order), source_files=sources,
+                        tower_bytes=tower_bytes, file_size=file_size, fetched_bytes=remote.weight_bytes,
+                        requests=remote.requests, repo_safetensors_bytes=repo_bytes)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)  # a damaged copy (see find_cached_tower), if any
         os.replace(tmp, final)
@@ -193,12 +189,12 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
     logger.info("%s: fetched %.2f MB of safetensors bytes (vision tower: %d tensors, %.2f MB, prefix %r; %d requests) "
                 "out of %.2f MB in the repo's safetensors (%.2f%%); saved to %s", remote.where, remote.weight_bytes / 1e6,
                 len(order), tower_bytes / 1e6, chosen, remote.requests, repo_bytes / 1e6,
-                100.0 * remote.weight_bytes / max(repo_bytes, 1), final)
+                100 * remote.weight_bytes / max(repo_bytes, 1), final)
     return final
 
 
-def _plan(order: list[TensorInfo]) -> tuple[dict[str, Any], list[list[Any]], int]:
-    """The new file's header entries (tensors packed in ``order``), the runs to read, the tower's bytes. A run is
+def _plan(order: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[list[Any]], int]:
+    """The new file's JSON header (tensors packed in ``order``), the runs to read, the tower's bytes. A run is
     ``[file, start, end, pieces]``, pieces = its tensors' ``(source start, source end, offset in the new data)``."""
     entries, runs, offset = {}, [], 0
     max_gap = min(MAX_GAP_BYTES, sum(i.nbytes for i in order) // 64)
@@ -210,7 +206,8 @@ def _plan(order: list[TensorInfo]) -> tuple[dict[str, Any], list[list[Any]], int
             runs[-1][2] = info.end
             runs[-1][3].append((info.start, info.end, offset))
         offset += info.nbytes
-    return entries, runs, offset
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), runs, offset
 
 
 def _place(fh: Any, data_start: int, pieces: list[tuple[int, int, int]], pos: int, data: bytes) -> None:
