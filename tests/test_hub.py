@@ -14,7 +14,7 @@ The figures asserted: weight bytes served <= 1.02 x the tower's own bytes (singl
 world sizes 1 and 2 (two ranks fetching at once still fetch once), with two dropped connections, and per
 node with two torchrun nodes on this host; 0 on a second load, 0 when the Hugging Face cache already holds
 the files; offline loads from the cache with the server stopped. Everything goes through the installed
-huggingface_hub (0.3x with transformers 4.x, 2.x with transformers 5; .ci/run tests both) over HTTP.
+huggingface_hub (0.36+ with transformers 4.x, 2.x with transformers 5; .ci/run tests both) over HTTP.
 """
 
 from __future__ import annotations
@@ -613,8 +613,8 @@ def test_interrupted_transfer_leaves_nothing_behind(
         hub.resolve_checkpoint(VLM_SHARDED)
     if how == "dropped-connections":
         assert repr(VLM_SHARDED) in str(info.value) and "'main'" in str(info.value)
-        # retried (by huggingface_hub and/or tp-siglip: every wait was followed by the same request), then gave up
-        assert len(waits) >= tower_cache.RETRIES and repeated_reads(env.server) == len(waits)
+        # retried by huggingface_hub (every wait was followed by the same request), then gave up
+        assert len(waits) >= 2 and repeated_reads(env.server) == len(waits)
     own = own_repo_dir(env.cache, VLM_SHARDED)
     assert list((own / "snapshots").iterdir()) == []
     assert not (own / "refs").exists()

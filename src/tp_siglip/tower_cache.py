@@ -1,16 +1,13 @@
 """Fetching only a checkpoint's vision tower, by byte ranges, into a checked vision-only safetensors file.
 
-`fetch_tower` reads the headers of the safetensors files holding the tower (with an index, only the shards
-its ``weight_map`` names for it), then its tensors' bytes, and writes them, names kept, as
-``snapshots/<sha>/model.safetensors`` beside ``config.json`` and a manifest; `find_cached_tower` finds it.
-
-Reads go through huggingface_hub's public `HfFileSystem` (``seek``/``read`` with ``cache_type="none"``: one
-ranged GET each), which resends a request whose connection dropped or got a 5xx, losing what that attempt
-had received: tower bytes are read in chunks of ~1/`CHUNKS_PER_TOWER` of the tower, so a drop costs at most
-one chunk again; a shorter answer than asked is continued. Adjacent tensors form one run (gaps up to
-``min(MAX_GAP_BYTES, tower/64)`` are read and dropped). All is written in ``snapshots/.tmp-*`` and renamed
-into place once size, header and safetensors' parser agree with the plan; an error removes it. Ranged
-bytes cannot be checked against the LFS sha256 (of whole files): sizes, offsets and headers are.
+`fetch_tower` reads the headers of the files holding the tower (with an index, only its shards), then its
+bytes, and writes them, names kept, as ``snapshots/<sha>/model.safetensors`` beside ``config.json`` and a
+manifest (`find_cached_tower` finds it). Reads are ranged GETs through huggingface_hub's `HfFileSystem`, which
+resends one that dropped (>= 0.36) or got a 5xx, losing what it had received: so the tower is read in chunks of
+~1/`CHUNKS_PER_TOWER`, and a short answer is continued. Adjacent tensors form one run (gaps up to
+``min(MAX_GAP_BYTES, tower/64)`` are read and dropped). All is written in ``snapshots/.tmp-*`` and renamed into
+place once its size and safetensors' parser agree with the plan; an error removes it. (Ranged bytes cannot be
+checked against the LFS sha256 of whole files; sizes and offsets are.)
 """
 
 from __future__ import annotations
@@ -21,21 +18,17 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from tp_siglip.loader import CheckpointError, TensorInfo, find_prefix, header_length, parse_header, parse_index
-from tp_siglip.loader import read_header, tower_prefix
+from tp_siglip.loader import CheckpointError, TensorInfo, find_prefix, header_length, parse_header, parse_index, tower_prefix
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", "model.safetensors"
 MANIFEST_FILE = "tp_siglip_tower.json"
-MAX_GAP_BYTES = 1 << 20
-CHUNKS_PER_TOWER, MIN_CHUNK, MAX_CHUNK = 128, 4096, 64 << 20
-RETRIES, RETRY_WAIT = 2, 2.0  # on top of huggingface_hub's own retries, which < 0.36 skip for dropped bodies
+MAX_GAP_BYTES, CHUNKS_PER_TOWER, MIN_CHUNK, MAX_CHUNK = 1 << 20, 128, 4096, 64 << 20  # see the module docstring
 RepoFiles = Mapping[str, Optional[int]]  # a repo's files: name -> size in bytes (None where unknown)
 
 
@@ -62,7 +55,7 @@ def tower_files(weight_map: Optional[dict[str, str]], files: RepoFiles, prefix: 
 
 
 class Remote:
-    """Ranged reads of one repo's files at one commit through `HfFileSystem`, counting the weight bytes."""
+    """Ranged reads of one repo's files at one commit through `HfFileSystem`, counting weight bytes and GETs."""
 
     def __init__(self, repo_id: str, sha: str, endpoint: str, token: Any, files: RepoFiles, where: str) -> None:
         from huggingface_hub import HfFileSystem
@@ -72,48 +65,36 @@ class Remote:
         self.handles: dict[str, Any] = {}
         self.weight_bytes = self.requests = 0
 
-    def size(self, name: str) -> int:
-        known = self.files.get(name)
-        return known if known is not None else int(self.fs.size(f"{self.repo_id}@{self.sha}/{name}"))
+    def open(self, name: str) -> Any:
+        if name not in self.handles:  # a known size spares a metadata request
+            path = f"{self.repo_id}@{self.sha}/{name}"
+            self.handles[name] = self.fs.open(path, "rb", cache_type="none", size=self.files.get(name))
+        return self.handles[name]
 
     def read(self, name: str, start: int, end: int, chunk: int) -> Iterator[tuple[int, bytes]]:
-        """Bytes ``[start, end)`` of ``name`` as ``(offset, data)`` pieces, in order, one GET each."""
+        """Bytes ``[start, end)`` of ``name`` as ``(offset, data)`` pieces of at most ``chunk`` bytes, in order."""
         from huggingface_hub.errors import HfHubHTTPError
 
-        if name not in self.handles:
-            path = f"{self.repo_id}@{self.sha}/{name}"
-            self.handles[name] = self.fs.open(path, "rb", cache_type="none", size=self.size(name))
-        pos, failures = start, 0
+        pos = start
         while pos < end:
-            self.handles[name].seek(pos)
+            self.open(name).seek(pos)
             self.requests += 1
             try:
-                data = self.handles[name].read(min(chunk, end - pos))
-            except HfHubHTTPError:  # typed Hub errors (401, 403, 404...) reach the caller as they are
-                raise
-            except Exception as err:  # the HTTP library's error types differ across huggingface_hub versions
-                failures, problem = failures + 1, f"{type(err).__name__}: {err}"
-                if failures > RETRIES:
-                    raise TransferError(f"{self.where}: reading bytes {pos}-{end - 1} of {name} failed "
-                                        f"{failures} times ({problem}); nothing was saved") from err
-                logger.warning("%s: reading %s at byte %d failed (%s); retrying", self.where, name, pos, problem)
-                time.sleep(RETRY_WAIT * failures)
-                continue
+                data = self.open(name).read(min(chunk, end - pos))
+            except Exception as err:  # typed Hub errors (401, 404...) pass; others are what the retries gave up on
+                if isinstance(err, HfHubHTTPError):
+                    raise
+                raise TransferError(f"{self.where}: reading bytes {pos}-{end - 1} of {name} failed "
+                                    f"({type(err).__name__}: {err}); nothing was saved") from err
             self.weight_bytes += len(data) if name.endswith(".safetensors") else 0
             if not data or len(data) > end - pos:
                 raise TransferError(f"{self.where}: {name}: asked for bytes {pos}-{end - 1}, got {len(data)} bytes")
             yield pos, data
-            pos, failures = pos + len(data), 0
+            pos += len(data)
 
-    def read_bytes(self, name: str, start: int, end: int) -> bytes:
-        return b"".join(data for _, data in self.read(name, start, end, max(end - start, 1)))
-
-    def header(self, name: str) -> dict[str, TensorInfo]:
-        """A remote safetensors file's tensors (absolute offsets), from two ranged reads."""
-        source, size = f"{self.where}: {name}", self.size(name)
-        length = header_length(self.read_bytes(name, 0, min(8, size)), size, source)
-        infos = parse_header(self.read_bytes(name, 8, 8 + length), size, source)
-        return {key: dataclasses.replace(info, file=name) for key, info in infos.items()}
+    def read_bytes(self, name: str, start: int = 0, end: Optional[int] = None) -> bytes:
+        end = self.open(name).size if end is None else end
+        return b"".join(data for _, data in self.read(name, start, end, end - start))
 
 
 def tower_dir_name(sha: str, prefix: str, auto_prefix: Optional[str]) -> str:
@@ -132,73 +113,72 @@ def find_cached_tower(snapshots: Path, sha: str, prefix: Optional[str], where: s
         if not isinstance(manifest, dict) or prefix not in (None, manifest.get("prefix")):
             continue
         weights = directory / SINGLE_FILE
-        if (directory / CONFIG_FILE).is_file() and weights.is_file():
-            if weights.stat().st_size == manifest.get("file_size"):
-                return directory
+        if (directory / CONFIG_FILE).is_file() and weights.is_file() and weights.stat().st_size == manifest.get("file_size"):
+            return directory
         logger.warning("%s: cached tower %s is damaged (size or files); fetching it again", where, directory)
     return None
 
 
-def _tower_headers(remote: Remote, files: RepoFiles, prefix: Optional[str]) -> tuple[str, Optional[str], dict]:
-    """The tower's prefix, the one auto-detection picks (None where it fails), and the headers of its files."""
-    weight_map, where = None, remote.where
-    if INDEX_FILE in files:
-        weight_map = parse_index(remote.read_bytes(INDEX_FILE, 0, remote.size(INDEX_FILE)), f"{where}: {INDEX_FILE}")
-    headers = {name: remote.header(name) for name in tower_files(weight_map, files, prefix, where)}
-    seen: dict[str, str] = {}
-    for name, key in ((name, key) for name, infos in headers.items() for key in infos):
-        if seen.setdefault(key, name) != name:
-            raise CheckpointError(f"{where}: tensor {key!r} appears in both {seen[key]} and {name}")
+def _tower_tensors(remote: Remote, prefix: Optional[str]) -> tuple[str, Optional[str], list[TensorInfo]]:
+    """The tower's prefix, the one auto-detection picks (None where it fails), and its tensors in file order."""
+    where, files = remote.where, remote.files
+    weight_map = parse_index(remote.read_bytes(INDEX_FILE), f"{where}: {INDEX_FILE}") if INDEX_FILE in files else None
+    infos: list[TensorInfo] = []
+    for name in tower_files(weight_map, files, prefix, where):  # two ranged reads each
+        source, size = f"{where}: {name}", remote.open(name).size
+        length = header_length(remote.read_bytes(name, 0, min(8, size)), size, source)
+        header = parse_header(remote.read_bytes(name, 8, 8 + length), size, source)
+        infos += sorted((dataclasses.replace(info, file=name) for info in header.values()), key=lambda info: info.start)
+    seen = {info.name: info.file for info in infos}
     chosen = tower_prefix(weight_map or seen, prefix, where)
-    for key, name in (weight_map or {}).items():
-        if key.startswith(chosen) and seen.get(key) != name:
-            raise CheckpointError(f"{where}: {INDEX_FILE} puts {key!r} in {name}, whose header has no such tensor")
+    wrong = sorted(k for k, name in (weight_map or {}).items() if k.startswith(chosen) and seen.get(k) != name)
+    if len(seen) < len(infos) or wrong:
+        raise CheckpointError(f"{where}: the shards' headers repeat a tensor or disagree with {INDEX_FILE} (on {wrong[:3]})")
     try:
-        return chosen, find_prefix(weight_map or seen, where), headers
+        auto: Optional[str] = find_prefix(weight_map or seen, where)
     except CheckpointError:
-        return chosen, None, headers
+        auto = None
+    return chosen, auto, [info for info in infos if info.name.startswith(chosen)]
 
 
-def fetch_tower(remote: Remote, snapshots: Path, files: RepoFiles, prefix: Optional[str], meta: dict) -> Path:
+def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: dict[str, str]) -> Path:
     """Fetch config.json and the tower's byte ranges; save them as a checked vision-only checkpoint."""
-    config = remote.read_bytes(CONFIG_FILE, 0, remote.size(CONFIG_FILE))
+    from huggingface_hub.utils import tqdm
+    from safetensors import safe_open
+
     try:
-        json.loads(config)
+        json.loads(config := remote.read_bytes(CONFIG_FILE))
     except ValueError as err:
         raise CheckpointError(f"{remote.where}: config.json is not valid JSON ({err})") from None
-    chosen, auto, headers = _tower_headers(remote, files, prefix)
-    rank = {name: i for i, name in enumerate(headers)}
-    order = sorted((i for infos in headers.values() for k, i in infos.items() if k.startswith(chosen)),
-                   key=lambda info: (rank[info.file], info.start))
-    entries, runs, tower_bytes = _plan(order)
-    metadata = {"format": "pt", "source": f"{meta['endpoint']}/{remote.repo_id}", "commit": remote.sha,
-                "prefix": chosen}
-    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    chunk = min(MAX_CHUNK, max(MIN_CHUNK, tower_bytes // CHUNKS_PER_TOWER))
-
+    chosen, auto, order = _tower_tensors(remote, prefix)
+    metadata = {"format": "pt", "source": f"{meta['endpoint']}/{remote.repo_id}", "commit": remote.sha, "prefix": chosen}
+    raw, runs, tower_bytes = _plan(order, metadata)
+    file_size, chunk = 8 + len(raw) + tower_bytes, min(MAX_CHUNK, max(MIN_CHUNK, tower_bytes // CHUNKS_PER_TOWER))
     snapshots.mkdir(parents=True, exist_ok=True)
     for stale in snapshots.glob(".tmp-*"):  # the caller holds the repo lock: these belong to a dead process
         shutil.rmtree(stale, ignore_errors=True)
     final = snapshots / tower_dir_name(remote.sha, chosen, auto)
-    tmp = snapshots / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    (tmp := snapshots / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}").mkdir()
     try:
         (tmp / CONFIG_FILE).write_bytes(config)
-        with open(tmp / SINGLE_FILE, "wb") as fh, _progress(sum(r[2] - r[1] for r in runs), remote.repo_id) as bar:
+        bar = tqdm(total=sum(r[2] - r[1] for r in runs), unit="B", unit_scale=True, unit_divisor=1024, name=__name__,
+                   desc=f"{remote.repo_id} vision tower", disable=bool(env_flag("HF_HUB_DISABLE_PROGRESS_BARS")))
+        with open(tmp / SINGLE_FILE, "wb") as fh, bar:
             fh.write(len(raw).to_bytes(8, "little") + raw)
-            fh.truncate(8 + len(raw) + tower_bytes)
+            fh.truncate(file_size)
             for name, start, end, pieces in runs:
                 for pos, data in remote.read(name, start, end, chunk):
                     _place(fh, 8 + len(raw), pieces, pos, data)
                     bar.update(len(data))
             fh.flush()
             os.fsync(fh.fileno())
-        _verify(tmp / SINGLE_FILE, 8 + len(raw) + tower_bytes, entries, remote.where)
-        repo_bytes = sum(remote.size(name) for name in root_safetensors(files))
-        manifest = dict(meta, repo_id=remote.repo_id, commit=remote.sha, prefix=chosen, tensors=len(order),
-                        source_files={name: remote.size(name) for name in headers}, tower_bytes=tower_bytes,
-                        file_size=8 + len(raw) + tower_bytes, fetched_bytes=remote.weight_bytes,
+        with safe_open(str(tmp / SINGLE_FILE), framework="pt") as check:  # safetensors' own parser agrees
+            if (tmp / SINGLE_FILE).stat().st_size != file_size or set(check.keys()) != {i.name for i in order}:
+                raise CheckpointError(f"{remote.where}: the tower written to {tmp} does not match the plan")
+        repo_bytes = sum(remote.files.get(name) or 0 for name in root_safetensors(remote.files))
+        sources = {name: remote.open(name).size for name in dict.fromkeys(info.file for info in order)}
+        manifest = dict(meta, repo_id=remote.repo_id, commit=remote.sha, prefix=chosen, tensors=len(order), source_files=sources,
+                        tower_bytes=tower_bytes, file_size=file_size, fetched_bytes=remote.weight_bytes,
                         requests=remote.requests, repo_safetensors_bytes=repo_bytes)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)  # a damaged copy (see find_cached_tower), if any
@@ -206,56 +186,34 @@ def fetch_tower(remote: Remote, snapshots: Path, files: RepoFiles, prefix: Optio
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("%s: fetched %.2f MB of safetensors bytes (vision tower: %d tensors, %.2f MB, prefix %r; %d "
-                "requests) out of %.2f MB in the repo's safetensors (%.2f%%); saved to %s", remote.where,
-                remote.weight_bytes / 1e6, len(order), tower_bytes / 1e6, chosen, remote.requests, repo_bytes / 1e6,
-                100.0 * remote.weight_bytes / max(repo_bytes, 1), final)
+    logger.info("%s: fetched %.2f MB of safetensors bytes (vision tower: %d tensors, %.2f MB, prefix %r; %d requests) "
+                "out of %.2f MB in the repo's safetensors (%.2f%%); saved to %s", remote.where, remote.weight_bytes / 1e6,
+                len(order), tower_bytes / 1e6, chosen, remote.requests, repo_bytes / 1e6,
+                100 * remote.weight_bytes / max(repo_bytes, 1), final)
     return final
 
 
-def _plan(order: list[TensorInfo]) -> tuple[dict[str, Any], list[list[Any]], int]:
-    """Header entries of the new file (the tensors packed in ``order``), the runs to read, the tower's bytes.
-
-    A run is ``[file, start, end, pieces]``: one byte range of a source file holding the tensors ``pieces``
-    (``(source start, source end, offset in the new data section)``), with gaps up to ``max_gap`` between them.
-    """
+def _plan(order: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[list[Any]], int]:
+    """The new file's JSON header (tensors packed in ``order``), the runs to read, the tower's bytes. A run is
+    ``[file, start, end, pieces]``, pieces = its tensors' ``(source start, source end, offset in the new data)``."""
     entries, runs, offset = {}, [], 0
     max_gap = min(MAX_GAP_BYTES, sum(i.nbytes for i in order) // 64)
     for info in order:
-        span = [offset, offset + info.nbytes]
-        entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": span}
+        entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
         if info.nbytes and not (runs and runs[-1][0] == info.file and 0 <= info.start - runs[-1][2] <= max_gap):
             runs.append([info.file, info.start, info.end, []])
         if info.nbytes:
             runs[-1][2] = info.end
             runs[-1][3].append((info.start, info.end, offset))
         offset += info.nbytes
-    return entries, runs, offset
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), runs, offset
 
 
 def _place(fh: Any, data_start: int, pieces: list[tuple[int, int, int]], pos: int, data: bytes) -> None:
-    """Write the bytes of ``data`` (file offset ``pos``) that belong to tower tensors at their new place."""
+    """Write the bytes of ``data`` (source offset ``pos``) that belong to tower tensors at their new place."""
     for lo, hi, dst in pieces:
         a, b = max(lo, pos), min(hi, pos + len(data))
         if a < b:
             fh.seek(data_start + dst + a - lo)
             fh.write(data[a - pos : b - pos])
-
-
-def _verify(path: Path, expected_size: int, entries: dict[str, Any], where: str) -> None:
-    """The written file has the planned size and tensors, by our header check and by safetensors' parser."""
-    from safetensors import safe_open
-
-    written = {k: (v.dtype, list(v.shape), v.end - v.start) for k, v in read_header(path).items()}
-    planned = {k: (e["dtype"], e["shape"], e["data_offsets"][1] - e["data_offsets"][0]) for k, e in entries.items()}
-    with safe_open(str(path), framework="pt") as check:
-        if path.stat().st_size != expected_size or written != planned or set(check.keys()) != set(entries):
-            raise CheckpointError(f"{where}: the tower written to {path} does not match the plan")
-
-
-def _progress(total: int, repo_id: str) -> Any:
-    """huggingface_hub's tqdm bar in bytes (off with HF_HUB_DISABLE_PROGRESS_BARS or disable_progress_bars())."""
-    from huggingface_hub.utils import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{repo_id} vision tower",
-                disable=bool(env_flag("HF_HUB_DISABLE_PROGRESS_BARS")), name=__name__)
