@@ -8,7 +8,9 @@ knows nothing about it.
 Choices:
 
 * **Every rank passes the whole batch** (as in tensor mode); the split is deterministic, so ranks agree
-  on it without talking.
+  on it without talking. Before splitting, one small collective checks that every rank got the same,
+  valid batch (`agree_on_inputs`): a wrong batch on one rank would otherwise hang the gather or mix
+  images of different batches.
 * **Shares are balanced by cost, not by count**: ``costs`` (patches per image) go to the least-loaded
   rank, largest first. Images of one fixed size cost the same, which gives contiguous, near-equal
   shares. Outputs are put back in input order.
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from tp_siglip.model import SiglipVisionOutput
-from tp_siglip.parallel import ProcessGroup, all_gather_batch, group_rank, group_size
+from tp_siglip.parallel import ProcessGroup, agree_on_inputs, all_gather_batch, group_rank, group_size
 
 
 def balanced_shares(costs: Sequence[int], parts: int) -> list[list[int]]:
@@ -83,11 +85,25 @@ class DataParallelEncoder(nn.Module):
     def check_finite(self, value: bool) -> None:
         self.module.check_finite = value
 
+    @property
+    def check_inputs_agree(self) -> str:
+        return self.module.check_inputs_agree
+
+    @check_inputs_agree.setter
+    def check_inputs_agree(self, value: str) -> None:
+        self.module.check_inputs_agree = value
+
     def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> SiglipVisionOutput:
-        """``module(pixel_values, ...)`` on this rank's images; the full outputs, in input order, on every rank."""
+        """``module(pixel_values, ...)`` on this rank's images; the full outputs, in input order, on every rank.
+
+        Every rank must pass the whole, same batch: the ranks first check that they did, and that it is
+        valid everywhere (`agree_on_inputs` over the module's ``check_inputs``).
+        """
         size = group_size(self.group)
-        if size == 1 or not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() < 1:
-            return self.module(pixel_values, *args, **kwargs)  # one rank, or let the model raise its error
+        if size == 1:
+            return self.module(pixel_values, *args, **kwargs)
+        check = lambda: self.module.check_inputs(pixel_values, *args, **kwargs)  # noqa: E731
+        agree_on_inputs(self.group, check, mode=self.check_inputs_agree)
         shares = balanced_shares([1] * pixel_values.shape[0], size)
         mine = shares[group_rank(self.group)]
         # an idle rank (fewer images than ranks) encodes one image to learn the output shapes, sends none

@@ -42,6 +42,7 @@ from tp_siglip.parallel import (
     ProcessGroup,
     RowParallelLinear,
     TensorParallelPlan,
+    agree_on_inputs,
     checkpoint_layout,
     copy_piece,
     feeds_by_source,
@@ -366,6 +367,8 @@ class SiglipVisionTransformer(nn.Module):
         self.process_group = process_group
         #: validate that inputs hold no NaN/inf (one device sync per forward); servers may switch it off
         self.check_finite = True
+        #: what ranks compare before each forward: "shapes" (shapes, dtypes, flags) or "checksum" (also pixels)
+        self.check_inputs_agree = "shapes"
         self.plan = TensorParallelPlan.for_group(
             process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
         )
@@ -514,8 +517,29 @@ class SiglipVisionTransformer(nn.Module):
         Returns ``last_hidden_state (B, patches, hidden)`` after ``post_layernorm``, ``pooler_output
         (B, hidden)`` (``None`` without a head) and, when ``output_hidden_states``, a tuple of
         ``num_hidden_layers + 1`` tensors: the embeddings, then each layer's output (before
-        ``post_layernorm``).
+        ``post_layernorm``). Every rank must pass the same inputs; `agree_on_inputs` checks that they
+        did (``check_inputs_agree``) and that they are valid on every rank before any compute.
         """
+        inputs = agree_on_inputs(
+            self.process_group,
+            lambda: self.check_inputs(pixel_values, output_hidden_states, interpolate_pos_encoding, **kwargs),
+            mode=self.check_inputs_agree,
+        )
+        pixel_values, output_hidden_states = inputs["pixel_values"], inputs["output_hidden_states"]
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
+        last_hidden_state = self.post_layernorm(hidden_states)
+        pooled = self.head(last_hidden_state) if self.head is not None else None
+        return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
+
+    def check_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """This rank's checks of ``forward``'s arguments (no communication); returns them normalised."""
         if not self._weights_ready:
             raise RuntimeError(
                 "this model's weights are not loaded (built on the meta device, or a load failed); call "
@@ -533,11 +557,8 @@ class SiglipVisionTransformer(nn.Module):
             check_finite=self.check_finite,
             device=self.device,
         )
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        hidden_states, all_states = self.encoder(hidden_states, output_hidden_states=bool(output_hidden_states))
-        last_hidden_state = self.post_layernorm(hidden_states)
-        pooled = self.head(last_hidden_state) if self.head is not None else None
-        return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
+        flags = {"output_hidden_states": bool(output_hidden_states), "interpolate_pos_encoding": interpolate_pos_encoding}
+        return {"pixel_values": pixel_values, **flags}
 
 
 def _init_full(name: str, tensor: torch.Tensor, hidden_size: int) -> None:
