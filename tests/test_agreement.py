@@ -4,11 +4,14 @@ Every forward first runs one small all-gather (`tp_siglip.parallel.agree_on_inpu
 flags must match on every rank and every rank's local checks must pass; otherwise every rank raises,
 before any compute (no hang until the group timeout, no silently wrong numbers). Each spawn runs many
 cases on one group, in tensor and data mode, and returns what each rank saw; a final plain forward
-checks that the ranks are still in step after all those failures.
+checks that the ranks are still in step after all those failures, and no raised error is left in a
+reference cycle (which would keep the process group alive into interpreter exit).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 
 import pytest
@@ -16,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_ranks
-from tp_siglip.parallel import _input_verdict, input_signature, tensor_checksum
+from tp_siglip.parallel import _input_verdict, agree_on_inputs, input_signature, tensor_checksum
 
 CONFIG = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6, image_size=32, patch_size=8)
 
@@ -62,8 +65,29 @@ def _cases(rank: int, world_size: int) -> dict[str, tuple]:
     }
 
 
+def _exceptions_left_in_cycles(fn) -> list[str]:
+    """Call ``fn`` (which raises), drop the error, and list exceptions that only the cycle collector frees.
+
+    An exception in a reference cycle (error -> traceback -> frame -> error) outlives its ``except``
+    block, and the frames it holds keep the process group alive, into interpreter exit if need be.
+    """
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        with contextlib.suppress(Exception):
+            fn()
+        gc.collect()
+        return [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 def _every_case(rank: int, world_size: int) -> dict:
     from tp_siglip import DataParallelEncoder, SiglipVisionConfig, SiglipVisionTransformer
+    from tp_siglip.parallel import agree_on_failure
 
     config = SiglipVisionConfig(**CONFIG)
     models = {
@@ -75,6 +99,11 @@ def _every_case(rank: int, world_size: int) -> dict:
         for name, (pixels, kwargs, agree) in _cases(rank, world_size).items():
             model.check_inputs_agree = agree
             outcomes[(mode, name)] = _outcome(model, pixels, **kwargs)
+    pixels, _, _ = _cases(rank, world_size)["NaN on rank 1"]
+    failure = ValueError("rank 1 failed") if rank == 1 else None
+    outcomes["cycles"] = _exceptions_left_in_cycles(lambda: models["tensor"](pixels)) + _exceptions_left_in_cycles(
+        lambda: agree_on_failure(failure, dist.group.WORLD, torch.device("cpu"))
+    )
     return outcomes
 
 
@@ -131,7 +160,8 @@ def _check_world(ranks: list[dict], reference: dict) -> None:
         for r in ranks:
             torch.testing.assert_close(r[(mode, "same inputs, checksum")]["pooler"], reference["two"], atol=1e-5, rtol=0)
             torch.testing.assert_close(r[(mode, "still in step")]["pooler"], reference["five"], atol=1e-5, rtol=0)
-    slowest = max(outcome["seconds"] for r in ranks for outcome in r.values())
+    assert [r["cycles"] for r in ranks] == [[]] * world, "a raised error was left in a reference cycle"
+    slowest = max(outcome["seconds"] for r in ranks for key, outcome in r.items() if key != "cycles")
     assert slowest < 20, f"a case took {slowest:.1f} s: a rank waited instead of failing at once"
 
 
@@ -141,6 +171,17 @@ def test_ranks_agree_or_all_fail_two_ranks(tmp_path, reference):
 
 def test_ranks_agree_or_all_fail_three_ranks(tmp_path, reference):
     _check_world(run_ranks(3, tmp_path, _every_case), reference)
+
+
+def test_without_a_group_only_the_local_check_runs():
+    def refuse():
+        raise ValueError("refused here")
+
+    with pytest.raises(ValueError, match="refused here"):
+        agree_on_inputs(None, refuse)
+    with pytest.raises(ValueError, match="check_inputs_agree 'all' is not one of"):
+        agree_on_inputs(None, dict, mode="all")
+    assert agree_on_inputs(None, lambda: {"x": 1}) == {"x": 1}
 
 
 def test_checksum_sees_any_changed_value_and_image_order():
