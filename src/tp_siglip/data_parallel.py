@@ -8,7 +8,9 @@ knows nothing about it.
 Choices:
 
 * **Every rank passes the whole batch** (as in tensor mode); the split is deterministic, so ranks agree
-  on it without talking.
+  on it without talking. Before splitting, one small collective checks that every rank got the same,
+  valid batch (`agree_on_inputs` over the model's own ``check_inputs``): a wrong batch on one rank would
+  otherwise hang the gather or mix images of different batches.
 * **Shares are balanced by cost, not by count** (`balance_by_cost`): a NaFlex image costs its valid
   patches, and each rank trims the padding none of its images needs, so one big image and many small
   ones spread evenly; images of one fixed size cost the same and get contiguous, near-equal shares
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_siglip.model import SiglipVisionOutput
-from tp_siglip.parallel import ProcessGroup, all_gather_batch, group_rank, group_size
+from tp_siglip.parallel import ProcessGroup, agree_on_inputs, all_gather_batch, group_rank, group_size
 
 
 def _is_int(value: object) -> bool:
@@ -118,18 +120,30 @@ class DataParallelEncoder(nn.Module):
     def check_finite(self, value: bool) -> None:
         self.module.check_finite = value
 
+    @property
+    def check_inputs_agree(self) -> str:
+        return self.module.check_inputs_agree
+
+    @check_inputs_agree.setter
+    def check_inputs_agree(self, value: str) -> None:
+        self.module.check_inputs_agree = value
+
     def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> SiglipVisionOutput:
         """``module(pixel_values, ...)`` on this rank's images; the full outputs, in input order, on every rank.
 
-        Every tensor argument with one row per image is split like ``pixel_values``. With a NaFlex
-        ``pixel_attention_mask`` images cost their valid patches, and each rank drops the padding columns
-        none of its images needs (rows past an image's patches then come back as zeros).
+        Every rank must pass the whole, same batch: the ranks first check that they did, and that it is
+        valid everywhere (`agree_on_inputs` over the module's ``check_inputs``). Every tensor argument with
+        one row per image is then split like ``pixel_values``. With a NaFlex ``pixel_attention_mask``
+        images cost their valid patches, and each rank drops the padding columns none of its images needs
+        (rows past an image's patches then come back as zeros).
         """
         size = group_size(self.group)
-        if size == 1 or not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() < 1:
-            return self.module(pixel_values, *args, **kwargs)  # one rank, or let the model raise its error
+        if size == 1:
+            return self.module(pixel_values, *args, **kwargs)
+        check = lambda: self.module.check_inputs(pixel_values, *args, **kwargs)  # noqa: E731
+        agree_on_inputs(self.group, check, mode=self.check_inputs_agree)
         bound = inspect.signature(self.module.forward).bind(pixel_values, *args, **kwargs)
-        batch, tokens = pixel_values.shape[0], pixel_values.shape[1] if pixel_values.dim() > 1 else 0
+        batch, tokens = pixel_values.shape[0], pixel_values.shape[1]
         mask = bound.arguments.get("pixel_attention_mask")
         naflex = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, tokens)
         costs = [int(c) for c in mask.sum(1).tolist()] if naflex else [1] * batch

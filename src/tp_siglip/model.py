@@ -43,6 +43,7 @@ from tp_siglip.parallel import (
     ProcessGroup,
     RowParallelLinear,
     TensorParallelPlan,
+    agree_on_inputs,
     checkpoint_layout,
     copy_piece,
     feeds_by_source,
@@ -331,6 +332,8 @@ class SiglipVisionTransformer(nn.Module):
         self.process_group = process_group
         #: validate that inputs hold no NaN/inf (one device sync per forward); servers may switch it off
         self.check_finite = True
+        #: what ranks compare before each forward: "shapes" (shapes, dtypes, flags) or "checksum" (also pixels)
+        self.check_inputs_agree = "shapes"
         self.plan = TensorParallelPlan.for_group(
             process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
         )
@@ -505,7 +508,30 @@ class SiglipVisionTransformer(nn.Module):
         ``post_layernorm``). ``patch_attention_mask (B, H/p, W/p)`` (bool, as Idefics3 passes it) marks
         the real patches of padded images: padded patches are hidden from attention and positions are
         bucketized like ``Idefics3VisionTransformer``; Idefics3 towers do that even without a mask.
+        Every rank must pass the same inputs; `agree_on_inputs` checks that they did
+        (``check_inputs_agree``) and that they are valid on every rank before any compute.
         """
+        inputs = agree_on_inputs(
+            self.process_group,
+            lambda: self.check_inputs(pixel_values, output_hidden_states, interpolate_pos_encoding, patch_attention_mask, **kwargs),
+            mode=self.check_inputs_agree,
+        )
+        pixel_values, mask = inputs["pixel_values"], inputs["patch_attention_mask"]
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, mask)
+        key_mask = None
+        if mask is not None and not bool(mask.all()):
+            key_mask = mask.reshape(pixel_values.shape[0], 1, 1, -1)
+        return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
+
+    def check_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        patch_attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """This rank's checks of ``forward``'s arguments (no communication); returns them normalised."""
         self._check_ready(kwargs)
         pixel_values, patch_attention_mask = check_pixel_values(
             pixel_values,
@@ -515,11 +541,12 @@ class SiglipVisionTransformer(nn.Module):
             check_finite=self.check_finite,
             device=self.device,
         )
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, patch_attention_mask)
-        key_mask = None
-        if patch_attention_mask is not None and not bool(patch_attention_mask.all()):
-            key_mask = patch_attention_mask.reshape(pixel_values.shape[0], 1, 1, -1)
-        return self._encode(embeddings, key_mask, bool(output_hidden_states))
+        return {
+            "pixel_values": pixel_values,
+            "patch_attention_mask": patch_attention_mask,
+            "output_hidden_states": bool(output_hidden_states),
+            "interpolate_pos_encoding": interpolate_pos_encoding,
+        }
 
     def _encode(
         self, embeddings: torch.Tensor, key_mask: Optional[torch.Tensor], output_hidden_states: bool
@@ -560,6 +587,28 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
         Outputs as `SiglipVisionTransformer.forward`; rows past ``h*w`` hold what transformers computes
         there (padding tokens that attend to the image), which no consumer should read.
         """
+        inputs = agree_on_inputs(
+            self.process_group,
+            lambda: self.check_inputs(pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states, **kwargs),
+            mode=self.check_inputs_agree,
+        )
+        pixel_values = inputs["pixel_values"]
+        embeddings = self.embeddings(pixel_values, inputs["spatial_shapes"])
+        key_mask = inputs["pixel_attention_mask"].bool().reshape(pixel_values.shape[0], 1, 1, -1)
+        return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
+
+    def check_inputs(  # type: ignore[override]
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """This rank's checks of ``forward``'s arguments (no communication); returns them normalised.
+
+        The image grids themselves (``spatial_shapes``' values) are part of what ranks compare.
+        """
         self._check_ready(kwargs)
         check_naflex_inputs(
             pixel_values,
@@ -570,9 +619,13 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
             check_finite=self.check_finite,
             device=self.device,
         )
-        embeddings = self.embeddings(pixel_values, spatial_shapes)
-        key_mask = pixel_attention_mask.bool().reshape(pixel_values.shape[0], 1, 1, -1)
-        return self._encode(embeddings, key_mask, bool(output_hidden_states))
+        return {
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": pixel_attention_mask,
+            "spatial_shapes": spatial_shapes,
+            "grids": [tuple(row) for row in spatial_shapes.tolist()],
+            "output_hidden_states": bool(output_hidden_states),
+        }
 
 
 def _init_full(name: str, tensor: torch.Tensor, hidden_size: int) -> None:

@@ -16,18 +16,25 @@ Choices:
 * **CPU ranks on one host sum through shared memory** (``shm_allreduce.py``), about 4x faster than
   gloo's loopback TCP for activation-sized tensors; other cases use the group's own all-reduce.
 * **Groups the library creates** (only when launched by torchrun without a group) get
-  ``DEFAULT_TIMEOUT`` and are destroyed at interpreter exit: gloo can abort a process at exit while a
-  group it still references is alive.
+  ``DEFAULT_TIMEOUT`` and are destroyed at interpreter exit, followed by a garbage collection: gloo can
+  abort a process at exit while a group it still references is alive.
+* **Failures are shared, never left half-raised.** `agree_on_failure` (loading) and `agree_on_inputs`
+  (every forward) each run one fixed-size all-gather of bytes (no pickling): every rank raises when any
+  rank failed, and ranks that got different inputs all raise instead of hanging or computing garbage.
+  A rank re-raises its own error from a frame that no longer holds it in a local, so no reference
+  cycle (error -> traceback -> frame -> error) keeps the process group alive into interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -202,27 +209,176 @@ def agree_on_failure(error: Optional[BaseException], group: Optional[ProcessGrou
     pickling). A rank with its own error re-raises it; a healthy rank raises ``RuntimeError`` naming the
     rank that failed and why. Without a group it simply re-raises ``error``.
     """
-    if group is None or group_size(group) == 1:
+    try:
+        if group is None or group_size(group) == 1:
+            if error is not None:
+                raise error
+            return
+        message = "" if error is None else f"{type(error).__name__}: {error}"
+        rows = exchange_status(group, error is not None, message, device)
         if error is not None:
             raise error
-        return
-    size, rank = group_size(group), group_rank(group)
-    width = 1024
-    message = b"" if error is None else f"{type(error).__name__}: {error}".encode()[: width - 1]
-    mine = torch.zeros(width, dtype=torch.uint8, device=device)
-    mine[0] = 0 if error is None else 1
-    if message:
-        mine[1 : 1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8).to(device)
+        failed = [r for r, (status, _) in enumerate(rows) if status]
+        if failed:
+            reasons = "; ".join(f"rank {r}: {rows[r][1]}" for r in failed)
+            raise RuntimeError(
+                f"loading failed on rank(s) {failed} of {len(rows)} (this is rank {group_rank(group)}): {reasons}"
+            )
+    finally:
+        error = None  # the raised error's traceback holds this frame: a kept local would form a cycle
+
+
+#: bytes each rank contributes to a status exchange (a status byte, then UTF-8 text)
+STATUS_WIDTH = 1024
+
+
+def exchange_status(
+    group: ProcessGroup, failed: bool, text: str, device: torch.device, width: int = STATUS_WIDTH
+) -> list[tuple[bool, str]]:
+    """All-gather one ``(failed, text)`` pair per rank in one fixed-size collective; by rank.
+
+    ``text`` (UTF-8) is cut to ``width - 1`` bytes. No pickling: the pairs travel as bytes in a tensor.
+    """
+    size = group_size(group)
+    row = bytearray(width)
+    row[0] = 1 if failed else 0
+    data = text.encode()[: width - 1]
+    row[1 : 1 + len(data)] = data
+    mine = torch.frombuffer(row, dtype=torch.uint8).to(device)
     everyone = torch.empty(size * width, dtype=torch.uint8, device=device)
     _all_gather_flat(everyone, mine, group)
-    table = everyone.view(size, width).cpu()
-    if error is not None:
-        raise error
-    failed = [r for r in range(size) if table[r, 0].item() != 0]
+    table = everyone.cpu().numpy().tobytes()
+    rows = [table[r * width : (r + 1) * width] for r in range(size)]
+    return [(row[0] != 0, row[1:].rstrip(b"\0").decode(errors="replace")) for row in rows]
+
+
+# ----------------------------------------------------------------------------- input agreement
+
+#: ``check_inputs_agree`` values: compare shapes, dtypes and flags (default); also compare a pixel checksum
+AGREEMENT_MODES = ("shapes", "checksum")
+_FIELD_SEPARATOR, _VALUE_SEPARATOR = "\n", "\t"
+
+
+def agree_on_inputs(
+    group: Optional[ProcessGroup], check: Callable[[], Mapping[str, Any]], *, mode: str = "shapes"
+) -> dict[str, Any]:
+    """Run one forward's local input ``check`` and make sure every rank of ``group`` got the same inputs.
+
+    ``check()`` validates this rank's inputs (raising ``TypeError``/``ValueError`` as usual) and returns
+    them by name, normalised (``output_hidden_states=None`` -> ``False``). Its error is not raised at once:
+    one fixed-size all-gather (`exchange_status`) shares every rank's verdict and an inputs signature
+    (each tensor's shape and dtype, every other value's ``repr``; with ``mode="checksum"`` also a checksum
+    of each tensor's bytes, see `tensor_checksum`). Then, if any rank failed its check, that rank raises its
+    own error and every other rank a ``ValueError`` naming it; if the signatures differ, every rank raises
+    a ``ValueError`` naming what differs on which ranks. Returns ``check()``'s inputs.
+
+    Without a group, with a group of one or inside ``torch.compile`` it only runs ``check()`` (raising at
+    once): a compiled graph cannot branch on what the other ranks sent.
+    """
+    if torch.compiler.is_compiling() or group is None or group_size(group) == 1:
+        _check_mode(mode)
+        return dict(check())
+    inputs: dict[str, Any] = {}
+    error: Optional[BaseException] = None
+    text = ""
+    try:
+        _check_mode(mode)
+        inputs = dict(check())
+        text = input_signature(inputs, checksum=mode == "checksum")
+    except Exception as err:  # shared with every rank below, then raised here
+        error = err
+        text = f"{type(err).__name__}: {err}"
+    try:
+        verdict = _input_verdict(exchange_status(group, error is not None, text, collective_device(group)), group)
+        if error is not None:
+            raise error
+        if verdict:
+            raise ValueError(verdict)
+    finally:
+        error = None  # the raised error's traceback holds this frame: a kept local would form a cycle
+    return inputs
+
+
+def _check_mode(mode: object) -> None:
+    if mode not in AGREEMENT_MODES:
+        raise ValueError(f"check_inputs_agree {mode!r} is not one of {list(AGREEMENT_MODES)}")
+
+
+def input_signature(inputs: Mapping[str, Any], *, checksum: bool = False) -> str:
+    """What ranks compare: one ``field<TAB>value`` line per field of ``inputs``.
+
+    A tensor ``x`` gives fields ``x shape`` and ``x dtype`` (and with ``checksum`` ``x checksum``, its
+    `tensor_checksum`), anything else its ``repr``. Text too long for a status row keeps its first whole
+    fields and ends with a ``signature digest`` field computed over all of them.
+    """
+    fields = []
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            fields.append((f"{name} shape", str(tuple(value.shape))))
+            fields.append((f"{name} dtype", str(value.dtype)))
+            if checksum:
+                fields.append((f"{name} checksum", str(tensor_checksum(value))))
+        else:
+            fields.append((name, repr(value)))
+    lines = [f"{k}{_VALUE_SEPARATOR}{v}".replace(_FIELD_SEPARATOR, " ") for k, v in fields]
+    text = _FIELD_SEPARATOR.join(lines)
+    if len(text.encode()) <= STATUS_WIDTH - 1:
+        return text
+    # too long for a row: keep the first whole fields, and a digest that sees all of them
+    digest = f"signature digest{_VALUE_SEPARATOR}{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
+    kept, used = [], len(digest) + 1
+    for line in lines:
+        used += len(line.encode()) + 1
+        if used > STATUS_WIDTH - 1:
+            break
+        kept.append(line)
+    return _FIELD_SEPARATOR.join([*kept, digest])
+
+
+def tensor_checksum(x: torch.Tensor) -> int:
+    """An exact checksum of ``x``'s bytes that also sees the order of its rows (images).
+
+    Each row ``x[i]`` is read as 32-bit integers (bytes when its size is not a multiple of 4) and summed
+    modulo 2**32 (a wrapping sum: vectorised, about as fast as ``x.sum()``); the row sums are weighted by
+    ``i + 1``. Integer sums do not depend on the order of summation, so equal tensors give equal
+    checksums on any device and thread count. Any single changed element, or two swapped images, changes
+    it; a reordering of values inside one image does not. Reads the whole tensor (one device sync).
+    """
+    if x.numel() == 0:
+        return 0
+    rows = x.detach().contiguous().reshape(x.shape[0] if x.dim() else 1, -1).view(torch.uint8)
+    if rows.shape[1] % 4 == 0:
+        sums = rows.view(torch.int32).sum(dim=1, dtype=torch.int32)  # wraps around: exact modulo 2**32
+    else:
+        sums = rows.sum(dim=1, dtype=torch.int64)
+    return sum((i + 1) * (int(s) % 2**32) for i, s in enumerate(sums.tolist())) % 2**64
+
+
+def _input_verdict(rows: list[tuple[bool, str]], group: ProcessGroup) -> str:
+    """The error message for this rank given every rank's ``(failed, text)``; ``""`` when all agree."""
+    size, rank = len(rows), group_rank(group)
+    where = f"(this is rank {rank} of {size}); every rank must pass the same, valid inputs"
+    failed = [r for r, (bad, _) in enumerate(rows) if bad]
     if failed:
-        texts = [bytes(table[r, 1:].tolist()).rstrip(bytes(1)).decode(errors="replace") for r in failed]
-        reasons = "; ".join(f"rank {r}: {text}" for r, text in zip(failed, texts))
-        raise RuntimeError(f"loading failed on rank(s) {failed} of {size} (this is rank {rank}): {reasons}")
+        reasons = "; ".join(f"rank {r}: {rows[r][1]}" for r in failed)
+        return f"the input check failed on rank(s) {failed} {where}: {reasons}"
+    if all(text == rows[0][1] for _, text in rows):
+        return ""
+    tables = [dict((*f.split(_VALUE_SEPARATOR, 1), "")[:2] for f in text.split(_FIELD_SEPARATOR)) for _, text in rows]
+    names = list(dict.fromkeys(name for table in tables for name in table))
+    problems = []
+    for name in names:
+        values = [table.get(name, "<not given>") for table in tables]
+        if len(set(values)) > 1:
+            by_value: dict[str, list[int]] = {}
+            for r, value in enumerate(values):
+                by_value.setdefault(value, []).append(r)
+            ranks = ", ".join(
+                f"{'rank' if len(rs) == 1 else 'ranks'} {rs[0] if len(rs) == 1 else rs} {value}"
+                for value, rs in by_value.items()
+            )
+            problems.append(f"{name} differs across ranks: {ranks}")
+    return f"{'; '.join(problems)} {where}"
 
 
 # ----------------------------------------------------------------------------- group resolution
@@ -308,8 +464,10 @@ def init_default_group(backend: Optional[str] = None) -> ProcessGroup:
 
 
 def _destroy_default_group() -> None:
+    """atexit hook: destroy the group, then free any garbage cycle still holding it (while Python is whole)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 # ----------------------------------------------------------------------------- layers
