@@ -11,6 +11,7 @@ all-gather. Rank 0 prints microseconds per call (best of 7 rounds).
 
 With the scan on, "agree" minus "local checks" overstates the cost on a busy machine: the all-gather
 makes each call wait for the slower rank, which a real forward does anyway at its first all-reduce.
+"local checks + bare all-gather" is that lock-step baseline.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _rank(rank: int, world_size: int, store: str, batch: int, iters: int) -> Non
 
     times = {}
     times["local checks (with the NaN/inf scan)"] = _per_call_us(lambda: agree_on_inputs(None, check), iters)
+    times["local checks + bare all-gather"] = _per_call_us(lambda: (check(), _all_gather_flat(everyone, mine, group)), iters)
     times["agree, 'shapes' (with the scan)"] = _per_call_us(lambda: agree_on_inputs(group, check), iters)
     times["agree, 'checksum' (with the scan)"] = _per_call_us(lambda: agree_on_inputs(group, check, mode="checksum"), iters)
     times["tensor_checksum(pixels) alone"] = _per_call_us(lambda: tensor_checksum(pixels), iters)
