@@ -24,6 +24,7 @@ closes the connection; ``"short"`` answers a shorter (but well-formed) range tha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -178,14 +179,12 @@ class HubServer:
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self.start()
         return self
 
@@ -392,10 +391,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.hub._count(repo_id, name, len(half), self._token() or "")
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 def _parse_range(header: str, size: int) -> Optional[tuple[int, int]]:

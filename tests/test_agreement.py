@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_ranks
 from tp_siglip.parallel import _input_verdict, agree_on_inputs, input_signature, tensor_checksum
+
+from distributed import run_ranks
 
 CONFIG = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6, image_size=32, patch_size=8)
 

@@ -23,10 +23,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file, encode, hardware
+
 from checkpoints import TINY, save_layout, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
 from distributed import RankPool
-from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file, encode, hardware
 
 CONFIG = {**TINY, "image_size": 32, "patch_size": 8}
 TOLERANCE = 2e-3
@@ -62,7 +63,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open is not iterable)
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -259,7 +260,7 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     key, value = named[case]
     if case == "device-cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    if case == "unwritable" and (not Path("/proc").is_dir() or os.access("/proc", os.W_OK) and _can_create_in("/proc")):
+    if case == "unwritable" and (not Path("/proc").is_dir() or (os.access("/proc", os.W_OK) and _can_create_in("/proc"))):
         pytest.skip("no unwritable /proc here")
     argv[key] = value
     inputs = argv.pop("inputs")
@@ -268,7 +269,7 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     errors = _error_lines(err)
     assert len(errors) == 1 and errors[0].startswith("error: "), err
     shown = str(value[-1] if isinstance(value, list) else value)
-    assert shown in errors[0] or case == "unwritable" and "/proc" in errors[0], errors[0]
+    assert shown in errors[0] or (case == "unwritable" and "/proc" in errors[0]), errors[0]
     if case == "device-cuda":
         assert "--device cpu" in errors[0]
     assert not (tmp_path / "out.safetensors").exists()

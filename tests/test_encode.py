@@ -52,7 +52,7 @@ def _encode(
     proc = _run(args, ranks, entry)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     with safe_open(str(output), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata(), proc.stdout
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata(), proc.stdout  # noqa: SIM118 (safe_open is not iterable)
 
 
 @pytest.fixture(scope="module")

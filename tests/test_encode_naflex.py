@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
-import towers
 from tp_siglip import encode
 from tp_siglip.processing_naflex import preprocess_naflex, preprocess_naflex_files
 
-Image = pytest.importorskip("PIL.Image")
+import towers
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PATCHES = 24  # in the checkpoint's preprocessor_config.json

@@ -34,11 +34,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tp_siglip import hub, tower_cache
+from tp_siglip.loader import CheckpointError, read_header, scan_checkpoint
+
 from checkpoints import TINY, save_layout, vision_model
 from distributed import run_ranks
 from hub_server import Fault, HubServer
-from tp_siglip import hub, tower_cache
-from tp_siglip.loader import CheckpointError, read_header, scan_checkpoint
 
 VISION = "test-org/siglip-tiny"
 FULL = "test-org/siglip-full-tiny"

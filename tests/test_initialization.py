@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from distributed import run_ranks
 from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
 from tp_siglip.initialization import default_flax_embed_init, lecun_normal_, trunc_normal_tf_, variance_scaling_
+
+from distributed import run_ranks
 
 CONFIG = SiglipVisionConfig(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
                             image_size=32, patch_size=8)

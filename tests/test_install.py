@@ -158,8 +158,9 @@ def test_installed_command_encodes_the_bundled_photos(venv, tmp_path):
     from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
 
-    from checkpoints import TINY, save_layout, vision_model
     from tp_siglip import __version__
+
+    from checkpoints import TINY, save_layout, vision_model
 
     python, purelib, env = venv
     model = vision_model({**TINY, "image_size": 32, "patch_size": 8}, seed=3)

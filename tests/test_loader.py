@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import TINY, save_layout, tower_state
 from tp_siglip import SiglipVisionTransformer, loader
 from tp_siglip.loader import CheckpointError
+
+from checkpoints import TINY, save_layout, tower_state
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import towers
 from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
 from tp_siglip.checks import check_naflex_inputs
 from tp_siglip.data_parallel import balance_by_cost, split_by_count
 from tp_siglip.embeddings import NaFlexEmbeddings, antialiased_bilinear_weights, idefics3_position_ids
+
+import towers
 
 
 def max_share(costs: Sequence[int], assignment: Sequence[Sequence[int]]) -> float:

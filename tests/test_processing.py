@@ -18,13 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFile
 
-Image = pytest.importorskip("PIL.Image")
-ImageFile = pytest.importorskip("PIL.ImageFile")
-
-import tp_siglip.processing as processing  # noqa: E402
-from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus  # noqa: E402
-from tp_siglip.processing import (  # noqa: E402
+import tp_siglip.processing as processing
+from tp_siglip.processing import (
     find_images,
     iter_batches,
     load_image,
@@ -32,6 +29,8 @@ from tp_siglip.processing import (  # noqa: E402
     preprocess_files,
     scan_images,
 )
+
+from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "tp_siglip" / "images"  # shipped in the wheel
 BUNDLED = sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in processing.IMAGE_SUFFIXES)
@@ -47,7 +46,7 @@ INSTALL_HINT = 'pip install "tp-siglip[images]"'
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Callable[..., torch.Tensor]]:
     """Return ``run(image, size, **kwargs) -> pixel_values`` computed by transformers' SiglipImageProcessor."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers import SiglipImageProcessor
 
     tf_logger = logging.getLogger("transformers")

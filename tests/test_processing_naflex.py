@@ -15,8 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-Image = pytest.importorskip("PIL.Image")
+from PIL import Image
 
 from tp_siglip.processing_naflex import naflex_target_size, preprocess_naflex
 

@@ -14,12 +14,13 @@ import shutil
 
 import pytest
 import torch
-import towers
-from distributed import run_ranks
 from safetensors.torch import save_file
 
 from tp_siglip import Siglip2VisionTransformer, SiglipVisionTransformer
 from tp_siglip.loader import CheckpointError
+
+import towers
+from distributed import run_ranks
 
 NAFLEX_SHAPES = [(4, 6), (2, 3), (1, 5), (3, 3), (6, 4)]  # padded to 24 patches; the table is 4x4
 NAFLEX_LENGTH = 24

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from checkpoints import perturb
 
 #: NaFlex tower: a 4x4 position grid (num_patches=16) with patch 8, so most images resize it.

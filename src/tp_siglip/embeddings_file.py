@@ -167,7 +167,7 @@ class EarlierOutput:
         return len(self.paths)
 
     @classmethod
-    def read(cls, path: Path) -> "EarlierOutput":
+    def read(cls, path: Path) -> EarlierOutput:
         """Read and check the header of ``path``; raises :class:`OutputFileError` saying what is wrong."""
         try:
             with open(path, "rb") as file:
@@ -186,7 +186,7 @@ class EarlierOutput:
         return cls._from_header(path, header, 8 + header_size, file_size)
 
     @classmethod
-    def _from_header(cls, path: Path, header: dict, data_start: int, file_size: int) -> "EarlierOutput":
+    def _from_header(cls, path: Path, header: dict, data_start: int, file_size: int) -> EarlierOutput:
         metadata = header.pop("__metadata__", None) or {}
         try:
             paths = json.loads(metadata["paths"])

@@ -20,8 +20,18 @@ from typing import Any, Callable, Optional, Union, cast
 
 from tp_siglip import __version__
 from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_dir, parse_index
-from tp_siglip.tower_cache import CONFIG_FILE, INDEX_FILE, RepoFiles, Remote, TransferError, env_flag
-from tp_siglip.tower_cache import fetch_tower, find_cached_tower, root_safetensors, tower_files
+from tp_siglip.tower_cache import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    Remote,
+    RepoFiles,
+    TransferError,
+    env_flag,
+    fetch_tower,
+    find_cached_tower,
+    root_safetensors,
+    tower_files,
+)
 
 __all__ = ["DOWNLOAD_MODES", "TransferError", "hub_cache_dir", "resolve_checkpoint"]
 
