@@ -75,7 +75,7 @@ class ThreeGemmAttention(nn.Module):
         self.attn_implementation = fused.attn_implementation
         self.out_proj = fused.out_proj
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         from tp_siglip.model import attention
 
         batch, tokens, _ = hidden_states.shape
@@ -83,7 +83,7 @@ class ThreeGemmAttention(nn.Module):
         query = F.linear(hidden_states, self.q_weight, self.q_bias).view(shape).transpose(1, 2)
         key = F.linear(hidden_states, self.k_weight, self.k_bias).view(shape).transpose(1, 2)
         value = F.linear(hidden_states, self.v_weight, self.v_bias).view(shape).transpose(1, 2)
-        out = attention(query, key, value, scale=self.scale, implementation=self.attn_implementation)
+        out = attention(query, key, value, scale=self.scale, implementation=self.attn_implementation, key_mask=key_mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
