@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from checkpoints import TINY, save_layout, vision_model
 from distributed import run_ranks
@@ -30,11 +30,10 @@ def pali(tmp_path_factory):
     pixels = torch.randn(2, 3, TINY["image_size"], TINY["image_size"], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=pixels).logits
-    save_file({"ids": ids, "pixels": pixels}, str(root / "prompt.safetensors"))
-    return root, ckpt, hub, logits
+    return root, ckpt, hub, logits, {"ids": ids, "pixels": pixels}
 
 
-def _swap(rank, world_size, root, ckpt, hub):
+def _swap(rank, world_size, prompt, ckpt, hub):
     from transformers import PaliGemmaForConditionalGeneration
 
     from tp_siglip import SiglipVisionTransformer
@@ -42,22 +41,18 @@ def _swap(rank, world_size, root, ckpt, hub):
     model = PaliGemmaForConditionalGeneration.from_pretrained(hub, attn_implementation="eager").eval()
     inner = getattr(model, "model", model)  # transformers < 4.52 has no .model level
     inner.vision_tower = SiglipVisionTransformer.from_pretrained(ckpt, world_size=world_size)
-    prompt = load_file(os.path.join(root, "prompt.safetensors"))
     with torch.no_grad():
-        logits = model(input_ids=prompt["ids"], pixel_values=prompt["pixels"]).logits
-    save_file({"logits": logits}, os.path.join(root, f"swap-{world_size}-{rank}.safetensors"))
+        return model(input_ids=prompt["ids"], pixel_values=prompt["pixels"]).logits
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_paligemma_with_our_tower_gives_the_same_logits(pali, world_size):
-    root, ckpt, hub, logits = pali
-    run_ranks(world_size, root, _swap, str(root), str(ckpt), str(hub))
-    for rank in range(world_size):
-        ours = load_file(str(root / f"swap-{world_size}-{rank}.safetensors"))["logits"]
+    root, ckpt, hub, logits, prompt = pali
+    for ours in run_ranks(world_size, root, _swap, prompt, str(ckpt), str(hub)):
         torch.testing.assert_close(ours, logits, atol=1e-4, rtol=0)
 
 
-def _two_step(rank, world_size, root, ckpt):
+def _two_step(rank, world_size, pixels, ckpt):
     from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
 
     group = dist.group.WORLD
@@ -74,7 +69,6 @@ def _two_step(rank, world_size, root, ckpt):
     assert model.state_dict().keys() == reference.state_dict().keys()
     for name, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
-    pixels = load_file(os.path.join(root, "prompt.safetensors"))["pixels"]
     with torch.inference_mode():
         assert torch.equal(model(pixels).last_hidden_state, reference(pixels).last_hidden_state)
 
@@ -99,5 +93,5 @@ def _two_step(rank, world_size, root, ckpt):
 
 
 def test_load_weights_two_step_path_equals_from_pretrained(pali):
-    root, _, hub, _ = pali
-    run_ranks(2, root, _two_step, str(root), str(hub))
+    root, _, hub, _, prompt = pali
+    run_ranks(2, root, _two_step, prompt["pixels"], str(hub))
