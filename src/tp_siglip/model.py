@@ -426,7 +426,8 @@ class SiglipVisionTransformer(nn.Module):
     ) -> nn.Module:
         """Load a tower from a Hub repo id or a directory, each rank reading only its slice.
 
-        See `tp_siglip.pretrained.load_pretrained` for every argument. Returns this class, or with
+        Every argument is described atop `tp_siglip.pretrained` (and in the README). Returns this class (its
+        NaFlex sibling `Siglip2VisionTransformer` for SigLIP2 NaFlex checkpoints), or with
         ``parallel="data"`` a `DataParallelEncoder` around it.
         """
         from tp_siglip.pretrained import load_pretrained  # the loading layers sit above the modules

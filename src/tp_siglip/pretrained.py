@@ -13,6 +13,33 @@ Choices:
   target device and filled from the checkpoint; only a model whose every tensor was read is returned.
 * **Half precision on a CPU without native support is warned about** (once per process, naming the
   cost and the fix: float32), not silently ~7x slower; see ``hardware.py``.
+
+Arguments of ``from_pretrained`` / `load_pretrained`:
+
+    repo_or_dir: a Hub repo id (``"google/siglip-so400m-patch14-384"``) or a directory with
+        ``config.json`` and safetensors weights (one file, or shards with
+        ``model.safetensors.index.json``); vision-only, full SigLIP or VLM layouts.
+    world_size: number of ranks; must equal the process group's size.
+    process_group: the group to shard over. Default: the default group if one exists; else, for
+        ``world_size > 1`` under torchrun, a default group created here (gloo on CPU, NCCL on GPU).
+    dtype: ``None``/``"auto"`` keeps the stored dtype; or e.g. ``torch.bfloat16``/``"bf16"``.
+    device: default: this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU.
+    prefix: the tower's key prefix (e.g. ``"vision_tower.vision_model."``); found automatically.
+    num_hidden_layers: run only the first k encoder layers (early exit); the skipped layers'
+        weights are never read. ``post_layernorm`` and the head then apply to layer k's output.
+    use_head: ``False`` skips the pooling head (``pooler_output`` is ``None``) even if the
+        checkpoint has one; default: the config's ``vision_use_head``, or where the config does not
+        say, whether the checkpoint holds a head.
+    attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+    revision, cache_dir, token, local_files_only: as in huggingface_hub / transformers, for repo ids.
+    download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
+        byte ranges into tp-siglip's own cache; ``"files"`` downloads whole safetensors files
+        into the plain Hugging Face cache.
+    parallel: ``"tensor"`` (default) shards every layer over the ranks; ``"data"`` replicates the
+        weights and splits each batch over the ranks (a `DataParallelEncoder`), gathering the
+        outputs so every rank still returns the full result.
+    config: the tower's config (a `SiglipVisionConfig`, or a dict read like a config.json), used
+        instead of the repo's config.json. Either way it must agree with the tensors' shapes.
 """
 
 from __future__ import annotations
@@ -58,36 +85,11 @@ def load_pretrained(
     parallel: str = "tensor",
     config: Union[SiglipVisionConfig, dict[str, Any], None] = None,
 ) -> nn.Module:
-    """Load a SigLIP vision tower from a Hub repo or a directory, each rank reading only its slice.
+    """Load a SigLIP-family vision tower from a Hub repo or a directory, each rank reading only its slice.
 
-    Args:
-        repo_or_dir: a Hub repo id (``"google/siglip-so400m-patch14-384"``) or a directory with
-            ``config.json`` and safetensors weights (one file, or shards with
-            ``model.safetensors.index.json``); vision-only, full SigLIP or VLM layouts.
-        world_size: number of ranks; must equal the process group's size.
-        process_group: the group to shard over. Default: the default group if one exists; else, for
-            ``world_size > 1`` under torchrun, a default group created here (gloo on CPU, NCCL on GPU).
-        dtype: ``None``/``"auto"`` keeps the stored dtype; or e.g. ``torch.bfloat16``/``"bf16"``.
-        device: default: this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU.
-        prefix: the tower's key prefix (e.g. ``"vision_tower.vision_model."``); found automatically.
-        num_hidden_layers: run only the first k encoder layers (early exit); the skipped layers'
-            weights are never read. ``post_layernorm`` and the head then apply to layer k's output.
-        use_head: ``False`` skips the pooling head (``pooler_output`` is ``None``) even if the
-            checkpoint has one; default: the config's ``vision_use_head``, or where the config does not
-            say, whether the checkpoint holds a head.
-        attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
-        revision, cache_dir, token, local_files_only: as in huggingface_hub / transformers, for repo ids.
-        download: for repo ids not yet cached: ``"tower"`` (default) fetches only the vision tower's
-            byte ranges into tp-siglip's own cache; ``"files"`` downloads whole safetensors files
-            into the plain Hugging Face cache.
-        parallel: ``"tensor"`` (default) shards every layer over the ranks; ``"data"`` replicates the
-            weights and splits each batch over the ranks (a `DataParallelEncoder`), gathering the
-            outputs so every rank still returns the full result.
-        config: the tower's config (a `SiglipVisionConfig`, or a dict read like a config.json), used
-            instead of the repo's config.json. Either way it must agree with the tensors' shapes.
-
-    Returns a `SiglipVisionTransformer`, a `Siglip2VisionTransformer` for SigLIP2 NaFlex checkpoints, or
-    the data-parallel wrapper around one. If any rank fails while loading, every rank raises (the healthy ones name the failed rank).
+    Returns a `SiglipVisionTransformer`, a `Siglip2VisionTransformer` for SigLIP2 NaFlex checkpoints, or a
+    `DataParallelEncoder` around one (``parallel="data"``). If any rank fails while loading, every rank
+    raises (the healthy ones name the failed rank). The arguments are described atop this module.
     """
     _check_arguments(repo_or_dir, prefix, num_hidden_layers, use_head, attn_implementation, parallel)
     config = _resolve_config(config)
