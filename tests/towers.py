@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from checkpoints import perturb
+from checkpoints import GEMMA, perturb
 
 #: NaFlex tower: a 4x4 position grid (num_patches=16) with patch 8, so most images resize it.
 NAFLEX_VISION = dict(
@@ -60,16 +60,7 @@ LLAMA_TEXT = dict(
     num_key_value_heads=2,
     vocab_size=300,
 )
-GEMMA_TEXT = dict(
-    model_type="gemma",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    vocab_size=300,
-)
+GEMMA_TEXT = GEMMA  # the tiny gemma text config of tests/checkpoints.py
 
 KEY_PREFIX = {
     "siglip2_vision": "",
