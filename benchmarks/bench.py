@@ -60,7 +60,7 @@ import torch
 
 from benchmarks import fused_qkv, memory, scaling, throughput
 from benchmarks.checkpoints import Checkpoints
-from benchmarks.common import START, log
+from benchmarks.common import START, log, offline_hub
 from benchmarks.machine import header, load_average, machine_info
 from benchmarks.options import SECTIONS, Options, estimate_seconds, parse_options
 from benchmarks.table import Row, markdown
@@ -114,6 +114,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    offline_hub()
     opts, args = parse_options(argv)
     torch.set_num_threads(opts.threads)
     info = machine_info(opts)

@@ -9,7 +9,8 @@
   goes to stdout.
 
 Choices: inputs are fixed, seeded fp32 batches (what an image processor hands over); every checkpoint is
-a local directory, so the Hub is switched off (``HF_HUB_OFFLINE=1``) for the whole run.
+a local directory, so the command-line entry points switch the Hub off (`offline_hub`) for the run;
+importing these modules changes no setting.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ try:  # a source checkout without `pip install -e .`
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every checkpoint here is a local directory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 START = time.perf_counter()
@@ -201,3 +201,8 @@ def parity(ours: dict, theirs: dict, dtype_name: str, fp32_ref: Optional[dict]) 
         result["text"] = f"{diff:.1e}"
     result["text"] += "" if result["ok"] else " TOO LARGE"
     return result
+
+
+def offline_hub() -> None:
+    """Switch the Hub off for this run (every checkpoint here is a local directory); entry points call it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
