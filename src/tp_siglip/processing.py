@@ -50,9 +50,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -502,21 +502,32 @@ def preprocess_files(
     height, width = _check_image_size(image_size)
     _check_dtype(dtype)
     pixel_values = torch.zeros((len(paths), 3, height, width), dtype=dtype)
-    reasons: list[str | None] = []
+    reasons = []
+    for index, rgb, reason in read_files(paths, _pil_to_rgb):
+        reasons.append(reason)
+        if rgb is not None:
+            resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
+            values = _LOOKUP[np.asarray(resized, dtype=np.uint8)]
+            pixel_values[index].copy_(torch.from_numpy(values).permute(2, 0, 1))
+    return pixel_values, reasons
+
+
+def read_files(
+    paths: Sequence[PathLike], to_rgb: Callable[[PILImage.Image], PILImage.Image]
+) -> Iterator[tuple[int, Optional[PILImage.Image], Optional[str]]]:
+    """``(index, RGB image or None, reason or None)`` per file: each opened with `load_image`, converted with
+    ``to_rgb``; an unreadable one (empty, truncated, not an image, gone) gets a one-line `failure_reason`.
+
+    MemoryError is not caught: running out of memory says nothing about the file.
+    """
     for index, raw in enumerate(paths):
         path = Path(raw)
         try:
             if path.is_file() and path.stat().st_size == 0:
                 raise ValueError("empty file (0 bytes)")
-            rgb = _pil_to_rgb(load_image(path))
-        except (OSError, ValueError, SyntaxError) as exc:  # not MemoryError: that says nothing about the file
-            reasons.append(failure_reason(exc, path))
-            continue
-        resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
-        values = _LOOKUP[np.asarray(resized, dtype=np.uint8)]
-        pixel_values[index].copy_(torch.from_numpy(values).permute(2, 0, 1))
-        reasons.append(None)
-    return pixel_values, reasons
+            yield index, to_rgb(load_image(path)), None
+        except (OSError, ValueError, SyntaxError) as exc:
+            yield index, None, failure_reason(exc, path)
 
 
 def failure_reason(exc: BaseException, path: Path) -> str:

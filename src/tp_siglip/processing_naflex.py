@@ -248,16 +248,9 @@ def preprocess_naflex_files(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
     batch = _empty_batch(len(paths), patch, limit, dtype)
-    reasons: list[str | None] = []
-    for index, raw in enumerate(paths):
-        path = Path(raw)
-        try:
-            if path.is_file() and path.stat().st_size == 0:
-                raise ValueError("empty file (0 bytes)")
-            rgb = _to_rgb(processing.load_image(path), str(path))
-        except (OSError, ValueError, SyntaxError) as exc:  # not MemoryError: that says nothing about the file
-            reasons.append(processing.failure_reason(exc, path))
-            continue
-        _fill_row(batch, index, rgb, patch, limit)
-        reasons.append(None)
+    reasons = []
+    for index, rgb, reason in processing.read_files(paths, lambda image: _to_rgb(image, "image")):
+        reasons.append(reason)
+        if rgb is not None:
+            _fill_row(batch, index, rgb, patch, limit)
     return batch, reasons
