@@ -327,8 +327,12 @@ def _rank_task(rank: int, world_size: int, argv: list[str], flaky: str, turned: 
 
 
 def test_ranks_that_read_files_differently_stay_in_lockstep(setup, rank_pools, tmp_path):
+    """The rank that decodes an image decides: batches of 4 over 2 ranks split 2/2, so rank 1 decodes d_square
+    (and cannot read it: skipped with its reason) but not b_tall (it would see it transposed: rank 0's pixels
+    are used). Every rank uses rank 0's max_num_patches."""
     model, checkpoint, images, paths, _ = setup
-    flaky, turned = paths[1], paths[3]
+    turned, flaky = paths[1], paths[2]
+    assert Path(turned).name.startswith("b_") and Path(flaky).name.startswith("d_")
     output = tmp_path / "lockstep.safetensors"
     argv = [str(images), "--model", str(checkpoint), "--output", str(output), "--batch-size", "4", "--parallel", "data"]
     (code0, out0, err0), (code1, _, err1) = rank_pools[1](2).run(
@@ -336,9 +340,8 @@ def test_ranks_that_read_files_differently_stay_in_lockstep(setup, rank_pools, t
     )
     assert code0 == 0 and code1 == 0, (err0, err1)
     assert "this rank found 16 (from --max-num-patches), rank 0 uses 12" in err1, err1
-    assert f"skipped {flaky}: unreadable on another rank" in out0, out0
-    assert f"skipped {turned}: the ranks decoded different pixels" in out0, out0
+    assert f"skipped {flaky}: OSError: stale file handle" in out0.splitlines(), out0
     tensors, metadata = _read(output)
-    kept = [p for p in paths if p not in (flaky, turned)]
+    kept = [p for p in paths if p != flaky]
     assert json.loads(metadata["paths"]) == kept and metadata["max_num_patches"] == "12"
     _close(tensors["pooler_output"], _reference(model, kept, 12)["pooler_output"])

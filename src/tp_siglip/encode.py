@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -82,9 +83,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, hardware, processing, processing_naflex
+from tp_siglip import __version__, hardware, pipeline, processing, processing_naflex
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
-from tp_siglip.lockstep import RanksDisagree, agree_on_batch, agree_on_files, share_from_rank0
+from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
 
@@ -131,6 +132,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -162,6 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              f"is on disk, else {DEFAULT_MAX_NUM_PATCHES})")
     add("--device", default=None,
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
+    add("--workers", type=_non_negative_int, default=None, metavar="N",
+        help="decode worker processes per rank, decoding ahead of the model (default: this rank's share of the CPU "
+             f"cores, at most {pipeline.MAX_DEFAULT_WORKERS}; 0: decode in the main process)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
         help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens, and for NaFlex --max-num-patches)")
@@ -558,6 +572,10 @@ class _Job:
         if not self.naflex and args.max_num_patches is not None:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
+        self.group = dist.group.WORLD if world_size > 1 and dist.is_initialized() else None
+        self.workers = pipeline.default_workers() if args.workers is None else args.workers
+        # data mode runs each rank's own share on its replica: the wrapper's batch split is not used
+        self.local_model = getattr(model, "module", model) if args.parallel == "data" else model
 
     def _share_max_num_patches(self) -> None:
         """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
@@ -623,57 +641,154 @@ class _Job:
         return _Output(self.args, earlier, metadata)
 
     def _encode(self, remaining: list[Path], output: Optional[_Output]) -> tuple[int, float]:
-        args = self.args
-        encoded, start = 0, time.perf_counter()
+        """Encode ``remaining`` batch by batch; returns ``(images encoded, seconds)``, load excluded."""
+        size = self.args.batch_size
+        batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
+        decoder = pipeline.ShareDecoder(batches, self.rank, self.world_size, self._decode_function())
+        shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda")
+        encoded, times, start = 0, Counter(), time.perf_counter()
         bar = self.say.progress(len(remaining))
         try:
             with torch.inference_mode():
-                for first in range(0, len(remaining), args.batch_size):
-                    batch = remaining[first : first + args.batch_size]
-                    inputs, reasons, compared = self._prepare(batch)
-                    keep, why = agree_on_batch(compared, reasons, self.world_size)
-                    self._report_skips(batch, keep, why, reasons, output)
-                    chosen = [i for i, ok in enumerate(keep) if ok]
-                    if chosen:
-                        if len(chosen) < len(batch):
-                            inputs = {name: tensor[chosen] for name, tensor in inputs.items()}
-                        self._forward(inputs, [batch[i] for i in chosen], output)
-                        encoded += len(chosen)
+                for batch in batches:
+                    encoded += self._encode_batch(batch, shares, output, times)
                     bar.update(len(batch))
                     if output is not None:
                         output.checkpoint_if_due()
         finally:
             bar.close()
             self.say.bar = None
-        return encoded, time.perf_counter() - start
+            shares.close()
+        seconds = time.perf_counter() - start
+        self._report_times(times, seconds)
+        return encoded, seconds
 
-    def _prepare(self, batch: list[Path]) -> tuple[dict[str, torch.Tensor], list[Optional[str]], torch.Tensor]:
-        """This rank's model inputs for ``batch`` (one row per file), the reasons, and what the ranks compare."""
-        model = self.model
+    def _decode_function(self) -> Any:
+        config = self.model.config
+        if self.naflex:
+            return functools.partial(pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches)
+        return functools.partial(pipeline.decode_fixed, image_size=config.image_size)
+
+    def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
+        """Decode (this rank's share), exchange, run and store one batch; returns how many images were encoded."""
+        clock = time.perf_counter()
+        share, failure = self._next_share(shares)
+        times["wait"] += time.perf_counter() - clock
+        if share is not None:
+            times["decode"] += share.seconds
+            times["decoded"] += share.count
+        sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.world_size, r) for r in range(self.world_size))]
+        if self.args.parallel == "tensor":
+            return self._tensor_batch(batch, share, failure, sizes, output, times)
+        return self._data_batch(batch, share, failure, sizes, output, times)
+
+    def _next_share(self, shares: Iterator[pipeline.Decoded]) -> tuple[Optional[pipeline.Decoded], Optional[str]]:
+        try:
+            return next(shares), None
+        except pipeline.DecodeWorkerDied as err:
+            return None, str(err)
+
+    def _tensor_batch(
+        self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
+        output: Optional[_Output], times: Counter,
+    ) -> int:
+        """Tensor mode: the group exchanges its uint8 shares, then every rank runs the whole batch."""
+        clock = time.perf_counter()
+        gathered = gather_shares(_share_rows(share), self._pixel_specs(), sizes, failure, self.group)
+        self._raise_failures(gathered.failures, batch)
+        keep = gathered.rows["ok"].bool().cpu()
+        times["exchange"] += time.perf_counter() - clock
+        self._report_skips(batch, keep, share, output)
+        chosen = keep.nonzero().flatten()
+        if not len(chosen):
+            return 0
+        clock = time.perf_counter()
+        rows = {name: tensor[chosen.to(tensor.device)] for name, tensor in gathered.rows.items()}
+        inputs = self._model_inputs(rows)
+        out = self.model(*inputs.values())
+        stored = self._stored_rows(out, inputs) if output is not None else None
+        times["model"] += time.perf_counter() - clock
+        if output is not None:
+            clock = time.perf_counter()
+            output.add([batch[i] for i in chosen.tolist()], stored)
+            times["write"] += time.perf_counter() - clock
+        return len(chosen)
+
+    def _data_batch(
+        self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
+        output: Optional[_Output], times: Counter,
+    ) -> int:
+        """Data mode: every rank runs its own share on its replica; the group gathers the stored rows."""
+        clock = time.perf_counter()
+        specs = self._stored_specs()
+        local = None
+        if share is not None:
+            ok = torch.tensor([reason is None for reason in share.reasons], dtype=torch.bool)
+            local = {name: torch.zeros(share.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
+            local["ok"] = ok.to(torch.uint8)
+            if ok.any():
+                rows = _share_rows(share)
+                inputs = self._model_inputs({name: tensor[ok] for name, tensor in rows.items()})
+                stored = self._stored_rows(self.local_model(*inputs.values()), inputs)
+                for name, tensor in stored.items():
+                    local[name][ok] = tensor
+        times["model"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        gathered = gather_shares(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
+        self._raise_failures(gathered.failures, batch)
+        keep = gathered.rows["ok"].bool().cpu()
+        times["exchange"] += time.perf_counter() - clock
+        self._report_skips(batch, keep, share, output)
+        chosen = keep.nonzero().flatten()
+        if output is not None and len(chosen):
+            clock = time.perf_counter()
+            output.add([batch[i] for i in chosen.tolist()], {name: gathered.rows[name][chosen].cpu() for name in specs})
+            times["write"] += time.perf_counter() - clock
+        return len(chosen)
+
+    def _raise_failures(self, failures: list[Optional[str]], batch: list[Path]) -> None:
+        failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+        if failed:
+            where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+            raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
+
+    def _pixel_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Row shapes and dtypes of what tensor mode exchanges: uint8 pixels (and NaFlex grids), ok flags."""
+        config = self.model.config
+        if self.naflex:
+            specs = {"levels": ((self.max_num_patches, 3 * config.patch_size**2), torch.uint8), "spatial_shapes": ((2,), torch.int64)}
+        else:
+            specs = {"levels": ((3, config.image_size, config.image_size), torch.uint8)}
+        return {**specs, "ok": ((), torch.uint8)}
+
+    def _stored_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Row shapes of what the output stores (all float32), as :meth:`_stored_rows` makes them."""
+        config, hidden = self.model.config, self.model.config.hidden_size
+        specs = {self.embedding: ((hidden,), torch.float32)}
+        if self.args.tokens:
+            tokens = self.max_num_patches if self.naflex else (config.image_size // config.patch_size) ** 2
+            specs["last_hidden_state"] = ((tokens, hidden), torch.float32)
+            if self.naflex:
+                specs["pixel_attention_mask"] = ((tokens,), torch.float32)
+                specs["spatial_shapes"] = ((2,), torch.float32)
+        return specs
+
+    def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table)."""
+        levels = rows["levels"].to(self.model.device, non_blocking=True)
         if not self.naflex:
-            pixels, reasons = processing.preprocess_files(batch, model.config.image_size, dtype=model.dtype)
-            return {"pixel_values": pixels}, reasons, pixels
-        inputs, reasons = processing_naflex.preprocess_naflex_files(
-            batch, patch_size=model.config.patch_size, max_num_patches=self.max_num_patches, dtype=model.dtype
-        )
-        # the grid counts too: the same patches laid out on another grid are another image
-        compared = torch.cat(
-            [inputs["pixel_values"].flatten(1).view(torch.uint8), inputs["spatial_shapes"].view(torch.uint8)], dim=1
-        )
-        return inputs, reasons, compared
+            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype)}
+        shapes = rows["spatial_shapes"].to(self.model.device)
+        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
 
-    def _forward(self, inputs: dict[str, torch.Tensor], paths: list[Path], output: Optional[_Output]) -> None:
-        names = ("pixel_values", "pixel_attention_mask", "spatial_shapes") if self.naflex else ("pixel_values",)
-        out = self.model(*(inputs[name].to(self.model.device) for name in names))
-        if output is None:  # every rank has the full outputs; only rank 0 keeps them
-            return
+    def _stored_rows(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the output stores for these images, float32 on the CPU (see the module doc)."""
         if not self.naflex:
             vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
             tensors = {self.embedding: vectors.float().cpu()}
             if self.args.tokens:
                 tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
-            output.add(paths, tensors)
-            return
+            return tensors
         mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
         # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
         tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
@@ -681,21 +796,35 @@ class _Job:
         tensors = {self.embedding: vectors.cpu()}
         if self.args.tokens:
             tensors["last_hidden_state"] = tokens.cpu()
-            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float()
-            tensors["spatial_shapes"] = inputs["spatial_shapes"].float()
-        output.add(paths, tensors)
+            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
+            tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
+        return tensors
 
-    def _report_skips(self, batch: list[Path], keep: list[bool], why: list[str], reasons: list, output: Optional[_Output]) -> None:
+    def _report_times(self, times: Counter, seconds: float) -> None:
+        """Where the time went, and how many images each rank decoded (one small collective)."""
+        counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.world_size, None, self.group)
+        decoded = "/".join(str(n) for n in counts.rows["n"].tolist())
+        workers = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
+        self.say(
+            f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
+            f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
+            f"{workers}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
+        )
+
+    def _report_skips(self, batch: list[Path], keep: torch.Tensor, share: Optional[pipeline.Decoded], output: Optional[_Output]) -> None:
+        """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
+        if bool(keep.all()):
+            return
+        why = gather_reasons(share.reasons if share is not None else [], self.group)
         for i, path in enumerate(batch):
             if keep[i]:
                 continue
+            reason = why[i] or "unreadable"
             if self.args.strict:
-                raise JobError(f"--strict: cannot use {path}: {why[i]}")
+                raise JobError(f"--strict: cannot use {path}: {reason}")
             if output is not None:
-                output.skipped.append([str(path), why[i]])
-                self.say(f"skipped {path}: {why[i]}")
-            elif reasons[i] is not None and why[i] != reasons[i]:  # this rank alone could not read it
-                logger.warning("cannot read %s: %s; it is skipped on every rank", path, reasons[i])
+                output.skipped.append([str(path), reason])
+                self.say(f"skipped {path}: {reason}")
 
     def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
         args, say = self.args, self.say
@@ -726,6 +855,17 @@ class _Job:
             f"stopped early: wrote the {len(output.paths)} rows encoded so far to {output.path} "
             "(metadata complete=false); run again with --resume to continue"
         )
+
+
+def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:
+    """A decoded share as the rows `gather_shares` exchanges (``ok``: the decoding rank could read the image)."""
+    if share is None:
+        return None
+    rows = {"levels": share.levels}
+    if share.spatial_shapes is not None:
+        rows["spatial_shapes"] = share.spatial_shapes
+    rows["ok"] = torch.tensor([reason is None for reason in share.reasons], dtype=torch.uint8)
+    return rows
 
 
 def print_similarities(vectors: torch.Tensor, names: list[str], say: Any = print) -> None:

@@ -1,36 +1,43 @@
-"""How the ranks of ``tp-siglip encode`` stay in lockstep when files are bad, missing or differ between ranks.
+"""How the ranks of ``tp-siglip encode`` stay in lockstep: the same files, the same batches, one decode per image.
 
-Every rank lists and decodes the same files, and every batch must be identical on every rank (tensor
-parallel: each rank computes a slice of the same batch; data parallel: each takes its share of it). A
-file that one rank cannot read, or reads differently, must therefore be dropped by every rank, in the same
-batch. A few collectives on the default process group decide this; each returns the same answer on every rank.
+Every rank of a group (the ranks that share each batch) lists the same files and walks the same batches.
+Each rank decodes only its share of a batch (`tp_siglip.pipeline`); the group then exchanges what it needs,
+so every rank sees the same batch by construction, whatever any single rank could read. A few collectives
+on the group do this, each returning the same answer on every rank:
 
 * :func:`agree_on_files`, once before the first batch: the ranks compare a hash of their file lists (a
   mismatch raises :class:`RanksDisagree` on every rank), rank 0 says whether it can resume, and rank 0's
   "already in the output" flags are broadcast (only rank 0 reads the earlier output).
 * :func:`share_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
   default from its own copy of the checkpoint; different copies must not mean different grids).
-* :func:`agree_on_batch`, once per batch: one all-reduce (MAX) of four int64 rows per file: "failed here",
-  "read here", a 62-bit hash of the decoded pixels and its negation. A file is kept only when no rank
-  failed and the maximum hash equals the minimum (every rank decoded the same pixels). The cost is one
-  small all-reduce and one BLAKE2b pass over the pixels per batch.
+* :func:`gather_shares`, once per batch: one all-gather of a byte buffer holding each rank's status (a dead
+  decode worker is a status, so no rank is left waiting) and its share's rows: the uint8 pixels in tensor
+  mode (a batch of 64 images at 384 px is 28 MB), the embeddings in data mode. A share's ``ok`` row says
+  which images the rank that decoded them could read: that rank alone decides.
+* :func:`gather_reasons`, only for a batch with unreadable images: their one-line reasons, for the writer.
 
-Choices made: hashes rather than broadcasting pixels (rank 0 would become the bottleneck); a file
-unreadable on any rank is skipped rather than sent from a rank that could read it (same reason, and a file
-that differs between nodes is suspect anyway). Without a process group (one process) nothing is exchanged.
-Tensors for the collectives live on the GPU for NCCL groups, else on the CPU.
+Choices made: one fixed-size buffer per batch (every rank knows every share's size and row shapes, so no
+size exchange is needed), sections aligned to 8 bytes so each can be viewed in its own dtype; no pickling
+except for the rare reasons. Without a process group (one process) nothing is exchanged. Tensors for the
+collectives live on the GPU for NCCL groups, else on the CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["RanksDisagree", "agree_on_batch", "agree_on_files", "share_from_rank0"]
+__all__ = ["RanksDisagree", "Shares", "agree_on_files", "gather_reasons", "gather_shares", "share_from_rank0"]
+
+#: bytes of a share's status: a flag, then UTF-8 text (what failed)
+STATUS_BYTES = 512
 
 
 class RanksDisagree(RuntimeError):
@@ -41,8 +48,8 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
+def _collective_device(group: Any = None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -87,38 +94,80 @@ def share_from_rank0(value: int, world_size: int) -> int:
     return int(shared.item())
 
 
-def agree_on_batch(pixels: torch.Tensor, reasons: list[Optional[str]], world_size: int) -> tuple[list[bool], list[str]]:
-    """Decide, identically on every rank, which files of a batch to encode.
+@dataclass
+class Shares:
+    """What :func:`gather_shares` returns: every rank's rows, in group-rank order, and each rank's failure."""
+
+    rows: dict[str, torch.Tensor]
+    failures: list[Optional[str]]
+
+
+def _section_bytes(row_shape: Sequence[int], dtype: torch.dtype, rows: int) -> int:
+    size = rows * math.prod(row_shape) * dtype.itemsize
+    return size + (-size % 8)
+
+
+def gather_shares(
+    rows: Optional[Mapping[str, torch.Tensor]],
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    sizes: Sequence[int],
+    failure: Optional[str],
+    group: Any,
+) -> Shares:
+    """All-gather each rank's share of a batch over ``group`` in one collective.
 
     Args:
-        pixels: This rank's decoded batch, one row per file (rows of unreadable files are ignored); any dtype,
-            its bytes are hashed (NaFlex: the patches and the grid, see `tp_siglip.encode`).
-        reasons: Per file, ``None`` when this rank read it, else why not.
+        rows: This rank's tensors, ``sizes[rank]`` rows each, named as in ``specs`` (``None`` after a failure).
+        specs: Per name, the shape of one row and the dtype: the same on every rank.
+        sizes: Every rank's row count (the same list on every rank).
+        failure: Why this rank has no share (e.g. a dead decode worker), else ``None``.
+        group: The ranks that share the batch; ``None`` for one process.
 
     Returns:
-        ``(keep, why)``: ``why[i]`` says why file ``i`` is skipped: this rank's own reason (with "read fine
-        on another rank" when some rank could read it), or what went wrong elsewhere.
+        :class:`Shares`: ``rows[name]`` has ``sum(sizes)`` rows on the collective's device (rows of a failed
+        rank are zeros), ``failures[r]`` is rank ``r``'s failure text or ``None``.
     """
-    count = len(reasons)
-    failed = [int(r is not None) for r in reasons]
-    if not _distributed(world_size):
-        return [not f for f in failed], [r or "" for r in reasons]
-    hashes = [0 if failed[i] else _digest(pixels[i].contiguous().view(torch.uint8).numpy()) for i in range(count)]
-    table = torch.tensor(
-        [failed, [1 - f for f in failed], hashes, [-h for h in hashes]], dtype=torch.int64, device=_collective_device()
-    )
-    dist.all_reduce(table, op=dist.ReduceOp.MAX)
-    any_failed, any_read, high, neg_low = (row.tolist() for row in table.cpu())
-    keep, why = [], []
-    for i in range(count):
-        own = reasons[i]
-        if own is not None:
-            why.append(own if not any_read[i] else f"{own} (read fine on another rank)")
-        elif any_failed[i]:
-            why.append("unreadable on another rank (see that rank's warning)")
-        elif high[i] != -neg_low[i]:
-            why.append("the ranks decoded different pixels (was the file changed while being read?)")
-        else:
-            why.append("")
-        keep.append(why[-1] == "")
-    return keep, why
+    if group is None or dist.get_world_size(group) == 1:
+        return Shares({name: rows[name] for name in specs} if rows is not None else {}, [failure])
+    device, cap, ranks = _collective_device(group), max(sizes), len(sizes)
+    width = STATUS_BYTES + sum(_section_bytes(shape, dtype, cap) for shape, dtype in specs.values())
+    mine = torch.zeros(width, dtype=torch.uint8, device=device)
+    if failure is not None:
+        text = failure.encode()[: STATUS_BYTES - 1]
+        mine[0] = 1
+        mine[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    own = sizes[dist.get_rank(group)]
+    offset = STATUS_BYTES
+    for name, (shape, dtype) in specs.items():
+        if rows is not None and own:
+            _section(mine, offset, shape, dtype, cap)[:own].copy_(rows[name], non_blocking=True)
+        offset += _section_bytes(shape, dtype, cap)
+    everyone = torch.empty(ranks * width, dtype=torch.uint8, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name, where present
+    gather(everyone, mine, group=group)
+    failures = [_status_text(everyone[r * width : r * width + STATUS_BYTES]) for r in range(ranks)]
+    gathered, offset = {}, STATUS_BYTES
+    for name, (shape, dtype) in specs.items():
+        parts = [_section(everyone, r * width + offset, shape, dtype, cap)[: sizes[r]] for r in range(ranks)]
+        gathered[name] = torch.cat(parts)
+        offset += _section_bytes(shape, dtype, cap)
+    return Shares(gathered, failures)
+
+
+def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: torch.dtype, rows: int) -> torch.Tensor:
+    size = rows * math.prod(shape) * dtype.itemsize
+    return buffer[offset : offset + size].view(dtype).view(rows, *shape)
+
+
+def _status_text(status: torch.Tensor) -> Optional[str]:
+    data = bytes(status.cpu().tolist())
+    return data[1:].rstrip(b"\0").decode(errors="replace") if data[0] else None
+
+
+def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[str]]:
+    """Every rank's per-image reasons, concatenated in group-rank order (call only when some image failed)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return list(reasons)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, list(reasons), group=group)
+    return [reason for share in everyone for reason in share]

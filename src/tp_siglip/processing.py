@@ -66,6 +66,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "RESCALE_FACTOR",
     "ImageScan",
+    "decode_files",
     "find_images",
     "iter_batches",
     "load_image",
@@ -73,6 +74,7 @@ __all__ = [
     "preprocess_files",
     "require_pillow",
     "scan_images",
+    "to_pixel_values",
 ]
 
 logger = logging.getLogger(__name__)
@@ -498,39 +500,88 @@ def preprocess_files(
         ImportError: Pillow is not installed. TypeError / ValueError: bad ``image_size`` or ``dtype``.
         MemoryError: decoding ran out of memory (not a property of the file, so not recorded).
     """
-    Image, _ = _require_pil()
-    height, width = _check_image_size(image_size)
     _check_dtype(dtype)
-    pixel_values = torch.zeros((len(paths), 3, height, width), dtype=dtype)
-    reasons = []
-    for index, rgb, reason in read_files(paths, _pil_to_rgb):
-        reasons.append(reason)
-        if rgb is not None:
-            resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
-            values = _LOOKUP[np.asarray(resized, dtype=np.uint8)]
-            pixel_values[index].copy_(torch.from_numpy(values).permute(2, 0, 1))
+    levels, reasons = decode_files(paths, image_size)
+    pixel_values = to_pixel_values(levels, dtype)
+    for index, reason in enumerate(reasons):
+        if reason is not None:
+            pixel_values[index].zero_()
     return pixel_values, reasons
 
 
+def decode_files(
+    sources: Sequence[Any],
+    image_size: int | tuple[int, int] = 224,
+    *,
+    opener: Optional[Callable[[Any], PILImage.Image]] = None,
+) -> tuple[torch.Tensor, list[str | None]]:
+    """Decode and resize images to uint8 levels ``(n, 3, H, W)``: :func:`preprocess_files` before normalizing.
+
+    This is the half of preprocessing that runs in the encode job's decode workers; :func:`to_pixel_values`
+    is the other half, on the model's device. ``sources`` are paths, or anything ``opener`` turns into a
+    decoded, upright RGB image (default: :func:`load_image`). An unreadable source gets a reason and a
+    zero row, as in :func:`preprocess_files`.
+    """
+    Image, _ = _require_pil()
+    height, width = _check_image_size(image_size)
+    levels = torch.zeros((len(sources), 3, height, width), dtype=torch.uint8)
+    reasons: list[str | None] = []
+    for index, rgb, reason in read_files(sources, _pil_to_rgb, opener):
+        reasons.append(reason)
+        if rgb is not None:
+            resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
+            levels[index].copy_(torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1))
+    return levels, reasons
+
+
+_DEVICE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def to_pixel_values(levels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 levels -> normalized ``pixel_values`` in ``dtype``, on the levels' own device.
+
+    The 256-entry table of :func:`preprocess` (transformers' rescale + normalize, float32) is applied per
+    element, then cast to ``dtype``: the values are bit-identical to :func:`preprocess`'s for the same
+    levels, on any device. On the CPU the lookup is numpy's (the fastest there), elsewhere ``torch.take``.
+    """
+    if not isinstance(levels, torch.Tensor) or levels.dtype != torch.uint8:
+        raise TypeError(f"levels must be a uint8 torch.Tensor, got {getattr(levels, 'dtype', type(levels).__name__)}")
+    _check_dtype(dtype)
+    if levels.device.type == "cpu":
+        values = torch.from_numpy(_LOOKUP[levels.numpy()])
+    else:
+        table = _DEVICE_TABLES.get(levels.device)
+        if table is None:
+            table = _DEVICE_TABLES[levels.device] = torch.from_numpy(_LOOKUP).to(levels.device)
+        values = torch.take(table, levels.long())
+    return values if dtype == torch.float32 else values.to(dtype)
+
+
 def read_files(
-    paths: Sequence[PathLike], to_rgb: Callable[[PILImage.Image], PILImage.Image]
+    sources: Sequence[Any],
+    to_rgb: Callable[[PILImage.Image], PILImage.Image],
+    opener: Optional[Callable[[Any], PILImage.Image]] = None,
 ) -> Iterator[tuple[int, Optional[PILImage.Image], Optional[str]]]:
-    """``(index, RGB image or None, reason or None)`` per file: each opened with `load_image`, converted with
-    ``to_rgb``; an unreadable one (empty, truncated, not an image, gone) gets a one-line `failure_reason`.
+    """``(index, RGB image or None, reason or None)`` per source: each opened with ``opener`` (default
+    `load_image`, for paths), converted with ``to_rgb``; an unreadable one (empty, truncated, not an image,
+    gone) gets a one-line `failure_reason`.
 
     MemoryError is not caught: running out of memory says nothing about the file.
     """
-    for index, raw in enumerate(paths):
-        path = Path(raw)
+    for index, raw in enumerate(sources):
         try:
+            if opener is not None:
+                yield index, to_rgb(opener(raw)), None
+                continue
+            path = Path(raw)
             if path.is_file() and path.stat().st_size == 0:
                 raise ValueError("empty file (0 bytes)")
             yield index, to_rgb(load_image(path)), None
         except (OSError, ValueError, SyntaxError) as exc:
-            yield index, None, failure_reason(exc, path)
+            yield index, None, failure_reason(exc, raw if isinstance(raw, (str, os.PathLike)) else "")
 
 
-def failure_reason(exc: BaseException, path: Path) -> str:
+def failure_reason(exc: BaseException, path: PathLike) -> str:
     """A one-line reason for an unreadable file, without its path (the caller prints the path)."""
     from PIL import UnidentifiedImageError
 
@@ -544,7 +595,7 @@ def failure_reason(exc: BaseException, path: Path) -> str:
     if isinstance(cause, UnidentifiedImageError):
         return "not an image Pillow can decode (another file type, or an unsupported pixel format)"
     text = str(cause)
-    for form in (repr(str(path)), repr(path), str(path)):
+    for form in filter(None, (repr(str(path)), repr(path), str(path)) if str(path) else ()):
         text = text.replace(form, "")
     text = " ".join(text.replace(" :", ":").split()) or "no details"
     if cause is exc and isinstance(exc, ValueError):  # our own message (e.g. an empty file)

@@ -51,7 +51,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image as PILImage
 
-__all__ = ["naflex_target_size", "preprocess_naflex", "preprocess_naflex_files"]
+__all__ = ["decode_naflex_files", "naflex_inputs", "naflex_target_size", "preprocess_naflex", "preprocess_naflex_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +203,65 @@ def _empty_batch(count: int, patch: int, limit: int, dtype: torch.dtype) -> dict
 
 def _fill_row(batch: dict[str, torch.Tensor], index: int, rgb: PILImage.Image, patch: int, limit: int) -> None:
     """Resize an RGB image to its NaFlex grid and write its patches, mask and grid into row ``index``."""
+    levels, (rows, columns) = _patch_levels(rgb, patch, limit)
+    count = levels.shape[0]
+    batch["pixel_values"][index, :count] = torch.from_numpy(_LEVELS[levels])  # cast to the batch's dtype here
+    batch["pixel_attention_mask"][index, :count] = 1
+    batch["spatial_shapes"][index, 0], batch["spatial_shapes"][index, 1] = rows, columns
+
+
+def _patch_levels(rgb: PILImage.Image, patch: int, limit: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image resized to its NaFlex grid: uint8 patches ``(h*w, p*p*3)`` and the grid ``(h, w)``."""
     Image, _ = _require_pil()
     height, width = naflex_target_size(rgb.height, rgb.width, patch_size=patch, max_num_patches=limit)
     resized = rgb.resize((width, height), resample=Image.Resampling.BILINEAR)
-    patches = _patchify(_LEVELS[np.asarray(resized, dtype=np.uint8)], patch)
-    count = patches.shape[0]
-    batch["pixel_values"][index, :count] = torch.from_numpy(patches)  # cast to the batch's dtype here
-    batch["pixel_attention_mask"][index, :count] = 1
-    batch["spatial_shapes"][index, 0], batch["spatial_shapes"][index, 1] = height // patch, width // patch
+    return _patchify(np.asarray(resized, dtype=np.uint8), patch), (height // patch, width // patch)
+
+
+def decode_naflex_files(
+    sources: Sequence[Any],
+    *,
+    patch_size: int = 16,
+    max_num_patches: int = 256,
+    opener: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+    """Decode, resize and patchify images, stopping before normalization (the encode job's decode workers).
+
+    Returns ``(levels, spatial_shapes, reasons)``: uint8 patches ``(n, max_num_patches, 3*p*p)`` (padding
+    rows zero), the grids ``(n, 2)`` int64 and a reason per unreadable source (its row: a 1x1 grid of one
+    zero patch). :func:`naflex_inputs` turns them into model inputs on any device. ``sources`` and
+    ``opener`` as in :func:`tp_siglip.processing.decode_files`.
+    """
+    from tp_siglip import processing
+
+    _require_pil()
+    patch = _positive_int("patch_size", patch_size)
+    limit = _positive_int("max_num_patches", max_num_patches)
+    levels = torch.zeros(len(sources), limit, 3 * patch * patch, dtype=torch.uint8)
+    shapes = torch.ones(len(sources), 2, dtype=torch.int64)
+    reasons: list[str | None] = []
+    for index, rgb, reason in processing.read_files(sources, lambda image: _to_rgb(image, "image"), opener):
+        reasons.append(reason)
+        if rgb is not None:
+            patches, grid = _patch_levels(rgb, patch, limit)
+            levels[index, : patches.shape[0]] = torch.from_numpy(patches)
+            shapes[index] = torch.tensor(grid)
+    return levels, shapes, reasons
+
+
+def naflex_inputs(levels: torch.Tensor, spatial_shapes: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Model inputs from :func:`decode_naflex_files`' uint8 patches and grids, on their device.
+
+    Values go through the same 256-entry table as :func:`preprocess_naflex` (`processing.to_pixel_values`),
+    padding rows are zeros and the mask marks each image's first ``h*w`` patches: the result equals
+    :func:`preprocess_naflex`'s for the same images.
+    """
+    from tp_siglip import processing
+
+    counts = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    mask = torch.arange(levels.shape[1], device=levels.device)[None, :] < counts.to(levels.device)[:, None]
+    values = processing.to_pixel_values(levels, dtype).masked_fill_(~mask[..., None], 0)
+    return {"pixel_values": values, "pixel_attention_mask": mask.to(torch.int32), "spatial_shapes": spatial_shapes}
 
 
 def preprocess_naflex_files(
@@ -240,17 +291,11 @@ def preprocess_naflex_files(
         ImportError: Pillow is missing. TypeError / ValueError: bad ``patch_size``, ``max_num_patches``
             or ``dtype``. MemoryError: decoding ran out of memory (not a property of the file).
     """
-    from tp_siglip import processing
-
-    _require_pil()
-    patch = _positive_int("patch_size", patch_size)
-    limit = _positive_int("max_num_patches", max_num_patches)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
-    batch = _empty_batch(len(paths), patch, limit, dtype)
-    reasons = []
-    for index, rgb, reason in processing.read_files(paths, lambda image: _to_rgb(image, "image")):
-        reasons.append(reason)
-        if rgb is not None:
-            _fill_row(batch, index, rgb, patch, limit)
-    return batch, reasons
+    levels, shapes, reasons = decode_naflex_files(paths, patch_size=patch_size, max_num_patches=max_num_patches)
+    inputs = naflex_inputs(levels, shapes, dtype)
+    for index, reason in enumerate(reasons):
+        if reason is not None:
+            inputs["pixel_values"][index].zero_()
+    return inputs, reasons

@@ -1,0 +1,205 @@
+"""The encode job's input pipeline: images decoded in worker processes, ahead of the forward that needs them.
+
+The job walks its images in batches; every rank of a group (the ranks that share a batch) walks the same
+batches. Rank ``r`` of a group of ``G`` decodes only its share of each batch (`share_bounds`: contiguous,
+near-equal slices), so each image is decoded once per group. What a worker hands back is uint8: the
+resized ``(n, 3, H, W)`` levels of a fixed-resolution tower, or a NaFlex tower's ``(n, N, 3*p*p)`` patches
+and ``(n, 2)`` grids, plus one reason per unreadable image. Normalising to the model's dtype happens
+later, on the model's device (`processing.to_pixel_values`), and the group exchanges the uint8 shares
+(`lockstep.gather_shares`).
+
+Choices made:
+
+* **torch's own machinery**: a ``torch.utils.data.DataLoader`` over batch indices with ``num_workers``
+  processes (PIL holds the GIL between its calls, so threads alone would not decode in parallel),
+  ``prefetch_factor`` batches queued per worker (a bounded queue: memory stays flat), persistent workers,
+  pinned memory when the model is on CUDA. Each worker runs one intra-op thread. ``workers=0`` decodes in
+  the main process, batch by batch, as a plain generator.
+* **A bad image is a reason, never a dead worker**: decoding goes through `processing.read_files`,
+  which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
+  memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
+  can stop cleanly after writing what it has.
+* **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
+  on this node (``LOCAL_WORLD_SIZE``), at most 16; none in a daemonic process (it may not have children).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = [
+    "MAX_DEFAULT_WORKERS",
+    "DecodeWorkerDied",
+    "Decoded",
+    "ShareDecoder",
+    "decode_fixed",
+    "decode_naflex",
+    "decoded_shares",
+    "default_workers",
+    "share_bounds",
+]
+
+#: the most workers `default_workers` picks (more rarely pays: the job is then bound by the model or the disk)
+MAX_DEFAULT_WORKERS = 16
+#: batches each worker decodes ahead of the forward
+PREFETCH_PER_WORKER = 2
+
+
+class DecodeWorkerDied(RuntimeError):
+    """A decode worker process died (not a bad image: those are reasons); the message names the batch."""
+
+
+def default_workers() -> int:
+    """Decode workers for this rank: its usable cores divided by the ranks on this node, 1 to 16.
+
+    0 in a daemonic process (e.g. a ``multiprocessing`` pool's worker), which may not start processes.
+    """
+    if multiprocessing.current_process().daemon:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // local_ranks))
+
+
+def share_bounds(count: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, stop)`` of part ``index`` when ``count`` items are cut into ``parts`` contiguous shares
+    (the first ``count % parts`` shares hold one item more)."""
+    base, extra = divmod(count, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass
+class Decoded:
+    """One rank's decoded share of one batch (what a worker returns)."""
+
+    batch: int
+    levels: torch.Tensor  # uint8: (n, 3, H, W), or NaFlex (n, N, 3*p*p)
+    spatial_shapes: Optional[torch.Tensor]  # NaFlex (n, 2) int64, else None
+    reasons: list[Optional[str]]
+    seconds: float  # decode time in the worker
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    def pin_memory(self) -> Decoded:
+        """Called by the DataLoader's pinning thread (``pin_memory=True``): page-locked copies, for fast uploads."""
+        self.levels = self.levels.pin_memory()
+        return self
+
+
+class ShareDecoder(torch.utils.data.Dataset):
+    """Item ``b`` = this rank's share of batch ``b``, decoded (a map-style dataset over batch indices).
+
+    Args:
+        batches: Each batch's sources (paths, or whatever ``opener`` opens), the same on every rank.
+        rank, group_size: This rank's place in the group that shares each batch.
+        decode: ``decode(sources) -> (levels, spatial_shapes or None, reasons)``; must be picklable
+            (a module-level function or a ``functools.partial`` of one) when workers are used.
+    """
+
+    def __init__(self, batches: Sequence[Sequence[Any]], rank: int, group_size: int, decode: Callable[..., Any]) -> None:
+        self.batches, self.rank, self.group_size, self.decode = batches, rank, group_size, decode
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def share(self, index: int) -> Sequence[Any]:
+        batch = self.batches[index]
+        start, stop = share_bounds(len(batch), self.group_size, self.rank)
+        return batch[start:stop]
+
+    def __getitem__(self, index: int) -> Decoded:
+        start = time.perf_counter()
+        levels, shapes, reasons = self.decode(self.share(index))
+        return Decoded(index, levels, shapes, reasons, time.perf_counter() - start)
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers together already use every core this rank has
+
+
+def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = False) -> Iterator[Decoded]:
+    """Yield :class:`Decoded` shares in batch order; ``workers`` processes decode ahead (0: in this process).
+
+    Raises:
+        DecodeWorkerDied: a worker process died; names the first batch that did not arrive (a worker may
+            die while decoding a later one: what it had finished but not yet sent is lost with it).
+    """
+    if workers and multiprocessing.current_process().daemon:
+        raise ValueError(f"workers={workers}: this is a daemonic process, which cannot start decode workers; use 0")
+    if workers == 0:
+        for index in range(len(decoder)):
+            yield decoder[index]
+        return
+    loader = torch.utils.data.DataLoader(
+        decoder,
+        batch_size=None,  # items are whole shares already
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=PREFETCH_PER_WORKER,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init,
+        collate_fn=_as_is,
+    )
+    iterator = _iterate_without_sigchld_handler(loader)
+    try:
+        for index in range(len(decoder)):
+            try:
+                item = next(iterator)
+            except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
+                text = " ".join(f"{type(err).__name__}: {err}".split())
+                raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
+            yield item
+    finally:
+        del iterator  # stops the workers now, not whenever the garbage collector gets to it
+
+
+def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, with the SIGCHLD handler that torch installs for it taken away again.
+
+    That handler raises in the main thread wherever it happens to be (in the middle of a collective, say);
+    without it a dead worker is noticed inside ``next()`` (the DataLoader polls its workers every few
+    seconds while it waits), where the job turns it into an orderly stop that the other ranks learn of.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGCHLD) if main and hasattr(signal, "SIGCHLD") else None
+    iterator = iter(loader)
+    if previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
+    return iterator
+
+
+def decode_fixed(sources: Sequence[Any], image_size: int, opener: Any = None) -> tuple[torch.Tensor, None, list[Optional[str]]]:
+    """A fixed-resolution tower's share: uint8 ``(n, 3, S, S)`` levels (`processing.decode_files`)."""
+    from tp_siglip import processing
+
+    levels, reasons = processing.decode_files(sources, image_size, opener=opener)
+    return levels, None, reasons
+
+
+def decode_naflex(
+    sources: Sequence[Any], patch_size: int, max_num_patches: int, opener: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, list[Optional[str]]]:
+    """A NaFlex tower's share: uint8 patches and grids (`processing_naflex.decode_naflex_files`)."""
+    from tp_siglip import processing_naflex
+
+    return processing_naflex.decode_naflex_files(sources, patch_size=patch_size, max_num_patches=max_num_patches, opener=opener)
+
+
+def _as_is(item: Decoded) -> Decoded:
+    return item

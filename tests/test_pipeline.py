@@ -1,0 +1,165 @@
+"""The encode job's input pipeline: uint8 decoding in worker processes, the per-batch share exchange, and
+normalisation on the model's device giving exactly what transformers' processors give.
+
+Speed is measured in ``benchmarks/pipeline.py``, not here; these tests check what can be wrong: values,
+order, shares, reasons, and what happens when a worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import itertools
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors import safe_open
+
+from tp_siglip import encode, pipeline, processing, processing_naflex
+from tp_siglip.lockstep import gather_reasons, gather_shares
+
+from checkpoints import TINY, save_layout, vision_model
+from corpus import BAD, GOOD, make_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline") / "corpus"
+    make_corpus(folder)
+    return folder, processing.find_images(folder)
+
+
+@given(count=st.integers(0, 70), parts=st.integers(1, 8))
+def test_share_bounds_cut_a_batch_into_contiguous_near_equal_shares(count, parts):
+    bounds = [pipeline.share_bounds(count, parts, r) for r in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == count
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_levels_then_table_equal_preprocess_bit_for_bit(corpus):
+    """decode_files + to_pixel_values (the job's two halves) == preprocess, in float32 and bfloat16."""
+    _, files = corpus
+    good = [f for f in files if f.relative_to(corpus[0]).as_posix() in GOOD]
+    levels, reasons = processing.decode_files(good, 40)
+    assert levels.dtype == torch.uint8 and reasons == [None] * len(good)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(processing.to_pixel_values(levels, dtype), processing.preprocess(good, 40, dtype=dtype))
+    every_level = torch.arange(256, dtype=torch.uint8)
+    assert np.array_equal(processing.to_pixel_values(every_level).numpy(), processing._LOOKUP)
+    with pytest.raises(TypeError, match="uint8"):
+        processing.to_pixel_values(every_level.float())
+
+
+def test_naflex_levels_then_table_equal_preprocess_naflex(corpus):
+    _, files = corpus
+    good = [f for f in files if f.relative_to(corpus[0]).as_posix() in GOOD]
+    levels, shapes, reasons = processing_naflex.decode_naflex_files(good, patch_size=8, max_num_patches=30)
+    assert levels.dtype == torch.uint8 and reasons == [None] * len(good)
+    ours = processing_naflex.naflex_inputs(levels, shapes, torch.bfloat16)
+    theirs = processing_naflex.preprocess_naflex([str(f) for f in good], patch_size=8, max_num_patches=30)
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"].to(torch.bfloat16))
+    assert torch.equal(ours["pixel_attention_mask"], theirs["pixel_attention_mask"])
+    assert torch.equal(ours["spatial_shapes"], theirs["spatial_shapes"])
+
+
+def test_workers_give_what_the_main_process_gives_in_order_with_reasons(corpus):
+    folder, files = corpus
+    batches = [files[i : i + 3] for i in range(0, len(files), 3)]
+    for rank in (0, 1):
+        decoder = pipeline.ShareDecoder(batches, rank, 2, functools.partial(pipeline.decode_fixed, image_size=32))
+        inline = list(pipeline.decoded_shares(decoder, 0))
+        parallel = list(pipeline.decoded_shares(decoder, 2))
+        assert [d.batch for d in parallel] == list(range(len(batches)))
+        for a, b in zip(inline, parallel):
+            assert torch.equal(a.levels, b.levels) and a.reasons == b.reasons
+            assert a.count == len(decoder.share(a.batch))
+        reasons = {str(f): r for d in parallel for f, r in zip(decoder.share(d.batch), d.reasons)}
+        for path, reason in reasons.items():
+            name = Path(path).relative_to(folder).as_posix()
+            assert (reason is None) == (name in GOOD), (name, reason)
+            if name in BAD:
+                assert BAD[name] in reason.lower()
+
+
+def _dies_on(target: str, sources, image_size):
+    if any(str(s) == target for s in sources):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+    return pipeline.decode_fixed(sources, image_size)
+
+
+def test_a_dead_worker_is_an_error_naming_the_batch(corpus):
+    _, files = corpus
+    batches = [[f] for f in files[:4]]
+    decoder = pipeline.ShareDecoder(batches, 0, 1, functools.partial(_dies_on, str(files[2]), image_size=16))
+    got = []
+    with pytest.raises(pipeline.DecodeWorkerDied, match=r"batch (\d) of 4 never arrived: .*(exited unexpectedly|killed by signal)") as caught:
+        for share in pipeline.decoded_shares(decoder, 1):
+            got.append(share.batch)
+    missing = int(caught.value.args[0].split("batch ")[1].split()[0])
+    assert got == list(range(missing - 1)) and 1 <= missing <= 3  # batches in order, up to the one the dead worker owed
+
+
+def test_the_job_stops_after_writing_what_it_encoded_when_a_worker_dies(tmp_path, monkeypatch):
+    model = vision_model({**TINY, "image_size": 32, "patch_size": 16}, seed=3)
+    checkpoint = save_layout(model, "v5_vision", tmp_path / "ckpt")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    killer = str(images / "4.png")
+    real = pipeline.decode_fixed
+    monkeypatch.setattr(pipeline, "decode_fixed", lambda sources, image_size, opener=None: (
+        os.kill(os.getpid(), signal.SIGKILL) if killer in map(str, sources) else real(sources, image_size, opener)))
+    output = tmp_path / "out.safetensors"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = encode.main([str(images), "--model", str(checkpoint), "--output", str(output), "--batch-size", "2", "--workers", "1"])
+    logging.getLogger().handlers.clear()
+    assert code == encode.EXIT_FAILED, err.getvalue()
+    errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "a decode worker died; batch" in errors[0] and "of 3 never arrived" in errors[0], err.getvalue()
+    if output.exists():  # what was encoded before the death is written, marked incomplete
+        with safe_open(str(output), framework="pt") as f:
+            meta = f.metadata()
+        paths = json.loads(meta["paths"])
+        assert meta["complete"] == "false" and paths == [str(images / f"{i}.png") for i in range(len(paths))] and paths
+        assert "--resume" in out.getvalue()
+
+
+def _exchange(rank: int, world_size: int) -> tuple:
+    """Uneven shares (3 + 2 rows) of two dtypes; rank 1 says it failed in a second exchange."""
+    sizes = [3, 2]
+    rows = {"pixels": torch.full((sizes[rank], 2, 2), rank + 1, dtype=torch.uint8),
+            "grid": torch.arange(sizes[rank] * 2, dtype=torch.int64).view(-1, 2) + 100 * rank}
+    specs = {"pixels": ((2, 2), torch.uint8), "grid": ((2,), torch.int64)}
+    first = gather_shares(rows, specs, sizes, None, dist_group())
+    second = gather_shares(None if rank else rows, specs, sizes, "worker died" if rank else None, dist_group())
+    reasons = gather_reasons([f"r{rank}"] * sizes[rank], dist_group())
+    return first.rows["pixels"], first.rows["grid"], first.failures, second.failures, reasons
+
+
+def dist_group():
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+def test_gather_shares_over_two_ranks(rank_pools):
+    results = rank_pools[1](2).run(_exchange, timeout=120)
+    for pixels, grid, failures, failed, reasons in results:
+        assert pixels[:, 0, 0].tolist() == [1, 1, 1, 2, 2]
+        assert grid.tolist() == [[0, 1], [2, 3], [4, 5], [100, 101], [102, 103]]
+        assert failures == [None, None] and failed == [None, "worker died"]
+        assert reasons == ["r0"] * 3 + ["r1"] * 2
