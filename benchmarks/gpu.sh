@@ -20,7 +20,8 @@
 #
 # Rehearsal knobs (the CPU rehearsal, benchmarks/gpu_rehearsal.sh, sets them): TP_SIGLIP_GPU_DEVICE (cuda),
 # TP_SIGLIP_GPU_QUICK=1 (tiny sizes), TP_SIGLIP_GPU_STEPS (comma list of the steps above),
-# TP_SIGLIP_GPU_BUDGET_S (450: the overall deadline), TP_SIGLIP_WHEELS (.whl), TP_SIGLIP_SITE (/tmp/site), PYTHON.
+# TP_SIGLIP_GPU_BUDGET_S (450: the overall deadline), TP_SIGLIP_GPU_PIPELINE_ARGS (replaces pipeline.py's
+# --images/--workers), TP_SIGLIP_WHEELS (.whl), TP_SIGLIP_SITE (/tmp/site), PYTHON.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -85,9 +86,12 @@ if [ "$QUICK" = 1 ]; then
     fused_args=(--quick)
 else
     parity_args=()
-    throughput_args=(--budget-s 120)
+    throughput_args=(--budget-s 150)
     pipeline_args=(--images 512 --workers 8,14)
     fused_args=()
+fi
+if [ -n "${TP_SIGLIP_GPU_PIPELINE_ARGS:-}" ]; then  # e.g. another image count; word-split on purpose
+    read -r -a pipeline_args <<< "$TP_SIGLIP_GPU_PIPELINE_ARGS"
 fi
 step parity 90 "$PY" benchmarks/gpu_parity.py --device "$DEVICE" --json "$OUT/parity.json" "${parity_args[@]}"
 step throughput 210 "$PY" benchmarks/gpu_throughput.py --device "$DEVICE" --json "$OUT/throughput.json" "${throughput_args[@]}"
@@ -98,7 +102,7 @@ else
     STATUS+=("pipeline: skipped, no benchmarks/pipeline.py in this tree")
 fi
 [ -f "$OUT/throughput.json" ] && step memory 15 "$PY" benchmarks/gpu_throughput.py --report "$OUT/throughput.json"
-step fused 40 "$PY" benchmarks/fused_qkv.py --device "$DEVICE" --json "$OUT/fused.json" "${fused_args[@]}"
+step fused 60 "$PY" benchmarks/fused_qkv.py --device "$DEVICE" --json "$OUT/fused.json" "${fused_args[@]}"
 
 printf '\n## steps\n\n' | tee -a "$SUMMARY"
 failed=0

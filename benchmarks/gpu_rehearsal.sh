@@ -13,16 +13,17 @@
 #     sys.path, i.e. from the wheelhouse's target folder. The script first checks that `import pydantic` fails;
 #   - gpu.sh runs under `env -i` with PIP_NO_INDEX=1, PIP_CONFIG_FILE=/dev/null (no find-links or extra index),
 #     HF_HUB_OFFLINE=1, proxies pointing at a closed local port and a fresh HOME;
-#   - the device is the CPU (TP_SIGLIP_GPU_DEVICE=cpu) at quick sizes (TP_SIGLIP_GPU_QUICK=1), steps
-#     parity, throughput and memory (the pipeline and fused steps need minutes on a CPU).
+#   - the device is the CPU (TP_SIGLIP_GPU_DEVICE=cpu) at quick sizes (TP_SIGLIP_GPU_QUICK=1: 1 layer, batch 1/2,
+#     no torch.compile, CUDA graph rows say "not run"), every step gpu.sh has (pipeline only once
+#     benchmarks/pipeline.py exists; TP_SIGLIP_GPU_PIPELINE_ARGS can shrink it).
 # Then it checks summary.md: pydantic came from the wheelhouse, tp_siglip from this tree, parity.json says ok,
-# and throughput rows were printed. Exit status 0 only if all of that holds.
+# throughput rows were printed and fused.json written. Exit status 0 only if all of that holds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
+repo=$(pwd -P)
 start=$SECONDS
 PY="${PYTHON:-python}"
-work=$(mktemp -d "${TMPDIR:-/tmp}/tp-siglip-rehearsal.XXXXXX")
+work=$(cd "$(mktemp -d "${TMPDIR:-/tmp}/tp-siglip-rehearsal.XXXXXX")" && pwd -P)
 trap 'rm -rf "$work"' EXIT
 version=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PYTHON="$PY" TP_SIGLIP_WHEEL_PYTHON=$version TP_SIGLIP_WHEEL_DIR="$work/wheels" bash benchmarks/gpu_wheels.sh 2>&1 | grep -v '^WARNING: Location'
@@ -75,7 +76,7 @@ if "${offline[@]}" python3 -c "import pydantic" 2> /dev/null; then
 fi
 echo "rehearsal: pydantic hidden in the venv ($hidden_dirs); running gpu.sh offline on the CPU"
 rc=0
-"${offline[@]}" OUT="$work/out" TP_SIGLIP_GPU_DEVICE=cpu TP_SIGLIP_GPU_QUICK=1 TP_SIGLIP_GPU_STEPS=parity,throughput,memory \
+"${offline[@]}" OUT="$work/out" TP_SIGLIP_GPU_DEVICE=cpu TP_SIGLIP_GPU_QUICK=1 \
     TP_SIGLIP_WHEELS="$work/wheels" TP_SIGLIP_SITE="$work/site" bash benchmarks/gpu.sh || rc=$?
 
 summary="$work/out/summary.md"
@@ -85,6 +86,7 @@ grep -q "^tp_siglip: .* ($repo/src)" "$summary" || problems+=("tp_siglip did not
 grep -q '"ours_fp32_max_diff"' "$summary" || problems+=("no parity figures printed")
 grep -q '"ok": true' "$work/out/parity.json" 2> /dev/null || problems+=("parity.json missing or not ok")
 grep -q '| ours | [0-9]' "$summary" || problems+=("no throughput rows printed")
+[ -s "$work/out/fused.json" ] || problems+=("no fused.json")
 (( rc == 0 )) || problems+=("gpu.sh exited with $rc")
 if (( ${#problems[@]} )); then
     printf 'rehearsal FAILED: %s\n' "${problems[@]}" >&2

@@ -285,8 +285,8 @@ def run(plan: Plan) -> dict[str, Any]:
 
 
 def memory_report(path: Path) -> str:
-    """The peak-memory table (GB) of a JSON written by this script: one row per (geometry, batch)."""
-    cells = [c for c in json.loads(path.read_text())["cells"] if "peak_bytes" in c and c["peak_bytes"]]
+    """The peak-memory table (GB) of a JSON written by this script: one row per cell that has allocator figures."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c.get("peak_bytes")]
     lines = ["| geometry | batch | variant | peak allocated GB | growth over the cell GB |", "|---|---|---|---|---|"]
     lines += [f"| {c['geometry']} | {c['batch']} | {c['variant']} | {c['peak_bytes'] / 1e9:.2f} | "
               f"{c['growth_bytes'] / 1e9:.2f} |" for c in cells]
