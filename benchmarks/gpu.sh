@@ -62,8 +62,11 @@ echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), device $DEVICE$( [ "$QUICK" =
 
 # 1. the wheelhouse: no index, no dependencies, no build
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
-        2>&1 | tee -a "$LOG"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
+        2>&1 | tee -a "$LOG"; then  # no usable pip: a wheel is a zip archive, unpacking it is enough to import from it
+        echo "pip install --target failed; unpacking the wheels into $SITE instead" | tee -a "$SUMMARY"
+        "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$SITE" "$WHEELS"/*.whl
+    fi
     export PYTHONPATH="$SITE:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     echo "no wheels in $WHEELS (bash benchmarks/gpu_wheels.sh prepares them); using what is installed" | tee -a "$SUMMARY"

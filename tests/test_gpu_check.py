@@ -61,10 +61,12 @@ def test_graph_variants_say_why_on_cpu_and_restore_check_finite() -> None:
 def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "t.json"
     plan = gt.Plan(device=CPU, dtype_name="bf16", geometries=[TINY], batches=[1, 2], warmup=1, iters=1,
-                   compile=False, budget_s=60.0, peak_size=64, json=out)
+                   compile=True, budget_s=0.0, peak_size=64, json=out)  # compile rows: skipped, past the budget
     report = gt.run(plan)
     cells = json.loads(out.read_text())["cells"]
-    assert [c["variant"] for c in cells] == [v for _ in plan.batches for v in gt.VARIANTS[:4]]
+    expected = [v for _ in plan.batches for v in gt.VARIANTS[:4]] + [gt.VARIANTS[4]] * len(plan.batches)
+    assert [c["variant"] for c in cells] == expected
+    assert all(c["error"].startswith("skipped") for c in cells if c["variant"] == "ours+compile")
     assert all("error" in c for c in cells if c["variant"].endswith("+graph"))
     ours = [c for c in cells if c["variant"] == "ours"]
     assert all(c["parity"]["ok"] and c["mfu"] > 0 for c in ours)
