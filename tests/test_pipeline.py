@@ -58,6 +58,11 @@ def test_levels_then_table_equal_preprocess_bit_for_bit(corpus):
         assert torch.equal(processing.to_pixel_values(levels, dtype), processing.preprocess(good, 40, dtype=dtype))
     every_level = torch.arange(256, dtype=torch.uint8)
     assert np.array_equal(processing.to_pixel_values(every_level).numpy(), processing._LOOKUP)
+    every_pair = torch.arange(65536, dtype=torch.int32).view(torch.uint8)[..., None].flatten()  # all 2-byte pairs
+    pairs = every_pair.view(-1, 4)[:, :2].flatten()  # each uint16 once (low bytes of the int32s)
+    assert np.array_equal(processing.to_pixel_values(pairs).numpy(), processing._LOOKUP[pairs.numpy()])
+    odd = every_level[:255]  # an odd count takes the one-level path
+    assert np.array_equal(processing.to_pixel_values(odd).numpy(), processing._LOOKUP[:255])
     with pytest.raises(TypeError, match="uint8"):
         processing.to_pixel_values(every_level.float())
 

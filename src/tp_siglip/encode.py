@@ -647,11 +647,14 @@ class _Job:
         decoder = pipeline.ShareDecoder(batches, self.rank, self.world_size, self._decode_function())
         shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda")
         encoded, times, start = 0, Counter(), time.perf_counter()
+        threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
         bar = self.say.progress(len(remaining))
         try:
             with torch.inference_mode():
                 for batch in batches:
+                    waited, in_model = times["wait"], times["model"]
                     encoded += self._encode_batch(batch, shares, output, times)
+                    threads.update(times["wait"] - waited, times["model"] - in_model)
                     bar.update(len(batch))
                     if output is not None:
                         output.checkpoint_if_due()
@@ -659,6 +662,7 @@ class _Job:
             bar.close()
             self.say.bar = None
             shares.close()
+            threads.restore()
         seconds = time.perf_counter() - start
         self._report_times(times, seconds)
         return encoded, seconds

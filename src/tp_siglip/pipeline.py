@@ -19,6 +19,8 @@ Choices made:
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
   can stop cleanly after writing what it has.
+* **Threads of a CPU model** (`MainThreads`): one while the job waits for decoded images, all of them
+  while the model is the bottleneck, so workers and model do not fight over the same cores.
 * **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
   on this node (``LOCAL_WORLD_SIZE``), at most 16; none in a daemonic process (it may not have children).
 """
@@ -40,6 +42,7 @@ __all__ = [
     "MAX_DEFAULT_WORKERS",
     "DecodeWorkerDied",
     "Decoded",
+    "MainThreads",
     "ShareDecoder",
     "decode_fixed",
     "decode_naflex",
@@ -126,6 +129,33 @@ class ShareDecoder(torch.utils.data.Dataset):
         start = time.perf_counter()
         levels, shapes, reasons = self.decode(self.share(index))
         return Decoded(index, levels, shapes, reasons, time.perf_counter() - start)
+
+
+class MainThreads:
+    """The main process's intra-op threads while decode workers share its CPU cores with a model on the CPU.
+
+    A decode-bound job (the main process waits for decoded batches) gives the cores to the workers: the
+    model runs on one thread, so its thread pool does not fight them for the cores. A model-bound job (the
+    batches are ready when the model asks) gives the model every thread it had. Decided after each batch
+    from that batch's waiting and model time; the first batch, which always waits, is not counted.
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.full = torch.get_num_threads()
+        self.active = active and self.full > 1
+        self.batches = 0
+
+    def update(self, waited: float, in_model: float) -> None:
+        self.batches += 1
+        if not self.active or self.batches == 1:
+            return
+        wanted = 1 if waited > 0.1 * in_model else self.full
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+
+    def restore(self) -> None:
+        if self.active:
+            torch.set_num_threads(self.full)
 
 
 def _worker_init(worker_id: int) -> None:

@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Does ``tp-siglip encode`` keep the model fed? The job's images/s against decoding alone and the model alone.
+
+    python benchmarks/pipeline.py                          # CPU: the issue's table (~3 min on 2 cores)
+    python benchmarks/pipeline.py --images 64 --quick      # smoke run
+    python benchmarks/pipeline.py --device cuda --geometry so400m-384 --dtype bfloat16 --workers 8,14 --images 512
+
+Everything comes from this run: JPEGs of 500-800 px width generated into a temporary folder (smooth
+random colour fields, quality 90: they decode like photographs, not like noise), random-weight
+checkpoints, and each job a fresh ``python -m tp_siglip.encode`` (under ``torch.distributed.run`` for 2
+ranks) whose own throughput line (``N images in S s``: preprocessing and model, load excluded) and
+``images decoded per rank`` are read from its stdout.
+
+CPU rows (targets of the pipeline issue):
+
+* ``preprocess_files`` on one thread in this process: the baseline rate, decode + resize + normalise;
+* a tiny tower (forward ~free, a stand-in for a GPU-speed model), batch 32: the job at 1 rank (default
+  ``--workers``), at 2 ranks in tensor and data mode: each >= 1.6x the baseline; decode work per rank
+  in tensor mode at 2 ranks: half the images;
+* base-224 (random weights), model-bound: the job >= 0.95x the model alone on the same batch, the model
+  alone timed in a fresh process the same way the job runs it (from a cold start, same threads).
+
+``--device cuda``: the job at 1 rank vs the model alone, for ``--geometry`` in ``--dtype``, with each
+``--workers`` count. Prints one Markdown table; ``--json`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks.common import GEOMETRIES, Geometry
+
+TINY_224 = Geometry("tiny-224", 32, 64, 1, 2, 16, 224)
+TINY_384 = Geometry("tiny-384", 32, 64, 1, 2, 16, 384)
+ROOT = Path(__file__).resolve().parents[1]
+RATE = re.compile(r"^(\d+) images in ([\d.]+) s: ([\d.]+) images/s", re.M)
+DECODED = re.compile(r"images decoded per rank: ([\d/]+)")
+
+
+def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` JPEGs, 500-800 px wide, 4:3 to 3:4, smooth colour fields with fine noise, quality 90."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        width = int(rng.integers(500, 801))
+        height = int(width * rng.uniform(0.75, 1.33))
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+        path = folder / f"{index:05d}.jpg"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_checkpoint(geometry: Geometry, folder: Path) -> Path:
+    """A random-weight checkpoint written by transformers (`benchmarks.checkpoints.write_checkpoint`)."""
+    from benchmarks.checkpoints import write_checkpoint
+
+    return write_checkpoint(geometry, folder)
+
+
+def baseline_rate(paths: list[Path], image_size: int) -> float:
+    """Images/s of single-threaded ``preprocess_files`` over ``paths`` in batches of 32 (this process)."""
+    import torch
+
+    from tp_siglip.processing import preprocess_files
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for first in range(0, len(paths), 32):
+        preprocess_files(paths[first : first + 32], image_size)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def run_job(images: Path, checkpoint: Path, ranks: int, extra: list[str], output: Path) -> dict[str, Any]:
+    """One fresh run of the job; its throughput line and per-rank decode counts."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
+    command = [*launcher, "-m", "tp_siglip.encode", str(images), "--model", str(checkpoint), "--output", str(output), *extra]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TP_SIGLIP_PG_TIMEOUT_S": "300"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    found = RATE.search(done.stdout)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    decoded = DECODED.search(done.stdout)
+    return {"images": int(found.group(1)), "seconds": float(found.group(2)), "job_rate": float(found.group(3)),
+            "decoded_per_rank": decoded.group(1) if decoded else "", "breakdown": _line(done.stdout, "time: ")}
+
+
+def _line(text: str, prefix: str) -> str:
+    return next((line for line in text.splitlines() if line.startswith(prefix)), "")
+
+
+MODEL_ONLY = r"""
+import sys, time, torch
+from tp_siglip import SiglipVisionTransformer
+path, batch, count, dtype, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+model = SiglipVisionTransformer.from_pretrained(path, dtype=dtype, device=device)
+size = model.config.image_size
+pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, model.dtype)
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+with torch.inference_mode():
+    sync(); start = time.perf_counter()
+    for first in range(0, count, batch):
+        model(pixels[: min(batch, count - first)])
+    sync(); print(count / (time.perf_counter() - start))
+"""
+
+
+def model_only_rate(checkpoint: Path, batch: int, count: int, dtype: str, device: str) -> float:
+    """Images/s of the model alone on ``count`` images in batches of ``batch``, in a fresh process, from a cold
+    start like the job's (same thread settings as a one-rank job)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [sys.executable, "-c", MODEL_ONLY, str(checkpoint), str(batch), str(count), dtype, device]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def row(section: str, run: str, rate: float, reference: Optional[float], target: Optional[float], **data: Any) -> dict[str, Any]:
+    ratio = rate / reference if reference else None
+    met = None if target is None or ratio is None else ratio >= target
+    return {"section": section, "run": run, "rate": rate, "reference": reference, "ratio": ratio,
+            "target": target, "met": met, **data}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| section | run | img/s | reference img/s | ratio | target | met? | decoded per rank |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        target = "" if r["target"] is None else f">= {r['target']:.2f}x"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        reference = "" if r["reference"] is None else f"{r['reference']:.1f}"
+        lines.append(f"| {r['section']} | {r['run']} | {r['rate']:.1f} | {reference} | {ratio} | {target} | {met} | {r.get('decoded_per_rank', '')} |")
+    return "\n".join(lines)
+
+
+def tiny_section(root: Path, images: Path, paths: list[Path], geometry: Geometry, quick: bool) -> list[dict[str, Any]]:
+    """The job with a (nearly) free forward vs single-threaded decoding: is the decoding parallel and shared?"""
+    checkpoint = make_checkpoint(geometry, root / f"ckpt-{geometry.name}")
+    base = baseline_rate(paths, geometry.image)
+    rows = [row("decode-bound", f"{geometry.name}: preprocess_files, 1 thread (baseline)", base, None, None)]
+    runs = [("1 rank, default --workers", 1, []), ("2 ranks, --parallel tensor", 2, []), ("2 ranks, --parallel data", 2, ["--parallel", "data"])]
+    if quick:
+        runs = runs[:2]
+    for label, ranks, extra in runs:
+        got = run_job(images, checkpoint, ranks, ["--batch-size", "32", *extra], root / "out.safetensors")
+        rows.append(row("decode-bound", f"{geometry.name}: job, {label}", got["job_rate"], base, 1.6, **got))
+    zero = run_job(images, checkpoint, 2, ["--batch-size", "32", "--workers", "0"], root / "out.safetensors")
+    rows.append(row("decode-bound", f"{geometry.name}: job, 2 ranks tensor, --workers 0 (decoding in the main process)",
+                    zero["job_rate"], base, None, **zero))
+    return rows
+
+
+def model_bound_section(root: Path, images: Path, count: int, quick: bool) -> list[dict[str, Any]]:
+    """base-224 with random weights: the job vs the model alone on the same batch size (decoding hidden?)."""
+    geometry = GEOMETRIES["base-224"]
+    if quick:
+        geometry = Geometry("base-224", 768, 3072, 2, 12, 16, 224)
+    checkpoint = make_checkpoint(geometry, root / "ckpt-base")
+    alone = model_only_rate(checkpoint, 32, count, "float32", "cpu")
+    got = run_job(images, checkpoint, 1, ["--batch-size", "32"], root / "out.safetensors")
+    return [
+        row("model-bound", f"{geometry.label} fp32: model alone, batch 32, {count} images (fresh process)", alone, None, None),
+        row("model-bound", f"{geometry.label} fp32: job, 1 rank, default --workers, batch 32", got["job_rate"], alone, 0.95, **got),
+    ]
+
+
+def cuda_section(root: Path, images: Path, count: int, geometry: Geometry, dtype: str, workers: list[int]) -> list[dict[str, Any]]:
+    """On a GPU: the job at 1 rank with each worker count vs the model alone, batch 64."""
+    checkpoint = make_checkpoint(geometry, root / f"ckpt-{geometry.name}")
+    alone = model_only_rate(checkpoint, 64, count, dtype, "cuda")
+    rows = [row("gpu", f"{geometry.label} {dtype}: model alone, batch 64, {count} images", alone, None, None)]
+    for n in workers:
+        got = run_job(images, checkpoint, 1, ["--batch-size", "64", "--dtype", dtype, "--device", "cuda", "--workers", str(n)], root / "out.safetensors")
+        rows.append(row("gpu", f"{geometry.label} {dtype}: job, 1 rank, --workers {n}", got["job_rate"], alone, 0.95, **got))
+    return rows
+
+
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--images", type=int, default=None, help="JPEGs to generate (default: 400 on CPU, 512 on CUDA)")
+    parser.add_argument("--model-images", type=int, default=96, help="images for the model-bound CPU rows (3 batches)")
+    parser.add_argument("--geometry", default="so400m-384", choices=sorted(GEOMETRIES), help="CUDA only")
+    parser.add_argument("--dtype", default="bfloat16", help="CUDA only")
+    parser.add_argument("--workers", default="8,14", help="CUDA only: comma-separated worker counts")
+    parser.add_argument("--only", default="decode,model", help="CPU sections: decode (tiny towers), model (base-224)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer runs, a 2-layer base")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    opts = parse(argv)
+    count = opts.images or (512 if opts.device == "cuda" else 400)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="tp-siglip-pipeline-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        paths = make_jpegs(root / "images", count)
+        print(f"generated {count} JPEGs in {time.perf_counter() - start:.1f} s; {os.cpu_count()} CPU(s)", file=sys.stderr)
+        if opts.device == "cuda":
+            workers = [int(n) for n in opts.workers.split(",") if n]
+            rows += cuda_section(root, root / "images", count, GEOMETRIES[opts.geometry], opts.dtype, workers)
+        else:
+            sections = opts.only.split(",")
+            if "decode" in sections:
+                for geometry in (TINY_224,) if opts.quick else (TINY_224, TINY_384):
+                    rows += tiny_section(root, root / "images", paths, geometry, opts.quick)
+            if "model" in sections:
+                few = root / "few"
+                few.mkdir()
+                for path in paths[: opts.model_images]:
+                    (few / path.name).symlink_to(path)
+                rows += model_bound_section(root, few, min(opts.model_images, count), opts.quick)
+        if opts.json is not None:
+            opts.json.write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
+    for r in rows:
+        if r.get("breakdown"):
+            print(f"- {r['run']}: {r['breakdown']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
