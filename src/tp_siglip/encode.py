@@ -83,9 +83,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, hardware, pipeline, processing, processing_naflex
+from tp_siglip import __version__, encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
-from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0
+from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0, split_world
+from tp_siglip.parallel import init_default_group
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
 
@@ -159,10 +160,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"image files and/or folders, searched recursively (default: the 5 bundled photos in {DEFAULT_IMAGES})")
     add("--model", default=DEFAULT_MODEL,
         help="Hub repo id (downloaded once, needs the network) or a local folder with config.json and *.safetensors")
-    add("--output", type=Path, default=Path("embeddings.safetensors"), help="safetensors file to write (atomically)")
+    add("--output", type=Path, default=Path("embeddings.safetensors"),
+        help="a .safetensors file to write (atomically), or a folder of shards (any other name: .npy embeddings + parquet "
+             "metadata per input shard, see tp_siglip.encode_corpus)")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype; auto = as stored. On a CPU without native bf16/fp16 half precision is ~7x slower: use float32")
     add("--batch-size", type=_positive_int, default=8, help="images per forward pass")
+    add("--tp", type=_positive_int, default=None, metavar="N",
+        help="ranks per group (default: all of them): torchrun's world is cut into groups of N ranks, each loads the tower "
+             "once and takes whole input shards; --tp 1 = pure data parallel. Fewer than all ranks needs a folder --output")
+    add("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
+        help="folder output: plain image files (and .txt lists) are cut into shards of this many rows")
     add("--parallel", default="tensor", choices=["tensor", "data"], help="split the weights (tensor) or each batch (data) over the ranks")
     add("--tokens", action="store_true",
         help="also store last_hidden_state (N, patches, hidden); spooled to disk. NaFlex towers: (N, max_num_patches, "
@@ -212,6 +220,8 @@ class Plan:
     max_num_patches: Optional[int] = DEFAULT_MAX_NUM_PATCHES
     #: where max_num_patches came from, or what is wrong with the checkpoint's value
     patches_from: str = "transformers' default"
+    #: a folder output: the input shards (`tp_siglip.encode_corpus`); None for one .safetensors file
+    corpus: Any = None
 
 
 def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
@@ -221,6 +231,16 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
     except ImportError as err:
         raise UsageError(str(err)) from None
     inputs = args.inputs or [DEFAULT_IMAGES]
+    tp = args.tp or world_size
+    if world_size % tp:
+        raise UsageError(f"--tp {tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
+    if encode_corpus.is_folder_output(args.output):
+        return _check_corpus(args, rank, world_size)
+    if tp != world_size:
+        raise UsageError(
+            f"--tp {tp} with {world_size} ranks makes {world_size // tp} groups, each writing its own shards: "
+            f"--output must be a folder, not the file {args.output}"
+        )
     try:
         scan = processing.scan_images(inputs)
     except (OSError, ValueError) as err:
@@ -243,6 +263,21 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
             except OutputFileError as err:
                 raise UsageError(f"--resume: {err}") from None
             _check_resume(plan.earlier, args, plan)
+    return plan
+
+
+def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
+    """:func:`check_arguments` for a folder output (shards in, shards out)."""
+    if not args.inputs:
+        args.inputs = [DEFAULT_IMAGES]
+    corpus = encode_corpus.check_corpus_arguments(args, rank, UsageError)
+    plan = Plan([], corpus.ignored, corpus.hidden, _check_device(args.device, world_size), corpus=corpus)
+    _check_model(args.model)
+    _check_naflex_option(args)
+    if args.max_num_patches is not None:
+        plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
+    else:
+        plan.max_num_patches, plan.patches_from = _checkpoint_max_num_patches(args.model)
     return plan
 
 
@@ -424,9 +459,20 @@ def run(args: argparse.Namespace) -> int:
     say = Printer(rank, world_size)
     try:
         plan = check_arguments(args, rank, world_size)
-        model = _load_model(args, plan.device, world_size)
+        tp = args.tp or world_size
+        if world_size > 1 and not dist.is_initialized():
+            init_default_group()
+        group, group_index, groups = split_world(tp)
+        model = _load_model(args, plan.device, tp, group)
+        group_rank = dist.get_rank(group) if tp > 1 else 0
+        job = _Job(args, plan, model, group_rank, tp, say, group)
+        job.say_for_group = Printer(group_rank, world_size)
         with _sigterm_as_interrupt():
-            _Job(args, plan, model, rank, world_size, say).run()
+            if plan.corpus is None:
+                job.run()
+            else:
+                job.start()
+                encode_corpus.run_corpus_job(job, args, plan.corpus, group_index, groups, say, UsageError)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
@@ -442,12 +488,12 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int) -> Any:
+def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int, group: Any = None) -> Any:
     from tp_siglip import SiglipVisionTransformer
 
     try:
         return SiglipVisionTransformer.from_pretrained(
-            args.model, world_size=world_size, dtype=args.dtype, device=device, parallel=args.parallel
+            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device, parallel=args.parallel
         )
     except Exception as err:
         text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
@@ -563,7 +609,9 @@ class _Output:
 class _Job:
     """One run of the job on one rank, once the arguments are checked and the model is loaded."""
 
-    def __init__(self, args: argparse.Namespace, plan: Plan, model: Any, rank: int, world_size: int, say: Printer) -> None:
+    def __init__(
+        self, args: argparse.Namespace, plan: Plan, model: Any, rank: int, world_size: int, say: Printer, group: Any = None
+    ) -> None:
         self.args, self.plan, self.model = args, plan, model
         self.rank, self.world_size, self.say = rank, world_size, say
         self.embedding = "pooler_output" if model.use_head else "mean_pooled"
@@ -572,7 +620,9 @@ class _Job:
         if not self.naflex and args.max_num_patches is not None:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
-        self.group = dist.group.WORLD if world_size > 1 and dist.is_initialized() else None
+        self.group = group if world_size > 1 else None  # the ranks that share each batch
+        self.opener: Any = None  # how a batch item becomes an image (None: items are file paths)
+        self.say_for_group: Any = say  # prints on this group's rank 0 (the corpus job's per-shard lines)
         self.workers = pipeline.default_workers() if args.workers is None else args.workers
         # data mode runs each rank's own share on its replica: the wrapper's batch split is not used
         self.local_model = getattr(model, "module", model) if args.parallel == "data" else model
@@ -587,12 +637,16 @@ class _Job:
             logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.plan.patches_from, shared)
         self.max_num_patches = shared
 
-    def run(self) -> None:
-        args, plan, say = self.args, self.plan, self.say
+    def start(self) -> None:
+        """What every run does first: the emulated-half warning, every rank on rank 0's NaFlex grid size."""
         if self.rank == 0:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
         if self.naflex:
             self._share_max_num_patches()
+
+    def run(self) -> None:
+        args, plan, say = self.args, self.plan, self.say
+        self.start()
         earlier = plan.earlier if self.rank == 0 else None
         problem = None
         if earlier is not None:
@@ -640,7 +694,7 @@ class _Job:
             logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
         return _Output(self.args, earlier, metadata)
 
-    def _encode(self, remaining: list[Path], output: Optional[_Output]) -> tuple[int, float]:
+    def _encode(self, remaining: list[Any], output: Any, report: bool = True) -> tuple[int, float]:
         """Encode ``remaining`` batch by batch; returns ``(images encoded, seconds)``, load excluded."""
         size = self.args.batch_size
         batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
@@ -664,14 +718,17 @@ class _Job:
             shares.close()
             threads.restore()
         seconds = time.perf_counter() - start
-        self._report_times(times, seconds)
+        if report:
+            self._report_times(times, seconds)
         return encoded, seconds
 
     def _decode_function(self) -> Any:
         config = self.model.config
         if self.naflex:
-            return functools.partial(pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches)
-        return functools.partial(pipeline.decode_fixed, image_size=config.image_size)
+            return functools.partial(
+                pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=self.opener
+            )
+        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener)
 
     def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
         """Decode (this rank's share), exchange, run and store one batch; returns how many images were encoded."""
@@ -825,10 +882,10 @@ class _Job:
                 continue
             reason = why[i] or "unreadable"
             if self.args.strict:
-                raise JobError(f"--strict: cannot use {path}: {reason}")
+                raise JobError(f"--strict: cannot use {_label(path)}: {reason}")
             if output is not None:
-                output.skipped.append([str(path), reason])
-                self.say(f"skipped {path}: {reason}")
+                output.skipped.append([getattr(path, "key", str(path)), reason])
+                self.say(f"skipped {_label(path)}: {reason}")
 
     def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
         args, say = self.args, self.say
@@ -859,6 +916,11 @@ class _Job:
             f"stopped early: wrote the {len(output.paths)} rows encoded so far to {output.path} "
             "(metadata complete=false); run again with --resume to continue"
         )
+
+
+def _label(item: Any) -> str:
+    """How a batch item is named in messages: a file's path, or a shard row's ``key``."""
+    return str(getattr(item, "key", item))
 
 
 def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:

@@ -34,7 +34,16 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["RanksDisagree", "Shares", "agree_on_files", "gather_reasons", "gather_shares", "share_from_rank0"]
+__all__ = [
+    "RanksDisagree",
+    "Shares",
+    "agree_on_files",
+    "broadcast_from_rank0",
+    "gather_reasons",
+    "gather_shares",
+    "share_from_rank0",
+    "split_world",
+]
 
 #: bytes of a share's status: a flag, then UTF-8 text (what failed)
 STATUS_BYTES = 512
@@ -171,3 +180,33 @@ def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[st
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, list(reasons), group=group)
     return [reason for share in everyone for reason in share]
+
+
+def split_world(ranks_per_group: int) -> tuple[Any, int, int]:
+    """Cut the default group into groups of ``ranks_per_group`` consecutive ranks (every rank must call this).
+
+    Returns ``(this rank's group, its index, the number of groups)``; ``(None, 0, 1)`` without a default group.
+    Groups of one rank are real groups too, so a model built on one never falls back to the default group.
+
+    Raises:
+        ValueError: ``ranks_per_group`` does not divide the world size.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 0, 1
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ranks_per_group < 1 or world % ranks_per_group:
+        raise ValueError(f"--tp {ranks_per_group} does not divide the {world} ranks; pick a divisor of {world}")
+    count = world // ranks_per_group
+    if count == 1:
+        return dist.group.WORLD, 0, 1
+    groups = [dist.new_group(list(range(g * ranks_per_group, (g + 1) * ranks_per_group))) for g in range(count)]
+    return groups[rank // ranks_per_group], rank // ranks_per_group, count
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank of the default group; ``value`` without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -70,6 +70,7 @@ __all__ = [
     "find_images",
     "iter_batches",
     "load_image",
+    "load_image_data",
     "preprocess",
     "preprocess_files",
     "require_pillow",
@@ -201,6 +202,29 @@ def load_image(path: PathLike) -> PILImage.Image:
     except Exception as exc:  # Pillow raises many types for bad data: OSError, SyntaxError, struct.error, ...
         raise ValueError(f"Cannot read image file '{file}': {type(exc).__name__}: {exc}") from exc
     return rgb
+
+
+def load_image_data(data: bytes) -> PILImage.Image:
+    """:func:`load_image` for an image held in memory (a member of a webdataset tar, a parquet cell).
+
+    The same steps as for a file: decode every pixel now, apply the EXIF orientation, ``convert("RGB")``.
+
+    Raises:
+        ValueError: empty, not an image, or undecodable (truncated, corrupt).
+    """
+    import io
+
+    Image, ImageOps = _require_pil()
+    if not data:
+        raise ValueError("empty image (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow raises many types for bad data
+        raise ValueError(f"Cannot read image data: {type(exc).__name__}: {exc}") from exc
 
 
 def _pil_to_rgb(image: PILImage.Image) -> PILImage.Image:

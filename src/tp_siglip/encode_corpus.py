@@ -1,0 +1,245 @@
+"""``tp-siglip encode --output DIR``: a corpus in shards, encoded by groups of ranks, one output shard per input shard.
+
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m tp_siglip.encode 'shards/{00000..00999}.tar' --output emb/ --tp 8
+
+What is different from the one-file output of `tp_siglip.encode` (whose batch machinery this reuses):
+
+* **Inputs are shards** (`tp_siglip.sources`): img2dataset webdataset tars and parquet files, one shard
+  each; plain files, folders and ``.txt`` lists of paths are cut into shards of ``--shard-size`` rows. A
+  row is ``(shard, key)`` (the path for plain files).
+* **Groups**: ``--tp N`` cuts torchrun's world into groups of ``N`` consecutive ranks (`lockstep.split_world`);
+  each group loads the tower once (tensor parallel inside it, or ``--parallel data``) and takes whole
+  shards: shard ``i`` goes to group ``i % groups``, so a rerun gives each group the same work. Pixels never
+  cross groups; the group's rank 0 writes its shards.
+* **Output** (`tp_siglip.embeddings_dir`): a folder that clip-retrieval / autofaiss users read as it is, a
+  manifest, and per shard ``.npy`` embeddings + parquet metadata + a stats file written last.
+* **Resume by shard**: ``--resume`` skips the shards whose stats file is there and agrees with the data,
+  redoes the others from scratch, and refuses a folder written with another model, dtype or setup.
+  Without ``--resume`` a folder that already holds a run is refused.
+* **Progress**: each group's rank 0 prints one line per finished shard; global rank 0 prints the
+  throughput line (every group's images over the wall time, load excluded) and the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from tp_siglip import __version__, embeddings_dir, processing, sources
+from tp_siglip.lockstep import broadcast_from_rank0, gather_shares
+
+__all__ = ["CorpusPlan", "ShardOutput", "check_corpus_arguments", "is_folder_output", "run_corpus_job"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_folder_output(output: Path) -> bool:
+    """A ``--output`` that does not name a ``.safetensors`` file is a folder of shards."""
+    return output.suffix.lower() != ".safetensors"
+
+
+@dataclass
+class CorpusPlan:
+    """What the checks found: the shards, what folders left out, and whether rank 0 found an earlier run."""
+
+    shards: list[sources.ShardSpec]
+    ignored: Counter = field(default_factory=Counter)
+    hidden: int = 0
+    earlier: Optional[dict] = None  # rank 0: the earlier run's manifest (--resume)
+
+
+def check_corpus_arguments(args: argparse.Namespace, rank: int, usage_error: type[Exception]) -> CorpusPlan:
+    """The checks of a folder output that need no model; raises ``usage_error`` with a one-line message."""
+    inputs = [str(p) for p in (args.inputs or [])]
+    try:
+        shard_plan = sources.plan_shards(inputs, rows_per_file_shard=args.shard_size)
+    except (OSError, ValueError, ImportError) as err:
+        raise usage_error(str(err)) from None
+    if not shard_plan.shards:
+        raise usage_error(f"no images or shards found in {', '.join(inputs)}")
+    plan = CorpusPlan(shard_plan.shards, shard_plan.ignored, shard_plan.hidden)
+    if rank == 0:
+        plan.earlier = _check_output_folder(args.output, args.resume, usage_error)
+    return plan
+
+
+def _check_output_folder(output: Path, resume: bool, usage_error: type[Exception]) -> Optional[dict]:
+    if output.exists() and not output.is_dir():
+        raise usage_error(f"--output {output} is a file; a folder output needs a folder (or name a .safetensors file)")
+    parent = output.parent
+    if not parent.is_dir():
+        raise usage_error(f"--output {output}: the folder {parent} does not exist; create it first")
+    if not os.access(output if output.exists() else parent, os.W_OK):
+        raise usage_error(f"--output {output}: cannot write there")
+    if not (output / embeddings_dir.MANIFEST).exists():
+        return None
+    if not resume:
+        raise usage_error(f"--output {output} already holds a run (manifest.json); pass --resume to continue it, or another --output")
+    try:
+        return embeddings_dir.read_manifest(output)
+    except ValueError as err:
+        raise usage_error(f"--resume: {err}") from None
+
+
+class ShardOutput:
+    """One shard being written (the group's rank 0): the interface `tp_siglip.encode`'s batch loop writes to."""
+
+    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str) -> None:
+        self.spec = spec
+        embeddings_dir.remove_incomplete(root, spec.index)
+        self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding)
+        self.skipped: list[list[str]] = []
+        self.rows = 0
+
+    def add(self, rows: list[sources.Row], tensors: dict[str, torch.Tensor]) -> None:
+        self.writer.add([row.key for row in rows], [dict(row.meta) for row in rows], tensors)
+        self.rows += len(rows)
+
+    def checkpoint_if_due(self) -> None:
+        """Shards are the unit of resumption: nothing to save mid-shard."""
+
+    def commit(self, seconds: float) -> dict:
+        return self.writer.commit([(key, reason) for key, reason in self.skipped], seconds)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def open_row(row: sources.Row) -> Any:
+    """A row's image, decoded like a file (`processing.load_image` / `load_image_data`); raises with its problem."""
+    if row.ref is None:
+        raise ValueError(row.problem or "no image for this key")
+    if row.ref.kind == "file":
+        path = Path(row.ref.path)
+        if path.is_file() and path.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        return processing.load_image(path)
+    return processing.load_image_data(sources.read_bytes(row.ref))
+
+
+class GroupSay:
+    """What a group's rank 0 prints: results prefixed with the group when there are several; no progress bar
+    (one line per finished shard instead)."""
+
+    def __init__(self, printer: Any, group_index: int, groups: int) -> None:
+        self.printer, self.prefix = printer, (f"[group {group_index}] " if groups > 1 else "")
+        self.bar = None
+
+    def __call__(self, text: str) -> None:
+        self.printer(self.prefix + text)
+
+    def error(self, text: str) -> None:
+        self.printer.error(text)
+
+    def progress(self, total: int) -> Any:
+        return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def manifest_for(job: Any, args: argparse.Namespace, plan: CorpusPlan) -> dict:
+    """The manifest of this run: what the rows are (model, dtype, embedding, tower) and the planned shards."""
+    return {
+        "format": embeddings_dir.FORMAT,
+        "model": str(args.model),
+        "dtype": job.dtype_name,
+        "embedding": job.embedding,
+        "hidden_size": job.model.config.hidden_size,
+        "tokens": bool(args.tokens),
+        "max_num_patches": job.max_num_patches,
+        "config": job.model.config.to_dict(),
+        "tp_siglip_version": __version__,
+        "shards": [{"index": s.index, "name": s.name, "kind": s.kind, "source": s.source, "files": len(s.files)} for s in plan.shards],
+    }
+
+
+def _resume_decision(root: Path, earlier: Optional[dict], manifest: dict) -> tuple[Optional[str], list[int]]:
+    """Rank 0: ``(why this run cannot continue the folder, or None; the shards already complete)``; writes the manifest."""
+    if earlier is not None:
+        problem = embeddings_dir.check_same_run(earlier, manifest)
+        if problem is None and earlier.get("shards") != manifest["shards"]:
+            problem = f"--resume: {root} was written for other input shards; pass the same inputs (and --shard-size), or another --output"
+        if problem is not None:
+            return problem, []
+    root.mkdir(exist_ok=True)
+    embeddings_dir.write_manifest(root, manifest)
+    return None, sorted(embeddings_dir.completed_shards(root)) if earlier is not None else []
+
+
+def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_index: int, groups: int, say: Any, usage_error: type[Exception]) -> None:
+    """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0."""
+    world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    decision = _resume_decision(args.output, plan.earlier, manifest_for(job, args, plan)) if world_rank == 0 else None
+    problem, done = broadcast_from_rank0(decision)
+    if problem is not None:
+        raise usage_error(problem)
+    mine = [s for s in plan.shards if s.index % groups == group_index and s.index not in set(done)]
+    say(f"{args.model}: {len(plan.shards)} shards ({len(done)} already complete), {groups} group(s) of {job.world_size} rank(s), "
+        f"{job.dtype_name}, {args.parallel} parallel inside each group; writing {args.output}")
+    job.opener, job.say = open_row, GroupSay(job.say_for_group, group_index, groups)
+    start, encoded = time.perf_counter(), 0
+    for number, spec in enumerate(mine, 1):
+        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}")
+    seconds = time.perf_counter() - start
+    world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    ranks = dist.get_world_size() if world is not None else 1
+    counts = gather_shares({"n": torch.tensor([encoded if job.rank == 0 else 0])}, {"n": ((), torch.int64)}, [1] * ranks, None, world)
+    total = int(counts.rows["n"].sum())
+    if world_rank == 0:
+        _summary(args.output, plan, total, seconds, say)
+
+
+def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str) -> int:
+    """Encode one shard with the job's batch loop; the group's rank 0 commits it. Returns the rows encoded."""
+    rows = sources.list_rows(spec)
+    output = ShardOutput(args.output, spec, job.embedding) if job.rank == 0 else None
+    start = time.perf_counter()
+    try:
+        encoded, _ = job._encode(rows, output, report=False)
+        if output is not None:
+            seconds = time.perf_counter() - start
+            stats = output.commit(seconds)
+            rate = encoded / seconds if seconds > 0 else 0.0
+            job.say(f"shard {spec.name} ({sources.describe(spec)}): {encoded} rows, {len(output.skipped)} skipped, "
+                    f"{rate:.1f} images/s; this group's shards done: {progress}")
+            logger.info("shard %s committed: %s", spec.name, stats)
+    except BaseException:
+        if output is not None:
+            output.abort()
+        raise
+    return encoded
+
+
+def _summary(root: Path, plan: CorpusPlan, encoded: int, seconds: float, say: Any) -> None:
+    complete = embeddings_dir.completed_shards(root)
+    rate = encoded / seconds if seconds > 0 else 0.0
+    rows = sum(int(stats.get("rows", 0)) for stats in complete.values())
+    say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; {root}: {len(complete)}/{len(plan.shards)} shards complete, {rows} rows")
+    reasons: Counter = Counter()
+    for index in sorted(complete):
+        skipped = complete[index].get("skipped", [])
+        if skipped:
+            name = next(s.name for s in plan.shards if s.index == index)
+            counted = Counter(reason for _, reason in skipped)
+            say(f"skipped in shard {name}: " + "; ".join(f"{n} x {why}" for why, n in counted.most_common()))
+            reasons.update(counted)
+    say(f"summary: {encoded} encoded this run, {sum(reasons.values())} skipped (unreadable or missing) in the complete shards, "
+        f"{sum(plan.ignored.values())} ignored by extension, {plan.hidden} hidden file(s) ignored")
+    if len(complete) < len(plan.shards):
+        print(f"{len(plan.shards) - len(complete)} shard(s) incomplete: run again with --resume", file=sys.stderr, flush=True)

@@ -1,0 +1,181 @@
+"""``tp-siglip encode --output DIR``: img2dataset shards in, a folder of shards out, groups of ranks, resume by shard.
+
+Runs the job as users run it (``torchrun -m tp_siglip.encode``, 2 CPU ranks) on webdataset tars and a parquet
+shard made by ``shards.py``, and checks the rows against transformers' processor + model on the same image
+bytes, the metadata against what the shards hold, and that a run killed with SIGKILL leaves nothing that
+looks complete and resumes to the rows of a clean run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tp_siglip import embeddings_dir, open_embeddings
+
+from checkpoints import TINY, save_layout, vision_model
+from shards import make_parquet, make_tar
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = {**TINY, "image_size": 32, "patch_size": 16}
+TOLERANCE = 2e-3
+
+
+def _run(args: list[str], ranks: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_SIGLIP_PG_TIMEOUT_S": "60"}
+    return subprocess.run([*launcher, "-m", "tp_siglip.encode", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Three tars (one with a key without image, one with a truncated JPEG), one parquet shard, a checkpoint,
+    and transformers' pooler_output for every image, by key."""
+    from transformers import SiglipImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    root = tmp_path_factory.mktemp("corpus-job")
+    model = vision_model(CONFIG, seed=5)
+    checkpoint = save_layout(model, "v5_vision", root / "checkpoint")
+    (root / "shards").mkdir()
+    images = {}
+    images.update(make_tar(root / "shards" / "00000.tar", 0, 7, missing_image=3))
+    images.update(make_tar(root / "shards" / "00001.tar", 1, 6, corrupt=1))
+    images.update(make_tar(root / "shards" / "00002.tar", 2, 5))
+    images.update(make_parquet(root / "shards" / "00003.parquet", 3, 6))
+    broken = {"000010001"}
+    good = {k: v for k, v in images.items() if k not in broken}
+    hf_logging.set_verbosity_error()
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    pils = [Image.open(io.BytesIO(good[k])).convert("RGB") for k in sorted(good)]
+    with torch.no_grad():
+        out = model(pixel_values=processor(images=pils, return_tensors="pt")["pixel_values"])
+    reference = dict(zip(sorted(good), out.pooler_output))
+    inputs = [str(root / "shards" / "{00000..00002}.tar"), str(root / "shards" / "00003.parquet")]
+    return root, checkpoint, inputs, reference
+
+
+def _rows(folder: Path) -> dict[tuple[str, str], np.ndarray]:
+    """``(shard, key) -> embedding`` through the package's reader."""
+    opened = open_embeddings(folder)
+    table = opened.metadata(columns=["shard", "key"]).to_pydict()
+    matrix = opened[0 : len(opened)]
+    return {(s, k): matrix[i] for i, (s, k) in enumerate(zip(table["shard"], table["key"]))}
+
+
+@pytest.fixture(scope="module")
+def two_groups(setup):
+    root, checkpoint, inputs, _ = setup
+    output = root / "two-groups"
+    stdout = _ok(_run([*inputs, "--model", str(checkpoint), "--output", str(output), "--tp", "1", "--batch-size", "3"]))
+    return output, stdout
+
+
+def test_two_groups_match_transformers_with_metadata_and_reasons(setup, two_groups):
+    _, _, _, reference = setup
+    output, stdout = two_groups
+    rows = _rows(output)
+    assert sorted(k for _, k in rows) == sorted(reference)  # every readable image once; the broken two skipped
+    for (_, key), vector in rows.items():
+        assert np.abs(vector - reference[key].numpy()).max() <= TOLERANCE, key
+    opened = open_embeddings(output)
+    captions = opened.metadata(columns=["key", "caption"]).to_pydict()
+    assert all(c == f"caption {k}" for k, c in zip(captions["key"], captions["caption"]))
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["embedding"] == "pooler_output" and manifest["dtype"] == "float32" and len(manifest["shards"]) == 4
+    assert sorted(embeddings_dir.completed_shards(output)) == [0, 1, 2, 3]
+    assert "[group 0] shard" in stdout and "[group 1] shard" in stdout, stdout  # both groups worked
+    assert "images/s" in stdout and "summary:" in stdout
+    skipped = {key: why for stats in embeddings_dir.completed_shards(output).values() for key, why in stats["skipped"]}
+    assert set(skipped) == {"000000003", "000010001"}, skipped
+    assert "no image" in skipped["000000003"].lower() and "truncated" in skipped["000010001"].lower()
+
+
+def test_one_tensor_parallel_group_writes_the_same_rows(setup, two_groups):
+    root, checkpoint, inputs, _ = setup
+    output = root / "one-group"
+    _ok(_run([*inputs, "--model", str(checkpoint), "--output", str(output), "--batch-size", "4"]))
+    ours, theirs = _rows(output), _rows(two_groups[0])
+    assert sorted(ours) == sorted(theirs)
+    for key, vector in ours.items():
+        assert np.abs(vector - theirs[key]).max() <= 1e-5
+
+
+def test_resume_skips_complete_shards_and_refuses_another_setup(setup, two_groups):
+    _, checkpoint, inputs, _ = setup
+    output, _ = two_groups
+    base = [*inputs, "--model", str(checkpoint), "--output", str(output), "--tp", "1"]
+    again = _run(base, ranks=1)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr, again.stderr
+    stdout = _ok(_run([*base, "--resume"], ranks=1))
+    assert "4 shards (4 already complete)" in stdout and "0 images in" in stdout, stdout
+    other = _run([*base, "--resume", "--dtype", "bfloat16"], ranks=1)
+    assert other.returncode == 2 and "--resume" in other.stderr and "bfloat16" in other.stderr, other.stderr
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """``RANK -> pid`` of the workers torchrun started (children of ``parent`` whose environment has RANK)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [v for v in environ if v.startswith(b"RANK=")]
+        if ppid == parent and rank:
+            found[int(rank[0][5:])] = int(entry.name)
+    return found
+
+
+def test_a_rank_killed_mid_run_leaves_nothing_that_looks_complete_and_resume_finishes_it(setup, two_groups, tmp_path):
+    root, checkpoint, inputs, _ = setup
+    many = tmp_path / "many"
+    many.mkdir()
+    for shard in range(8):
+        make_tar(many / f"{shard:05d}.tar", shard, 12)
+    output = tmp_path / "killed"
+    args = [str(many / "{00000..00007}.tar"), "--model", str(checkpoint), "--output", str(output), "--tp", "1", "--batch-size", "1", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_SIGLIP_PG_TIMEOUT_S": "60"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "tp_siglip.encode"]
+    proc = subprocess.Popen([*launcher, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (output.exists() and embeddings_dir.completed_shards(output)):
+        time.sleep(0.02)
+    pids = _rank_pids(proc.pid)
+    assert 1 in pids, "rank 1 not found"
+    os.kill(pids[1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    complete = embeddings_dir.completed_shards(output)
+    assert 0 < len(complete) < 8, complete  # killed mid-run: some shards done, not all
+    for index, stats in complete.items():  # what looks complete is complete
+        assert np.load(output / "img_emb" / f"img_emb_{index:05d}.npy", mmap_mode="r").shape[0] == stats["rows"] == 12
+
+    _ok(_run([*args, "--resume"]))
+    clean = tmp_path / "clean"
+    _ok(_run([*args[:4], str(clean), *args[5:]]))
+    resumed, fresh = _rows(output), _rows(clean)
+    assert sorted(resumed) == sorted(fresh) and len(fresh) == 96
+    for key, vector in resumed.items():
+        assert np.array_equal(vector, fresh[key]), key
