@@ -1,0 +1,734 @@
+"""The sharded output folder of a corpus run, laid out as clip-retrieval writes it, and its reader.
+
+Layout (``NNNNN`` is the shard's plan index, zero-padded to ``max(5, digits of the shard count)`` so that
+file names sort in shard order)::
+
+    DIR/manifest.json                       the run: format version, model, dtype, embedding name, hidden
+                                            size, tower config, tp_siglip version, the planned shards
+    DIR/img_emb/img_emb_NNNNN.npy           float32 (rows, hidden), numpy .npy (np.load(..., mmap_mode="r"))
+    DIR/metadata/metadata_NNNNN.parquet     one row per embedding row, same order: key, shard, source, meta...
+    DIR/<name>/<name>_NNNNN.npy             optional extra per-row arrays (e.g. tokens, pixel_attention_mask)
+    DIR/stats/stats_NNNNN.json              rows, skipped [[key, reason], ...], seconds, done: true, files
+
+What other tools read, and why the layout follows it (checked against their sources):
+
+* clip-retrieval's ``clip-retrieval inference`` writes ``img_emb/img_emb_{i}.npy`` and
+  ``metadata/metadata_{i}.parquet`` with ``i`` zero-padded to the digits of its partition count
+  (``clip_retrieval/clip_inference/writer.py``), and its ``index`` step hands ``img_emb/`` to autofaiss.
+* autofaiss reads embeddings through ``embedding_reader``: every ``*.npy`` found recursively under the
+  folder it is given (``**/*.npy``), **sorted as strings** ("the data will be read in the lexicographical
+  order of the filenames", autofaiss's getting-started notebook). Hence the zero padding. It parses each
+  header from the first 300 bytes with a regex that needs a 2-D shape and a ``<f4``-style dtype: so point
+  it at ``DIR/img_emb`` (never ``DIR``: the 3-D token arrays would break it). With metadata
+  (``file_format="parquet_npy"``) it pairs the sorted ``.npy`` files with the sorted ``.parquet`` files
+  one to one, **after dropping .npy files with 0 rows**; so a shard with no rows (every image skipped)
+  writes no ``.npy`` and no ``.parquet`` at all, only its stats file, and the pairing stays aligned.
+
+Choices made:
+
+* A shard is complete iff ``stats/stats_NNNNN.json`` exists, says ``done: true``, and every file it lists
+  exists with the row count it records (``.npy`` headers and the parquet footer are read, nothing else).
+  :class:`ShardWriter` spools rows to raw files in a hidden folder ``DIR/.spool-NNNNN-PID-RAND/`` (memory
+  stays flat), and :meth:`ShardWriter.commit` first removes the shard's earlier stats file, then writes each
+  final file as a hidden temporary in its folder, ``fsync``s it, ``os.replace``s it into place, and writes
+  the stats file last the same way. A process killed at any point leaves temporaries (hidden names that no
+  reader or glob for ``*.npy``/``*.parquet`` picks up) or final files without a stats file: never a shard
+  that looks complete. :func:`remove_incomplete` clears either. Files written for the same rows are
+  byte-identical, so a rerun gives the same folder.
+* Before a run finishes, ``img_emb/`` may hold files of shards still being committed: run autofaiss on a
+  finished folder (every planned shard complete), or after :func:`remove_incomplete`.
+* The embedding is stored float32 (n, hidden); extra arrays keep their dtype except floating ones, which
+  are stored float32 (bf16 has no numpy dtype). Their names must match ``[a-z][a-z0-9_]*``.
+* Metadata columns: ``key``, ``shard`` (the shard's name), ``source`` (the tar/parquet path; ``""`` for
+  plain files, whose key is their path), then each meta key in order of first appearance. A meta key that collides with
+  those three is stored as ``meta_<key>`` unless its value equals the column's (img2dataset's ``key``).
+  A column whose values are all bool, all int, all numbers (int and float: float64) or all str gets that
+  type (missing values are nulls); any other column (dicts, lists, mixed types, ints past int64) holds
+  JSON strings. Metadata is spooled as one JSON line per :meth:`ShardWriter.add` call and written in row
+  groups of 65,536 rows, so even millions of rows never sit in memory as Python objects.
+* pyarrow is imported lazily (the metadata needs it); without it the ImportError says
+  ``pip install "tp-siglip[corpus]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Optional, Union
+
+import numpy as np
+import torch
+
+from tp_siglip.sources import ShardSpec, require_pyarrow
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Embeddings",
+    "ShardWriter",
+    "ShardedArray",
+    "check_same_run",
+    "completed_shards",
+    "index_width",
+    "make_manifest",
+    "open_embeddings",
+    "read_manifest",
+    "remove_incomplete",
+    "write_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "tp-siglip-embeddings"
+FORMAT_VERSION = 1
+EMBEDDING_FOLDER = "img_emb"
+_RESERVED = {"img_emb", "metadata", "stats", "manifest"}
+_META_COLUMNS = ("key", "shard", "source")
+_ROW_GROUP = 65_536
+_CHUNK = 8 << 20
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def index_width(shard_count: int) -> int:
+    """Digits of the zero-padded shard index in file names: at least 5, more for 100,000+ shards."""
+    return max(5, len(str(max(shard_count - 1, 0))))
+
+
+# ---------------------------------------------------------------------------------------------------- atomic files
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _write_atomic(path: Path, fill: Any) -> None:
+    """Create ``path`` atomically: ``fill(binary file)`` writes a hidden temporary, then fsync + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary(path)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as target:
+            fill(target)
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    encoded = (json.dumps(value, indent=1, sort_keys=False) + "\n").encode("utf-8")
+    _write_atomic(path, lambda target: target.write(encoded))
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+
+
+def make_manifest(
+    shards: Sequence[ShardSpec],
+    *,
+    model: str,
+    dtype: str,
+    embedding: str,
+    hidden_size: int,
+    config: dict,
+    **extra: Any,
+) -> dict:
+    """The manifest of a run (``extra`` keys are kept as given, e.g. ``world_size``)."""
+    from tp_siglip import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "dtype": dtype,
+        "embedding": embedding,
+        "hidden_size": int(hidden_size),
+        "config": config,
+        "tp_siglip_version": __version__,
+        **extra,
+        "shards": [{"index": s.index, "name": s.name, "kind": s.kind, "source": s.source} for s in shards],
+    }
+
+
+def write_manifest(root: Union[str, Path], manifest: dict) -> None:
+    """Write ``DIR/manifest.json`` atomically (``root`` is created if missing)."""
+    missing = [key for key in ("embedding", "shards") if key not in manifest]
+    if missing:
+        raise ValueError(f"the manifest needs {', '.join(missing)}; build it with make_manifest()")
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    _write_json(Path(root) / "manifest.json", manifest)
+
+
+def read_manifest(root: Union[str, Path]) -> dict:
+    """``DIR/manifest.json``; :class:`ValueError` naming the problem when it is missing or malformed."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: '{root}' is not a tp-siglip embeddings folder (or its run died before starting)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tp-siglip manifest (no \"format\": \"{FORMAT}\")")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this tp-siglip reads up to {FORMAT_VERSION}: upgrade tp-siglip")
+    if not isinstance(manifest.get("shards"), list) or not isinstance(manifest.get("embedding"), str):
+        raise ValueError(f"{path} lacks its 'shards' list or 'embedding' name: the file is damaged")
+    return manifest
+
+
+_COMPARED = ("model", "dtype", "embedding", "hidden_size", "config")
+
+
+def check_same_run(manifest: dict, expected: dict) -> Optional[str]:
+    """``None`` if ``manifest`` (on disk) describes the run ``expected`` would write, else a one-line message
+    naming what differs and the fix. Compares model, dtype, embedding, hidden size, config, then the shards."""
+    fix = "use another output folder, or rerun with the options and inputs of the run that wrote it"
+    for key in _COMPARED:
+        if key in expected and manifest.get(key) != expected[key]:
+            if key == "config" and isinstance(manifest.get(key), dict) and isinstance(expected[key], dict):
+                there, here = manifest[key], expected[key]
+                fields = sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))
+                detail = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in fields[:3])
+                return f"the output folder holds a run with another tower config ({detail}); {fix}"
+            return f"the output folder holds a run with {key} {manifest.get(key)!r}, this run has {expected[key]!r}; {fix}"
+    if "shards" in expected:
+        there = [(s.get("name"), s.get("kind"), s.get("source")) for s in manifest.get("shards", [])]
+        here = [(s["name"], s["kind"], s["source"]) for s in expected["shards"]]
+        if len(there) != len(here):
+            return f"the output folder's run planned {len(there)} shard(s), this run plans {len(here)} (the inputs differ); {fix}"
+        for index, (old, new) in enumerate(zip(there, here)):
+            if old != new:
+                return f"shard {index} differs: {old[0]!r} ({old[1]} {old[2]!r}) there, {new[0]!r} ({new[1]} {new[2]!r}) now; {fix}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- metadata types
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if -(1 << 63) <= value < (1 << 63) else "json"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "json"
+
+
+def _merge_kind(old: str, new: str) -> str:
+    if old == new or new == "null":
+        return old
+    if old == "null":
+        return new
+    if {old, new} == {"int", "float"}:
+        return "float"
+    return "json"
+
+
+def _column_name(key: str, value: Any, fixed: dict[str, str]) -> Optional[str]:
+    """Where a meta key goes: its own name, ``meta_<key>`` on a collision, or None (same value as the column)."""
+    if key not in _META_COLUMNS:
+        return key
+    return None if fixed[key] == value else f"meta_{key}"
+
+
+# ---------------------------------------------------------------------------------------------------- writer
+
+
+def _as_numpy(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu")
+        if value.is_floating_point():
+            value = value.to(torch.float32)
+        value = value.contiguous().numpy()
+    elif not isinstance(value, np.ndarray):
+        raise TypeError(f"tensor {name!r} must be a numpy array or torch.Tensor, got {type(value).__name__}")
+    if value.dtype.kind == "f":
+        value = value.astype(np.float32, copy=False)
+    elif value.dtype.kind not in "biu":
+        raise TypeError(f"tensor {name!r} has dtype {value.dtype}; store floating, integer or bool arrays")
+    return np.ascontiguousarray(value)
+
+
+class _Spooled:
+    """One named array's rows, appended to a raw file."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.row_shape = path, dtype, row_shape
+        self.file: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed by ShardWriter
+
+    def write_npy(self, target: BinaryIO, rows: int) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (rows, *self.row_shape)}
+        np.lib.format.write_array_header_1_0(target, header)
+        self.file.flush()
+        self.file.seek(0)
+        shutil.copyfileobj(self.file, target, _CHUNK)
+
+
+class ShardWriter:
+    """Writes one shard of the folder (one writer per shard, in one process). See the module docstring.
+
+    ``spec_index``/``name``: the shard's plan index and name; ``embedding``: which of the tensors given to
+    :meth:`add` is the embedding (stored in ``img_emb/``); the others go to ``<name>/<name>_NNNNN.npy``.
+    ``source`` (the metadata's ``source`` column) and ``shard_count`` (the file names' zero padding) come
+    from ``DIR/manifest.json`` unless given.
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        spec_index: int,
+        name: str,
+        embedding: str,
+        *,
+        source: Optional[str] = None,
+        shard_count: Optional[int] = None,
+    ) -> None:
+        self.root, self.index, self.name, self.embedding = Path(root), int(spec_index), name, embedding
+        if source is None or shard_count is None:
+            shards = read_manifest(self.root)["shards"]
+            if not 0 <= self.index < len(shards) or shards[self.index].get("name") != name:
+                raise ValueError(f"shard {self.index} {name!r} is not in the plan of {self.root / 'manifest.json'}")
+            source = shards[self.index].get("source", "") if source is None else source
+            shard_count = len(shards) if shard_count is None else shard_count
+        self.source, self.stem = source, f"{self.index:0{index_width(shard_count)}d}"
+        self.rows = 0
+        self.spool = self.root / f".spool-{self.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.spool.mkdir(parents=True)
+        self._arrays: dict[str, _Spooled] = {}
+        self._meta = open(self.spool / "meta.jsonl", "w+", encoding="utf-8")  # noqa: SIM115 - closed in _close
+        self._kinds: dict[str, str] = {}
+        self._closed = False
+
+    def add(self, keys: Sequence[str], metas: Sequence[dict], tensors: dict[str, Union[np.ndarray, torch.Tensor]]) -> None:
+        """Append rows: their keys, JSON-able metadata and named row tensors (``tensors[embedding]`` is (n, hidden))."""
+        if self._closed:
+            raise ValueError(f"shard {self.name!r}: add() after commit() or abort()")
+        arrays = {name: _as_numpy(name, value) for name, value in tensors.items()}
+        self._check_rows(keys, metas, arrays)
+        if not self._arrays:
+            self._open_arrays(arrays)
+        for name, array in arrays.items():
+            self._arrays[name].file.write(array.tobytes())
+        self._note_kinds(keys, metas)
+        self._meta.write(json.dumps([list(keys), list(metas)], default=str, separators=(",", ":")) + "\n")
+        self.rows += len(keys)
+
+    def _check_rows(self, keys: Sequence[str], metas: Sequence[dict], arrays: dict[str, np.ndarray]) -> None:
+        where = f"shard {self.name!r}"
+        if self.embedding not in arrays:
+            raise ValueError(f"{where}: tensors {sorted(arrays)} lack the embedding {self.embedding!r}")
+        if arrays[self.embedding].ndim != 2:
+            raise ValueError(f"{where}: the embedding must be (rows, hidden), got shape {arrays[self.embedding].shape}")
+        counts = {name: (array.shape[0] if array.ndim else -1) for name, array in arrays.items()}
+        if len(metas) != len(keys) or any(count != len(keys) for count in counts.values()):
+            raise ValueError(f"{where}: {len(keys)} keys, {len(metas)} metas and rows {counts}: every add needs one of each per row")
+        if self._arrays and set(arrays) != set(self._arrays):
+            raise ValueError(f"{where}: tensors {sorted(arrays)}, earlier adds gave {sorted(self._arrays)}")
+        for name, array in arrays.items():
+            if name != self.embedding and (not _NAME.fullmatch(name) or name in _RESERVED):
+                raise ValueError(f"{where}: extra array name {name!r} must match [a-z][a-z0-9_]* and not be one of {sorted(_RESERVED)}")
+            spooled = self._arrays.get(name)
+            if spooled is not None and (spooled.dtype != array.dtype or spooled.row_shape != array.shape[1:]):
+                raise ValueError(f"{where}: {name!r} rows are {array.dtype}{list(array.shape[1:])}, earlier {spooled.dtype}{list(spooled.row_shape)}")
+
+    def _open_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for number, (name, array) in enumerate(arrays.items()):
+            self._arrays[name] = _Spooled(self.spool / f"{number}.raw", array.dtype, tuple(array.shape[1:]))
+
+    def _note_kinds(self, keys: Sequence[str], metas: Sequence[dict]) -> None:
+        fixed = {"key": "", "shard": self.name, "source": self.source}
+        for key, meta in zip(keys, metas):
+            if not isinstance(meta, dict):
+                raise TypeError(f"shard {self.name!r}: the meta of key {key!r} is {type(meta).__name__}, not a dict")
+            fixed["key"] = key
+            for field, value in meta.items():
+                column = _column_name(str(field), value, fixed)
+                if column is not None:
+                    self._kinds[column] = _merge_kind(self._kinds.get(column, "null"), _kind_of(value))
+
+    def _path(self, folder: str, suffix: str) -> Path:
+        return self.root / folder / f"{folder}_{self.stem}{suffix}"
+
+    def commit(self, skipped: Sequence[tuple[str, str]], seconds: float) -> dict:
+        """Write the shard's files atomically, the stats file last (see the module docstring); returns the stats."""
+        if self._closed:
+            raise ValueError(f"shard {self.name!r}: commit() after commit() or abort()")
+        stats_path = self._path("stats", ".json")
+        stats_path.unlink(missing_ok=True)  # an earlier complete copy of this shard stops counting as complete now
+        _fsync_folder(stats_path.parent)
+        written: list[Path] = []
+        try:
+            files, shapes = self._write_files(written)
+            stats = {
+                "index": self.index, "name": self.name, "source": self.source, "embedding": self.embedding,
+                "rows": self.rows, "skipped": [[str(key), str(reason)] for key, reason in skipped],
+                "seconds": round(float(seconds), 3), "files": files, "shapes": shapes, "done": True,
+            }  # fmt: skip
+            _write_json(stats_path, stats)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            self.abort()
+            raise
+        self._close()
+        logger.debug("shard %s: %d row(s) committed, %d skipped", self.name, self.rows, len(skipped))
+        return stats
+
+    def _write_files(self, written: list[Path]) -> tuple[dict[str, str], dict[str, list[int]]]:
+        """The npy files and the parquet file (none without rows: see the module docstring)."""
+        files: dict[str, str] = {}
+        shapes: dict[str, list[int]] = {}
+        if not self.rows:
+            return files, shapes
+        for name, spooled in self._arrays.items():
+            folder = EMBEDDING_FOLDER if name == self.embedding else name
+            path = self._path(folder, ".npy")
+            _write_atomic(path, lambda target, spooled=spooled: spooled.write_npy(target, self.rows))
+            written.append(path)
+            files[folder] = path.relative_to(self.root).as_posix()
+            shapes[folder] = [self.rows, *spooled.row_shape]
+        path = self._path("metadata", ".parquet")
+        _write_atomic(path, self._write_metadata)
+        written.append(path)
+        files["metadata"] = path.relative_to(self.root).as_posix()
+        shapes["metadata"] = [self.rows]
+        return files, shapes
+
+    def _write_metadata(self, target: BinaryIO) -> None:
+        pa, pq = require_pyarrow()
+        types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string(), "null": pa.string()}
+        schema = pa.schema([(name, pa.string()) for name in _META_COLUMNS] + [(name, types[kind]) for name, kind in self._kinds.items()])
+        self._meta.flush()
+        self._meta.seek(0)
+        keys: list[str] = []
+        metas: list[dict] = []
+        with pq.ParquetWriter(target, schema) as writer:
+            for line in self._meta:
+                batch_keys, batch_metas = json.loads(line)
+                keys.extend(batch_keys)
+                metas.extend(batch_metas)
+                while len(keys) >= _ROW_GROUP:
+                    writer.write_table(self._metadata_table(pa, schema, keys[:_ROW_GROUP], metas[:_ROW_GROUP]))
+                    del keys[:_ROW_GROUP], metas[:_ROW_GROUP]
+            if keys:
+                writer.write_table(self._metadata_table(pa, schema, keys, metas))
+
+    def _metadata_table(self, pa: Any, schema: Any, keys: list[str], metas: list[dict]) -> Any:
+        columns: dict[str, list[Any]] = {name: [None] * len(keys) for name in self._kinds}
+        fixed = {"key": "", "shard": self.name, "source": self.source}
+        for row, (key, meta) in enumerate(zip(keys, metas)):
+            fixed["key"] = key
+            for field, value in meta.items():
+                column = _column_name(str(field), value, fixed)
+                if column is not None:
+                    columns[column][row] = value
+        for name, kind in self._kinds.items():
+            if kind == "json":
+                columns[name] = [None if value is None else json.dumps(value, sort_keys=True) for value in columns[name]]
+        arrays = [pa.array(keys, pa.string()), pa.array([self.name] * len(keys), pa.string()), pa.array([self.source] * len(keys), pa.string())]
+        arrays += [pa.array(columns[name], schema.field(name).type) for name in self._kinds]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def abort(self) -> None:
+        """Drop the spooled rows; nothing of this writer remains that could look complete."""
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._meta.close()
+            for spooled in self._arrays.values():
+                spooled.file.close()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+# ---------------------------------------------------------------------------------------------------- completeness
+
+
+_STATS = re.compile(r"stats_(\d+)\.json")
+_FINAL = re.compile(r"([a-z][a-z0-9_]*)_(\d+)\.(npy|parquet|json)")
+_TEMP = re.compile(r"\.([a-z][a-z0-9_]*)_(\d+)\.(npy|parquet|json)\.\d+\.[0-9a-f]+\.tmp")
+_SPOOL = re.compile(r"\.spool-(\d+)-\d+-[0-9a-f]+")
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    """The shape in an .npy header; ValueError when the data that follows is not exactly that shape's bytes."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(file)
+        data_bytes = os.fstat(file.fileno()).st_size - file.tell()
+    if data_bytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise ValueError(f"{path}: {data_bytes} data bytes for shape {shape} of {dtype}")
+    return tuple(shape)
+
+
+def _check_stats(root: Path, path: Path) -> Optional[dict]:
+    """The stats in ``path`` if its shard is complete (every listed file has the recorded rows), else None."""
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(stats, dict) and stats.get("done") is True and isinstance(stats.get("rows"), int)):
+            return None
+        for name, relative in stats.get("files", {}).items():
+            file = root / relative
+            if relative.endswith(".npy"):
+                shape = _npy_shape(file)
+                if not shape or shape[0] != stats["rows"] or list(shape) != stats.get("shapes", {}).get(name, list(shape)):
+                    return None
+            elif require_pyarrow()[1].ParquetFile(file).metadata.num_rows != stats["rows"]:
+                return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return stats
+
+
+def completed_shards(root: Union[str, Path]) -> dict[int, dict]:
+    """``{index: stats}`` of the complete shards in ``root`` (stats file present and its files agreeing)."""
+    folder = Path(root) / "stats"
+    found: dict[int, dict] = {}
+    if not folder.is_dir():
+        return found
+    for entry in os.scandir(folder):
+        match = _STATS.fullmatch(entry.name)
+        if match is not None:
+            stats = _check_stats(Path(root), Path(entry.path))
+            if stats is not None and stats.get("index") == int(match.group(1)):
+                found[int(match.group(1))] = stats
+    return dict(sorted(found.items()))
+
+
+def remove_incomplete(root: Union[str, Path], index: Optional[int] = None) -> list[Path]:
+    """Remove what killed runs left for shard ``index`` (every shard when ``None``, in one pass over the folder):
+    spool folders and temporaries always, and the shard's final files when it is not complete. Call it only
+    while no writer is alive for those shards. Returns what was removed."""
+    root = Path(root)
+    complete = set(completed_shards(root))
+    removed: list[Path] = []
+    for entry in os.scandir(root):
+        match = _SPOOL.fullmatch(entry.name)
+        if match is not None and entry.is_dir() and index in (None, int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+        elif entry.is_dir() and not entry.name.startswith("."):
+            removed += _remove_in(Path(entry.path), index, complete)
+    for path in removed:
+        logger.debug("removed leftover %s", path)
+    return removed
+
+
+def _remove_in(folder: Path, index: Optional[int], complete: set[int]) -> list[Path]:
+    removed = []
+    for entry in os.scandir(folder):
+        temporary = _TEMP.fullmatch(entry.name)
+        final = _FINAL.fullmatch(entry.name)
+        match = temporary or final
+        if match is None or match.group(1) != folder.name or not entry.is_file():
+            continue
+        number = int(match.group(2))
+        if index not in (None, number) or (final is not None and number in complete):
+            continue
+        Path(entry.path).unlink(missing_ok=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------- reader
+
+
+class ShardedArray:
+    """Row-indexable view of per-shard ``.npy`` memmaps, as one array of ``len()`` rows; only what is asked for
+    is read (``emb[i]``, ``emb[a:b]``, ``emb[[i, j, k]]``, ``emb[mask]``, ``emb[rows, columns]``)."""
+
+    def __init__(self, shards: list[np.ndarray], name: str) -> None:
+        self.shards, self.name = shards, name
+        self.offsets = np.cumsum([0, *(len(shard) for shard in shards)])
+        self.row_shape: tuple[int, ...] = tuple(shards[0].shape[1:]) if shards else ()
+        self.dtype = shards[0].dtype if shards else np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.row_shape)
+
+    def __getitem__(self, item: Any) -> np.ndarray:
+        if isinstance(item, tuple):
+            rows = self[item[0]]
+            return rows[item[1:]] if np.ndim(item[0]) == 0 and not isinstance(item[0], slice) else rows[(slice(None), *item[1:])]
+        if isinstance(item, (int, np.integer)):
+            return self._take_one(int(item))
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step == 1:
+                return self._take_range(start, max(start, stop))
+            return self._take(np.arange(start, stop, step))
+        return self._take(np.asarray(item))
+
+    def _take_one(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} is out of range for {len(self)} rows of {self.name}")
+        index %= max(len(self), 1)
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return np.array(self.shards[shard][index - self.offsets[shard]])
+
+    def _take_range(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for shard, array in enumerate(self.shards):
+            low, high = max(start, self.offsets[shard]), min(stop, self.offsets[shard + 1])
+            if low < high:
+                parts.append(array[low - self.offsets[shard] : high - self.offsets[shard]])
+        return np.concatenate(parts) if parts else np.empty((0, *self.row_shape), self.dtype)
+
+    def _take(self, indices: np.ndarray) -> np.ndarray:
+        if indices.dtype == bool:
+            if indices.shape != (len(self),):
+                raise IndexError(f"a boolean mask must have {len(self)} entries, got shape {indices.shape}")
+            indices = np.flatnonzero(indices)
+        if indices.dtype.kind not in "iu" or indices.ndim != 1:
+            raise IndexError(f"rows must be an int, a slice, a 1-D int array or a bool mask, got {indices.dtype}{list(indices.shape)}")
+        indices = indices.astype(np.int64)
+        if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
+            raise IndexError(f"row indices must lie in [-{len(self)}, {len(self)}), got {indices.min()}..{indices.max()}")
+        indices = np.where(indices < 0, indices + len(self), indices)
+        out = np.empty((len(indices), *self.row_shape), self.dtype)
+        owner = np.searchsorted(self.offsets, indices, side="right") - 1
+        for shard in np.unique(owner):
+            chosen = owner == shard
+            out[chosen] = self.shards[shard][indices[chosen] - self.offsets[shard]]
+        return out
+
+    def iter_batches(self, batch_size: int = 65_536) -> Iterator[np.ndarray]:
+        """Consecutive in-memory batches of ``batch_size`` rows (the last may be shorter), in row order."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for start in range(0, len(self), batch_size):
+            yield self._take_range(start, min(start + batch_size, len(self)))
+
+
+class Embeddings(ShardedArray):
+    """A corpus folder opened for reading (see :func:`open_embeddings`): the embedding rows of its complete
+    shards in shard order, their metadata, and the extra arrays."""
+
+    def __init__(self, root: Path, manifest: dict, stats: list[dict]) -> None:
+        self.root, self.manifest, self.stats = root, manifest, stats
+        self.missing = [s["index"] for s in manifest["shards"] if s["index"] not in {entry["index"] for entry in stats}]
+        super().__init__(self._load(EMBEDDING_FOLDER), manifest["embedding"])
+        self.dim = self.row_shape[0] if self.row_shape else int(manifest.get("hidden_size", 0))
+
+    def _load(self, folder: str) -> list[np.ndarray]:
+        with_rows = [entry for entry in self.stats if entry["rows"]]
+        if any(folder not in entry["files"] for entry in with_rows):
+            raise KeyError(f"{self.root} has no array {folder!r} in every shard; it has {self.array_names()}")
+        return [np.load(self.root / entry["files"][folder], mmap_mode="r") for entry in with_rows]
+
+    def array_names(self) -> list[str]:
+        """The extra per-row arrays stored besides the embedding (e.g. ``tokens``)."""
+        names = {name for entry in self.stats for name in entry["files"]} - {EMBEDDING_FOLDER, "metadata"}
+        return sorted(names)
+
+    def array(self, name: str) -> ShardedArray:
+        """An extra per-row array (e.g. ``tokens``), indexed like the embeddings."""
+        return ShardedArray(self._load(name), name)
+
+    def metadata(self, columns: Optional[Sequence[str]] = None) -> Any:
+        """The metadata of every row, as one ``pyarrow.Table`` in row order (only ``columns`` when given)."""
+        pa, pq = require_pyarrow()
+        tables = []
+        for entry in (entry for entry in self.stats if entry["rows"]):
+            path = self.root / entry["files"]["metadata"]
+            names = pq.ParquetFile(path).schema_arrow.names
+            table = pq.read_table(path, columns=[c for c in columns if c in names] if columns is not None else None)
+            tables.append(table)
+        if not tables:
+            return pa.table({name: pa.array([], pa.string()) for name in (columns or _META_COLUMNS)})
+        table = _concat(pa, tables)
+        if columns is not None:
+            absent = [c for c in columns if c not in table.column_names]
+            if absent:
+                raise KeyError(f"no metadata column(s) {absent} in {self.root}; the columns are {table.column_names}")
+            table = table.select(list(columns))
+        return table
+
+    def keys(self) -> list[str]:
+        """Every row's key, in row order."""
+        return self.metadata(["key"]).column("key").to_pylist()
+
+    def __repr__(self) -> str:
+        return f"Embeddings({str(self.root)!r}: {len(self)} rows x {self.dim}, {len(self.stats)} shard(s), {len(self.missing)} missing)"
+
+
+def _concat(pa: Any, tables: list[Any]) -> Any:
+    """Concatenate shard tables whose columns or types may differ: missing columns become nulls, int with float
+    becomes float64, other type clashes become strings."""
+    types: dict[str, Any] = {}
+    for table in tables:
+        for field in table.schema:
+            old = types.get(field.name)
+            if old is None or old == field.type or pa.types.is_null(field.type):
+                types.setdefault(field.name, field.type)
+            elif pa.types.is_null(old):
+                types[field.name] = field.type
+            elif {str(old), str(field.type)} == {"int64", "double"}:
+                types[field.name] = pa.float64()
+            else:
+                types[field.name] = pa.string()
+    unified = []
+    for table in tables:
+        for position, field in enumerate(table.schema):
+            if field.type != types[field.name]:
+                table = table.set_column(position, field.name, table.column(position).cast(types[field.name]))
+        unified.append(table)
+    return pa.concat_tables(unified, promote_options="default")
+
+
+def open_embeddings(root: Union[str, Path]) -> Embeddings:
+    """Open a corpus folder for reading. Only complete shards are included (a warning names how many planned
+    shards are not); nothing is loaded until asked for.
+
+    Raises:
+        ValueError: ``root`` has no readable manifest.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    stats = list(completed_shards(root).values())
+    embeddings = Embeddings(root, manifest, stats)
+    if embeddings.missing:
+        logger.warning("%s: %d of %d planned shard(s) are not complete (first: %s); reading the other %d",
+                       root, len(embeddings.missing), len(manifest["shards"]), embeddings.missing[0], len(stats))  # fmt: skip
+    return embeddings
