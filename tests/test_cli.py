@@ -236,16 +236,18 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["output-is-folder", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+    ["output-is-folder", "output-folder-is-file", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
      "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
     _, checkpoint, corpus, _ = setup
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "dir.safetensors").mkdir()
     argv = {"--model": checkpoint, "--output": tmp_path / "out.safetensors", "inputs": [corpus]}
     named = {
-        "output-is-folder": ("--output", tmp_path),
+        "output-is-folder": ("--output", tmp_path / "dir.safetensors"),  # a .safetensors name that is a folder
+        "output-folder-is-file": ("--output", tmp_path / "file"),  # any other name is a folder of shards
         "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
         "parent-is-file": ("--output", tmp_path / "file" / "out.safetensors"),
         "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
+from tp_siglip.embeddings_dir import open_embeddings
 from tp_siglip.model import Siglip2VisionTransformer, SiglipVisionOutput, SiglipVisionTransformer
 from tp_siglip.processing import load_image, preprocess
 from tp_siglip.processing_naflex import preprocess_naflex
@@ -28,6 +29,7 @@ __all__ = [
     "SiglipVisionTransformer",
     "__version__",
     "load_image",
+    "open_embeddings",
     "preprocess",
     "preprocess_naflex",
 ]

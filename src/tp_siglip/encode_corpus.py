@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, embeddings_dir, processing, sources
+from tp_siglip import embeddings_dir, processing, sources
 from tp_siglip.lockstep import broadcast_from_rank0, gather_shares
 
 __all__ = ["CorpusPlan", "ShardOutput", "check_corpus_arguments", "is_folder_output", "run_corpus_job"]
@@ -81,7 +81,7 @@ def _check_output_folder(output: Path, resume: bool, usage_error: type[Exception
         raise usage_error(f"--output {output}: the folder {parent} does not exist; create it first")
     if not os.access(output if output.exists() else parent, os.W_OK):
         raise usage_error(f"--output {output}: cannot write there")
-    if not (output / embeddings_dir.MANIFEST).exists():
+    if not (output / "manifest.json").exists():
         return None
     if not resume:
         raise usage_error(f"--output {output} already holds a run (manifest.json); pass --resume to continue it, or another --output")
@@ -94,10 +94,9 @@ def _check_output_folder(output: Path, resume: bool, usage_error: type[Exception
 class ShardOutput:
     """One shard being written (the group's rank 0): the interface `tp_siglip.encode`'s batch loop writes to."""
 
-    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str) -> None:
+    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str, shard_count: int) -> None:
         self.spec = spec
-        embeddings_dir.remove_incomplete(root, spec.index)
-        self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding)
+        self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding, source=spec.source, shard_count=shard_count)
         self.skipped: list[list[str]] = []
         self.rows = 0
 
@@ -154,32 +153,37 @@ class _NoBar:
 
 
 def manifest_for(job: Any, args: argparse.Namespace, plan: CorpusPlan) -> dict:
-    """The manifest of this run: what the rows are (model, dtype, embedding, tower) and the planned shards."""
-    return {
-        "format": embeddings_dir.FORMAT,
-        "model": str(args.model),
-        "dtype": job.dtype_name,
-        "embedding": job.embedding,
-        "hidden_size": job.model.config.hidden_size,
-        "tokens": bool(args.tokens),
-        "max_num_patches": job.max_num_patches,
-        "config": job.model.config.to_dict(),
-        "tp_siglip_version": __version__,
-        "shards": [{"index": s.index, "name": s.name, "kind": s.kind, "source": s.source, "files": len(s.files)} for s in plan.shards],
-    }
+    """The manifest of this run: what the rows are (model, dtype, embedding, tower, setup) and the planned shards."""
+    return embeddings_dir.make_manifest(
+        plan.shards,
+        model=str(args.model),
+        dtype=job.dtype_name,
+        embedding=job.embedding,
+        hidden_size=job.model.config.hidden_size,
+        config=job.model.config.to_dict(),
+        tokens=bool(args.tokens),
+        max_num_patches=job.max_num_patches,
+        shard_size=args.shard_size,
+    )
 
 
 def _resume_decision(root: Path, earlier: Optional[dict], manifest: dict) -> tuple[Optional[str], list[int]]:
-    """Rank 0: ``(why this run cannot continue the folder, or None; the shards already complete)``; writes the manifest."""
+    """Rank 0: ``(why this run cannot continue the folder, or None; the shards already complete)``.
+
+    Writes the manifest (a fresh run) before any shard writer needs it; leftovers of killed writers go.
+    """
     if earlier is not None:
         problem = embeddings_dir.check_same_run(earlier, manifest)
-        if problem is None and earlier.get("shards") != manifest["shards"]:
-            problem = f"--resume: {root} was written for other input shards; pass the same inputs (and --shard-size), or another --output"
+        for key, flag in (("tokens", "--tokens"), ("max_num_patches", "--max-num-patches"), ("shard_size", "--shard-size")):
+            if problem is None and earlier.get(key) != manifest[key]:
+                problem = f"{flag}: the output folder was written with {key} {earlier.get(key)!r}, this run has {manifest[key]!r}"
         if problem is not None:
-            return problem, []
+            return f"--resume: {root}: {problem}", []
+        embeddings_dir.remove_incomplete(root)
+        return None, sorted(embeddings_dir.completed_shards(root))
     root.mkdir(exist_ok=True)
     embeddings_dir.write_manifest(root, manifest)
-    return None, sorted(embeddings_dir.completed_shards(root)) if earlier is not None else []
+    return None, []
 
 
 def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_index: int, groups: int, say: Any, usage_error: type[Exception]) -> None:
@@ -195,7 +199,7 @@ def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_i
     job.opener, job.say = open_row, GroupSay(job.say_for_group, group_index, groups)
     start, encoded = time.perf_counter(), 0
     for number, spec in enumerate(mine, 1):
-        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}")
+        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}", len(plan.shards))
     seconds = time.perf_counter() - start
     world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
     ranks = dist.get_world_size() if world is not None else 1
@@ -205,10 +209,10 @@ def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_i
         _summary(args.output, plan, total, seconds, say)
 
 
-def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str) -> int:
+def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str, shard_count: int) -> int:
     """Encode one shard with the job's batch loop; the group's rank 0 commits it. Returns the rows encoded."""
     rows = sources.list_rows(spec)
-    output = ShardOutput(args.output, spec, job.embedding) if job.rank == 0 else None
+    output = ShardOutput(args.output, spec, job.embedding, shard_count) if job.rank == 0 else None
     start = time.perf_counter()
     try:
         encoded, _ = job._encode(rows, output, report=False)
