@@ -1,4 +1,4 @@
-"""The README's snippet, runnable: build a random-weight SigLIP checkpoint with transformers, load it
+"""The library calls shown in README.md and docs/vlm-server.md, runnable: build a random-weight SigLIP checkpoint with transformers, load it
 with tp-siglip on every torchrun rank, and check it against transformers.
 
     torchrun --nproc-per-node 2 examples/readme_snippet.py [CHECKPOINT_DIR]

@@ -553,7 +553,7 @@ def test_preprocess_files_records_a_reason_per_bad_file(tmp_path: Path, strict_p
 
 
 def test_exif_and_alpha_path_versus_pil_image(reference, tmp_path: Path) -> None:
-    """What the README states, checked for us and for transformers: a path gets the EXIF rotation and loses
+    """What docs/encode.md states, checked for us and for transformers: a path gets the EXIF rotation and loses
     its alpha band; an opened PIL image keeps its stored orientation and is composited onto white."""
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., 0] = 255  # red, fully transparent

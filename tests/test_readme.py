@@ -1,4 +1,4 @@
-"""The README snippet runs as documented (examples/readme_snippet.py under torchrun, 2 ranks)."""
+"""The library calls of README.md and docs/vlm-server.md run as documented (examples/readme_snippet.py under torchrun, 2 ranks)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ use ``torchrun --nproc-per-node N -m tp_siglip.encode ...`` (or ``torchrun ... -
 Choices made: one sub-command per job, each a thin layer over a library module (`tp_siglip.encode`,
 `tp_siglip.env`); the sub-command's options are the module's own (``encode.add_arguments``), so
 ``tp-siglip encode`` and ``python -m tp_siglip.encode`` cannot drift apart. As a command-line program it
-prints; the modules it calls log.
+prints, through `tp_siglip.console` (whole lines, one write each); the modules it calls log.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from tp_siglip import __version__
+from tp_siglip.console import write_line
 
 __all__ = ["build_parser", "main"]
 
@@ -42,7 +43,7 @@ def build_parser(prog: str = "tp-siglip") -> argparse.ArgumentParser:
 def _print_env(args: argparse.Namespace) -> int:
     from tp_siglip.env import environment, format_environment
 
-    print(format_environment(environment()))
+    write_line(format_environment(environment()), sys.stdout)
     return 0
 
 

@@ -84,6 +84,7 @@ import torch
 import torch.distributed as dist
 
 from tp_siglip import __version__, encode_corpus, hardware, pipeline, processing, processing_naflex
+from tp_siglip.console import Printer, setup_logging
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
 from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0, split_world
 from tp_siglip.parallel import init_default_group
@@ -454,8 +455,7 @@ def _rank_and_world() -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     """Run the job described by parsed ``args``; returns the exit status. Every rank calls this."""
     rank, world_size = _rank_and_world()
-    where = f"[rank {rank}] " if world_size > 1 else ""
-    logging.basicConfig(level=logging.WARNING, format=f"{where}%(levelname)s %(name)s: %(message)s")
+    setup_logging(rank, world_size)
     say = Printer(rank, world_size)
     try:
         plan = check_arguments(args, rank, world_size)
@@ -526,42 +526,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-class Printer:
-    """Rank 0 prints results to stdout (above the progress bar); every rank prints its errors to stderr."""
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-        self.bar: Any = None
-
-    def __call__(self, text: str) -> None:
-        if self.rank != 0:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
-
-    def error(self, text: str) -> None:
-        prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
-        print(f"{prefix}error: {text}", file=sys.stderr, flush=True)
-
-    def progress(self, total: int) -> Any:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
-            return _NoBar()
-        self.bar = tqdm(total=total, unit="img", disable=None if self.rank == 0 else True)  # None: a bar only on a terminal
-        return self.bar
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class _Output:

@@ -426,7 +426,7 @@ class SiglipVisionTransformer(nn.Module):
     ) -> nn.Module:
         """Load a tower from a Hub repo id or a directory, each rank reading only its slice.
 
-        Every argument is described atop `tp_siglip.pretrained` (and in the README). Returns this class (its
+        Every argument is described atop `tp_siglip.pretrained` (and in docs/vlm-server.md). Returns this class (its
         NaFlex sibling `Siglip2VisionTransformer` for SigLIP2 NaFlex checkpoints), or with
         ``parallel="data"`` a `DataParallelEncoder` around it.
         """
