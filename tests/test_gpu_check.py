@@ -27,6 +27,18 @@ TINY = Geometry("tiny", hidden=64, intermediate=96, layers=1, heads=4, patch=8, 
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _progress_bars_back_on():
+    """The benchmarks' ``quiet_transformers`` turns progress bars off process-wide (huggingface_hub's too):
+    turn them back on, so later tests (the Hub's tqdm bar) see the defaults."""
+    yield
+    import transformers
+    from huggingface_hub.utils import enable_progress_bars
+
+    transformers.utils.logging.enable_progress_bar()
+    enable_progress_bars()
+
+
 def test_mfu_is_the_share_of_the_peak_reached() -> None:
     flops, peak = TINY.flops_per_image(), gt.gemm_flops(64, 128, 256) * 10
     assert gt.mfu(peak / flops, flops, peak) == pytest.approx(1.0)
