@@ -75,7 +75,7 @@ def groups_section(root: Path, shards: str, quick: bool) -> list[dict[str, Any]]
         same = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
         rows.append(row("groups", f"1 group of 1 rank, {label}", one["job_rate"], None, None, **one))
         rows.append(row("groups", f"2 groups of 1 rank (--tp 1), {label}; rows identical: {same}", two["job_rate"],
-                        one["job_rate"], 1.7 if not workers else None, identical=same, **two))
+                        one["job_rate"], 1.7 if workers else None, identical=same, **two))
         if quick:
             break
     return rows
