@@ -168,3 +168,38 @@ def test_gather_shares_over_two_ranks(rank_pools):
         assert grid.tolist() == [[0, 1], [2, 3], [4, 5], [100, 101], [102, 103]]
         assert failures == [None, None] and failed == [None, "worker died"]
         assert reasons == ["r0"] * 3 + ["r1"] * 2
+
+
+@pytest.mark.parametrize(
+    "cores, local_ranks, on_cpu, expected",
+    [(2, 1, True, 2), (2, 2, True, 0), (2, 2, False, 1), (16, 2, True, 8), (64, 1, False, pipeline.MAX_DEFAULT_WORKERS), (3, 4, False, 1)],
+)
+def test_default_workers_are_the_cores_per_rank_but_none_for_a_cpu_model_on_one_core(monkeypatch, cores, local_ranks, on_cpu, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert pipeline.default_workers(on_cpu) == expected
+
+
+def test_main_threads_follow_how_busy_the_workers_keep_the_cores(monkeypatch):
+    """Workers decoding ~2 of 2 cores' worth leave the model one thread; workers that are mostly idle give
+    it back every thread; the first batch is not counted, and restore() puts the original count back."""
+    now = [0.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: now[0])
+    full = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = pipeline.MainThreads(active=True)
+
+        def batch(wall: float, decoding: float) -> int:
+            now[0] += wall
+            threads.update(decoding)
+            return torch.get_num_threads()
+
+        assert batch(1.0, 0.1) == 2  # the first batch: not counted
+        assert [batch(0.1, 0.19) for _ in range(3)] == [1, 1, 1]  # decode-bound: 1.9 cores busy decoding
+        assert [batch(1.0, 0.1) for _ in range(pipeline.MainThreads.WINDOW)][-1] == 2  # model-bound
+        threads.restore()
+        assert torch.get_num_threads() == 2
+        assert pipeline.MainThreads(active=False).active is False
+    finally:
+        torch.set_num_threads(full)

@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
     add("--workers", type=_non_negative_int, default=None, metavar="N",
         help="decode worker processes per rank, decoding ahead of the model (default: this rank's share of the CPU "
-             f"cores, at most {pipeline.MAX_DEFAULT_WORKERS}; 0: decode in the main process)")
+             f"cores, at most {pipeline.MAX_DEFAULT_WORKERS}, or 0 for a CPU model with one core per rank; 0: decode in the main process)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
         help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens, and for NaFlex --max-num-patches)")
@@ -587,7 +587,7 @@ class _Job:
         self.group = group if world_size > 1 else None  # the ranks that share each batch
         self.opener: Any = None  # how a batch item becomes an image (None: items are file paths)
         self.say_for_group: Any = say  # prints on this group's rank 0 (the corpus job's per-shard lines)
-        self.workers = pipeline.default_workers() if args.workers is None else args.workers
+        self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
         # data mode runs each rank's own share on its replica: the wrapper's batch split is not used
         self.local_model = getattr(model, "module", model) if args.parallel == "data" else model
 
@@ -670,9 +670,9 @@ class _Job:
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    waited, in_model = times["wait"], times["model"]
+                    decoding = times["decode"]
                     encoded += self._encode_batch(batch, shares, output, times)
-                    threads.update(times["wait"] - waited, times["model"] - in_model)
+                    threads.update(times["decode"] - decoding)
                     bar.update(len(batch))
                     if output is not None:
                         output.checkpoint_if_due()

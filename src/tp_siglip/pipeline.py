@@ -10,19 +10,21 @@ later, on the model's device (`processing.to_pixel_values`), and the group excha
 
 Choices made:
 
-* **torch's own machinery**: a ``torch.utils.data.DataLoader`` over batch indices with ``num_workers``
-  processes (PIL holds the GIL between its calls, so threads alone would not decode in parallel),
-  ``prefetch_factor`` batches queued per worker (a bounded queue: memory stays flat), persistent workers,
-  pinned memory when the model is on CUDA. Each worker runs one intra-op thread. ``workers=0`` decodes in
+* **torch's own machinery**: a ``torch.utils.data.DataLoader`` with ``num_workers`` processes (PIL holds
+  the GIL between its calls, so threads alone would not decode in parallel), ``prefetch_factor`` items
+  queued per worker (a bounded queue: memory stays flat). An item is one worker's piece of a share (the
+  workers split every share, `_Pieces`), so the queue fills in a piece's time and all workers are busy
+  until the last batch; the main process joins the pieces, into pinned memory when the model is on CUDA. Each worker runs one intra-op thread. ``workers=0`` decodes in
   the main process, batch by batch, as a plain generator.
 * **A bad image is a reason, never a dead worker**: decoding goes through `processing.read_files`,
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
   can stop cleanly after writing what it has.
-* **Threads of a CPU model** (`MainThreads`): one while the job waits for decoded images, all of them
-  while the model is the bottleneck, so workers and model do not fight over the same cores.
+* **Threads of a CPU model** (`MainThreads`): the cores the decode workers leave free (measured from
+  their own decode seconds), at least one, so workers and model do not fight over the same cores.
 * **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
-  on this node (``LOCAL_WORLD_SIZE``), at most 16; none in a daemonic process (it may not have children).
+  on this node (``LOCAL_WORLD_SIZE``), at most 16; none when a CPU model would have a single core to share
+  with them, none in a daemonic process (it may not have children).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -61,10 +64,13 @@ class DecodeWorkerDied(RuntimeError):
     """A decode worker process died (not a bad image: those are reasons); the message names the batch."""
 
 
-def default_workers() -> int:
+def default_workers(model_on_cpu: bool = False) -> int:
     """Decode workers for this rank: its usable cores divided by the ranks on this node, 1 to 16.
 
-    0 in a daemonic process (e.g. a ``multiprocessing`` pool's worker), which may not start processes.
+    0 when the model runs on the CPU and this rank has a single core: the model needs that core, and a
+    worker would only time-slice it (decoding cannot overlap the forward without a core to run on; on two
+    cores, two ranks run faster decoding in their main processes). 0 in a daemonic process (e.g. a
+    ``multiprocessing`` pool's worker), which may not start processes.
     """
     if multiprocessing.current_process().daemon:
         return 0
@@ -73,7 +79,10 @@ def default_workers() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(MAX_DEFAULT_WORKERS, cores // local_ranks))
+    per_rank = cores // local_ranks
+    if model_on_cpu and per_rank < 2:
+        return 0
+    return max(1, min(MAX_DEFAULT_WORKERS, per_rank))
 
 
 def share_bounds(count: int, parts: int, index: int) -> tuple[int, int]:
@@ -98,11 +107,6 @@ class Decoded:
     def count(self) -> int:
         return len(self.reasons)
 
-    def pin_memory(self) -> Decoded:
-        """Called by the DataLoader's pinning thread (``pin_memory=True``): page-locked copies, for fast uploads."""
-        self.levels = self.levels.pin_memory()
-        return self
-
 
 class ShareDecoder(torch.utils.data.Dataset):
     """Item ``b`` = this rank's share of batch ``b``, decoded (a map-style dataset over batch indices).
@@ -126,34 +130,81 @@ class ShareDecoder(torch.utils.data.Dataset):
         return batch[start:stop]
 
     def __getitem__(self, index: int) -> Decoded:
+        return self.decode_sources(index, self.share(index))
+
+    def decode_sources(self, index: int, sources: Sequence[Any]) -> Decoded:
+        """Decode ``sources`` (batch ``index``'s share, or a piece of it), timed."""
         start = time.perf_counter()
-        levels, shapes, reasons = self.decode(self.share(index))
+        levels, shapes, reasons = self.decode(sources)
         return Decoded(index, levels, shapes, reasons, time.perf_counter() - start)
+
+
+class _Pieces(torch.utils.data.Dataset):
+    """Item ``i`` = piece ``i % parts`` of share ``i // parts`` (contiguous, near-equal): the workers split
+    every share between them, so they all start on the first batch at once (the queue fills in a piece's
+    time, not a share's) and none sits idle while another decodes the last batch alone."""
+
+    def __init__(self, decoder: ShareDecoder, parts: int) -> None:
+        self.decoder, self.parts = decoder, parts
+
+    def __len__(self) -> int:
+        return len(self.decoder) * self.parts
+
+    def __getitem__(self, item: int) -> Decoded:
+        index, part = divmod(item, self.parts)
+        sources = self.decoder.share(index)
+        start, stop = share_bounds(len(sources), self.parts, part)
+        return self.decoder.decode_sources(index, sources[start:stop])
+
+
+def _merge(pieces: list[Decoded], pin_memory: bool) -> Decoded:
+    """One share from its pieces, in order; the levels land in page-locked memory when ``pin_memory``."""
+    if len(pieces) == 1 and not pin_memory:
+        return pieces[0]
+    levels = [piece.levels for piece in pieces]
+    shape = (sum(len(x) for x in levels), *levels[0].shape[1:])
+    merged = torch.empty(shape, dtype=levels[0].dtype, pin_memory=pin_memory)
+    torch.cat(levels, out=merged)
+    shapes = None if pieces[0].spatial_shapes is None else torch.cat([piece.spatial_shapes for piece in pieces])
+    reasons = [reason for piece in pieces for reason in piece.reasons]
+    return Decoded(pieces[0].batch, merged, shapes, reasons, sum(piece.seconds for piece in pieces))
 
 
 class MainThreads:
     """The main process's intra-op threads while decode workers share its CPU cores with a model on the CPU.
 
-    A decode-bound job (the main process waits for decoded batches) gives the cores to the workers: the
-    model runs on one thread, so its thread pool does not fight them for the cores. A model-bound job (the
-    batches are ready when the model asks) gives the model every thread it had. Decided after each batch
-    from that batch's waiting and model time; the first batch, which always waits, is not counted.
+    The model gets the cores the workers leave free: one thread while the workers keep the cores busy (a
+    decode-bound job), every thread it had while they mostly sit on a full queue (a model-bound job). An
+    OpenMP region whose second thread sits behind a busy worker costs several times its work, and a
+    model slowed that way looks model-bound by its waits alone, so the measure is the workers' own: the
+    seconds they spent decoding over the wall-clock seconds of the last ``WINDOW`` batches is the number
+    of cores they occupy. The first batch (workers starting, queue empty) is not counted.
     """
+
+    WINDOW = 8
 
     def __init__(self, active: bool) -> None:
         self.full = torch.get_num_threads()
         self.active = active and self.full > 1
         self.batches = 0
+        self.clock = time.perf_counter()
+        self.recent: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)
 
-    def update(self, waited: float, in_model: float) -> None:
+    def update(self, decode_seconds: float) -> None:
+        """Count one batch (``decode_seconds``: the workers' time decoding it); set the thread count."""
+        now = time.perf_counter()
+        wall, self.clock = now - self.clock, now
         self.batches += 1
         if not self.active or self.batches == 1:
             return
-        wanted = 1 if waited > 0.1 * in_model else self.full
+        self.recent.append((decode_seconds, wall))
+        busy = sum(d for d, _ in self.recent) / max(sum(w for _, w in self.recent), 1e-9)
+        wanted = int(min(self.full, max(1, round(self.full - busy))))
         if wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
 
     def restore(self) -> None:
+        """Give the model back the threads it had before the job."""
         if self.active:
             torch.set_num_threads(self.full)
 
@@ -175,14 +226,16 @@ def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = Fa
         for index in range(len(decoder)):
             yield decoder[index]
         return
+    largest = max((len(decoder.share(index)) for index in range(len(decoder))), default=1)
+    parts = max(1, min(workers, largest))
     loader = torch.utils.data.DataLoader(
-        decoder,
-        batch_size=None,  # items are whole shares already
+        _Pieces(decoder, parts),
+        batch_size=None,  # items are pieces of shares already
         shuffle=False,
         num_workers=workers,
         prefetch_factor=PREFETCH_PER_WORKER,
         persistent_workers=False,
-        pin_memory=pin_memory,
+        pin_memory=False,  # _merge pins the whole share, in one copy
         worker_init_fn=_worker_init,
         collate_fn=_as_is,
     )
@@ -190,11 +243,11 @@ def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = Fa
     try:
         for index in range(len(decoder)):
             try:
-                item = next(iterator)
+                pieces = [next(iterator) for _ in range(parts)]
             except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
                 text = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
-            yield item
+            yield _merge(pieces, pin_memory)
     finally:
         del iterator  # stops the workers now, not whenever the garbage collector gets to it
 
