@@ -14,7 +14,8 @@
   random checkpoint (the pages name Hub models, and tests have no network). ``tp-siglip`` runs as
   ``python -m tp_siglip``, ``torchrun`` as ``python -m torch.distributed.run --standalone``, a trailing
   ``# comment`` is dropped and leading ``VAR=value`` words go to the environment. Each line must exit 0 and
-  leave a complete output file holding every photo, written by as many ranks as it launched.
+  leave a complete output file holding every photo, written by as many ranks as it launched (or a
+  complete corpus folder, read back with ``open_embeddings``, holding every photo).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+
+from tp_siglip import open_embeddings
 
 from checkpoints import TINY, save_layout, vision_model
 
@@ -222,6 +225,11 @@ def test_shell_blocks_run(block: Block, tiny_checkpoint: Path, tmp_path: Path):
         words = shlex.split(line, comments=True)
         output = tmp_path / (words[words.index("--output") + 1] if "--output" in words else "embeddings.safetensors")
         ranks = words[words.index("--nproc-per-node") + 1] if "--nproc-per-node" in words else "1"
+        if output.is_dir():  # a corpus run's folder of shards
+            embeddings = open_embeddings(output)
+            assert len(embeddings) == len(photos) and not embeddings.missing, line
+            assert sorted(Path(key).name for key in embeddings.keys()) == photos, line
+            continue
         with safe_open(str(output), framework="pt") as f:
             meta = f.metadata()
             assert f.get_tensor(meta["embedding"]).shape[0] == len(photos), line
