@@ -228,7 +228,7 @@ def test_shell_blocks_run(block: Block, tiny_checkpoint: Path, tmp_path: Path):
         if output.is_dir():  # a corpus run's folder of shards
             embeddings = open_embeddings(output)
             assert len(embeddings) == len(photos) and not embeddings.missing, line
-            assert sorted(Path(key).name for key in embeddings.keys()) == photos, line
+            assert sorted(Path(key).name for key in embeddings.keys()) == photos, line  # noqa: SIM118 (keys() is a method of ours)
             continue
         with safe_open(str(output), framework="pt") as f:
             meta = f.metadata()
