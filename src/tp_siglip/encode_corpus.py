@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from tp_siglip import embeddings_dir, processing, sources
+from tp_siglip import console, embeddings_dir, processing, sources
 from tp_siglip.lockstep import broadcast_from_rank0, gather_shares
 
 __all__ = ["CorpusPlan", "ShardOutput", "check_corpus_arguments", "is_folder_output", "run_corpus_job"]
@@ -141,15 +141,7 @@ class GroupSay:
         self.printer.error(text)
 
     def progress(self, total: int) -> Any:
-        return _NoBar()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        return console.NoBar()
 
 
 def manifest_for(job: Any, args: argparse.Namespace, plan: CorpusPlan) -> dict:
@@ -246,4 +238,4 @@ def _summary(root: Path, plan: CorpusPlan, encoded: int, seconds: float, say: An
     say(f"summary: {encoded} encoded this run, {sum(reasons.values())} skipped (unreadable or missing) in the complete shards, "
         f"{sum(plan.ignored.values())} ignored by extension, {plan.hidden} hidden file(s) ignored")
     if len(complete) < len(plan.shards):
-        print(f"{len(plan.shards) - len(complete)} shard(s) incomplete: run again with --resume", file=sys.stderr, flush=True)
+        console.write_line(f"{len(plan.shards) - len(complete)} shard(s) incomplete: run again with --resume", sys.stderr)
