@@ -58,13 +58,25 @@ def test_levels_then_table_equal_preprocess_bit_for_bit(corpus):
         assert torch.equal(processing.to_pixel_values(levels, dtype), processing.preprocess(good, 40, dtype=dtype))
     every_level = torch.arange(256, dtype=torch.uint8)
     assert np.array_equal(processing.to_pixel_values(every_level).numpy(), processing._LOOKUP)
-    every_pair = torch.arange(65536, dtype=torch.int32).view(torch.uint8)[..., None].flatten()  # all 2-byte pairs
-    pairs = every_pair.view(-1, 4)[:, :2].flatten()  # each uint16 once (low bytes of the int32s)
-    assert np.array_equal(processing.to_pixel_values(pairs).numpy(), processing._LOOKUP[pairs.numpy()])
-    odd = every_level[:255]  # an odd count takes the one-level path
-    assert np.array_equal(processing.to_pixel_values(odd).numpy(), processing._LOOKUP[:255])
+    odd = every_level.flip(0)[:255]  # a length that ends in torch's scalar tail
+    assert np.array_equal(processing.to_pixel_values(odd).numpy(), processing._LOOKUP[odd.numpy()])
     with pytest.raises(TypeError, match="uint8"):
         processing.to_pixel_values(every_level.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_to_pixel_values_into_out_and_by_table(monkeypatch, dtype):
+    """``out=`` is written and returned, with the values of a fresh call; the table fallback gives the same."""
+    levels = torch.randint(0, 256, (3, 3, 17, 19), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fresh = processing.to_pixel_values(levels, dtype)
+    out = torch.full(levels.shape, 7.0, dtype=dtype)
+    assert processing.to_pixel_values(levels, dtype, out=out) is out and torch.equal(out, fresh)
+    expected = torch.from_numpy(processing._LOOKUP[levels.numpy()]).to(dtype)
+    assert torch.equal(fresh, expected)
+    monkeypatch.setattr(processing, "_ARITHMETIC_EXACT", False)
+    assert torch.equal(processing.to_pixel_values(levels, dtype), expected)
+    with pytest.raises(ValueError, match=r"out must be a torch.* tensor of shape \(3, 3, 17, 19\)"):
+        processing.to_pixel_values(levels, dtype, out=out[:2])
 
 
 def test_naflex_levels_then_table_equal_preprocess_naflex(corpus):

@@ -1,5 +1,5 @@
-"""The shared-memory all-reduce that CPU ranks on one host use: exact sums, identical on every rank,
-growing for big tensors, nothing left in /dev/shm."""
+"""The shared-memory all-reduce and all-gather that CPU ranks on one host use: exact sums, identical on
+every rank, gathers in rank order between sums, growing for big tensors, nothing left in /dev/shm."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def _sums(rank, world_size, root):
         parts = [torch.randn(shape, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype)
                  for r in range(world_size)]
         mine = parts[rank].clone()
+        gathered = torch.empty((world_size, *shape), dtype=dtype)
+        before = reducer.step
+        parallel.all_gather_flat(gathered, parts[rank].clone(), group)  # a gather, then a sum, on the same slots
+        assert torch.equal(gathered, torch.stack(parts))
+        assert reducer.step in (before + 1, 1), "the gather did not go through shared memory"  # 1: it grew
         out = parallel.all_reduce_sum(mine, group)
         expected = sum(p.float() for p in parts).to(dtype)  # rank order, in fp32, rounded once
         assert torch.equal(out, expected)

@@ -590,6 +590,8 @@ class _Job:
         self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
         # data mode runs each rank's own share on its replica: the wrapper's batch split is not used
         self.local_model = getattr(model, "module", model) if args.parallel == "data" else model
+        self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
+        model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
     def _share_max_num_patches(self) -> None:
         """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
@@ -728,7 +730,7 @@ class _Job:
         if not len(chosen):
             return 0
         clock = time.perf_counter()
-        rows = {name: tensor[chosen.to(tensor.device)] for name, tensor in gathered.rows.items()}
+        rows = gathered.rows if len(chosen) == len(keep) else {name: t[chosen.to(t.device)] for name, t in gathered.rows.items()}
         inputs = self._model_inputs(rows)
         out = self.model(*inputs.values())
         stored = self._stored_rows(out, inputs) if output is not None else None
@@ -753,7 +755,7 @@ class _Job:
             local["ok"] = ok.to(torch.uint8)
             if ok.any():
                 rows = _share_rows(share)
-                inputs = self._model_inputs({name: tensor[ok] for name, tensor in rows.items()})
+                inputs = self._model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
                 stored = self._stored_rows(self.local_model(*inputs.values()), inputs)
                 for name, tensor in stored.items():
                     local[name][ok] = tensor
@@ -802,9 +804,19 @@ class _Job:
         """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table)."""
         levels = rows["levels"].to(self.model.device, non_blocking=True)
         if not self.naflex:
-            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype)}
+            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=self._pixel_buffer(levels))}
         shapes = rows["spatial_shapes"].to(self.model.device)
         return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
+
+    def _pixel_buffer(self, levels: torch.Tensor) -> Optional[torch.Tensor]:
+        """On the CPU, the rows of one pixel buffer kept from batch to batch (a batch's pixels are done with
+        before the next batch's are made): a fresh buffer each batch costs more in new pages than the
+        normalisation itself. Elsewhere ``None`` (the device's caching allocator already reuses memory)."""
+        if levels.device.type != "cpu":
+            return None
+        if self._pixels is None or len(self._pixels) < len(levels) or self._pixels.shape[1:] != levels.shape[1:]:
+            self._pixels = torch.empty((max(len(levels), self.args.batch_size), *levels.shape[1:]), dtype=self.model.dtype)
+        return self._pixels[: len(levels)]
 
     def _stored_rows(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the output stores for these images, float32 on the CPU (see the module doc)."""

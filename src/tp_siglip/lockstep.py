@@ -34,6 +34,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from tp_siglip.parallel import all_gather_flat
+
 __all__ = [
     "RanksDisagree",
     "Shares",
@@ -152,8 +154,7 @@ def gather_shares(
             _section(mine, offset, shape, dtype, cap)[:own].copy_(rows[name], non_blocking=True)
         offset += _section_bytes(shape, dtype, cap)
     everyone = torch.empty(ranks * width, dtype=torch.uint8, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name, where present
-    gather(everyone, mine, group=group)
+    all_gather_flat(everyone, mine, group)
     failures = [_status_text(everyone[r * width : r * width + STATUS_BYTES]) for r in range(ranks)]
     gathered, offset = {}, STATUS_BYTES
     for name, (shape, dtype) in specs.items():

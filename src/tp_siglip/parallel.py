@@ -192,12 +192,18 @@ def all_gather_batch(x: torch.Tensor, sizes: Sequence[int], group: Optional[Proc
         gathered = funcol.all_gather_tensor(padded.contiguous(), 0, group)
     else:
         gathered = x.new_empty((biggest * len(sizes), *x.shape[1:]))
-        _all_gather_flat(gathered, padded.contiguous(), group)
+        all_gather_flat(gathered, padded.contiguous(), group)
     return torch.cat([gathered[r * biggest : r * biggest + n] for r, n in enumerate(sizes)])
 
 
-def _all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
-    """All-gather ``mine`` from every rank into ``out`` (rank order along dim 0)."""
+def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
+    """All-gather ``mine`` from every rank into ``out`` (rank order along dim 0); through shared memory for
+    contiguous CPU tensors of ranks on one host, as `all_reduce_sum`."""
+    if mine.device.type == "cpu" and mine.is_contiguous() and out.is_contiguous() and shm_allreduce.enabled():
+        reducer = shm_allreduce.for_group(group)
+        if reducer is not None:
+            reducer.all_gather(out, mine)
+            return
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name, where present
     gather(out, mine, group=group)
 
@@ -246,7 +252,7 @@ def exchange_status(
     row[1 : 1 + len(data)] = data
     mine = torch.frombuffer(row, dtype=torch.uint8).to(device)
     everyone = torch.empty(size * width, dtype=torch.uint8, device=device)
-    _all_gather_flat(everyone, mine, group)
+    all_gather_flat(everyone, mine, group)
     table = everyone.cpu().numpy().tobytes()
     rows = [table[r * width : (r + 1) * width] for r in range(size)]
     return [(row[0] != 0, row[1:].rstrip(b"\0").decode(errors="replace")) for row in rows]

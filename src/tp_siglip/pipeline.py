@@ -20,6 +20,9 @@ Choices made:
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
   can stop cleanly after writing what it has.
+* **Workers fork with the parent's objects frozen** (``gc.freeze()`` around starting them, as Python's
+  docs advise for forking servers): a worker's garbage collector then never walks the inherited heap,
+  which would touch, and so copy, every page of it (~8% of the job's time on 2 cores at 224 px).
 * **Threads of a CPU model** (`MainThreads`): the cores the decode workers leave free (measured from
   their own decode seconds), at least one, so workers and model do not fight over the same cores.
 * **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
@@ -29,6 +32,7 @@ Choices made:
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -261,7 +265,11 @@ def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Ite
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGCHLD) if main and hasattr(signal, "SIGCHLD") else None
-    iterator = iter(loader)
+    gc.freeze()  # the workers fork with every inherited object in the permanent generation (see the module doc)
+    try:
+        iterator = iter(loader)
+    finally:
+        gc.unfreeze()
     if previous is not None:
         signal.signal(signal.SIGCHLD, previous)
     return iterator

@@ -1,4 +1,4 @@
-"""All-reduce through shared memory for CPU ranks on one host (gloo's TCP loopback is the bottleneck).
+"""All-reduce and all-gather through shared memory for CPU ranks on one host (gloo's TCP loopback is the bottleneck).
 
 Measured on a 2-core machine: summing a (8, 196, 768) fp32 activation over 2 ranks takes about 6.7 ms
 with gloo but about 1.7 ms here, and a tensor-parallel forward does two such sums per layer.
@@ -13,7 +13,10 @@ How it works, per process group:
   barrier's system calls are full memory barriers, so no architecture-specific ordering is assumed),
   then every rank adds the slots in rank order (in fp32 for fp16/bf16 tensors, rounded once at the
   end). Same order everywhere, so all ranks get the same bits.
-* Two sets of slots alternate between consecutive sums: a rank can only start writing a set again after
+* An all-gather is the same first half: every rank copies its tensor into its slot, one barrier, then
+  every rank copies all slots out in rank order. The encode job's tensor mode exchanges each batch's uint8
+  pixels this way (2 ranks, 7 MB each: ~4 ms instead of ~30 ms through gloo on 2 cores).
+* Two sets of slots alternate between consecutive operations (sums and gathers alike): a rank can only start writing a set again after
   the barrier of the sum in between, which every rank reaches only after it finished reading that set.
   So one barrier per sum suffices.
 * The segment grows (collectively: all ranks reduce same-shaped tensors, so they all grow at the same
@@ -94,17 +97,26 @@ class SharedMemoryAllReduce:
         raw = self.buffer[start : start + like.numel() * like.element_size()]
         return raw.view(like.dtype).view(like.shape)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` (contiguous, CPU) over the group in place and return it."""
-        if x.numel() * x.element_size() > self.slot_bytes:
-            grown = SharedMemoryAllReduce(self.group, max(x.numel() * x.element_size(), 2 * self.slot_bytes))
+    def _fit(self, nbytes: int) -> None:
+        """Grow the segment (collectively: every rank asks for the same size at the same step) to hold ``nbytes``."""
+        if nbytes > self.slot_bytes:
+            grown = SharedMemoryAllReduce(self.group, max(nbytes, 2 * self.slot_bytes))
             self.buffer, self.slot_bytes, self.step = grown.buffer, grown.slot_bytes, 0
             if self.buffer is None:
                 raise RuntimeError("could not grow the shared-memory all-reduce segment")
+
+    def _publish(self, x: torch.Tensor) -> int:
+        """Copy ``x`` into this rank's slot of the next set and wait until every rank has; returns the set."""
+        self._fit(x.numel() * x.element_size())
         parity = self.step % 2
         self.step += 1
         self._slot(parity, self.rank, x).copy_(x)
         dist.barrier(group=self.group)
+        return parity
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` (contiguous, CPU) over the group in place and return it."""
+        parity = self._publish(x)
         if x.dtype in (torch.float16, torch.bfloat16):  # add the partial sums in fp32, round once
             total = self._slot(parity, 0, x).float()
             for rank in range(1, self.size):
@@ -114,6 +126,15 @@ class SharedMemoryAllReduce:
         for rank in range(1, self.size):
             x.add_(self._slot(parity, rank, x))
         return x
+
+    def all_gather(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` (contiguous, CPU, the same shape everywhere) into ``out`` in rank order along dim 0
+        (``out``: contiguous, ``size`` times ``x``'s elements); returns ``out``. One barrier, like a sum."""
+        parity = self._publish(x)
+        rows = out.view(self.size, *x.shape)
+        for rank in range(self.size):
+            rows[rank].copy_(self._slot(parity, rank, x))
+        return out
 
 
 #: reducer per group, keyed weakly so that the cache never keeps a group alive
