@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does ``tp-siglip encode`` keep the model fed? The job's images/s against decoding alone and the model alone.
 
-    python benchmarks/pipeline.py                          # CPU: the issue's table (~5 min on 2 cores)
+    python benchmarks/pipeline.py                          # CPU: the issue's table (~7 min on 2 cores)
     python benchmarks/pipeline.py --images 64 --quick      # smoke run
     python benchmarks/pipeline.py --device cuda --geometry so400m-384 --dtype bfloat16 --workers 8,14 --images 512
 
@@ -89,6 +89,22 @@ def baseline_rate(paths: list[Path], image_size: int) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
+def parallel_decode_rate(paths: list[Path], image_size: int) -> float:
+    """Images/s of the job's decode workers alone (`pipeline.decoded_shares`, one worker per core, batches of
+    32, nothing else running): what this machine's cores decode in parallel, the ceiling of a job whose
+    forward is free."""
+    import functools
+
+    from tp_siglip import pipeline
+
+    batches = [paths[first : first + 32] for first in range(0, len(paths), 32)]
+    decoder = pipeline.ShareDecoder(batches, 0, 1, functools.partial(pipeline.decode_fixed, image_size=image_size))
+    start = time.perf_counter()
+    for _ in pipeline.decoded_shares(decoder, pipeline.default_workers()):
+        pass
+    return len(paths) / (time.perf_counter() - start)
+
+
 def run_job(images: Path, checkpoint: Path, ranks: int, extra: list[str], output: Path) -> dict[str, Any]:
     """One fresh run of the job; its throughput line and per-rank decode counts."""
     launcher = [sys.executable]
@@ -144,7 +160,7 @@ def row(section: str, run: str, rate: float, reference: Optional[float], target:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| section | run | img/s | reference img/s | ratio | target | met? | decoded per rank | each round's img/s |",
+    lines = ["| section | run | img/s (fastest round) | reference img/s | ratio | target | met? | decoded per rank | each round's img/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
@@ -159,7 +175,8 @@ def tiny_section(root: Path, images: Path, paths: list[Path], geometry: Geometry
     """The job with a (nearly) free forward vs single-threaded decoding: is the decoding parallel and shared?
 
     A shared machine drifts by 10-20% over a minute, so the rows are interleaved: each of ``repeats`` rounds
-    measures the baseline once and then every job once, and each row reports its median over the rounds.
+    measures the baseline once and then every job once, and each row reports its fastest round (other
+    tenants' load only ever slows a run down; ``timeit`` reasons the same way), with every round beside it.
     """
     checkpoint = make_checkpoint(geometry, root / f"ckpt-{geometry.name}")
     runs = [("1 rank, default --workers", 1, [], 1.6), ("2 ranks, --parallel tensor", 2, [], 1.6),
@@ -168,36 +185,49 @@ def tiny_section(root: Path, images: Path, paths: list[Path], geometry: Geometry
     if quick:
         runs = runs[:2]
     bases: list[float] = []
+    ceilings: list[float] = []
     got: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in runs}
     for _ in range(repeats):
         bases.append(baseline_rate(paths, geometry.image))
+        ceilings.append(parallel_decode_rate(paths, geometry.image))
         for label, ranks, extra, _target in runs:
             got[label].append(run_job(images, checkpoint, ranks, ["--batch-size", "32", *extra], root / "out.safetensors"))
-    base = float(np.median(bases))
-    rows = [row("decode-bound", f"{geometry.name}: preprocess_files, 1 thread (baseline)", base, None, None, runs_img_s=_rates(bases))]
+    base = max(bases)
+    rows = [row("decode-bound", f"{geometry.name}: preprocess_files, 1 thread (baseline)", base, None, None, runs_img_s=_rates(bases)),
+            row("decode-bound", f"{geometry.name}: decode workers alone, one per core, no model (the machine's ceiling)",
+                max(ceilings), base, None, runs_img_s=_rates(ceilings))]
     for label, _ranks, _extra, target in runs:
         rates = [run["job_rate"] for run in got[label]]
-        middle = got[label][int(np.argsort(rates)[len(rates) // 2])]  # the median run's own breakdown
-        rows.append(row("decode-bound", f"{geometry.name}: job, {label}", float(np.median(rates)), base, target,
-                        **{**middle, "runs_img_s": _rates(rates)}))
+        best = got[label][int(np.argmax(rates))]  # the fastest run, with its own breakdown
+        rows.append(row("decode-bound", f"{geometry.name}: job, {label}", best["job_rate"], base, target,
+                        **{**best, "runs_img_s": _rates(rates)}))
     return rows
 
 
-def _rates(rates: list[float]) -> str:
-    return "/".join(f"{rate:.0f}" for rate in rates)
+def _rates(rates: list[float], digits: int = 0) -> str:
+    return "/".join(f"{rate:.{digits}f}" for rate in rates)
 
 
-def model_bound_section(root: Path, images: Path, count: int, quick: bool) -> list[dict[str, Any]]:
-    """base-224 with random weights: the job vs the model alone on the same batch size (decoding hidden?)."""
+def model_bound_section(root: Path, images: Path, count: int, quick: bool, repeats: int) -> list[dict[str, Any]]:
+    """base-224 with random weights: the job vs the model alone on the same batch size (decoding hidden?).
+    Interleaved rounds, the fastest of each, as in `tiny_section`."""
     geometry = GEOMETRIES["base-224"]
     if quick:
         geometry = Geometry("base-224", 768, 3072, 2, 12, 16, 224)
     checkpoint = make_checkpoint(geometry, root / "ckpt-base")
-    alone = model_only_rate(checkpoint, 32, count, "float32", "cpu")
-    got = run_job(images, checkpoint, 1, ["--batch-size", "32"], root / "out.safetensors")
+    alone: list[float] = []
+    runs: list[dict[str, Any]] = []
+    for _ in range(repeats):
+        alone.append(model_only_rate(checkpoint, 32, count, "float32", "cpu"))
+        runs.append(run_job(images, checkpoint, 1, ["--batch-size", "32"], root / "out.safetensors"))
+    rates = [run["job_rate"] for run in runs]
+    best = runs[int(np.argmax(rates))]
+    reference = max(alone)
     return [
-        row("model-bound", f"{geometry.label} fp32: model alone, batch 32, {count} images (fresh process)", alone, None, None),
-        row("model-bound", f"{geometry.label} fp32: job, 1 rank, default --workers, batch 32", got["job_rate"], alone, 0.95, **got),
+        row("model-bound", f"{geometry.label} fp32: model alone, batch 32, {count} images (fresh process)", reference, None, None,
+            runs_img_s=_rates(alone, 2)),
+        row("model-bound", f"{geometry.label} fp32: job, 1 rank, default --workers, batch 32", best["job_rate"], reference, 0.95,
+            **{**best, "runs_img_s": _rates(rates, 2)}),
     ]
 
 
@@ -221,7 +251,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", help="CUDA only")
     parser.add_argument("--workers", default="8,14", help="CUDA only: comma-separated worker counts")
     parser.add_argument("--only", default="decode,model", help="CPU sections: decode (tiny towers), model (base-224)")
-    parser.add_argument("--repeats", type=int, default=3, help="CPU decode rows: interleaved rounds, medians reported")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU rows: interleaved rounds, the fastest reported")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer runs, one round, a 2-layer base")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
@@ -249,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 few.mkdir()
                 for path in paths[: opts.model_images]:
                     (few / path.name).symlink_to(path)
-                rows += model_bound_section(root, few, min(opts.model_images, count), opts.quick)
+                rows += model_bound_section(root, few, min(opts.model_images, count), opts.quick, 1 if opts.quick else opts.repeats)
         if opts.json is not None:
             opts.json.write_text(json.dumps(rows, indent=1))
     print(markdown(rows))

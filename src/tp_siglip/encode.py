@@ -801,7 +801,7 @@ class _Job:
         return specs
 
     def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table)."""
+        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
         levels = rows["levels"].to(self.model.device, non_blocking=True)
         if not self.naflex:
             return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=self._pixel_buffer(levels))}
