@@ -22,7 +22,8 @@ Choices made:
   can stop cleanly after writing what it has.
 * **Workers fork with the parent's objects frozen** (``gc.freeze()`` around starting them, as Python's
   docs advise for forking servers): a worker's garbage collector then never walks the inherited heap,
-  which would touch, and so copy, every page of it (~8% of the job's time on 2 cores at 224 px).
+  which would touch, and so copy, every page of it (8-9% of the wall time of a 1-rank job at 224 px in an
+  A/B of three pairs on 2 cores).
 * **Threads of a CPU model** (`MainThreads`): the cores the decode workers leave free (measured from
   their own decode seconds), at least one, so workers and model do not fight over the same cores.
 * **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks

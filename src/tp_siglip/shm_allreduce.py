@@ -15,7 +15,7 @@ How it works, per process group:
   end). Same order everywhere, so all ranks get the same bits.
 * An all-gather is the same first half: every rank copies its tensor into its slot, one barrier, then
   every rank copies all slots out in rank order. The encode job's tensor mode exchanges each batch's uint8
-  pixels this way (2 ranks, 7 MB each: ~4 ms instead of ~30 ms through gloo on 2 cores).
+  pixels this way (2 ranks, 7.1 MB each: 3.5 ms instead of 10.3 ms through gloo, measured on 2 cores).
 * Two sets of slots alternate between consecutive operations (sums and gathers alike): a rank can only start writing a set again after
   the barrier of the sum in between, which every rank reaches only after it finished reading that set.
   So one barrier per sum suffices.
