@@ -11,7 +11,9 @@ bound by decoding), each job a fresh process (``torch.distributed.run`` for 2 ra
 * **groups**: 4 shards x 200 images; 2 ranks ``--tp 1`` (two groups, each taking whole shards) vs one
   group of one rank, both with ``--workers 0`` (each rank decodes in its own process, so the comparison
   is of groups, not of decode workers) and with the default ``--workers``: target >= 1.7x for the
-  former; the rows of both runs must be identical (checked here, by key).
+  former; both runs must hold the same keys with the same rows (checked here, by key: bit-identical when
+  both use the same intra-op thread count; torchrun gives each rank one thread, a lone rank uses every core,
+  and a GEMM's summation order can follow its thread count, which leaves differences of ~1e-6).
 * **memory**: rank 0's peak RSS (``ru_maxrss`` of the child, via ``os.wait4``) encoding 500 vs 5,000 small
   images in shards of 500, one rank: target within 10 %.
 """
@@ -72,10 +74,12 @@ def groups_section(root: Path, shards: str, quick: bool) -> list[dict[str, Any]]
         one = run_job(Path(shards), checkpoint, 1, ["--batch-size", "32", *workers], root / f"one{len(workers)}")
         two = run_job(Path(shards), checkpoint, 2, ["--batch-size", "32", "--tp", "1", *workers], root / f"two{len(workers)}")
         a, b = read_rows(root / f"one{len(workers)}"), read_rows(root / f"two{len(workers)}")
-        same = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+        same_keys = sorted(a) == sorted(b)
+        diff = max((float(np.abs(a[k] - b[k]).max()) for k in a), default=0.0) if same_keys else float("inf")
+        match = "bit-identical" if diff == 0 else f"max abs diff {diff:.1e}"
         rows.append(row("groups", f"1 group of 1 rank, {label}", one["job_rate"], None, None, **one))
-        rows.append(row("groups", f"2 groups of 1 rank (--tp 1), {label}; rows identical: {same}", two["job_rate"],
-                        one["job_rate"], 1.7 if workers else None, identical=same, **two))
+        rows.append(row("groups", f"2 groups of 1 rank (--tp 1), {label}; rows: same keys {same_keys}, {match}", two["job_rate"],
+                        one["job_rate"], 1.7 if workers else None, same_keys=same_keys, max_abs_diff=diff, **two))
         if quick:
             break
     return rows
