@@ -24,9 +24,12 @@ def _sums(rank, world_size, root):
         mine = parts[rank].clone()
         gathered = torch.empty((world_size, *shape), dtype=dtype)
         before = reducer.step
-        parallel.all_gather_flat(gathered, parts[rank].clone(), group)  # a gather, then a sum, on the same slots
+        parallel.all_gather_flat(gathered, parts[rank].clone(), group, shared_memory=True)  # a gather, then a sum, same slots
         assert torch.equal(gathered, torch.stack(parts))
         assert reducer.step in (before + 1, 1), "the gather did not go through shared memory"  # 1: it grew
+        after, plain = reducer.step, torch.empty(gathered.numel(), dtype=dtype)
+        parallel.all_gather_flat(plain, parts[rank].flatten(), group)  # the status exchanges' kind: gloo's own
+        assert torch.equal(plain, gathered.flatten()) and reducer.step == after
         out = parallel.all_reduce_sum(mine, group)
         expected = sum(p.float() for p in parts).to(dtype)  # rank order, in fp32, rounded once
         assert torch.equal(out, expected)

@@ -154,7 +154,7 @@ def gather_shares(
             _section(mine, offset, shape, dtype, cap)[:own].copy_(rows[name], non_blocking=True)
         offset += _section_bytes(shape, dtype, cap)
     everyone = torch.empty(ranks * width, dtype=torch.uint8, device=device)
-    all_gather_flat(everyone, mine, group)
+    all_gather_flat(everyone, mine, group, shared_memory=True)  # same-host CPU ranks: no gloo socket copies
     failures = [_status_text(everyone[r * width : r * width + STATUS_BYTES]) for r in range(ranks)]
     gathered, offset = {}, STATUS_BYTES
     for name, (shape, dtype) in specs.items():

@@ -196,10 +196,15 @@ def all_gather_batch(x: torch.Tensor, sizes: Sequence[int], group: Optional[Proc
     return torch.cat([gathered[r * biggest : r * biggest + n] for r, n in enumerate(sizes)])
 
 
-def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
-    """All-gather ``mine`` from every rank into ``out`` (rank order along dim 0); through shared memory for
-    contiguous CPU tensors of ranks on one host, as `all_reduce_sum`."""
-    if mine.device.type == "cpu" and mine.is_contiguous() and out.is_contiguous() and shm_allreduce.enabled():
+def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup, *, shared_memory: bool = False) -> None:
+    """All-gather ``mine`` from every rank into ``out`` (rank order along dim 0).
+
+    ``shared_memory=True`` (the encode job's pixel exchange) goes through the same-host segment of
+    `all_reduce_sum` for contiguous CPU tensors. The status exchanges stay on gloo's own all-gather: a
+    distinct collective, so ranks that fall out of step fail loudly there instead of pairing one rank's
+    gather with another's sum (both are a barrier in shared memory).
+    """
+    if shared_memory and mine.device.type == "cpu" and mine.is_contiguous() and out.is_contiguous() and shm_allreduce.enabled():
         reducer = shm_allreduce.for_group(group)
         if reducer is not None:
             reducer.all_gather(out, mine)
