@@ -96,27 +96,13 @@ def load_pretrained(
     want_dtype = loader.resolve_dtype(dtype)
     target = loader.resolve_device(device)
     group = resolve_group(world_size, process_group)
-    options = dict(
-        dtype=want_dtype,
-        device=target,
-        prefix=prefix,
-        num_hidden_layers=num_hidden_layers,
-        use_head=use_head,
-        attn_implementation=attn_implementation,
-        config=config,
-    )
+    options = dict(dtype=want_dtype, device=target, prefix=prefix, num_hidden_layers=num_hidden_layers,
+                   use_head=use_head, attn_implementation=attn_implementation, config=config)
     model: Optional[SiglipVisionTransformer] = None
     error: Optional[BaseException] = None
     try:
-        directory = hub.resolve_checkpoint(
-            repo_or_dir,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            download=download,
-            prefix=prefix,
-        )
+        directory = hub.resolve_checkpoint(repo_or_dir, revision=revision, cache_dir=cache_dir, token=token,
+                                           local_files_only=local_files_only, download=download, prefix=prefix)
         model = load_checkpoint(cls, directory, group if parallel == "tensor" else None, **options)
     except Exception as err:  # every rank must hear about it, see agree_on_failure
         error = err
