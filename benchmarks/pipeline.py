@@ -100,7 +100,7 @@ def parallel_decode_rate(paths: list[Path], image_size: int) -> float:
     batches = [paths[first : first + 32] for first in range(0, len(paths), 32)]
     decoder = pipeline.ShareDecoder(batches, 0, 1, functools.partial(pipeline.decode_fixed, image_size=image_size))
     start = time.perf_counter()
-    for _ in pipeline.decoded_shares(decoder, pipeline.default_workers()):
+    for _ in pipeline.decoded_shares(decoder, pipeline.default_workers(), borrowed=True):
         pass
     return len(paths) / (time.perf_counter() - start)
 

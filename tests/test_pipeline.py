@@ -110,10 +110,10 @@ def test_workers_give_what_the_main_process_gives_in_order_with_reasons(corpus):
                 assert BAD[name] in reason.lower()
 
 
-def _dies_on(target: str, sources, image_size):
+def _dies_on(target: str, sources, image_size, out=None):
     if any(str(s) == target for s in sources):
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
-    return pipeline.decode_fixed(sources, image_size)
+    return pipeline.decode_fixed(sources, image_size, out=out)
 
 
 def test_a_dead_worker_is_an_error_naming_the_batch(corpus):
@@ -137,8 +137,8 @@ def test_the_job_stops_after_writing_what_it_encoded_when_a_worker_dies(tmp_path
         Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
     killer = str(images / "4.png")
     real = pipeline.decode_fixed
-    monkeypatch.setattr(pipeline, "decode_fixed", lambda sources, image_size, opener=None: (
-        os.kill(os.getpid(), signal.SIGKILL) if killer in map(str, sources) else real(sources, image_size, opener)))
+    monkeypatch.setattr(pipeline, "decode_fixed", lambda sources, image_size, opener=None, out=None: (
+        os.kill(os.getpid(), signal.SIGKILL) if killer in map(str, sources) else real(sources, image_size, opener, out)))
     output = tmp_path / "out.safetensors"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

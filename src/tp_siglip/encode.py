@@ -665,7 +665,8 @@ class _Job:
         size = self.args.batch_size
         batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
         decoder = pipeline.ShareDecoder(batches, self.rank, self.world_size, self._decode_function())
-        shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda")
+        # borrowed: a share's levels are read once, within its batch (normalised, or exchanged) and let go
+        shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
         encoded, times, start = 0, Counter(), time.perf_counter()
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
         bar = self.say.progress(len(remaining))
@@ -712,7 +713,7 @@ class _Job:
     def _next_share(self, shares: Iterator[pipeline.Decoded]) -> tuple[Optional[pipeline.Decoded], Optional[str]]:
         try:
             return next(shares), None
-        except pipeline.DecodeWorkerDied as err:
+        except pipeline.DecodeFailed as err:
             return None, str(err)
 
     def _tensor_batch(

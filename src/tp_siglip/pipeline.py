@@ -14,8 +14,12 @@ Choices made:
   the GIL between its calls, so threads alone would not decode in parallel), ``prefetch_factor`` items
   queued per worker (a bounded queue: memory stays flat). An item is one worker's piece of a share (the
   workers split every share, `_Pieces`), so the queue fills in a piece's time and all workers are busy
-  until the last batch; the main process joins the pieces, into pinned memory when the model is on CUDA. Each worker runs one intra-op thread. ``workers=0`` decodes in
-  the main process, batch by batch, as a plain generator.
+  until the last batch. Each worker runs one intra-op thread. ``workers=0`` decodes in the main process,
+  batch by batch, as a plain generator.
+* **Pieces decoded into shared memory, not sent** (`share_ring`): a worker writes its piece straight into
+  the share's rows of a ring of buffers that the main process made before the workers started, so no
+  shared segment is made, faulted in and mapped per piece, and the share is one tensor where it lies.
+  The encode job reads it there (``borrowed``); anyone else gets a copy, as does CUDA (pinned memory).
 * **A bad image is a reason, never a dead worker**: decoding goes through `processing.read_files`,
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
@@ -44,10 +48,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
+
+from tp_siglip.share_ring import SharedMemoryTooSmall, ShareRing, SlotOverwritten, slots_needed
 
 __all__ = [
     "MAX_DEFAULT_WORKERS",
+    "DecodeFailed",
     "DecodeWorkerDied",
     "Decoded",
     "MainThreads",
@@ -65,8 +73,12 @@ MAX_DEFAULT_WORKERS = 16
 PREFETCH_PER_WORKER = 2
 
 
-class DecodeWorkerDied(RuntimeError):
-    """A decode worker process died (not a bad image: those are reasons); the message names the batch."""
+class DecodeFailed(RuntimeError):
+    """The decode workers cannot deliver a share (a bad image is never this: it is a reason)."""
+
+
+class DecodeWorkerDied(DecodeFailed):
+    """A decode worker process died (killed for memory, a crash in a decoder); the message names the batch."""
 
 
 def default_workers(model_on_cpu: bool = False) -> int:
@@ -119,8 +131,9 @@ class ShareDecoder(torch.utils.data.Dataset):
     Args:
         batches: Each batch's sources (paths, or whatever ``opener`` opens), the same on every rank.
         rank, group_size: This rank's place in the group that shares each batch.
-        decode: ``decode(sources) -> (levels, spatial_shapes or None, reasons)``; must be picklable
-            (a module-level function or a ``functools.partial`` of one) when workers are used.
+        decode: ``decode(sources, out=None) -> (levels, spatial_shapes or None, reasons)``, writing the
+            levels into ``out`` (uint8, one row per source) when given; must be picklable (a module-level
+            function or a ``functools.partial`` of one) when workers are used.
     """
 
     def __init__(self, batches: Sequence[Sequence[Any]], rank: int, group_size: int, decode: Callable[..., Any]) -> None:
@@ -137,42 +150,53 @@ class ShareDecoder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Decoded:
         return self.decode_sources(index, self.share(index))
 
-    def decode_sources(self, index: int, sources: Sequence[Any]) -> Decoded:
-        """Decode ``sources`` (batch ``index``'s share, or a piece of it), timed."""
+    def decode_sources(self, index: int, sources: Sequence[Any], out: Optional[torch.Tensor] = None) -> Decoded:
+        """Decode ``sources`` (batch ``index``'s share, or a piece of it, into ``out`` if given), timed."""
         start = time.perf_counter()
-        levels, shapes, reasons = self.decode(sources)
+        levels, shapes, reasons = self.decode(sources, out=out)
         return Decoded(index, levels, shapes, reasons, time.perf_counter() - start)
+
+
+@dataclass
+class _Piece:
+    """What a worker sends back for one item; its levels are in the item's rows of the `ShareRing`."""
+
+    spatial_shapes: Optional[np.ndarray]  # NaFlex grids as numpy: pickled inline, no shared segment of their own
+    reasons: list[Optional[str]]
+    seconds: float
 
 
 class _Pieces(torch.utils.data.Dataset):
     """Item ``i`` = piece ``i % parts`` of share ``i // parts`` (contiguous, near-equal): the workers split
     every share between them, so they all start on the first batch at once (the queue fills in a piece's
-    time, not a share's) and none sits idle while another decodes the last batch alone."""
+    time, not a share's) and none sits idle while another decodes the last batch alone. A worker decodes
+    its piece straight into the share's rows of ``ring`` and returns a `_Piece`."""
 
-    def __init__(self, decoder: ShareDecoder, parts: int) -> None:
-        self.decoder, self.parts = decoder, parts
+    def __init__(self, decoder: ShareDecoder, parts: int, ring: ShareRing) -> None:
+        self.decoder, self.parts, self.ring = decoder, parts, ring
 
     def __len__(self) -> int:
         return len(self.decoder) * self.parts
 
-    def __getitem__(self, item: int) -> Decoded:
+    def __getitem__(self, item: int) -> _Piece:
         index, part = divmod(item, self.parts)
         sources = self.decoder.share(index)
         start, stop = share_bounds(len(sources), self.parts, part)
-        return self.decoder.decode_sources(index, sources[start:stop])
+        decoded = self.decoder.decode_sources(index, sources[start:stop], out=self.ring.piece(index, part, start, stop))
+        shapes = None if decoded.spatial_shapes is None else decoded.spatial_shapes.numpy()
+        return _Piece(shapes, decoded.reasons, decoded.seconds)
 
 
-def _merge(pieces: list[Decoded], pin_memory: bool) -> Decoded:
-    """One share from its pieces, in order; the levels land in page-locked memory when ``pin_memory``."""
-    if len(pieces) == 1 and not pin_memory:
-        return pieces[0]
-    levels = [piece.levels for piece in pieces]
-    shape = (sum(len(x) for x in levels), *levels[0].shape[1:])
-    merged = torch.empty(shape, dtype=levels[0].dtype, pin_memory=pin_memory)
-    torch.cat(levels, out=merged)
-    shapes = None if pieces[0].spatial_shapes is None else torch.cat([piece.spatial_shapes for piece in pieces])
+def _assemble(index: int, count: int, pieces: list[_Piece], ring: ShareRing, copy: bool, pin_memory: bool) -> Decoded:
+    """Share ``index`` (``count`` rows) from its pieces: its rows where they lie in ``ring``, or copied out
+    (into page-locked memory when ``pin_memory``) when ``copy``."""
+    levels = ring.share(index, count)
+    if copy:
+        levels = levels.clone() if not pin_memory else torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True).copy_(levels)
+    ring.check(index)
+    shapes = None if pieces[0].spatial_shapes is None else torch.from_numpy(np.concatenate([p.spatial_shapes for p in pieces]))
     reasons = [reason for piece in pieces for reason in piece.reasons]
-    return Decoded(pieces[0].batch, merged, shapes, reasons, sum(piece.seconds for piece in pieces))
+    return Decoded(index, levels, shapes, reasons, sum(piece.seconds for piece in pieces))
 
 
 class MainThreads:
@@ -218,12 +242,18 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers together already use every core this rank has
 
 
-def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = False) -> Iterator[Decoded]:
+def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = False, borrowed: bool = False) -> Iterator[Decoded]:
     """Yield :class:`Decoded` shares in batch order; ``workers`` processes decode ahead (0: in this process).
+
+    With workers, each share's levels are decoded into a `share_ring.ShareRing` in shared memory. They are
+    copied out of it (into page-locked memory when ``pin_memory``), unless ``borrowed``: then a share's
+    ``levels`` are a view into the ring, valid until the next share is asked for (the encode job reads a
+    share once; ``borrowed`` saves it a copy into fresh pages per batch). ``pin_memory`` always copies.
 
     Raises:
         DecodeWorkerDied: a worker process died; names the first batch that did not arrive (a worker may
             die while decoding a later one: what it had finished but not yet sent is lost with it).
+        DecodeFailed: ``/dev/shm`` is too small for the ring (the message says what to change).
     """
     if workers and multiprocessing.current_process().daemon:
         raise ValueError(f"workers={workers}: this is a daemonic process, which cannot start decode workers; use 0")
@@ -233,28 +263,59 @@ def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = Fa
         return
     largest = max((len(decoder.share(index)) for index in range(len(decoder))), default=1)
     parts = max(1, min(workers, largest))
-    loader = torch.utils.data.DataLoader(
-        _Pieces(decoder, parts),
-        batch_size=None,  # items are pieces of shares already
-        shuffle=False,
-        num_workers=workers,
-        prefetch_factor=PREFETCH_PER_WORKER,
-        persistent_workers=False,
-        pin_memory=False,  # _merge pins the whole share, in one copy
-        worker_init_fn=_worker_init,
-        collate_fn=_as_is,
-    )
-    iterator = _iterate_without_sigchld_handler(loader)
+    try:
+        ring = _ring_for(decoder, workers, parts, largest)
+    except SharedMemoryTooSmall as err:
+        raise DecodeFailed(str(err)) from None
+    iterator = _iterate_without_sigchld_handler(_loader(_Pieces(decoder, parts, ring), workers))
+    copy = pin_memory or not borrowed
     try:
         for index in range(len(decoder)):
+            if borrowed and index:
+                _check(ring, index - 1)  # the share the caller has just given back was intact while it read it
             try:
                 pieces = [next(iterator) for _ in range(parts)]
             except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
                 text = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
-            yield _merge(pieces, pin_memory)
+            try:
+                share = _assemble(index, len(decoder.share(index)), pieces, ring, copy, pin_memory)
+            except SlotOverwritten as err:
+                raise DecodeFailed(str(err)) from None
+            yield share
+        if borrowed and len(decoder):
+            _check(ring, len(decoder) - 1)
     finally:
         del iterator  # stops the workers now, not whenever the garbage collector gets to it
+
+
+def _check(ring: ShareRing, index: int) -> None:
+    try:
+        ring.check(index)
+    except SlotOverwritten as err:
+        raise DecodeFailed(str(err)) from None
+
+
+def _loader(pieces: _Pieces, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        pieces,
+        batch_size=None,  # items are pieces of shares already
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=PREFETCH_PER_WORKER,
+        persistent_workers=False,
+        pin_memory=False,  # _assemble pins the whole share, in one copy
+        worker_init_fn=_worker_init,
+        collate_fn=_as_is,
+    )
+
+
+def _ring_for(decoder: ShareDecoder, workers: int, parts: int, largest: int) -> ShareRing:
+    """The ring for ``workers`` splitting shares of up to ``largest`` items in ``parts`` (see `share_ring`
+    for its size). An item's shape and dtype are those of the decode function's answer for no sources."""
+    empty = decoder.decode([])[0]
+    slots = slots_needed(PREFETCH_PER_WORKER * workers, parts)
+    return ShareRing(slots, largest, parts, tuple(empty.shape[1:]), empty.dtype)
 
 
 def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
@@ -276,21 +337,25 @@ def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Ite
     return iterator
 
 
-def decode_fixed(sources: Sequence[Any], image_size: int, opener: Any = None) -> tuple[torch.Tensor, None, list[Optional[str]]]:
+def decode_fixed(
+    sources: Sequence[Any], image_size: int, opener: Any = None, out: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, None, list[Optional[str]]]:
     """A fixed-resolution tower's share: uint8 ``(n, 3, S, S)`` levels (`processing.decode_files`)."""
     from tp_siglip import processing
 
-    levels, reasons = processing.decode_files(sources, image_size, opener=opener)
+    levels, reasons = processing.decode_files(sources, image_size, opener=opener, out=out)
     return levels, None, reasons
 
 
 def decode_naflex(
-    sources: Sequence[Any], patch_size: int, max_num_patches: int, opener: Any = None
+    sources: Sequence[Any], patch_size: int, max_num_patches: int, opener: Any = None, out: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[Optional[str]]]:
     """A NaFlex tower's share: uint8 patches and grids (`processing_naflex.decode_naflex_files`)."""
     from tp_siglip import processing_naflex
 
-    return processing_naflex.decode_naflex_files(sources, patch_size=patch_size, max_num_patches=max_num_patches, opener=opener)
+    return processing_naflex.decode_naflex_files(
+        sources, patch_size=patch_size, max_num_patches=max_num_patches, opener=opener, out=out
+    )
 
 
 def _as_is(item: Decoded) -> Decoded:

@@ -546,17 +546,22 @@ def decode_files(
     image_size: int | tuple[int, int] = 224,
     *,
     opener: Optional[Callable[[Any], PILImage.Image]] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Decode and resize images to uint8 levels ``(n, 3, H, W)``: :func:`preprocess_files` before normalizing.
 
     This is the half of preprocessing that runs in the encode job's decode workers; :func:`to_pixel_values`
     is the other half, on the model's device. ``sources`` are paths, or anything ``opener`` turns into a
     decoded, upright RGB image (default: :func:`load_image`). An unreadable source gets a reason and a
-    zero row, as in :func:`preprocess_files`.
+    zero row, as in :func:`preprocess_files`. ``out`` (uint8, contiguous, ``(n, 3, H, W)``) is written
+    into and returned instead of a new tensor (the job's workers write into shared memory this way).
     """
     Image, _ = _require_pil()
     height, width = _check_image_size(image_size)
-    levels = torch.zeros((len(sources), 3, height, width), dtype=torch.uint8)
+    shape = (len(sources), 3, height, width)
+    if out is not None and (out.shape != shape or out.dtype != torch.uint8 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+    levels = torch.zeros(shape, dtype=torch.uint8) if out is None else out
     rows = levels.numpy()  # numpy copies on this thread: no intra-op thread pool woken (and spinning) per image
     reasons: list[str | None] = []
     for index, rgb, reason in read_files(sources, _pil_to_rgb, opener):
@@ -564,6 +569,8 @@ def decode_files(
         if rgb is not None:
             resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
             rows[index] = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
+        elif out is not None:
+            rows[index] = 0
     return levels, reasons
 
 

@@ -43,7 +43,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -224,20 +224,25 @@ def decode_naflex_files(
     patch_size: int = 16,
     max_num_patches: int = 256,
     opener: Any = None,
+    out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
     """Decode, resize and patchify images, stopping before normalization (the encode job's decode workers).
 
     Returns ``(levels, spatial_shapes, reasons)``: uint8 patches ``(n, max_num_patches, 3*p*p)`` (padding
     rows zero), the grids ``(n, 2)`` int64 and a reason per unreadable source (its row: a 1x1 grid of one
-    zero patch). :func:`naflex_inputs` turns them into model inputs on any device. ``sources`` and
-    ``opener`` as in :func:`tp_siglip.processing.decode_files`.
+    zero patch). :func:`naflex_inputs` turns them into model inputs on any device. ``sources``,
+    ``opener`` and ``out`` (written into instead of a new tensor) as in
+    :func:`tp_siglip.processing.decode_files`.
     """
     from tp_siglip import processing
 
     _require_pil()
     patch = _positive_int("patch_size", patch_size)
     limit = _positive_int("max_num_patches", max_num_patches)
-    levels = torch.zeros(len(sources), limit, 3 * patch * patch, dtype=torch.uint8)
+    shape = (len(sources), limit, 3 * patch * patch)
+    if out is not None and (out.shape != shape or out.dtype != torch.uint8):
+        raise ValueError(f"out must be a uint8 tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+    levels = torch.zeros(shape, dtype=torch.uint8) if out is None else out.zero_()
     shapes = torch.ones(len(sources), 2, dtype=torch.int64)
     reasons: list[str | None] = []
     for index, rgb, reason in processing.read_files(sources, lambda image: _to_rgb(image, "image"), opener):
