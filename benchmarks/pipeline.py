@@ -16,7 +16,10 @@ CPU rows (targets of the pipeline issue):
 * ``preprocess_files`` on one thread in this process: the baseline rate, decode + resize + normalise;
 * a tiny tower (forward ~free, a stand-in for a GPU-speed model), batch 32: the job at 1 rank (default
   ``--workers``), at 2 ranks in tensor and data mode: each >= 1.6x the baseline; decode work per rank
-  in tensor mode at 2 ranks: half the images;
+  in tensor mode at 2 ranks: half the images. The stand-in's own forward is a row too (one thread, in a
+  fresh process), so the table shows what "~free" is: ``--tiny p32`` (default; hidden 16, 2 heads, patch
+  32) costs 2-5% of a decode; ``--tiny p16`` (hidden 32, patch 16: the stand-in up to 2026-12-07, 576
+  tokens at 384 px) costs 8% of a decode at 224 px and ~25% at 384 px, on the cores the decoding needs;
 * base-224 (random weights), model-bound: the job >= 0.95x the model alone on the same batch, the model
   alone timed in a fresh process the same way the job runs it (from a cold start, same threads).
 
@@ -44,8 +47,8 @@ import numpy as np
 
 from benchmarks.common import GEOMETRIES, Geometry
 
-TINY_224 = Geometry("tiny-224", 32, 64, 1, 2, 16, 224)
-TINY_384 = Geometry("tiny-384", 32, 64, 1, 2, 16, 384)
+#: the stand-in towers (hidden, intermediate, layers, heads, patch): ``p32`` costs a few % of a decode
+TINY = {"p32": (16, 32, 1, 2, 32), "p16": (32, 64, 1, 2, 16)}
 ROOT = Path(__file__).resolve().parents[1]
 RATE = re.compile(r"^(\d+) images in ([\d.]+) s: ([\d.]+) images/s", re.M)
 DECODED = re.compile(r"images decoded per rank: ([\d/]+)")
@@ -129,6 +132,8 @@ MODEL_ONLY = r"""
 import sys, time, torch
 from tp_siglip import SiglipVisionTransformer
 path, batch, count, dtype, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+if len(sys.argv) > 6:
+    torch.set_num_threads(int(sys.argv[6]))
 model = SiglipVisionTransformer.from_pretrained(path, dtype=dtype, device=device)
 size = model.config.image_size
 pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, model.dtype)
@@ -141,11 +146,12 @@ with torch.inference_mode():
 """
 
 
-def model_only_rate(checkpoint: Path, batch: int, count: int, dtype: str, device: str) -> float:
+def model_only_rate(checkpoint: Path, batch: int, count: int, dtype: str, device: str, threads: Optional[int] = None) -> float:
     """Images/s of the model alone on ``count`` images in batches of ``batch``, in a fresh process, from a cold
-    start like the job's (same thread settings as a one-rank job)."""
+    start like the job's (same thread settings as a one-rank job, unless ``threads``)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = [sys.executable, "-c", MODEL_ONLY, str(checkpoint), str(batch), str(count), dtype, device]
+    args += [] if threads is None else [str(threads)]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
@@ -190,22 +196,30 @@ def tiny_section(root: Path, images: Path, paths: list[Path], geometry: Geometry
         runs = runs[:2]
     bases: list[float] = []
     ceilings: list[float] = []
+    forwards: list[float] = []
     got: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in runs}
     for _ in range(repeats):
         bases.append(baseline_rate(paths, geometry.image))
         ceilings.append(parallel_decode_rate(paths, geometry.image))
+        forwards.append(model_only_rate(checkpoint, 32, len(paths), "float32", "cpu", threads=1))
         for label, ranks, extra, _target in runs:
             got[label].append(run_job(images, checkpoint, ranks, ["--batch-size", "32", *extra], root / "out.safetensors"))
     base = max(bases)
     rows = [row("decode-bound", f"{geometry.name}: preprocess_files, 1 thread (baseline)", base, None, None, runs_img_s=_rates(bases)),
             row("decode-bound", f"{geometry.name}: decode workers alone, one per core, no model (the machine's ceiling)",
-                max(ceilings), base, None, runs_img_s=_rates(ceilings))]
+                max(ceilings), base, None, runs_img_s=_rates(ceilings)),
+            row("decode-bound", f"{geometry.name}: the stand-in's forward alone, 1 thread, batch 32, on random pixels ({_shape(geometry)})",
+                max(forwards), base, None, runs_img_s=_rates(forwards))]
     for label, _ranks, _extra, target in runs:
         rates = [run["job_rate"] for run in got[label]]
         best = got[label][int(np.argmax(rates))]  # the fastest run, with its own breakdown
         rows.append(row("decode-bound", f"{geometry.name}: job, {label}", best["job_rate"], base, target,
                         **{**best, "runs_img_s": _rates(rates)}))
     return rows
+
+
+def _shape(geometry: Geometry) -> str:
+    return f"hidden {geometry.hidden}, {geometry.heads} heads, patch {geometry.patch}: {geometry.tokens} tokens"
 
 
 def _rates(rates: list[float], digits: int = 0) -> str:
@@ -255,6 +269,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", help="CUDA only")
     parser.add_argument("--workers", default="8,14", help="CUDA only: comma-separated worker counts")
     parser.add_argument("--only", default="decode,model", help="CPU sections: decode (tiny towers), model (base-224)")
+    parser.add_argument("--tiny", default="p32", choices=sorted(TINY), help="the decode section's stand-in tower (see the docstring)")
     parser.add_argument("--repeats", type=int, default=3, help="CPU rows: interleaved rounds, the fastest reported")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer runs, one round, a 2-layer base")
     parser.add_argument("--json", type=Path, default=None)
@@ -276,7 +291,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             sections = opts.only.split(",")
             if "decode" in sections:
-                for geometry in (TINY_224,) if opts.quick else (TINY_224, TINY_384):
+                sizes = (224,) if opts.quick else (224, 384)
+                for geometry in (Geometry(f"tiny-{size}", *TINY[opts.tiny], size) for size in sizes):
                     rows += tiny_section(root, root / "images", paths, geometry, opts.quick, 1 if opts.quick else opts.repeats)
             if "model" in sections:
                 few = root / "few"

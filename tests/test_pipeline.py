@@ -184,9 +184,10 @@ def test_gather_shares_over_two_ranks(rank_pools):
 
 @pytest.mark.parametrize(
     "cores, local_ranks, on_cpu, expected",
-    [(2, 1, True, 2), (2, 2, True, 0), (2, 2, False, 1), (16, 2, True, 8), (64, 1, False, pipeline.MAX_DEFAULT_WORKERS), (3, 4, False, 1)],
+    [(2, 1, True, 2), (2, 2, True, 1), (1, 1, True, 0), (3, 4, True, 0), (2, 2, False, 1), (16, 2, True, 8),
+     (64, 1, False, pipeline.MAX_DEFAULT_WORKERS), (3, 4, False, 1)],
 )
-def test_default_workers_are_the_cores_per_rank_but_none_for_a_cpu_model_on_one_core(monkeypatch, cores, local_ranks, on_cpu, expected):
+def test_default_workers_are_the_cores_per_rank_but_none_for_a_lone_cpu_model_on_one_core(monkeypatch, cores, local_ranks, on_cpu, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
     assert pipeline.default_workers(on_cpu) == expected

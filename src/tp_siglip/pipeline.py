@@ -31,8 +31,9 @@ Choices made:
 * **Threads of a CPU model** (`MainThreads`): the cores the decode workers leave free (measured from
   their own decode seconds), at least one, so workers and model do not fight over the same cores.
 * **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
-  on this node (``LOCAL_WORLD_SIZE``), at most 16; none when a CPU model would have a single core to share
-  with them, none in a daemonic process (it may not have children).
+  on this node (``LOCAL_WORLD_SIZE``), at most 16; with a CPU model and one core per rank, one per rank when
+  there are several (it decodes while the rank waits at an exchange) and none for a lone rank; none in a
+  daemonic process (it may not have children).
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ class DecodeWorkerDied(DecodeFailed):
 def default_workers(model_on_cpu: bool = False) -> int:
     """Decode workers for this rank: its usable cores divided by the ranks on this node, 1 to 16.
 
-    0 when the model runs on the CPU and this rank has a single core: the model needs that core, and a
-    worker would only time-slice it (decoding cannot overlap the forward without a core to run on; on two
-    cores, two ranks run faster decoding in their main processes). 0 in a daemonic process (e.g. a
-    ``multiprocessing`` pool's worker), which may not start processes.
+    With the model on the CPU and one core per rank: 1 when there are several ranks (a rank's worker
+    decodes while its main process waits for the others at an exchange: 8-30% faster than decoding in
+    the main processes, A/B on 2 cores at 224 and 384 px, tensor and data mode), 0 for a lone rank on one
+    core (no waits to fill: a worker would only time-slice the core the model needs). 0 in a daemonic
+    process (e.g. a ``multiprocessing`` pool's worker), which may not start processes.
     """
     if multiprocessing.current_process().daemon:
         return 0
@@ -98,7 +100,7 @@ def default_workers(model_on_cpu: bool = False) -> int:
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     per_rank = cores // local_ranks
     if model_on_cpu and per_rank < 2:
-        return 0
+        return 1 if per_rank == 1 and local_ranks > 1 else 0
     return max(1, min(MAX_DEFAULT_WORKERS, per_rank))
 
 
