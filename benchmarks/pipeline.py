@@ -19,7 +19,7 @@ CPU rows (targets of the pipeline issue):
   in tensor mode at 2 ranks: half the images. The stand-in's own forward is a row too (one thread, in a
   fresh process), so the table shows what "~free" is: ``--tiny p32`` (default; hidden 16, 2 heads, patch
   32) costs 2-5% of a decode; ``--tiny p16`` (hidden 32, patch 16: the stand-in up to 2026-12-07, 576
-  tokens at 384 px) costs 8% of a decode at 224 px and ~25% at 384 px, on the cores the decoding needs;
+  tokens at 384 px) costs 9% of a decode at 224 px and 23% at 384 px, on the cores the decoding needs;
 * base-224 (random weights), model-bound: the job >= 0.95x the model alone on the same batch, the model
   alone timed in a fresh process the same way the job runs it (from a cold start, same threads).
 
