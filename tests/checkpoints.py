@@ -135,3 +135,17 @@ def save_layout(reference, layout: str, directory: Path) -> Path:
 
 def has_head(layout: str) -> bool:
     return not layout.startswith("paligemma")
+
+
+def tiny_job_inputs(directory: Path, images: int) -> tuple[Path, Path]:
+    """A 32 px tiny tower saved like transformers 5.x, and a folder of ``images`` flat grey PNGs (20x30, level
+    40 * i): what the encode job's failure tests run on. Returns ``(checkpoint, image folder)``."""
+    import numpy as np
+    from PIL import Image
+
+    checkpoint = save_layout(vision_model({**TINY, "image_size": 32, "patch_size": 16}, seed=3), "v5_vision", directory / "ckpt")
+    folder = directory / "images"
+    folder.mkdir()
+    for i in range(images):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return checkpoint, folder

@@ -22,13 +22,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image
 from safetensors import safe_open
 
 from tp_siglip import encode, pipeline, processing, processing_naflex
 from tp_siglip.lockstep import gather_reasons, gather_shares
 
-from checkpoints import TINY, save_layout, vision_model
+from checkpoints import tiny_job_inputs
 from corpus import BAD, GOOD, make_corpus
 
 
@@ -129,12 +128,7 @@ def test_a_dead_worker_is_an_error_naming_the_batch(corpus):
 
 
 def test_the_job_stops_after_writing_what_it_encoded_when_a_worker_dies(tmp_path, monkeypatch):
-    model = vision_model({**TINY, "image_size": 32, "patch_size": 16}, seed=3)
-    checkpoint = save_layout(model, "v5_vision", tmp_path / "ckpt")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(6):
-        Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    checkpoint, images = tiny_job_inputs(tmp_path, 6)
     killer = str(images / "4.png")
     real = pipeline.decode_fixed
     monkeypatch.setattr(pipeline, "decode_fixed", lambda sources, image_size, opener=None, out=None: (

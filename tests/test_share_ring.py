@@ -13,16 +13,14 @@ import io
 import logging
 import time
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image
 
 from tp_siglip import encode, pipeline, processing, processing_naflex, share_ring
 
-from checkpoints import TINY, save_layout, vision_model
+from checkpoints import tiny_job_inputs
 from corpus import GOOD, make_corpus
 
 
@@ -75,12 +73,7 @@ def test_a_small_dev_shm_is_a_message_not_a_bus_error(monkeypatch):
 
 
 def test_the_job_stops_with_that_message(tmp_path, monkeypatch):
-    model = vision_model({**TINY, "image_size": 32, "patch_size": 16}, seed=3)
-    checkpoint = save_layout(model, "v5_vision", tmp_path / "ckpt")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    checkpoint, images = tiny_job_inputs(tmp_path, 3)
     monkeypatch.setattr(share_ring, "_free_shared_memory", lambda: 0)
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
