@@ -191,11 +191,10 @@ class _Pieces(torch.utils.data.Dataset):
 
 def _assemble(index: int, count: int, pieces: list[_Piece], ring: ShareRing, copy: bool, pin_memory: bool) -> Decoded:
     """Share ``index`` (``count`` rows) from its pieces: its rows where they lie in ``ring``, or copied out
-    (into page-locked memory when ``pin_memory``) when ``copy``."""
+    (into page-locked memory when ``pin_memory``) when ``copy``; the caller checks the ring after."""
     levels = ring.share(index, count)
     if copy:
         levels = levels.clone() if not pin_memory else torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True).copy_(levels)
-    ring.check(index)
     shapes = None if pieces[0].spatial_shapes is None else torch.from_numpy(np.concatenate([p.spatial_shapes for p in pieces]))
     reasons = [reason for piece in pieces for reason in piece.reasons]
     return Decoded(index, levels, shapes, reasons, sum(piece.seconds for piece in pieces))
@@ -280,10 +279,8 @@ def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = Fa
             except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
                 text = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
-            try:
-                share = _assemble(index, len(decoder.share(index)), pieces, ring, copy, pin_memory)
-            except SlotOverwritten as err:
-                raise DecodeFailed(str(err)) from None
+            share = _assemble(index, len(decoder.share(index)), pieces, ring, copy, pin_memory)
+            _check(ring, index)  # no worker began on this buffer before its rows were read (or copied)
             yield share
         if borrowed and len(decoder):
             _check(ring, len(decoder) - 1)
@@ -292,6 +289,7 @@ def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = Fa
 
 
 def _check(ring: ShareRing, index: int) -> None:
+    """`ShareRing.check`, its error as the pipeline's `DecodeFailed` (so the job stops every rank cleanly)."""
     try:
         ring.check(index)
     except SlotOverwritten as err:
