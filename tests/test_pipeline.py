@@ -158,7 +158,7 @@ def _exchange(rank: int, world_size: int) -> tuple:
     first = gather_shares(rows, specs, sizes, None, dist_group())
     second = gather_shares(None if rank else rows, specs, sizes, "worker died" if rank else None, dist_group())
     reasons = gather_reasons([f"r{rank}"] * sizes[rank], dist_group())
-    return first.rows["pixels"], first.rows["grid"], first.failures, second.failures, reasons
+    return first.rows("pixels"), first.rows("grid"), first.failures, second.failures, reasons
 
 
 def dist_group():

@@ -725,15 +725,19 @@ class _Job:
         clock = time.perf_counter()
         gathered = gather_shares(_share_rows(share), self._pixel_specs(), sizes, failure, self.group)
         self._raise_failures(gathered.failures, batch)
-        keep = gathered.rows["ok"].bool().cpu()
+        keep = gathered.rows("ok").bool().cpu()
         times["exchange"] += time.perf_counter() - clock
-        self._report_skips(batch, keep, share, output)
+        clock = time.perf_counter()
         chosen = keep.nonzero().flatten()
-        if not len(chosen):
+        inputs = None
+        if len(chosen):  # the exchanged rows are read here, before the group's next collective
+            parts = gathered.parts if len(chosen) == len(keep) else {name: [gathered.rows(name)[chosen.to(t[0].device)]] for name, t in gathered.parts.items()}
+            inputs = self._model_inputs(parts)
+        times["model"] += time.perf_counter() - clock
+        self._report_skips(batch, keep, share, output)
+        if inputs is None:
             return 0
         clock = time.perf_counter()
-        rows = gathered.rows if len(chosen) == len(keep) else {name: t[chosen.to(t.device)] for name, t in gathered.rows.items()}
-        inputs = self._model_inputs(rows)
         out = self.model(*inputs.values())
         stored = self._stored_rows(out, inputs) if output is not None else None
         times["model"] += time.perf_counter() - clock
@@ -757,7 +761,7 @@ class _Job:
             local["ok"] = ok.to(torch.uint8)
             if ok.any():
                 rows = _share_rows(share)
-                inputs = self._model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
+                inputs = self._model_inputs({name: [tensor if ok.all() else tensor[ok]] for name, tensor in rows.items()})
                 stored = self._stored_rows(self.local_model(*inputs.values()), inputs)
                 for name, tensor in stored.items():
                     local[name][ok] = tensor
@@ -765,13 +769,15 @@ class _Job:
         clock = time.perf_counter()
         gathered = gather_shares(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
         self._raise_failures(gathered.failures, batch)
-        keep = gathered.rows["ok"].bool().cpu()
+        keep = gathered.rows("ok").bool().cpu()
+        chosen = keep.nonzero().flatten()
+        # copied out before the group's next collective (the reasons' exchange, the next batch's)
+        rows = {name: gathered.rows(name)[chosen].cpu() for name in specs} if output is not None and len(chosen) else None
         times["exchange"] += time.perf_counter() - clock
         self._report_skips(batch, keep, share, output)
-        chosen = keep.nonzero().flatten()
-        if output is not None and len(chosen):
+        if rows is not None:
             clock = time.perf_counter()
-            output.add([batch[i] for i in chosen.tolist()], {name: gathered.rows[name][chosen].cpu() for name in specs})
+            output.add([batch[i] for i in chosen.tolist()], rows)
             times["write"] += time.perf_counter() - clock
         return len(chosen)
 
@@ -802,23 +808,31 @@ class _Job:
                 specs["spatial_shapes"] = ((2,), torch.float32)
         return specs
 
-    def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
-        levels = rows["levels"].to(self.model.device, non_blocking=True)
+    def _model_inputs(self, parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each rank's uint8 rows (``parts[name]``, in rank order) -> the model's inputs in its dtype, normalised on
+        its device (the 256-entry table's values). On the CPU, a fixed-resolution batch is normalised from
+        where each rank's rows lie (the exchange's shared memory) into one buffer: no joined uint8 copy."""
+        device, dtype = self.model.device, self.model.dtype
+        if not self.naflex and device.type == "cpu":
+            pieces = parts["levels"]
+            pixels = self._pixel_buffer(sum(len(piece) for piece in pieces), pieces[0].shape[1:])
+            first = 0
+            for piece in pieces:
+                processing.to_pixel_values(piece, dtype, out=pixels[first : first + len(piece)])
+                first += len(piece)
+            return {"pixel_values": pixels}
+        levels = _joined([piece.to(device, non_blocking=True) for piece in parts["levels"]])
         if not self.naflex:
-            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=self._pixel_buffer(levels))}
-        shapes = rows["spatial_shapes"].to(self.model.device)
-        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
+            return {"pixel_values": processing.to_pixel_values(levels, dtype)}
+        return processing_naflex.naflex_inputs(levels, _joined(parts["spatial_shapes"]).to(device), dtype)
 
-    def _pixel_buffer(self, levels: torch.Tensor) -> Optional[torch.Tensor]:
-        """On the CPU, the rows of one pixel buffer kept from batch to batch (a batch's pixels are done with
-        before the next batch's are made): a fresh buffer each batch costs more in new pages than the
-        normalisation itself. Elsewhere ``None`` (the device's caching allocator already reuses memory)."""
-        if levels.device.type != "cpu":
-            return None
-        if self._pixels is None or len(self._pixels) < len(levels) or self._pixels.shape[1:] != levels.shape[1:]:
-            self._pixels = torch.empty((max(len(levels), self.args.batch_size), *levels.shape[1:]), dtype=self.model.dtype)
-        return self._pixels[: len(levels)]
+    def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
+        """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
+        next batch's are made): a fresh buffer each batch costs more in new pages than the normalisation itself.
+        (On a GPU the caching allocator already reuses memory.)"""
+        if self._pixels is None or len(self._pixels) < rows or self._pixels.shape[1:] != row_shape:
+            self._pixels = torch.empty((max(rows, self.args.batch_size), *row_shape), dtype=self.model.dtype)
+        return self._pixels[:rows]
 
     def _stored_rows(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the output stores for these images, float32 on the CPU (see the module doc)."""
@@ -842,7 +856,7 @@ class _Job:
     def _report_times(self, times: Counter, seconds: float) -> None:
         """Where the time went, and how many images each rank decoded (one small collective)."""
         counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.world_size, None, self.group)
-        decoded = "/".join(str(n) for n in counts.rows["n"].tolist())
+        decoded = "/".join(str(n) for n in counts.rows("n").tolist())
         workers = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
         self.say(
             f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
@@ -899,6 +913,10 @@ class _Job:
 def _label(item: Any) -> str:
     """How a batch item is named in messages: a file's path, or a shard row's ``key``."""
     return str(getattr(item, "key", item))
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:

@@ -196,7 +196,7 @@ def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_i
     world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
     ranks = dist.get_world_size() if world is not None else 1
     counts = gather_shares({"n": torch.tensor([encoded if job.rank == 0 else 0])}, {"n": ((), torch.int64)}, [1] * ranks, None, world)
-    total = int(counts.rows["n"].sum())
+    total = int(counts.rows("n").sum())
     if world_rank == 0:
         _summary(args.output, plan, total, seconds, say)
 

@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip.parallel import all_gather_flat
+from tp_siglip.parallel import all_gather_bytes
 
 __all__ = [
     "RanksDisagree",
@@ -107,10 +107,19 @@ def share_from_rank0(value: int, world_size: int) -> int:
 
 @dataclass
 class Shares:
-    """What :func:`gather_shares` returns: every rank's rows, in group-rank order, and each rank's failure."""
+    """What :func:`gather_shares` returns: every rank's rows, in group-rank order, and each rank's failure.
 
-    rows: dict[str, torch.Tensor]
+    ``parts[name][r]`` is rank ``r``'s rows of ``name``. Over a same-host CPU group they are views of the
+    exchange's shared memory: read them before the next collective on the group (`rows` copies them).
+    """
+
+    parts: dict[str, list[torch.Tensor]]
     failures: list[Optional[str]]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """Every rank's rows of ``name``, one tensor (a copy, unless there is only one rank's)."""
+        parts = self.parts[name]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _section_bytes(row_shape: Sequence[int], dtype: torch.dtype, rows: int) -> int:
@@ -135,33 +144,37 @@ def gather_shares(
         group: The ranks that share the batch; ``None`` for one process.
 
     Returns:
-        :class:`Shares`: ``rows[name]`` has ``sum(sizes)`` rows on the collective's device (rows of a failed
-        rank are zeros), ``failures[r]`` is rank ``r``'s failure text or ``None``.
+        :class:`Shares`: ``parts[name][r]`` holds ``sizes[r]`` rows on the collective's device (zeros from a
+        failed rank), ``failures[r]`` is rank ``r``'s failure text or ``None``.
     """
     if group is None or dist.get_world_size(group) == 1:
-        return Shares({name: rows[name] for name in specs} if rows is not None else {}, [failure])
-    device, cap, ranks = _collective_device(group), max(sizes), len(sizes)
+        return Shares({name: [rows[name]] for name in specs} if rows is not None else {}, [failure])
+    device, cap, own = _collective_device(group), max(sizes), sizes[dist.get_rank(group)]
     width = STATUS_BYTES + sum(_section_bytes(shape, dtype, cap) for shape, dtype in specs.values())
-    mine = torch.zeros(width, dtype=torch.uint8, device=device)
-    if failure is not None:
-        text = failure.encode()[: STATUS_BYTES - 1]
-        mine[0] = 1
-        mine[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    own = sizes[dist.get_rank(group)]
-    offset = STATUS_BYTES
+
+    def fill(mine: torch.Tensor) -> None:  # every byte that any rank reads: the status and this rank's rows
+        mine[:STATUS_BYTES].zero_()
+        if failure is not None:
+            text = failure.encode()[: STATUS_BYTES - 1]
+            mine[0] = 1
+            mine[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        offset = STATUS_BYTES
+        for name, (shape, dtype) in specs.items():
+            section = _section(mine, offset, shape, dtype, cap)[:own]
+            if rows is None:
+                section.zero_()
+            else:
+                section.copy_(rows[name], non_blocking=True)
+            offset += _section_bytes(shape, dtype, cap)
+
+    # same-host CPU ranks: each writes its share into shared memory and reads the others' where they lie
+    everyone = all_gather_bytes(width, fill, group, device, shared_memory=True)
+    failures = [_status_text(buffer[:STATUS_BYTES]) for buffer in everyone]
+    parts, offset = {}, STATUS_BYTES
     for name, (shape, dtype) in specs.items():
-        if rows is not None and own:
-            _section(mine, offset, shape, dtype, cap)[:own].copy_(rows[name], non_blocking=True)
+        parts[name] = [_section(buffer, offset, shape, dtype, cap)[:size] for buffer, size in zip(everyone, sizes)]
         offset += _section_bytes(shape, dtype, cap)
-    everyone = torch.empty(ranks * width, dtype=torch.uint8, device=device)
-    all_gather_flat(everyone, mine, group, shared_memory=True)  # same-host CPU ranks: no gloo socket copies
-    failures = [_status_text(everyone[r * width : r * width + STATUS_BYTES]) for r in range(ranks)]
-    gathered, offset = {}, STATUS_BYTES
-    for name, (shape, dtype) in specs.items():
-        parts = [_section(everyone, r * width + offset, shape, dtype, cap)[: sizes[r]] for r in range(ranks)]
-        gathered[name] = torch.cat(parts)
-        offset += _section_bytes(shape, dtype, cap)
-    return Shares(gathered, failures)
+    return Shares(parts, failures)
 
 
 def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: torch.dtype, rows: int) -> torch.Tensor:

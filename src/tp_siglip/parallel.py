@@ -213,6 +213,28 @@ def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup, 
     gather(out, mine, group=group)
 
 
+def all_gather_bytes(
+    nbytes: int, fill: Callable[[torch.Tensor], object], group: ProcessGroup, device: torch.device, *, shared_memory: bool = False
+) -> list[torch.Tensor]:
+    """All-gather ``nbytes`` bytes per rank, written by ``fill`` into a uint8 buffer (of stale bytes: ``fill``
+    writes every byte it means); returns every rank's bytes as uint8 views, in rank order.
+
+    With ``shared_memory=True`` on a CPU group of one host (the encode job's pixel exchange) this is
+    `SharedMemoryAllReduce.gather_in_place`: ``fill`` writes into this rank's slot and the views are the
+    slots themselves, one copy in all instead of three. Read them before this rank's next collective on
+    ``group`` (or copy them). Elsewhere the views are of a fresh buffer, valid for as long as they live.
+    """
+    if shared_memory and device.type == "cpu" and shm_allreduce.enabled():
+        reducer = shm_allreduce.for_group(group)
+        if reducer is not None:
+            return reducer.gather_in_place(nbytes, fill)
+    mine = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    fill(mine)
+    everyone = torch.empty(group_size(group) * nbytes, dtype=torch.uint8, device=device)
+    all_gather_flat(everyone, mine, group)
+    return list(everyone.view(group_size(group), nbytes))
+
+
 def agree_on_failure(error: Optional[BaseException], group: Optional[ProcessGroup], device: torch.device) -> None:
     """Collective check-point: raise on every rank if ``error`` is set on any rank.
 
