@@ -156,9 +156,15 @@ def _exchange(rank: int, world_size: int) -> tuple:
             "grid": torch.arange(sizes[rank] * 2, dtype=torch.int64).view(-1, 2) + 100 * rank}
     specs = {"pixels": ((2, 2), torch.uint8), "grid": ((2,), torch.int64)}
     first = gather_shares(rows, specs, sizes, None, dist_group())
+    pixels, grid = first.rows("pixels"), first.rows("grid")  # copies: the parts are read before the next exchange
     second = gather_shares(None if rank else rows, specs, sizes, "worker died" if rank else None, dist_group())
+    failed = second.failures
+    # the same shared-memory slots as the first exchange's: a failed rank's rows must read as zeros, not as
+    # what its slot held before
+    third = gather_shares(None if rank else rows, specs, sizes, "worker died" if rank else None, dist_group())
+    stale = [int(third.parts[name][1].abs().sum()) for name in specs] + [int(third.parts["pixels"][0].sum())]
     reasons = gather_reasons([f"r{rank}"] * sizes[rank], dist_group())
-    return first.rows("pixels"), first.rows("grid"), first.failures, second.failures, reasons
+    return pixels, grid, first.failures, failed, reasons, stale
 
 
 def dist_group():
@@ -169,7 +175,8 @@ def dist_group():
 
 def test_gather_shares_over_two_ranks(rank_pools):
     results = rank_pools[1](2).run(_exchange, timeout=120)
-    for pixels, grid, failures, failed, reasons in results:
+    for pixels, grid, failures, failed, reasons, stale in results:
+        assert stale == [0, 0, 3 * 2 * 2], stale  # rank 1's rows zeroed; rank 0's are its own
         assert pixels[:, 0, 0].tolist() == [1, 1, 1, 2, 2]
         assert grid.tolist() == [[0, 1], [2, 3], [4, 5], [100, 101], [102, 103]]
         assert failures == [None, None] and failed == [None, "worker died"]
