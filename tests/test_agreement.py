@@ -66,6 +66,21 @@ def _cases(rank: int, world_size: int) -> dict[str, tuple]:
     }
 
 
+def _split_cases(rank: int, world_size: int) -> dict[str, tuple]:
+    """``batch_sizes`` cases (tensor mode): rank 0 holds 2 of 3 images, the last rank 1, any others none."""
+    sizes = [2] + [0] * (world_size - 2) + [1]
+    first = sum(sizes[:rank])
+    mine = _pixels(3, seed=5)[first : first + sizes[rank]]
+    return {
+        "rows": (mine, {"batch_sizes": sizes}),
+        "rank 0 passes 3 rows": (_pixels(3, seed=5) if rank == 0 else mine, {"batch_sizes": sizes}),
+        "lists differ": (mine, {"batch_sizes": sizes if rank != 1 else [sizes[0] + 5, *sizes[1:]]}),
+        "only rank 1 splits": (_pixels(3, seed=5) if rank != 1 else mine, {"batch_sizes": sizes} if rank == 1 else {}),
+        "one count too many": (mine, {"batch_sizes": [*sizes, 0]}),
+        "no image at all": (_pixels(1)[:0], {"batch_sizes": [0] * world_size}),
+    }
+
+
 def _exceptions_left_in_cycles(fn) -> list[str]:
     """Call ``fn`` (which raises), drop the error, and list exceptions that only the cycle collector frees.
 
@@ -100,6 +115,11 @@ def _every_case(rank: int, world_size: int) -> dict:
         for name, (pixels, kwargs, agree) in _cases(rank, world_size).items():
             model.check_inputs_agree = agree
             outcomes[(mode, name)] = _outcome(model, pixels, **kwargs)
+    for name, (pixels, kwargs) in _split_cases(rank, world_size).items():
+        models["tensor"].check_inputs_agree = "shapes"
+        outcomes[("split", name)] = _outcome(models["tensor"], pixels, **kwargs)
+    outcomes[("data", "batch_sizes")] = _outcome(models["data"], _pixels(3, seed=5), batch_sizes=[3] + [0] * (world_size - 1))
+    outcomes[("tensor", "still in step after split")] = _outcome(models["tensor"], _pixels(5, seed=9))
     pixels, _, _ = _cases(rank, world_size)["NaN on rank 1"]
     failure = ValueError("rank 1 failed") if rank == 1 else None
     outcomes["cycles"] = _exceptions_left_in_cycles(lambda: models["tensor"](pixels)) + _exceptions_left_in_cycles(
@@ -114,7 +134,8 @@ def reference():
 
     model = SiglipVisionTransformer(SiglipVisionConfig(**CONFIG), seed=4).eval()
     with torch.inference_mode():
-        return {name: model(_pixels(b, seed=s)).pooler_output for name, (b, s) in {"two": (2, 0), "five": (5, 9)}.items()}
+        cases = {"two": (2, 0), "three": (3, 5), "five": (5, 9)}
+        return {name: model(_pixels(b, seed=s)).pooler_output for name, (b, s) in cases.items()}
 
 
 def _errors(ranks: list[dict], key: tuple) -> list[tuple]:
@@ -161,9 +182,29 @@ def _check_world(ranks: list[dict], reference: dict) -> None:
         for r in ranks:
             torch.testing.assert_close(r[(mode, "same inputs, checksum")]["pooler"], reference["two"], atol=1e-5, rtol=0)
             torch.testing.assert_close(r[(mode, "still in step")]["pooler"], reference["five"], atol=1e-5, rtol=0)
+    _check_split(ranks, reference)
     assert [r["cycles"] for r in ranks] == [[]] * world, "a raised error was left in a reference cycle"
     slowest = max(outcome["seconds"] for r in ranks for key, outcome in r.items() if key != "cycles")
     assert slowest < 20, f"a case took {slowest:.1f} s: a rank waited instead of failing at once"
+
+
+def _check_split(ranks: list[dict], reference: dict) -> None:
+    """A split batch gives each rank its rows; a bad split fails on every rank at once, naming what is wrong."""
+    world = len(ranks)
+    sizes = [2] + [0] * (world - 2) + [1]
+    for rank, r in enumerate(ranks):
+        first = sum(sizes[:rank])
+        torch.testing.assert_close(r[("split", "rows")]["pooler"], reference["three"][first : first + sizes[rank]], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r[("tensor", "still in step after split")]["pooler"], reference["five"], atol=1e-5, rtol=0)
+    errors = _errors(ranks, ("split", "rank 0 passes 3 rows"))
+    assert errors[0][0] == "ValueError" and "batch_sizes[0] is 2 but this rank passed 3" in errors[0][1], errors[0]
+    assert all(e == "ValueError" and "input check failed on rank(s) [0]" in m for e, m in errors[1:]), errors
+    _assert_every_rank_refuses(ranks, ("split", "lists differ"), "batch_sizes differs across ranks")
+    _assert_every_rank_refuses(ranks, ("split", "only rank 1 splits"), "batch_sizes differs across ranks", "rank 1 (")
+    for case, text in [("one count too many", "one row count per rank"), ("no image at all", "holds no image"),
+                       (None, "a DataParallelEncoder splits each batch itself")]:
+        key = ("data", "batch_sizes") if case is None else ("split", case)
+        assert all(e == "ValueError" and text in m for e, m in _errors(ranks, key)), _errors(ranks, key)
 
 
 def test_ranks_agree_or_all_fail_two_ranks(tmp_path, reference):

@@ -67,3 +67,29 @@ def _in_place(rank, world_size, root):
 
 def test_gather_in_place_hands_back_every_ranks_bytes_inside_and_after_inference_mode(tmp_path):
     run_ranks(2, tmp_path, _in_place, str(tmp_path))
+
+
+
+def _split_rows(rank, world_size, root):
+    from tp_siglip import parallel
+
+    group, sizes = dist.group.WORLD, [2, 0, 3][:world_size]
+    whole = torch.arange(sum(sizes) * 4, dtype=torch.float32).view(-1, 2, 2)
+    first = sum(sizes[:rank])
+    mine = whole[first : first + sizes[rank]]
+    seen = []
+    for shared in ("1", "0"):  # the shared-memory segment, then gloo's own collectives
+        os.environ["TP_SIGLIP_SHM_ALLREDUCE"] = shared
+        with parallel.split_batch(sizes):
+            gathered = parallel.gather_rows(mine, group)
+            summed = parallel.sum_rows(whole * (rank + 1), group)  # each rank a different partial sum
+        seen.append((torch.equal(gathered, whole), torch.equal(summed, mine * sum(range(1, world_size + 1)))))
+    outside = parallel.gather_rows(mine, group) is mine  # no split: nothing to gather
+    return seen, outside
+
+
+def test_split_batch_gathers_and_sums_each_ranks_rows(tmp_path):
+    """Inside split_batch a column-parallel input gathers every rank's rows (one rank has none) and a
+    row-parallel sum keeps this rank's rows, through shared memory and through gloo alike."""
+    for seen, outside in run_ranks(3, tmp_path, _split_rows, str(tmp_path)):
+        assert seen == [(True, True), (True, True)] and outside

@@ -79,13 +79,31 @@ def suite(tmp_path_factory):
     return root, jobs, refs
 
 
+def _split_plan(batch: int, world_size: int) -> list[int]:
+    """Uneven row counts for a split batch, with an empty rank in the middle from 3 ranks on."""
+    sizes = [0] * world_size
+    sizes[0], sizes[-1] = batch - batch // 2, batch // 2
+    return sizes
+
+
 def _encode_towers(rank: int, world_size: int, jobs: list, parallel: str) -> dict:
+    """Each tower's outputs; ``parallel="split"``: tensor-parallel with the batch split by rows
+    (``batch_sizes``), this rank's rows only, and where they start."""
     results = {}
     for name, directory, inputs in jobs:
-        model = SiglipVisionTransformer.from_pretrained(directory, world_size=world_size, parallel=parallel)
+        mode = "tensor" if parallel == "split" else parallel
+        model = SiglipVisionTransformer.from_pretrained(directory, world_size=world_size, parallel=mode)
+        kwargs: dict = {}
+        first = 0
+        if parallel == "split":
+            sizes = _split_plan(len(inputs["pixel_values"]), world_size)
+            first = sum(sizes[:rank])
+            inputs = {key: value[first : first + sizes[rank]] for key, value in inputs.items()}
+            kwargs["batch_sizes"] = sizes
         with torch.inference_mode():
-            out = model(**inputs, output_hidden_states=True)
+            out = model(**inputs, output_hidden_states=True, **kwargs)
         results[name] = _outputs(out, out.pooler_output is not None)
+        results[name]["first"] = torch.tensor(first)
         results[name]["class"] = torch.tensor(int(isinstance(getattr(model, "module", model), Siglip2VisionTransformer)))
     return results
 
@@ -99,19 +117,25 @@ def _valid_rows(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("world_size, parallel", [(1, "tensor"), (2, "tensor"), (3, "tensor"), (4, "tensor"),
-                                                  (2, "data"), (3, "data")])
+                                                  (2, "data"), (3, "data"), (2, "split"), (3, "split")])
 def test_towers_match_transformers(suite, rank_pools, world_size, parallel):
+    """Every tower at every world size; ``split``: each rank's own rows of the batch (one rank empty at 3)."""
     _, jobs, refs = suite
     for rank, per_rank in enumerate(rank_pools[1](world_size).run(_encode_towers, jobs, parallel)):
         for name, ours in per_rank.items():
             assert bool(ours.pop("class")) == name.startswith("siglip2"), name
+            first = int(ours.pop("first"))
             assert sorted(ours) == sorted(refs[name]), name
             for key, value in ours.items():
                 theirs = refs[name][key]
+                if parallel == "split":
+                    assert first == sum(_split_plan(len(theirs), world_size)[:rank]), (name, first)
+                    theirs = theirs[first : first + len(value)]
+                    assert len(value) == _split_plan(len(refs[name][key]), world_size)[rank], (name, key)
                 if parallel == "data":
                     value, theirs = _valid_rows(name, key, value), _valid_rows(name, key, theirs)
                 assert value.shape == theirs.shape, (name, key)
-                diff = (value - theirs).abs().max().item()
+                diff = (value - theirs).abs().max().item() if value.numel() else 0.0
                 assert diff <= 1e-4, (name, key, rank, diff)
 
 

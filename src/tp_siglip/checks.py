@@ -29,13 +29,14 @@ def check_pixel_values(
     patch_attention_mask: object,
     check_finite: bool,
     device: torch.device,
+    allow_empty: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Check a ``(B, C, H, W)`` float batch (and its optional patch mask) for ``config`` on ``device``.
 
     Returns ``pixel_values`` and the ``(B, H/p, W/p)`` bool patch mask to use: the given one, an
     all-true one for Idefics3 towers (their positions are always bucketized), else ``None``. Inputs on
     another device are an error, not a silent copy: a server should see (and place) every host-to-device
-    transfer itself.
+    transfer itself. ``allow_empty``: a batch of no images is valid (a rank's rows of a split batch).
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor of shape (B, C, H, W), got {type(pixel_values).__name__}")
@@ -50,7 +51,7 @@ def check_pixel_values(
             f"tp_siglip.preprocess (rescale by 1/255 and normalise) rather than passing raw integers"
         )
     batch, channels, height, width = shape
-    if batch == 0:
+    if batch == 0 and not allow_empty:
         raise ValueError(f"pixel_values has an empty batch (shape {shape}); pass at least one image")
     if channels != config.num_channels:
         raise ValueError(
@@ -125,7 +126,7 @@ def _check_patch_mask(mask: object, shape: tuple[int, ...], patch: int, device: 
             f"{patch} need (B, H/p, W/p) = {grid}"
         )
     _check_device("patch_attention_mask", mask, device)
-    if not bool(mask.reshape(batch, -1).any(1).all()):
+    if not bool(mask.flatten(1).any(1).all()):
         raise ValueError("patch_attention_mask has an image with no valid patch; every image needs at least one")
     return mask
 
@@ -178,12 +179,14 @@ def check_naflex_inputs(
     patch_size: int,
     check_finite: bool = True,
     device: Optional[torch.device] = None,
+    allow_empty: bool = False,
 ) -> None:
     """Validate a NaFlex batch before any compute; raise ``TypeError`` / ``ValueError`` naming the problem.
 
     Expected: ``pixel_values`` a float ``(B, N, C*p*p)`` tensor (``B >= 1``), finite; ``pixel_attention_mask``
     a ``(B, N)`` bool or 0/1 integer tensor whose row ``i`` is ``h_i*w_i`` ones followed by zeros (valid
     patches first); ``spatial_shapes`` an integer ``(B, 2)`` tensor of positive ``(h, w)`` with ``h*w <= N``.
+    ``allow_empty``: ``B = 0`` is valid too (a rank's rows of a split batch).
     """
     pixels = _check_tensor("pixel_values", pixel_values, 3, "(B, N, C*p*p)")
     if not pixels.is_floating_point():
@@ -195,7 +198,7 @@ def check_naflex_inputs(
             f"pixel_values has {features} values per patch (shape {tuple(pixels.shape)}) but the model expects "
             f"C*p*p = {num_channels}*{patch_size}*{patch_size} = {expected}"
         )
-    if batch == 0 or length == 0:
+    if (batch == 0 and not allow_empty) or length == 0:
         raise ValueError(f"pixel_values is empty (shape {tuple(pixels.shape)}); pass at least one image and patch")
     mask = _check_tensor("pixel_attention_mask", pixel_attention_mask, 2, "(B, N)")
     if tuple(mask.shape) != (batch, length):

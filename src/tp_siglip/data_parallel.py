@@ -140,8 +140,7 @@ class DataParallelEncoder(nn.Module):
         size = group_size(self.group)
         if size == 1:
             return self.module(pixel_values, *args, **kwargs)
-        check = lambda: self.module.check_inputs(pixel_values, *args, **kwargs)  # noqa: E731
-        agree_on_inputs(self.group, check, mode=self.check_inputs_agree)
+        agree_on_inputs(self.group, lambda: self._check_inputs(pixel_values, *args, **kwargs), mode=self.check_inputs_agree)
         bound = inspect.signature(self.module.forward).bind(pixel_values, *args, **kwargs)
         batch, tokens = pixel_values.shape[0], pixel_values.shape[1]
         mask = bound.arguments.get("pixel_attention_mask")
@@ -159,6 +158,15 @@ class DataParallelEncoder(nn.Module):
                 bound.arguments[name] = value
         local = self.module(*bound.args, **bound.kwargs)
         return gather_outputs(local, [len(share) for share in shares], shares, self.group, tokens)
+
+
+    def _check_inputs(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("batch_sizes") is not None:
+            raise ValueError(
+                "batch_sizes splits a batch over tensor-parallel ranks; a DataParallelEncoder splits each batch "
+                "itself: pass the whole batch on every rank, without batch_sizes"
+            )
+        return self.module.check_inputs(pixel_values, *args, **kwargs)
 
 
 def gather_outputs(

@@ -22,10 +22,11 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,9 @@ from tp_siglip.parallel import (
     checkpoint_layout,
     copy_piece,
     feeds_by_source,
+    gather_rows,
     join_blocks,
+    split_batch,
 )
 
 if TYPE_CHECKING:  # the loading layers sit above this file; imported lazily by the two entry points
@@ -146,12 +149,13 @@ class SiglipAttention(nn.Module):
         self.attn_implementation = attn_implementation
         cols = plan.head_columns
         blocks = [Block(name, dim, *cols) for name in ("q_proj", "k_proj", "v_proj")]
-        self.qkv_proj = ColumnParallelLinear(dim, blocks, device=device, dtype=dtype)
+        self.qkv_proj = ColumnParallelLinear(dim, blocks, group=plan.group, device=device, dtype=dtype)
         self.out_proj = RowParallelLinear(dim, dim, cols, plan.group, device=device, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        batch, tokens, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(batch, tokens, 3, -1, self.head_dim)
+        tokens = hidden_states.shape[1]
+        qkv = self.qkv_proj(hidden_states)  # the whole batch's rows, also when the ranks split it
+        qkv = qkv.view(qkv.shape[0], tokens, 3, -1, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, local heads, T, head_dim)
         out = attention(
             query,
@@ -162,7 +166,7 @@ class SiglipAttention(nn.Module):
             key_mask=key_mask,
             dropout=self.dropout if self.training else 0.0,
         )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class SiglipMLP(nn.Module):
@@ -179,7 +183,7 @@ class SiglipMLP(nn.Module):
         super().__init__()
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.activation_fn = get_activation(config.hidden_act)
-        self.fc1 = ColumnParallelLinear.shard(config.hidden_size, config.intermediate_size, plan.mlp_columns, **kw)
+        self.fc1 = ColumnParallelLinear.shard(config.hidden_size, config.intermediate_size, plan.mlp_columns, group=plan.group, **kw)
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, plan.mlp_columns, plan.group, **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -262,19 +266,19 @@ class SiglipPoolingAttention(nn.Module):
         self.attn_implementation = attn_implementation
         start, end = plan.head_columns
         blocks = [Block("in_proj", 3 * dim, i * dim + start, i * dim + end, flat=True) for i in range(3)]
-        self.in_proj = ColumnParallelLinear(dim, blocks, device=device, dtype=dtype)
+        self.in_proj = ColumnParallelLinear(dim, blocks, group=plan.group, device=device, dtype=dtype)
         self.out_proj = RowParallelLinear(dim, dim, plan.head_columns, plan.group, device=device, dtype=dtype)
 
     def forward(
         self, query: torch.Tensor, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        batch, tokens, _ = hidden_states.shape
-        queries = query.shape[1]
-        q = self.in_proj(query, slice(0, 1)).view(batch, queries, -1, self.head_dim).transpose(1, 2)
-        kv = self.in_proj(hidden_states, slice(1, 3)).view(batch, tokens, 2, -1, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        queries, tokens = query.shape[1], hidden_states.shape[1]
+        q = self.in_proj(query, slice(0, 1))  # the whole batch's rows, also when the ranks split it
+        q = q.view(q.shape[0], queries, -1, self.head_dim).transpose(1, 2)
+        kv = self.in_proj(hidden_states, slice(1, 3))
+        k, v = kv.view(kv.shape[0], tokens, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = attention(q, k, v, scale=self.head_dim**-0.5, implementation=self.attn_implementation, key_mask=key_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, queries, -1))
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class SiglipMultiheadAttentionPoolingHead(nn.Module):
@@ -499,6 +503,7 @@ class SiglipVisionTransformer(nn.Module):
         output_hidden_states: Optional[bool] = None,
         interpolate_pos_encoding: bool = False,
         patch_attention_mask: Optional[torch.Tensor] = None,
+        batch_sizes: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> SiglipVisionOutput:
         """Encode ``pixel_values (B, C, H, W)``; every rank returns the full outputs.
@@ -511,18 +516,28 @@ class SiglipVisionTransformer(nn.Module):
         bucketized like ``Idefics3VisionTransformer``; Idefics3 towers do that even without a mask.
         Every rank must pass the same inputs; `agree_on_inputs` checks that they did
         (``check_inputs_agree``) and that they are valid on every rank before any compute.
+
+        ``batch_sizes`` (one row count per rank, the same list on every rank) splits the batch instead:
+        rank ``r`` passes only its ``batch_sizes[r]`` images (none is fine), the next ones after rank
+        ``r - 1``'s, and gets back only their outputs. What every rank would compute alike (embeddings,
+        norms, residual adds) is then computed once, by the rank holding the image (`split_batch`);
+        ranks compare everything but their rows' values and count.
         """
         inputs = agree_on_inputs(
             self.process_group,
-            lambda: self.check_inputs(pixel_values, output_hidden_states, interpolate_pos_encoding, patch_attention_mask, **kwargs),
+            lambda: self.check_inputs(
+                pixel_values, output_hidden_states, interpolate_pos_encoding, patch_attention_mask, batch_sizes, **kwargs
+            ),
             mode=self.check_inputs_agree,
+            rows_split=batch_sizes is not None,
         )
-        pixel_values, mask = inputs["pixel_values"], inputs["patch_attention_mask"]
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, mask)
-        key_mask = None
-        if mask is not None and not bool(mask.all()):
-            key_mask = mask.reshape(pixel_values.shape[0], 1, 1, -1)
-        return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
+        pixel_values, mask, split = inputs["pixel_values"], inputs["patch_attention_mask"], inputs["batch_sizes"]
+        with _rows_split(split):
+            embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, mask)
+            key_mask = None
+            if mask is not None and (split is not None or not bool(mask.all())):  # split: every rank alike
+                key_mask = gather_rows(mask.flatten(1)[:, None, None, :], self.process_group)
+            return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
 
     def check_inputs(
         self,
@@ -530,6 +545,7 @@ class SiglipVisionTransformer(nn.Module):
         output_hidden_states: Optional[bool] = None,
         interpolate_pos_encoding: bool = False,
         patch_attention_mask: Optional[torch.Tensor] = None,
+        batch_sizes: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """This rank's checks of ``forward``'s arguments (no communication); returns them normalised."""
@@ -541,13 +557,37 @@ class SiglipVisionTransformer(nn.Module):
             patch_attention_mask=patch_attention_mask,
             check_finite=self.check_finite,
             device=self.device,
+            allow_empty=batch_sizes is not None,
         )
         return {
             "pixel_values": pixel_values,
             "patch_attention_mask": patch_attention_mask,
             "output_hidden_states": bool(output_hidden_states),
             "interpolate_pos_encoding": interpolate_pos_encoding,
+            "batch_sizes": self._check_batch_sizes(batch_sizes, len(pixel_values)),
         }
+
+    def _check_batch_sizes(self, batch_sizes: object, rows: int) -> Optional[tuple[int, ...]]:
+        """``batch_sizes`` as a tuple (``None`` stays ``None``): one count per rank, this rank's = ``rows``."""
+        if batch_sizes is None:
+            return None
+        if torch.compiler.is_compiling():
+            raise ValueError("batch_sizes is not supported under torch.compile; pass the whole batch on every rank")
+        if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
+            raise TypeError(f"batch_sizes must be a sequence of ints (one per rank), got {type(batch_sizes).__name__}")
+        sizes = tuple(batch_sizes)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
+            raise ValueError(f"batch_sizes must hold non-negative ints, got {list(sizes)}")
+        if len(sizes) != self.world_size:
+            raise ValueError(f"batch_sizes must give one row count per rank ({self.world_size}), got {list(sizes)}")
+        if not sum(sizes):
+            raise ValueError(f"batch_sizes {list(sizes)} holds no image; pass at least one")
+        if sizes[self.rank] != rows:
+            raise ValueError(
+                f"batch_sizes[{self.rank}] is {sizes[self.rank]} but this rank passed {rows} image(s); pass this "
+                f"rank's own rows of the batch"
+            )
+        return sizes
 
     def _encode(
         self, embeddings: torch.Tensor, key_mask: Optional[torch.Tensor], output_hidden_states: bool
@@ -579,6 +619,7 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
         pixel_attention_mask: torch.Tensor,
         spatial_shapes: torch.Tensor,
         output_hidden_states: Optional[bool] = None,
+        batch_sizes: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> SiglipVisionOutput:
         """Encode ``pixel_values (B, N, C*p*p)`` whose image ``i`` fills the first ``h*w`` of ``N`` rows.
@@ -586,17 +627,23 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
         ``pixel_attention_mask (B, N)`` (1 for real patches, valid ones first) hides padding from attention
         and from the pooling head; ``spatial_shapes (B, 2)`` gives each image's patch grid ``(h, w)``.
         Outputs as `SiglipVisionTransformer.forward`; rows past ``h*w`` hold what transformers computes
-        there (padding tokens that attend to the image), which no consumer should read.
+        there (padding tokens that attend to the image), which no consumer should read. ``batch_sizes``
+        splits the batch over the ranks as in `SiglipVisionTransformer.forward`.
         """
         inputs = agree_on_inputs(
             self.process_group,
-            lambda: self.check_inputs(pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states, **kwargs),
+            lambda: self.check_inputs(
+                pixel_values, pixel_attention_mask, spatial_shapes, output_hidden_states, batch_sizes, **kwargs
+            ),
             mode=self.check_inputs_agree,
+            rows_split=batch_sizes is not None,
         )
         pixel_values = inputs["pixel_values"]
-        embeddings = self.embeddings(pixel_values, inputs["spatial_shapes"])
-        key_mask = inputs["pixel_attention_mask"].bool().reshape(pixel_values.shape[0], 1, 1, -1)
-        return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
+        with _rows_split(inputs["batch_sizes"]):
+            embeddings = self.embeddings(pixel_values, inputs["spatial_shapes"])
+            key_mask = inputs["pixel_attention_mask"].bool()[:, None, None, :]
+            key_mask = gather_rows(key_mask, self.process_group)
+            return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
 
     def check_inputs(  # type: ignore[override]
         self,
@@ -604,11 +651,13 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
         pixel_attention_mask: torch.Tensor,
         spatial_shapes: torch.Tensor,
         output_hidden_states: Optional[bool] = None,
+        batch_sizes: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """This rank's checks of ``forward``'s arguments (no communication); returns them normalised.
 
-        The image grids themselves (``spatial_shapes``' values) are part of what ranks compare.
+        The image grids themselves (``spatial_shapes``' values) are part of what ranks compare (not when the
+        batch is split: each rank has its own images).
         """
         self._check_ready(kwargs)
         check_naflex_inputs(
@@ -619,14 +668,22 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
             patch_size=self.config.patch_size,
             check_finite=self.check_finite,
             device=self.device,
+            allow_empty=batch_sizes is not None,
         )
+        split = self._check_batch_sizes(batch_sizes, len(pixel_values))
         return {
             "pixel_values": pixel_values,
             "pixel_attention_mask": pixel_attention_mask,
             "spatial_shapes": spatial_shapes,
-            "grids": [tuple(row) for row in spatial_shapes.tolist()],
+            "grids": None if split else [tuple(row) for row in spatial_shapes.tolist()],  # split: each rank its own
             "output_hidden_states": bool(output_hidden_states),
+            "batch_sizes": split,
         }
+
+
+def _rows_split(sizes: Optional[tuple[int, ...]]) -> Any:
+    """`split_batch` over ``sizes``, or nothing to do for a batch every rank holds whole."""
+    return contextlib.nullcontext() if sizes is None else split_batch(sizes)
 
 
 def _init_full(name: str, tensor: torch.Tensor, hidden_size: int) -> None:

@@ -12,6 +12,12 @@ Choices:
 * **The MLP width is split as evenly as possible** (4304 over 3 = 1435/1435/1434), independently of the
   heads: any split is correct, and an even one keeps the slowest rank's share of the largest GEMMs small.
 * **Bias once.** A row-parallel layer adds its (replicated) bias after the all-reduce, never per rank.
+* **A batch may be split by rows** (`split_batch`, the model's ``batch_sizes``): Megatron-LM's sequence
+  parallelism over images. Each rank holds its own images between the parallel layers, so what every
+  rank would compute alike (embeddings, norms, residual adds) is computed once; a column-parallel layer
+  gathers the rows first and a row-parallel one keeps its rows of the sum, so the GEMMs still see the
+  whole batch and each row's arithmetic is the unsplit forward's. It is read from a context variable set for one forward
+  (sizes only; the group is still each layer's own).
 * **No group, or a group of one, means no communication** and the layers are plain ``nn.Linear`` math.
 * **CPU ranks on one host sum through shared memory** (``shm_allreduce.py``), about 4x faster than
   gloo's loopback TCP for activation-sized tensors; other cases use the group's own all-reduce.
@@ -31,10 +37,13 @@ import atexit
 import gc
 import hashlib
 import logging
+import math
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -196,10 +205,72 @@ def all_gather_batch(x: torch.Tensor, sizes: Sequence[int], group: Optional[Proc
     return torch.cat([gathered[r * biggest : r * biggest + n] for r, n in enumerate(sizes)])
 
 
+# ----------------------------------------------------------------------------- a batch split by rows
+
+#: within `split_batch`: how many rows (images) of the batch each rank of the group holds, in rank order
+_BATCH_SPLIT: ContextVar[Optional[tuple[int, ...]]] = ContextVar("tp_siglip_batch_split", default=None)
+
+
+@contextmanager
+def split_batch(sizes: Sequence[int]) -> Iterator[None]:
+    """Within this block each rank holds only its rows of the batch: rank ``r`` the next ``sizes[r]``.
+
+    Megatron-LM's sequence parallelism, over images instead of tokens: what every rank would compute alike
+    (embeddings, layer norms, residual adds, the head's norm) is computed once, by the rank that holds
+    the row. A `ColumnParallelLinear` all-gathers its input rows first (`gather_rows`) and a
+    `RowParallelLinear` sums and keeps this rank's rows (`sum_rows`, a reduce-scatter) instead of summing
+    the whole batch: as many bytes move as with one all-reduce, and the GEMMs see the whole batch as usual.
+    """
+    token = _BATCH_SPLIT.set(tuple(int(n) for n in sizes))
+    try:
+        yield
+    finally:
+        _BATCH_SPLIT.reset(token)
+
+
+def batch_split() -> Optional[tuple[int, ...]]:
+    """The ranks' row counts inside `split_batch`, else ``None`` (always under ``torch.compile``, which cannot
+    trace a context variable; the model refuses ``batch_sizes`` there)."""
+    return None if torch.compiler.is_compiling() else _BATCH_SPLIT.get()
+
+
+def gather_rows(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Inside `split_batch`: every rank's rows of ``x`` (dim 0), in rank order; elsewhere ``x`` itself."""
+    sizes = batch_split()
+    if sizes is None or group is None or group_size(group) == 1:
+        return x
+    x = x.contiguous()
+    if x.device.type == "cpu" and shm_allreduce.enabled():
+        reducer = shm_allreduce.for_group(group)
+        if reducer is not None:
+            row_bytes = math.prod(x.shape[1:]) * x.element_size()
+            mine = x.view(-1).view(torch.uint8)
+            slots = reducer.gather_in_place(max(sizes) * row_bytes, lambda raw: raw[: len(mine)].copy_(mine))
+            return torch.cat([slot[: n * row_bytes].view(x.dtype).view(n, *x.shape[1:]) for slot, n in zip(slots, sizes)])
+    return all_gather_batch(x, sizes, group)
+
+
+def sum_rows(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Inside `split_batch`: the sum of ``x`` over the group, this rank's rows only (a reduce-scatter);
+    elsewhere the whole sum (`all_reduce_sum`)."""
+    sizes = batch_split()
+    if sizes is None or group is None or group_size(group) == 1:
+        return all_reduce_sum(x, group)
+    x = x.contiguous()
+    if x.device.type == "cpu" and shm_allreduce.enabled():
+        reducer = shm_allreduce.for_group(group)
+        if reducer is not None:
+            return reducer.sum_rows(x, list(sizes))
+    # elsewhere (NCCL, gloo across hosts): the whole sum, then this rank's rows. A reduce-scatter would move
+    # half the bytes; it waits for a multi-GPU machine to be tested on
+    first = sum(sizes[: group_rank(group)])
+    return all_reduce_sum(x, group)[first : first + sizes[group_rank(group)]]
+
+
 def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup, *, shared_memory: bool = False) -> None:
     """All-gather ``mine`` from every rank into ``out`` (rank order along dim 0).
 
-    ``shared_memory=True`` (the encode job's pixel exchange) goes through the same-host segment of
+    ``shared_memory=True`` goes through the same-host segment of
     `all_reduce_sum` for contiguous CPU tensors. The status exchanges stay on gloo's own all-gather: a
     distinct collective, so ranks that fall out of step fail loudly there instead of pairing one rank's
     gather with another's sum (both are a barrier in shared memory).
@@ -219,7 +290,7 @@ def all_gather_bytes(
     """All-gather ``nbytes`` bytes per rank, written by ``fill`` into a uint8 buffer (of stale bytes: ``fill``
     writes every byte it means); returns every rank's bytes as uint8 views, in rank order.
 
-    With ``shared_memory=True`` on a CPU group of one host (the encode job's pixel exchange) this is
+    With ``shared_memory=True`` on a CPU group of one host (the encode job's exchanges) this is
     `SharedMemoryAllReduce.gather_in_place`: ``fill`` writes into this rank's slot and the views are the
     slots themselves, one copy in all instead of three. Read them before this rank's next collective on
     ``group`` (or copy them). Elsewhere the views are of a fresh buffer, valid for as long as they live.
@@ -293,7 +364,7 @@ _FIELD_SEPARATOR, _VALUE_SEPARATOR = "\n", "\t"
 
 
 def agree_on_inputs(
-    group: Optional[ProcessGroup], check: Callable[[], Mapping[str, Any]], *, mode: str = "shapes"
+    group: Optional[ProcessGroup], check: Callable[[], Mapping[str, Any]], *, mode: str = "shapes", rows_split: bool = False
 ) -> dict[str, Any]:
     """Run one forward's local input ``check`` and make sure every rank of ``group`` got the same inputs.
 
@@ -306,7 +377,8 @@ def agree_on_inputs(
     a ``ValueError`` naming what differs on which ranks. Returns ``check()``'s inputs.
 
     Without a group, with a group of one or inside ``torch.compile`` it only runs ``check()`` (raising at
-    once): a compiled graph cannot branch on what the other ranks sent.
+    once): a compiled graph cannot branch on what the other ranks sent. ``rows_split``: each rank passes
+    its own rows of a batch (`split_batch`), so tensors' first dimensions and checksums are not compared.
     """
     if torch.compiler.is_compiling() or group is None or group_size(group) == 1:
         _check_mode(mode)
@@ -317,7 +389,7 @@ def agree_on_inputs(
     try:
         _check_mode(mode)
         inputs = dict(check())
-        text = input_signature(inputs, checksum=mode == "checksum")
+        text = input_signature(inputs, checksum=mode == "checksum" and not rows_split, rows_split=rows_split)
     except Exception as err:  # shared with every rank below, then raised here
         error = err
         text = f"{type(err).__name__}: {err}"
@@ -337,17 +409,19 @@ def _check_mode(mode: object) -> None:
         raise ValueError(f"check_inputs_agree {mode!r} is not one of {list(AGREEMENT_MODES)}")
 
 
-def input_signature(inputs: Mapping[str, Any], *, checksum: bool = False) -> str:
+def input_signature(inputs: Mapping[str, Any], *, checksum: bool = False, rows_split: bool = False) -> str:
     """What ranks compare: one ``field<TAB>value`` line per field of ``inputs``.
 
     A tensor ``x`` gives fields ``x shape`` and ``x dtype`` (and with ``checksum`` ``x checksum``, its
-    `tensor_checksum`), anything else its ``repr``. Text too long for a status row keeps its first whole
+    `tensor_checksum`), anything else its ``repr``; with ``rows_split`` a tensor's first dimension reads
+    ``rows``. Text too long for a status row keeps its first whole
     fields and ends with a ``signature digest`` field computed over all of them.
     """
     fields = []
     for name, value in inputs.items():
         if isinstance(value, torch.Tensor):
-            fields.append((f"{name} shape", str(tuple(value.shape))))
+            shape = ("rows", *value.shape[1:]) if rows_split and value.dim() else tuple(value.shape)
+            fields.append((f"{name} shape", str(shape)))
             fields.append((f"{name} dtype", str(value.dtype)))
             if checksum:
                 fields.append((f"{name} checksum", str(tensor_checksum(value))))
@@ -509,7 +583,8 @@ def _destroy_default_group() -> None:
 class ColumnParallelLinear(nn.Module):
     """``y = x W_local^T + b_local``, where ``W_local`` stacks this rank's row ``blocks`` of checkpoint layers.
 
-    Input is replicated on every rank, output is sharded along its last dimension; no communication.
+    Input is replicated on every rank, output is sharded along its last dimension; no communication
+    (inside `split_batch` the input rows are all-gathered over ``group`` first).
     One block is the classic column-parallel layer (``fc1``); several blocks fuse layers that read the
     same input into one GEMM (``q_proj``, ``k_proj``, ``v_proj``). ``state_dict()`` and loading still speak
     the checkpoint's names: each block is stored under its own layer's name.
@@ -520,6 +595,7 @@ class ColumnParallelLinear(nn.Module):
         in_features: int,
         blocks: Sequence[Block],
         *,
+        group: Optional[ProcessGroup] = None,
         bias: bool = True,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
@@ -528,6 +604,7 @@ class ColumnParallelLinear(nn.Module):
         if not blocks:
             raise ValueError("a ColumnParallelLinear needs at least one block")
         self.in_features = in_features
+        self.group = group if group_size(group) > 1 else None
         self.blocks = tuple(blocks)
         self.out_features = sum(b.end - b.start for b in self.blocks)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
@@ -550,6 +627,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, blocks: slice = slice(None)) -> torch.Tensor:
         """The layer's output, or only that of ``blocks`` (e.g. ``slice(1, 3)``: k and v of a q/k/v layer)."""
+        x = gather_rows(x, self.group)
         if blocks == slice(None):
             return F.linear(x, self.weight, self.bias)
         spans = self.block_rows()[blocks]
@@ -605,7 +683,8 @@ class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_local W_local^T) + b``: keeps the input columns ``in_range`` of a full weight.
 
     Input is sharded along its last dimension (the output of a column-parallel layer), output is full
-    and identical on every rank. The bias is replicated and added once, after the sum.
+    and identical on every rank (inside `split_batch`: this rank's rows of it). The bias is replicated
+    and added once, after the sum.
     """
 
     def __init__(
@@ -638,7 +717,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return F.linear(x, self.weight, self.bias)
-        y = all_reduce_sum(F.linear(x, self.weight), self.group)
+        y = sum_rows(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
