@@ -4,9 +4,11 @@
     python -m tp_siglip.encode [IMAGES...] ...                      # the same
     torchrun --nproc-per-node 2 -m tp_siglip.encode [IMAGES...] ... # 2 ranks (or: torchrun ... --no-python tp-siglip encode)
 
-Every rank reads the same images. With ``--parallel tensor`` (default) each rank holds a slice of the weights
-and works on the whole batch; with ``--parallel data`` each rank holds all the weights and encodes its share
-of the batch. Rank 0 writes one safetensors file, all tensors float32, rows in the order of ``paths``:
+Every rank lists the same images and decodes only its share of each batch (`tp_siglip.pipeline`). With
+``--parallel tensor`` (default) each rank holds a slice of the weights and the group runs each batch
+together, every rank feeding the tower the images it decoded (the batch split by rows,
+`parallel.split_batch`: no pixels travel between ranks); with ``--parallel data`` each rank holds all the
+weights and encodes its share alone. Rank 0 writes one safetensors file, all tensors float32, rows in the order of ``paths``:
 ``pooler_output`` (N, hidden), or ``mean_pooled`` (the mean of ``last_hidden_state`` over patches) for towers
 without a pooling head; ``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths``
 (JSON list), ``model``, ``dtype``, ``world_size``, ``parallel``, ``embedding``, ``skipped`` (JSON list of
@@ -44,13 +46,12 @@ Choices made:
 * **Rank 0 owns the output.** Only rank 0 checks, reads (``--resume``) and writes ``--output``, so other
   nodes need not see it; what the other ranks must know (which files an earlier output holds) rank 0
   broadcasts once the process group exists.
-* **Lockstep on bad files.** Every rank decodes every file of a batch; the ranks then agree which files
-  to keep (`tp_siglip.lockstep`): a file is encoded only if every rank read it and decoded the same pixels,
-  else it is skipped on every rank, so batches stay identical across ranks. For NaFlex the hash covers the
-  patches and the grid, and every rank uses rank 0's ``max_num_patches`` (a rank whose copy of the
-  checkpoint says otherwise logs a warning). Rank 0 prints the reason; a
-  rank whose own read failed while another rank's worked logs its reason as a warning. Before the first
-  batch the ranks check that they list the same files.
+* **Lockstep on bad files.** The rank that decoded a file decides whether it is usable: in tensor mode the
+  ranks first share which of their images they could read (so all know every rank's row count), in both
+  modes the group then gathers the stored rows with those flags (`tp_siglip.lockstep`), so every rank sees
+  the same batch by construction and rank 0 writes it. Every rank uses rank 0's ``max_num_patches`` (a
+  rank whose copy of the checkpoint says otherwise logs a warning). Rank 0 prints the reasons. Before the
+  first batch the ranks check that they list the same files.
 * **Flat memory, atomic output, resumable.** Rows go to a spool on disk (`embeddings_file`), not to lists in
   memory, even with ``--tokens``. The output is written atomically at the end, every ``--save-every``
   seconds as a checkpoint (``complete: false``), and once more when the run stops early (Ctrl-C, SIGTERM,
@@ -666,7 +667,7 @@ class _Job:
         size = self.args.batch_size
         batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
         decoder = pipeline.ShareDecoder(batches, self.rank, self.world_size, self._decode_function())
-        # borrowed: a share's levels are read once, within its batch (normalised, or exchanged) and let go
+        # borrowed: a share's levels are read once, within its batch (normalised) and let go
         shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
         encoded, times, start = 0, Counter(), time.perf_counter()
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
@@ -699,7 +700,7 @@ class _Job:
         return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener)
 
     def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
-        """Decode (this rank's share), exchange, run and store one batch; returns how many images were encoded."""
+        """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
         clock = time.perf_counter()
         share, failure = self._next_share(shares)
         times["wait"] += time.perf_counter() - clock
@@ -721,37 +722,24 @@ class _Job:
         self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
         output: Optional[_Output], times: Counter,
     ) -> int:
-        """Tensor mode: the group exchanges its uint8 shares, then every rank runs the whole batch."""
+        """Tensor mode: the group runs the batch split by rows (`parallel.split_batch`): each rank feeds the
+        tower the images it decoded and gets their outputs back. First the ranks tell each other which of
+        their images they could read (and whether they have a share at all), so all know the row counts."""
         clock = time.perf_counter()
-        gathered = gather_shares(_share_rows(share), self._pixel_specs(), sizes, failure, self.group)
-        self._raise_failures(gathered.failures, batch)
-        keep = gathered.rows("ok").bool().cpu()
+        ok = None if share is None else {"ok": torch.tensor([reason is None for reason in share.reasons], dtype=torch.uint8)}
+        flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes, failure, self.group)
+        self._raise_failures(flags.failures, batch)
+        counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        chosen = keep.nonzero().flatten()
-        inputs = None
-        if len(chosen):  # the exchanged rows are read here, before the group's next collective
-            parts = gathered.parts if len(chosen) == len(keep) else {name: [gathered.rows(name)[chosen.to(t[0].device)]] for name, t in gathered.parts.items()}
-            inputs = self._model_inputs(parts)
-        times["model"] += time.perf_counter() - clock
-        self._report_skips(batch, keep, share, output)
-        if inputs is None:
-            return 0
-        clock = time.perf_counter()
-        out = self.model(*inputs.values())
-        stored = self._stored_rows(out, inputs) if output is not None else None
-        times["model"] += time.perf_counter() - clock
-        if output is not None:
-            clock = time.perf_counter()
-            output.add([batch[i] for i in chosen.tolist()], stored)
-            times["write"] += time.perf_counter() - clock
-        return len(chosen)
+        return self._data_batch(batch, share, None, sizes, output, times, batch_sizes=counts)
 
     def _data_batch(
         self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
-        output: Optional[_Output], times: Counter,
+        output: Optional[_Output], times: Counter, batch_sizes: Optional[list[int]] = None,
     ) -> int:
-        """Data mode: every rank runs its own share on its replica; the group gathers the stored rows."""
+        """Data mode: every rank runs its own share on its replica; the group gathers the stored rows. With
+        ``batch_sizes`` (tensor mode: every rank's readable images) the ranks run the tower together instead,
+        each with its own rows, and every rank takes part even with none of its own."""
         clock = time.perf_counter()
         specs = self._stored_specs()
         local = None
@@ -759,11 +747,14 @@ class _Job:
             ok = torch.tensor([reason is None for reason in share.reasons], dtype=torch.bool)
             local = {name: torch.zeros(share.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
             local["ok"] = ok.to(torch.uint8)
-            if ok.any():
+            if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
                 rows = _share_rows(share)
-                inputs = self._model_inputs({name: [tensor if ok.all() else tensor[ok]] for name, tensor in rows.items()})
-                stored = self._stored_rows(self.local_model(*inputs.values()), inputs)
-                for name, tensor in stored.items():
+                inputs = self._model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
+                if batch_sizes is None:
+                    out = self.local_model(*inputs.values())
+                else:
+                    out = self.model(*inputs.values(), batch_sizes=batch_sizes)
+                for name, tensor in self._stored_rows(out, inputs).items():
                     local[name][ok] = tensor
         times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
@@ -787,15 +778,6 @@ class _Job:
             where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
 
-    def _pixel_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Row shapes and dtypes of what tensor mode exchanges: uint8 pixels (and NaFlex grids), ok flags."""
-        config = self.model.config
-        if self.naflex:
-            specs = {"levels": ((self.max_num_patches, 3 * config.patch_size**2), torch.uint8), "spatial_shapes": ((2,), torch.int64)}
-        else:
-            specs = {"levels": ((3, config.image_size, config.image_size), torch.uint8)}
-        return {**specs, "ok": ((), torch.uint8)}
-
     def _stored_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Row shapes of what the output stores (all float32), as :meth:`_stored_rows` makes them."""
         config, hidden = self.model.config, self.model.config.hidden_size
@@ -808,23 +790,14 @@ class _Job:
                 specs["spatial_shapes"] = ((2,), torch.float32)
         return specs
 
-    def _model_inputs(self, parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Each rank's uint8 rows (``parts[name]``, in rank order) -> the model's inputs in its dtype, normalised on
-        its device (the 256-entry table's values). On the CPU, a fixed-resolution batch is normalised from
-        where each rank's rows lie (the exchange's shared memory) into one buffer: no joined uint8 copy."""
-        device, dtype = self.model.device, self.model.dtype
-        if not self.naflex and device.type == "cpu":
-            pieces = parts["levels"]
-            pixels = self._pixel_buffer(sum(len(piece) for piece in pieces), pieces[0].shape[1:])
-            first = 0
-            for piece in pieces:
-                processing.to_pixel_values(piece, dtype, out=pixels[first : first + len(piece)])
-                first += len(piece)
-            return {"pixel_values": pixels}
-        levels = _joined([piece.to(device, non_blocking=True) for piece in parts["levels"]])
+    def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
+        levels = rows["levels"].to(self.model.device, non_blocking=True)
         if not self.naflex:
-            return {"pixel_values": processing.to_pixel_values(levels, dtype)}
-        return processing_naflex.naflex_inputs(levels, _joined(parts["spatial_shapes"]).to(device), dtype)
+            buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
+            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer)}
+        shapes = rows["spatial_shapes"].to(self.model.device)
+        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
 
     def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
         """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
@@ -913,10 +886,6 @@ class _Job:
 def _label(item: Any) -> str:
     """How a batch item is named in messages: a file's path, or a shard row's ``key``."""
     return str(getattr(item, "key", item))
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:

@@ -10,10 +10,11 @@ on the group do this, each returning the same answer on every rank:
   "already in the output" flags are broadcast (only rank 0 reads the earlier output).
 * :func:`share_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
   default from its own copy of the checkpoint; different copies must not mean different grids).
-* :func:`gather_shares`, once per batch: one all-gather of a byte buffer holding each rank's status (a dead
-  decode worker is a status, so no rank is left waiting) and its share's rows: the uint8 pixels in tensor
-  mode (a batch of 64 images at 384 px is 28 MB), the embeddings in data mode. A share's ``ok`` row says
-  which images the rank that decoded them could read: that rank alone decides.
+* :func:`gather_shares`: one all-gather of a byte buffer holding each rank's status (a dead decode worker
+  is a status, so no rank is left waiting) and rows: per batch, the stored outputs of each rank's images
+  with their ``ok`` flags (which images the rank that decoded them could read: that rank alone decides);
+  in tensor mode, before the forward, the ``ok`` flags alone, so every rank knows the row counts of the
+  split batch (`parallel.split_batch`).
 * :func:`gather_reasons`, only for a batch with unreadable images: their one-line reasons, for the writer.
 
 Choices made: one fixed-size buffer per batch (every rank knows every share's size and row shapes, so no

@@ -5,8 +5,8 @@ batches. Rank ``r`` of a group of ``G`` decodes only its share of each batch (`s
 near-equal slices), so each image is decoded once per group. What a worker hands back is uint8: the
 resized ``(n, 3, H, W)`` levels of a fixed-resolution tower, or a NaFlex tower's ``(n, N, 3*p*p)`` patches
 and ``(n, 2)`` grids, plus one reason per unreadable image. Normalising to the model's dtype happens
-later, on the model's device (`processing.to_pixel_values`), and the group exchanges the uint8 shares
-(`lockstep.gather_shares`).
+later, on the model's device (`processing.to_pixel_values`), by the rank that decoded the images: in
+tensor mode too, as the group runs each batch split by rows (`parallel.split_batch`).
 
 Choices made:
 
