@@ -248,7 +248,8 @@ class SiglipPoolingAttention(nn.Module):
     """The pooling head's ``nn.MultiheadAttention``, split by heads like the encoder's attention.
 
     The checkpoint stores q, k and v stacked in one ``in_proj_weight`` (3D, D); ``in_proj`` keeps this
-    rank's rows of each third (one fused column-parallel layer), ``out_proj`` the matching columns.
+    rank's rows of each third (one fused column-parallel layer), ``out_proj`` the matching columns. The
+    query is the learned probe ``(1, Q, D)``, the same for every image: projected once, not per image.
     """
 
     def __init__(
@@ -273,10 +274,10 @@ class SiglipPoolingAttention(nn.Module):
         self, query: torch.Tensor, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         queries, tokens = query.shape[1], hidden_states.shape[1]
-        q = self.in_proj(query, slice(0, 1))  # the whole batch's rows, also when the ranks split it
-        q = q.view(q.shape[0], queries, -1, self.head_dim).transpose(1, 2)
-        kv = self.in_proj(hidden_states, slice(1, 3))
+        kv = self.in_proj(hidden_states, slice(1, 3))  # the whole batch's rows, also when the ranks split it
         k, v = kv.view(kv.shape[0], tokens, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.in_proj(query, slice(0, 1), shared=True)  # one probe for every image: projected once
+        q = q.view(1, queries, -1, self.head_dim).transpose(1, 2).expand(k.shape[0], -1, -1, -1)
         out = attention(q, k, v, scale=self.head_dim**-0.5, implementation=self.attn_implementation, key_mask=key_mask)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
@@ -301,8 +302,7 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         self.mlp = SiglipMLP(config, plan, **kw)
 
     def forward(self, hidden_states: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
-        pooled = self.attention(probe, hidden_states, key_mask)
+        pooled = self.attention(self.probe, hidden_states, key_mask)
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 

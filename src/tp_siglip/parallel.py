@@ -625,9 +625,13 @@ class ColumnParallelLinear(nn.Module):
             offset += block.end - block.start
         return spans
 
-    def forward(self, x: torch.Tensor, blocks: slice = slice(None)) -> torch.Tensor:
-        """The layer's output, or only that of ``blocks`` (e.g. ``slice(1, 3)``: k and v of a q/k/v layer)."""
-        x = gather_rows(x, self.group)
+    def forward(self, x: torch.Tensor, blocks: slice = slice(None), *, shared: bool = False) -> torch.Tensor:
+        """The layer's output, or only that of ``blocks`` (e.g. ``slice(1, 3)``: k and v of a q/k/v layer).
+
+        ``shared``: ``x`` is the same on every rank, not rows of the batch (a learned probe), so a split batch
+        does not gather it."""
+        if not shared:
+            x = gather_rows(x, self.group)
         if blocks == slice(None):
             return F.linear(x, self.weight, self.bias)
         spans = self.block_rows()[blocks]
