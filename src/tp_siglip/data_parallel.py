@@ -159,7 +159,6 @@ class DataParallelEncoder(nn.Module):
         local = self.module(*bound.args, **bound.kwargs)
         return gather_outputs(local, [len(share) for share in shares], shares, self.group, tokens)
 
-
     def _check_inputs(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if kwargs.get("batch_sizes") is not None:
             raise ValueError(

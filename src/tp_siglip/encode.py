@@ -726,7 +726,7 @@ class _Job:
         tower the images it decoded and gets their outputs back. First the ranks tell each other which of
         their images they could read (and whether they have a share at all), so all know the row counts."""
         clock = time.perf_counter()
-        ok = None if share is None else {"ok": torch.tensor([reason is None for reason in share.reasons], dtype=torch.uint8)}
+        ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
         flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes, failure, self.group)
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
@@ -744,7 +744,7 @@ class _Job:
         specs = self._stored_specs()
         local = None
         if share is not None:
-            ok = torch.tensor([reason is None for reason in share.reasons], dtype=torch.bool)
+            ok = _readable(share)
             local = {name: torch.zeros(share.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
             local["ok"] = ok.to(torch.uint8)
             if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
@@ -895,8 +895,13 @@ def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.T
     rows = {"levels": share.levels}
     if share.spatial_shapes is not None:
         rows["spatial_shapes"] = share.spatial_shapes
-    rows["ok"] = torch.tensor([reason is None for reason in share.reasons], dtype=torch.uint8)
+    rows["ok"] = _readable(share).to(torch.uint8)
     return rows
+
+
+def _readable(share: pipeline.Decoded) -> torch.Tensor:
+    """Which images of the share the rank that decoded them could read (bool, one per image)."""
+    return torch.tensor([reason is None for reason in share.reasons], dtype=torch.bool)
 
 
 def print_similarities(vectors: torch.Tensor, names: list[str], say: Any = print) -> None:

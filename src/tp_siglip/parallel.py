@@ -188,10 +188,23 @@ def all_reduce_sum(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tens
     return x
 
 
-def all_gather_batch(x: torch.Tensor, sizes: Sequence[int], group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Concatenate along dim 0 the local batches of every rank (rank ``r`` holds ``sizes[r]`` rows)."""
+def all_gather_batch(
+    x: torch.Tensor, sizes: Sequence[int], group: Optional[ProcessGroup], *, shared_memory: bool = False
+) -> torch.Tensor:
+    """Concatenate along dim 0 the local batches of every rank (rank ``r`` holds ``sizes[r]`` rows).
+
+    ``shared_memory=True`` (a split batch's row gathers): CPU ranks of one host write their rows straight
+    into the shared segment and copy everyone's out once (`SharedMemoryAllReduce.gather_in_place`)."""
     if group is None or group_size(group) == 1:
         return x
+    if shared_memory and x.device.type == "cpu" and shm_allreduce.enabled() and not torch.compiler.is_compiling():
+        reducer = shm_allreduce.for_group(group)
+        if reducer is not None:
+            x = x.contiguous()
+            row_bytes = math.prod(x.shape[1:]) * x.element_size()
+            mine = x.view(-1).view(torch.uint8)
+            slots = reducer.gather_in_place(max(sizes) * row_bytes, lambda raw: raw[: len(mine)].copy_(mine))
+            return torch.cat([slot[: n * row_bytes].view(x.dtype).view(n, *x.shape[1:]) for slot, n in zip(slots, sizes)])
     biggest = max(sizes)
     padded = x.new_zeros((biggest, *x.shape[1:]))
     padded[: x.shape[0]] = x
@@ -228,7 +241,7 @@ def split_batch(sizes: Sequence[int]) -> Iterator[None]:
         _BATCH_SPLIT.reset(token)
 
 
-def batch_split() -> Optional[tuple[int, ...]]:
+def active_split() -> Optional[tuple[int, ...]]:
     """The ranks' row counts inside `split_batch`, else ``None`` (always under ``torch.compile``, which cannot
     trace a context variable; the model refuses ``batch_sizes`` there)."""
     return None if torch.compiler.is_compiling() else _BATCH_SPLIT.get()
@@ -236,24 +249,14 @@ def batch_split() -> Optional[tuple[int, ...]]:
 
 def gather_rows(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Inside `split_batch`: every rank's rows of ``x`` (dim 0), in rank order; elsewhere ``x`` itself."""
-    sizes = batch_split()
-    if sizes is None or group is None or group_size(group) == 1:
-        return x
-    x = x.contiguous()
-    if x.device.type == "cpu" and shm_allreduce.enabled():
-        reducer = shm_allreduce.for_group(group)
-        if reducer is not None:
-            row_bytes = math.prod(x.shape[1:]) * x.element_size()
-            mine = x.view(-1).view(torch.uint8)
-            slots = reducer.gather_in_place(max(sizes) * row_bytes, lambda raw: raw[: len(mine)].copy_(mine))
-            return torch.cat([slot[: n * row_bytes].view(x.dtype).view(n, *x.shape[1:]) for slot, n in zip(slots, sizes)])
-    return all_gather_batch(x, sizes, group)
+    sizes = active_split()
+    return x if sizes is None else all_gather_batch(x, sizes, group, shared_memory=True)
 
 
 def sum_rows(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Inside `split_batch`: the sum of ``x`` over the group, this rank's rows only (a reduce-scatter);
     elsewhere the whole sum (`all_reduce_sum`)."""
-    sizes = batch_split()
+    sizes = active_split()
     if sizes is None or group is None or group_size(group) == 1:
         return all_reduce_sum(x, group)
     x = x.contiguous()
