@@ -377,9 +377,9 @@ class _Handler(BaseHTTPRequestHandler):
         self, status: int, body: bytes, head: bool, headers: dict[str, str], repo_id: str = "", name: str = "<error>"
     ) -> None:
         self._start(status, headers, len(body))
-        if not head and body:
-            self.wfile.write(body)
+        if not head and body:  # counted first: a client that has read the body must find it counted
             self.hub._count(repo_id, name, len(body), self._token() or "")
+            self.wfile.write(body)
 
     def _send_dropping(
         self, status: int, body: bytes, headers: dict[str, str], repo_id: str, name: str, fraction: float
@@ -387,9 +387,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Announce the whole body, send ``fraction`` of it, then cut the connection."""
         self._start(status, headers, len(body))
         half = body[: int(len(body) * fraction)]
+        self.hub._count(repo_id, name, len(half), self._token() or "")
         self.wfile.write(half)
         self.wfile.flush()
-        self.hub._count(repo_id, name, len(half), self._token() or "")
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
