@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,7 @@ class PipeBarrier:
         self.rank = rank
         self._readers = readers  # peer rank -> fd of the FIFO it writes to this rank
         self._writers = writers  # peer rank -> fd of the FIFO this rank writes to it
-        self._polls = {}
+        self._polls: dict[int, select.poll] = {}
         for peer, fd in readers.items():
             self._polls[peer] = select.poll()
             self._polls[peer].register(fd, select.POLLIN)
@@ -130,7 +130,7 @@ def _open(name: str, mode: int) -> int:
     return os.open(name, mode | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
-def _attempt(step) -> bool:
+def _attempt(step: Callable[[], object]) -> bool:
     try:
         step()
         return True
