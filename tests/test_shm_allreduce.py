@@ -94,3 +94,18 @@ def test_split_batch_gathers_and_sums_each_ranks_rows(tmp_path):
     row-parallel sum keeps this rank's rows, through shared memory and through gloo alike."""
     for seen, outside in run_ranks(3, tmp_path, _split_rows, str(tmp_path)):
         assert seen == [(True, True), (True, True)] and outside
+
+
+def _no_segment(rank, world_size, root):
+    from tp_siglip import parallel, shm_allreduce
+
+    if rank == 0:  # rank 0 cannot make the segment: every rank must hear so, none may wait for it
+        shm_allreduce._segment_path = lambda token: os.path.join(root, "missing", str(token))
+    group = dist.group.WORLD
+    total = parallel.all_reduce_sum(torch.full((4,), rank + 1.0), group)  # gloo's own all-reduce instead
+    return shm_allreduce.for_group(group) is None, total.tolist()
+
+
+def test_every_rank_falls_back_to_gloo_when_rank_0_cannot_make_the_segment(tmp_path):
+    for fell_back, total in run_ranks(2, tmp_path, _no_segment, str(tmp_path)):
+        assert fell_back and total == [3.0] * 4

@@ -34,6 +34,7 @@ How it works, per process group:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -56,6 +57,10 @@ def enabled() -> bool:
     return os.environ.get("TP_SIGLIP_SHM_ALLREDUCE", "1") != "0" and os.path.isdir(SHM_DIR)
 
 
+def _segment_path(token: int) -> str:
+    return os.path.join(SHM_DIR, f"tp-siglip-{token}")
+
+
 def pipes_enabled() -> bool:
     """Whether the shared-memory operations may wait at a `pipe_barrier.PipeBarrier` instead of gloo's barrier."""
     return os.environ.get("TP_SIGLIP_PIPE_BARRIER", "1") != "0"
@@ -75,37 +80,39 @@ class SharedMemoryAllReduce:
         self.buffer = self._map_segment(2 * self.size * slot_bytes)
         self.pipes: Optional[pipe_barrier.PipeBarrier] = None
         if self.buffer is not None and pipes_enabled():
-            self.pipes = pipe_barrier.connect(group, SHM_DIR, self._shared_token(None))
+            self.pipes = pipe_barrier.connect(group, SHM_DIR, self._from_rank_0(secrets.randbits(62) if self.rank == 0 else 0))
 
-    def _shared_token(self, make: Optional[Callable[[str], object]]) -> int:
-        """A random number drawn on rank 0 (which first calls ``make`` with the file name it gives), the same on every rank."""
-        token = torch.zeros(1, dtype=torch.int64)
-        if self.rank == 0:
-            token[0] = secrets.randbits(62)
-            if make is not None:
-                make(os.path.join(SHM_DIR, f"tp-siglip-{int(token[0])}"))
+    def _from_rank_0(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (one broadcast)."""
+        token = torch.tensor([value], dtype=torch.int64)
         dist.broadcast(token, src=dist.get_global_rank(self.group, 0), group=self.group)
         return int(token[0])
 
     def _map_segment(self, nbytes: int) -> Optional[torch.Tensor]:
-        def make(name: str) -> None:
-            with open(name, "xb") as fh:
-                fh.truncate(nbytes)
-
-        path = os.path.join(SHM_DIR, f"tp-siglip-{self._shared_token(make)}")
-        buffer = None
-        ok = torch.ones(1, dtype=torch.int64)
-        try:  # a normal tensor even when first used under inference_mode: writable after it, too
-            with torch.inference_mode(False):
-                buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        except (OSError, RuntimeError):
-            ok[0] = 0
+        """A new segment of ``nbytes`` mapped on every rank (collectively), or None on every rank if any could not."""
+        created = None  # rank 0's file: unlinked once every rank has mapped it, or on any error (a rank died)
         try:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)  # every rank has mapped it (or not)
-        finally:  # even when a rank died meanwhile: nothing left in /dev/shm
+            token = -1
             if self.rank == 0:
-                os.unlink(path)
-        return buffer if bool(ok[0]) else None
+                with contextlib.suppress(OSError):  # cannot make it: -1 tells every rank so
+                    drawn = secrets.randbits(62)
+                    with open(_segment_path(drawn), "xb") as fh:
+                        fh.truncate(nbytes)
+                    created, token = _segment_path(drawn), drawn
+            token = self._from_rank_0(token)
+            buffer, ok = None, torch.zeros(1, dtype=torch.int64)
+            if token >= 0:
+                try:  # a normal tensor even when first used under inference_mode: writable after it, too
+                    with torch.inference_mode(False):
+                        buffer = torch.from_file(_segment_path(token), shared=True, size=nbytes, dtype=torch.uint8)
+                    ok[0] = 1
+                except (OSError, RuntimeError):
+                    pass
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)  # every rank has mapped it (or not)
+            return buffer if bool(ok[0]) else None
+        finally:
+            if created is not None:
+                os.unlink(created)
 
     @property
     def group(self) -> dist.ProcessGroup:
