@@ -25,7 +25,6 @@ How it works, per process group:
   So one barrier per sum suffices.
 * The segment grows (collectively: all ranks reduce same-shaped tensors, so they all grow at the same
   sum) when a tensor does not fit.
-
 * The barrier is a `pipe_barrier.PipeBarrier` (named pipes between the ranks: about 20 us where gloo's
   barrier takes about 1 ms on a loaded 2-core machine), or gloo's own if the pipes cannot be made.
 
