@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tp_siglip.parallel import _input_verdict, agree_on_inputs, input_signature, tensor_checksum
+from tp_siglip.parallel import agree_on_inputs, input_signature, tensor_checksum
+from tp_siglip.parallel.agreement import _input_verdict
 
 from distributed import run_ranks
 

@@ -15,6 +15,8 @@ def _sums(rank, world_size, root):
     from tp_siglip import parallel, shm_allreduce
 
     group = dist.group.WORLD
+    comm = parallel.communicator_for(group)
+    assert comm.kind == "shared memory"
     reducer = shm_allreduce.for_group(group)
     assert reducer is not None, "shared-memory all-reduce should be usable on one host"
     assert reducer.pipes is not None, "its barrier should be the named pipes on one host"
@@ -23,15 +25,11 @@ def _sums(rank, world_size, root):
         parts = [torch.randn(shape, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype)
                  for r in range(world_size)]
         mine = parts[rank].clone()
-        gathered = torch.empty((world_size, *shape), dtype=dtype)
         before = reducer.step
-        parallel.all_gather_flat(gathered, parts[rank].clone(), group, shared_memory=True)  # a gather, then a sum, same slots
+        gathered = comm.all_gather_rows(parts[rank][None].clone(), [1] * world_size)  # a gather, then a sum, same slots
         assert torch.equal(gathered, torch.stack(parts))
         assert reducer.step in (before + 1, 1), "the gather did not go through shared memory"  # 1: it grew
-        after, plain = reducer.step, torch.empty(gathered.numel(), dtype=dtype)
-        parallel.all_gather_flat(plain, parts[rank].flatten(), group)  # the status exchanges' kind: gloo's own
-        assert torch.equal(plain, gathered.flatten()) and reducer.step == after
-        out = parallel.all_reduce_sum(mine, group)
+        out = comm.all_reduce(mine)
         expected = sum(p.float() for p in parts).to(dtype)  # rank order, in fp32, rounded once
         assert torch.equal(out, expected)
         everyone = [torch.empty_like(out) for _ in range(world_size)]
@@ -50,11 +48,11 @@ def test_shared_memory_sums(tmp_path):
 def _in_place(rank, world_size, root):
     from tp_siglip import parallel, shm_allreduce
 
-    group, cpu = dist.group.WORLD, torch.device("cpu")
+    group, cpu = dist.group.WORLD, torch.device("cpu")  # the exchanges ride on the group's side group
     with torch.inference_mode():  # the encode job first uses the segment inside inference_mode
         views = parallel.all_gather_bytes(5, lambda raw: raw.fill_(rank + 1), group, cpu, shared_memory=True)
         assert [v.tolist() for v in views] == [[r + 1] * 5 for r in range(world_size)]
-    reducer = shm_allreduce.for_group(group)
+    reducer = shm_allreduce.for_group(parallel.side_group(group))
     step = reducer.step
     views = parallel.all_gather_bytes(3, lambda raw: raw.fill_(10 * rank), group, cpu, shared_memory=True)  # and after it
     assert reducer.step == step + 1, "the gather did not go through shared memory"
@@ -62,7 +60,7 @@ def _in_place(rank, world_size, root):
     odd = reducer.slot_bytes + 3  # grows the segment; slots stay aligned for views of any dtype
     views = parallel.all_gather_bytes(odd, lambda raw: raw.fill_(rank), group, cpu, shared_memory=True)
     assert reducer.slot_bytes % 64 == 0 and [int(v[-1]) for v in views] == list(range(world_size))
-    total = parallel.all_reduce_sum(torch.full((5,), rank + 1, dtype=torch.float64), group)
+    total = parallel.communicator_for(group).all_reduce(torch.full((5,), rank + 1, dtype=torch.float64))
     assert total.tolist() == [world_size * (world_size + 1) / 2] * 5
 
 
@@ -79,13 +77,14 @@ def _split_rows(rank, world_size, root):
     first = sum(sizes[:rank])
     mine = whole[first : first + sizes[rank]]
     seen = []
-    for shared in ("1", "0"):  # the shared-memory segment, then gloo's own collectives
-        os.environ["TP_SIGLIP_SHM_ALLREDUCE"] = shared
+    comms = [parallel.communicator_for(group), parallel.Communicator(group)]  # shared memory, then gloo's own
+    for comm in comms:
         with parallel.split_batch(sizes):
-            gathered = parallel.gather_rows(mine, group)
-            summed = parallel.sum_rows(whole * (rank + 1), group)  # each rank a different partial sum
+            gathered = parallel.gather_rows(mine, comm)
+            summed = parallel.sum_rows(whole * (rank + 1), comm)  # each rank a different partial sum
         seen.append((torch.equal(gathered, whole), torch.equal(summed, mine * sum(range(1, world_size + 1)))))
-    outside = parallel.gather_rows(mine, group) is mine  # no split: nothing to gather
+    assert [c.kind for c in comms] == ["shared memory", "torch.distributed"]
+    outside = parallel.gather_rows(mine, comms[0]) is mine  # no split: nothing to gather
     return seen, outside
 
 
@@ -102,8 +101,9 @@ def _no_segment(rank, world_size, root):
     if rank == 0:  # rank 0 cannot make the segment: every rank must hear so, none may wait for it
         shm_allreduce._segment_path = lambda token: os.path.join(root, "missing", str(token))
     group = dist.group.WORLD
-    total = parallel.all_reduce_sum(torch.full((4,), rank + 1.0), group)  # gloo's own all-reduce instead
-    return shm_allreduce.for_group(group) is None, total.tolist()
+    comm = parallel.communicator_for(group)
+    total = comm.all_reduce(torch.full((4,), rank + 1.0))  # gloo's own all-reduce instead
+    return shm_allreduce.for_group(group) is None and comm._reducer is None, total.tolist()
 
 
 def test_every_rank_falls_back_to_gloo_when_rank_0_cannot_make_the_segment(tmp_path):

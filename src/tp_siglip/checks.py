@@ -1,9 +1,11 @@
 """Validation of what callers pass to the encoder, done before any compute.
 
 Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong value) with a
-message that names the offending value and says what is expected. The finiteness check is the only one
-that reads tensor data (one device sync); servers that cannot afford it switch it off with
-``model.check_finite = False``, and it is skipped inside ``torch.compile`` graphs.
+message that names the offending value and says what is expected. Checks of values (NaN/inf pixels, the
+contents of masks) read tensor data, which on a GPU is a host sync: they run by default only for inputs
+on the CPU (``model.check_finite = None``), always with ``True``, never with ``False``, and never inside
+``torch.compile`` graphs. SigLIP2 NaFlex reads ``spatial_shapes`` on the host in any case (each image's
+position table is resized to its grid, as transformers does): pass it as a CPU tensor.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def check_pixel_values(
     *,
     interpolate_pos_encoding: bool,
     patch_attention_mask: object,
-    check_finite: bool,
+    check_finite: Optional[bool],
     device: torch.device,
     allow_empty: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -62,7 +64,7 @@ def check_pixel_values(
     _check_size(shape, config, any_size=interpolate_pos_encoding or bucketized)
     _check_device("pixel_values", pixel_values, device)
     if bucketized:
-        patch_attention_mask = _check_patch_mask(patch_attention_mask, shape, config.patch_size, device)
+        patch_attention_mask = _check_patch_mask(patch_attention_mask, shape, config.patch_size, device, check_finite)
     _check_finite("pixel_values", pixel_values, check_finite)
     return pixel_values, patch_attention_mask  # type: ignore[return-value]
 
@@ -91,9 +93,16 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
         )
 
 
-def _check_finite(name: str, tensor: torch.Tensor, check_finite: bool) -> None:
-    # a compiled graph cannot branch on tensor data: under torch.compile the finiteness check is skipped
-    if check_finite and not torch.compiler.is_compiling() and not _all_finite(tensor):
+def reads_values(check_finite: Optional[bool], tensor: torch.Tensor) -> bool:
+    """Whether value checks of ``tensor`` run: ``check_finite`` when set, else only for a CPU tensor (no host
+    sync); never inside ``torch.compile`` (a graph cannot branch on data)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" if check_finite is None else bool(check_finite)
+
+
+def _check_finite(name: str, tensor: torch.Tensor, check_finite: Optional[bool]) -> None:
+    if reads_values(check_finite, tensor) and not _all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
             f"{name} contain {bad} NaN or infinite value(s); check the preprocessing (set "
@@ -110,7 +119,9 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _check_patch_mask(mask: object, shape: tuple[int, ...], patch: int, device: torch.device) -> torch.Tensor:
+def _check_patch_mask(
+    mask: object, shape: tuple[int, ...], patch: int, device: torch.device, check_finite: Optional[bool] = None
+) -> torch.Tensor:
     """The ``(B, H/p, W/p)`` bool patch mask (all true when ``mask`` is None), checked."""
     batch, _, height, width = shape
     grid = (batch, height // patch, width // patch)
@@ -126,7 +137,7 @@ def _check_patch_mask(mask: object, shape: tuple[int, ...], patch: int, device: 
             f"{patch} need (B, H/p, W/p) = {grid}"
         )
     _check_device("patch_attention_mask", mask, device)
-    if not bool(mask.flatten(1).any(1).all()):
+    if reads_values(check_finite, mask) and not bool(mask.flatten(1).any(1).all()):
         raise ValueError("patch_attention_mask has an image with no valid patch; every image needs at least one")
     return mask
 
@@ -170,6 +181,27 @@ def _check_spatial_shapes(spatial_shapes: object, batch: int, length: int) -> to
     return shapes
 
 
+def _check_mask_layout(mask: torch.Tensor, shapes: torch.Tensor, length: int) -> None:
+    """Row ``i`` of ``mask`` is ``h_i*w_i`` ones followed by zeros (reads the mask: a host sync on a device)."""
+    counts = (shapes[:, 0] * shapes[:, 1]).to(device=mask.device, dtype=torch.long)
+    valid = mask.to(torch.long).sum(1)
+    wrong_count = (valid != counts).nonzero().flatten().tolist()
+    if wrong_count:
+        i = wrong_count[0]
+        raise ValueError(
+            f"pixel_attention_mask[{i}] has {int(valid[i])} valid patch(es) but spatial_shapes[{i}] = "
+            f"{tuple(shapes[i].tolist())} needs {int(counts[i])}"
+        )
+    ones_first = torch.arange(length, device=mask.device)[None, :] < counts[:, None]
+    out_of_order = (mask.bool() != ones_first).any(1).nonzero().flatten().tolist()
+    if out_of_order:
+        i = out_of_order[0]
+        raise ValueError(
+            f"pixel_attention_mask[{i}] must be {int(counts[i])} ones followed by zeros (valid patches first, "
+            f"padding last)"
+        )
+
+
 def check_naflex_inputs(
     pixel_values: object,
     pixel_attention_mask: object,
@@ -177,7 +209,7 @@ def check_naflex_inputs(
     *,
     num_channels: int,
     patch_size: int,
-    check_finite: bool = True,
+    check_finite: Optional[bool] = None,
     device: Optional[torch.device] = None,
     allow_empty: bool = False,
 ) -> None:
@@ -205,25 +237,12 @@ def check_naflex_inputs(
         raise ValueError(
             f"pixel_attention_mask must have shape ({batch}, {length}) to match pixel_values, got {tuple(mask.shape)}"
         )
-    _check_mask_values(mask)
+    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+        raise TypeError(f"pixel_attention_mask must be bool or an integer tensor of 0/1, got dtype {mask.dtype}")
     shapes = _check_spatial_shapes(spatial_shapes, batch, length)
-    counts = (shapes[:, 0] * shapes[:, 1]).to(device=mask.device, dtype=torch.long)
-    valid = mask.to(torch.long).sum(1)
-    wrong_count = (valid != counts).nonzero().flatten().tolist()
-    if wrong_count:
-        i = wrong_count[0]
-        raise ValueError(
-            f"pixel_attention_mask[{i}] has {int(valid[i])} valid patch(es) but spatial_shapes[{i}] = "
-            f"{tuple(shapes[i].tolist())} needs {int(counts[i])}"
-        )
-    ones_first = torch.arange(length, device=mask.device)[None, :] < counts[:, None]
-    out_of_order = (mask.bool() != ones_first).any(1).nonzero().flatten().tolist()
-    if out_of_order:
-        i = out_of_order[0]
-        raise ValueError(
-            f"pixel_attention_mask[{i}] must be {int(counts[i])} ones followed by zeros (valid patches first, "
-            f"padding last)"
-        )
+    if reads_values(check_finite, mask):
+        _check_mask_values(mask)
+        _check_mask_layout(mask, shapes, length)
     if device is not None:
         for name, tensor in (("pixel_values", pixels), ("pixel_attention_mask", mask), ("spatial_shapes", shapes)):
             _check_device(name, tensor, device)

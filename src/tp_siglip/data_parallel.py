@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_siglip.model import SiglipVisionOutput
-from tp_siglip.parallel import ProcessGroup, agree_on_inputs, all_gather_batch, group_rank, group_size
+from tp_siglip.parallel import Communicator, ProcessGroup, agree_on_inputs, communicator_for, group_rank, group_size
 
 
 def _is_int(value: object) -> bool:
@@ -103,6 +103,7 @@ class DataParallelEncoder(nn.Module):
             raise ValueError("DataParallelEncoder needs an unsharded model (built without a process group)")
         self.module = module
         self.group = group
+        self.comm = communicator_for(group)
 
     # the model's descriptive attributes, so callers can treat both modes alike
     config = property(lambda self: self.module.config)
@@ -113,11 +114,11 @@ class DataParallelEncoder(nn.Module):
     rank = property(lambda self: group_rank(self.group))
 
     @property
-    def check_finite(self) -> bool:
+    def check_finite(self) -> Optional[bool]:
         return self.module.check_finite
 
     @check_finite.setter
-    def check_finite(self, value: bool) -> None:
+    def check_finite(self, value: Optional[bool]) -> None:
         self.module.check_finite = value
 
     @property
@@ -157,7 +158,7 @@ class DataParallelEncoder(nn.Module):
                     value = value[:, :keep]
                 bound.arguments[name] = value
         local = self.module(*bound.args, **bound.kwargs)
-        return gather_outputs(local, [len(share) for share in shares], shares, self.group, tokens)
+        return gather_outputs(local, [len(share) for share in shares], shares, self.comm, tokens)
 
     def _check_inputs(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if kwargs.get("batch_sizes") is not None:
@@ -169,21 +170,21 @@ class DataParallelEncoder(nn.Module):
 
 
 def gather_outputs(
-    local: SiglipVisionOutput, sizes: list[int], shares: list[list[int]], group: ProcessGroup, tokens: int
+    local: SiglipVisionOutput, sizes: list[int], shares: list[list[int]], comm: Communicator, tokens: int
 ) -> SiglipVisionOutput:
-    """All-gather each output over ``group`` (rank ``r`` sends its first ``sizes[r]`` rows) in input order.
+    """All-gather each output through ``comm`` (rank ``r`` sends its first ``sizes[r]`` rows) in input order.
 
     Token outputs shorter than ``tokens`` (a rank that dropped padding) are padded back with zeros.
     """
     flat = [i for share in shares for i in share]
     order = None if flat == sorted(flat) else torch.tensor(flat).argsort()
-    mine = sizes[group_rank(group)]
+    mine = sizes[comm.rank]
 
     def gather(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor[:mine]
         if tensor.dim() == 3 and tensor.shape[1] < tokens:
             tensor = F.pad(tensor, (0, 0, 0, tokens - tensor.shape[1]))
-        full = all_gather_batch(tensor.contiguous(), sizes, group)
+        full = comm.all_gather_rows(tensor.contiguous(), sizes)
         return full if order is None else full[order.to(full.device)]
 
     return SiglipVisionOutput(

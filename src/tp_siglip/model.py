@@ -334,9 +334,11 @@ class SiglipVisionTransformer(nn.Module):
         check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
         self.config = config
         self.process_group = process_group
-        #: validate that inputs hold no NaN/inf (one device sync per forward); servers may switch it off
-        self.check_finite = True
-        #: what ranks compare before each forward: "shapes" (shapes, dtypes, flags) or "checksum" (also pixels)
+        #: read input values to refuse NaN/inf pixels and malformed masks: ``None`` (default) for inputs on the
+        #: CPU only (free there; on a GPU it would be a device sync per forward), ``True`` always, ``False`` never
+        self.check_finite: Optional[bool] = None
+        #: what ranks compare before each forward (on the CPU side group): "shapes" (shapes, dtypes, flags;
+        #: no tensor data read), "checksum" (also the bytes: a device sync) or "off"
         self.check_inputs_agree = "shapes"
         self.plan = TensorParallelPlan.for_group(
             process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
@@ -535,8 +537,8 @@ class SiglipVisionTransformer(nn.Module):
         with _rows_split(split):
             embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, mask)
             key_mask = None
-            if mask is not None and (split is not None or not bool(mask.all())):  # split: every rank alike
-                key_mask = gather_rows(mask.flatten(1)[:, None, None, :], self.process_group)
+            if mask is not None and not _all_true_on_cpu(mask, split):
+                key_mask = gather_rows(mask.flatten(1)[:, None, None, :], self.plan.comm)
             return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
 
     def check_inputs(
@@ -642,7 +644,7 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
         with _rows_split(inputs["batch_sizes"]):
             embeddings = self.embeddings(pixel_values, inputs["spatial_shapes"])
             key_mask = inputs["pixel_attention_mask"].bool()[:, None, None, :]
-            key_mask = gather_rows(key_mask, self.process_group)
+            key_mask = gather_rows(key_mask, self.plan.comm)
             return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
 
     def check_inputs(  # type: ignore[override]
@@ -679,6 +681,13 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
             "output_hidden_states": bool(output_hidden_states),
             "batch_sizes": split,
         }
+
+
+def _all_true_on_cpu(mask: torch.Tensor, split: Optional[tuple[int, ...]]) -> bool:
+    """Whether a patch mask can be left out of attention: all true, read only on the CPU (on a device the
+    read would be a host sync, so the mask is always applied) and only for a whole batch (a split batch's
+    ranks must all take the same path)."""
+    return split is None and mask.device.type == "cpu" and bool(mask.all())
 
 
 def _rows_split(sizes: Optional[tuple[int, ...]]) -> Any:

@@ -1,0 +1,74 @@
+"""Byte exchanges on a group's CPU side group: the status rows of the agreements, and the encode job's rows.
+
+Nothing here touches a device group or reads a device tensor back: every buffer is a CPU tensor on the
+gloo side group (`groups.side_group`), read as bytes. Ranks of one host may exchange through shared
+memory (``shared_memory=True``: each rank writes its bytes into its slot and reads the others' where they
+lie); elsewhere gloo's all-gather carries them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from tp_siglip import shm_allreduce
+from tp_siglip.parallel.groups import ProcessGroup, side_group
+
+
+def _all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name where present
+    gather(out, mine, group=group)
+
+
+#: bytes each rank contributes to a status exchange (a status byte, then UTF-8 text)
+STATUS_WIDTH = 1024
+
+
+def exchange_status(
+    group: ProcessGroup, failed: bool, text: str, device: Optional[torch.device] = None, width: int = STATUS_WIDTH
+) -> list[tuple[bool, str]]:
+    """All-gather one ``(failed, text)`` pair per rank in one fixed-size collective on ``group``'s CPU side
+    group; by rank. ``text`` (UTF-8) is cut to ``width - 1`` bytes. No pickling, and no device tensor: the
+    pairs travel as bytes in CPU tensors and are read back as bytes (``device`` is unused)."""
+    side = side_group(group)
+    size = dist.get_world_size(side)
+    row = bytearray(width)
+    row[0] = 1 if failed else 0
+    data = text.encode()[: width - 1]
+    row[1 : 1 + len(data)] = data
+    everyone = torch.empty(size * width, dtype=torch.uint8)
+    _all_gather_into(everyone, torch.frombuffer(row, dtype=torch.uint8), side)
+    table = everyone.numpy().tobytes()
+    rows = [table[r * width : (r + 1) * width] for r in range(size)]
+    return [(row[0] != 0, row[1:].rstrip(b"\0").decode(errors="replace")) for row in rows]
+
+
+
+def all_gather_bytes(
+    nbytes: int,
+    fill: Callable[[torch.Tensor], object],
+    group: ProcessGroup,
+    device: Optional[torch.device] = None,
+    *,
+    shared_memory: bool = False,
+) -> list[torch.Tensor]:
+    """All-gather ``nbytes`` bytes per rank on ``group``'s side group, written by ``fill`` into a CPU uint8
+    buffer (of stale bytes: ``fill`` writes every byte it means); every rank's bytes as uint8 views, in
+    rank order (``device`` is unused: side-group buffers live on the CPU).
+
+    With ``shared_memory=True`` on one host the views are the shared segment's slots: read them (or copy
+    them) before this rank's next exchange on the group. Elsewhere they view a fresh buffer.
+    """
+    side = side_group(group)
+    if shared_memory and shm_allreduce.enabled():
+        reducer = shm_allreduce.for_group(side)
+        if reducer is not None:
+            return reducer.gather_in_place(nbytes, fill)
+    size = dist.get_world_size(side)
+    mine = torch.empty(nbytes, dtype=torch.uint8)
+    fill(mine)
+    everyone = torch.empty(size * nbytes, dtype=torch.uint8)
+    _all_gather_into(everyone, mine, side)
+    return list(everyone.view(size, nbytes))
