@@ -8,6 +8,10 @@
 # Steps, most important first, each under `timeout` and within one overall deadline, so that a hang or a
 # cut-off keeps what came before:
 #   versions    python, torch, CUDA, GPU, transformers, huggingface_hub, tp_siglip, pydantic (and where from)
+#   syncs       the forward, plain and with its batch split by rows, under torch.cuda.set_sync_debug_mode("error")
+#               on min(2, GPUs) NCCL ranks; host-sync ops and device-group bytes per forward (collectives.py)
+#   collectives the collectives and bytes per forward counted on 2 and 3 ranks of the torch.distributed path
+#               (gloo on the CPU: one lent GPU cannot hold two NCCL ranks; on 2+ GPUs the syncs step counts NCCL's)
 #   parity      fp32/bf16 vs transformers                        (gpu_parity.py)       -> parity.json
 #   throughput  so400m-384, base-224, bf16, batch 1/32/128: eager, CUDA graph, torch.compile, transformers;
 #               img/s, MFU vs the measured bf16 GEMM peak, peak memory per cell (gpu_throughput.py) -> throughput.json
@@ -29,7 +33,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 DEVICE="${TP_SIGLIP_GPU_DEVICE:-cuda}"
 QUICK="${TP_SIGLIP_GPU_QUICK:-0}"
-STEPS="${TP_SIGLIP_GPU_STEPS:-parity,throughput,pipeline,memory,fused}"
+STEPS="${TP_SIGLIP_GPU_STEPS:-syncs,collectives,parity,throughput,pipeline,memory,fused}"
 DEADLINE=$(( SECONDS + ${TP_SIGLIP_GPU_BUDGET_S:-450} ))
 WHEELS="${TP_SIGLIP_WHEELS:-.whl}"
 SITE="${TP_SIGLIP_SITE:-/tmp/site}"
@@ -87,14 +91,20 @@ if [ "$QUICK" = 1 ]; then
     throughput_args=(--quick --no-compile)
     pipeline_args=(--images 8 --workers 1,2 --repeats 1 --quick)  # on the CPU: its smoke run (~25 s; 75 s allowed)
     fused_args=(--quick)
+    schedule_args=(--quick --worlds 2)
 else
     parity_args=()
     throughput_args=(--budget-s 150)
     pipeline_args=(--images 512 --workers 8,14)
     fused_args=()
+    schedule_args=()
 fi
 if [ -n "${TP_SIGLIP_GPU_PIPELINE_ARGS:-}" ]; then  # e.g. another image count; word-split on purpose
     read -r -a pipeline_args <<< "$TP_SIGLIP_GPU_PIPELINE_ARGS"
+fi
+step syncs 60 "$PY" benchmarks/collectives.py --device "$DEVICE" "${schedule_args[@]}"
+if [ "$DEVICE" != cpu ]; then  # on the CPU the syncs step has counted them already
+    step collectives 60 "$PY" benchmarks/collectives.py --device cpu
 fi
 step parity 90 "$PY" benchmarks/gpu_parity.py --device "$DEVICE" --json "$OUT/parity.json" "${parity_args[@]}"
 step throughput 210 "$PY" benchmarks/gpu_throughput.py --device "$DEVICE" --json "$OUT/throughput.json" "${throughput_args[@]}"

@@ -86,6 +86,7 @@ grep -q "^tp_siglip: .* ($repo/src)" "$summary" || problems+=("tp_siglip did not
 grep -q '"ours_fp32_max_diff"' "$summary" || problems+=("no parity figures printed")
 grep -q '"ok": true' "$work/out/parity.json" 2> /dev/null || problems+=("parity.json missing or not ok")
 grep -q '| ours | [0-9]' "$summary" || problems+=("no throughput rows printed")
+grep -q '| 2 | split | 1\.[0-9]* | 1\.[0-9]* | 0 | 1 | 0 |' "$summary" || problems+=("no schedule rows (syncs step) printed")
 [ -s "$work/out/fused.json" ] || problems+=("no fused.json")
 (( rc == 0 )) || problems+=("gpu.sh exited with $rc")
 if (( ${#problems[@]} )); then

@@ -44,11 +44,13 @@ _COLLECTIVES = {
 
 @dataclass(frozen=True)
 class Call:
-    """One collective call: its kind, its group (``None``: the default group) and the bytes it carried."""
+    """One collective call: its kind, its group (``None``: the default group), the bytes it carried and
+    whether they were floating point (activations) or not (bookkeeping: status bytes, flags, counts)."""
 
     kind: str
     group: Any
     nbytes: int
+    floating: bool = False
 
     def on(self, group: Any) -> bool:
         """Whether the call ran on ``group`` (the default group counts as ``dist.group.WORLD``)."""
@@ -87,7 +89,8 @@ class CollectiveLog:
     def _wrap(self, original: Any, index: Optional[int], kind: str) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             tensor = args[index] if index is not None and len(args) > index else None
-            self.calls.append(Call(kind, kwargs.get("group"), _nbytes(tensor)))
+            floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            self.calls.append(Call(kind, kwargs.get("group"), _nbytes(tensor), floating))
             return original(*args, **kwargs)
 
         return wrapped
