@@ -217,19 +217,3 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, in_range={self.in_range}"
 
-
-def checkpoint_layout(root: nn.Module) -> Layout:
-    """For every parameter of ``root`` (full name), the checkpoint pieces it is made of.
-
-    Parallel layers say it themselves (``checkpoint_pieces``); every other parameter is its checkpoint
-    tensor, whole and under its own name.
-    """
-    layout: Layout = {}
-    for module_name, module in root.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        custom = module.checkpoint_pieces(prefix) if hasattr(module, "checkpoint_pieces") else {}
-        for leaf, param in module.named_parameters(recurse=False):
-            layout[prefix + leaf] = custom.get(leaf) or (Piece(prefix + leaf, tuple(param.shape)),)
-    return layout
-
-
