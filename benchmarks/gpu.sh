@@ -102,12 +102,12 @@ fi
 if [ -n "${TP_SIGLIP_GPU_PIPELINE_ARGS:-}" ]; then  # e.g. another image count; word-split on purpose
     read -r -a pipeline_args <<< "$TP_SIGLIP_GPU_PIPELINE_ARGS"
 fi
-step syncs 60 "$PY" benchmarks/collectives.py --device "$DEVICE" "${schedule_args[@]}"
+step syncs 45 "$PY" benchmarks/collectives.py --device "$DEVICE" "${schedule_args[@]}"
 if [ "$DEVICE" != cpu ]; then  # on the CPU the syncs step has counted them already
-    step collectives 60 "$PY" benchmarks/collectives.py --device cpu
+    step collectives 25 "$PY" benchmarks/collectives.py --device cpu
 fi
-step parity 90 "$PY" benchmarks/gpu_parity.py --device "$DEVICE" --json "$OUT/parity.json" "${parity_args[@]}"
-step throughput 210 "$PY" benchmarks/gpu_throughput.py --device "$DEVICE" --json "$OUT/throughput.json" "${throughput_args[@]}"
+step parity 80 "$PY" benchmarks/gpu_parity.py --device "$DEVICE" --json "$OUT/parity.json" "${parity_args[@]}"
+step throughput 165 "$PY" benchmarks/gpu_throughput.py --device "$DEVICE" --json "$OUT/throughput.json" "${throughput_args[@]}"
 if [ -f benchmarks/pipeline.py ]; then
     step pipeline 75 "$PY" benchmarks/pipeline.py --device "$DEVICE" --geometry so400m-384 --dtype bfloat16 \
         --json "$OUT/pipeline.json" "${pipeline_args[@]}"
@@ -115,7 +115,7 @@ else
     STATUS+=("pipeline: skipped, no benchmarks/pipeline.py in this tree")
 fi
 [ -f "$OUT/throughput.json" ] && step memory 15 "$PY" benchmarks/gpu_throughput.py --report "$OUT/throughput.json"
-step fused 60 "$PY" benchmarks/fused_qkv.py --device "$DEVICE" --json "$OUT/fused.json" "${fused_args[@]}"
+step fused 45 "$PY" benchmarks/fused_qkv.py --device "$DEVICE" --json "$OUT/fused.json" "${fused_args[@]}"
 
 printf '\n## steps\n\n' | tee -a "$SUMMARY"
 failed=0
