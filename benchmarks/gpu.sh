@@ -94,7 +94,7 @@ if [ "$QUICK" = 1 ]; then
     schedule_args=(--quick --worlds 2)
 else
     parity_args=()
-    throughput_args=(--budget-s 150)
+    throughput_args=(--budget-s 135)
     pipeline_args=(--images 512 --workers 8,14)
     fused_args=()
     schedule_args=()
@@ -107,7 +107,7 @@ if [ "$DEVICE" != cpu ]; then  # on the CPU the syncs step has counted them alre
     step collectives 25 "$PY" benchmarks/collectives.py --device cpu
 fi
 step parity 80 "$PY" benchmarks/gpu_parity.py --device "$DEVICE" --json "$OUT/parity.json" "${parity_args[@]}"
-step throughput 165 "$PY" benchmarks/gpu_throughput.py --device "$DEVICE" --json "$OUT/throughput.json" "${throughput_args[@]}"
+step throughput 150 "$PY" benchmarks/gpu_throughput.py --device "$DEVICE" --json "$OUT/throughput.json" "${throughput_args[@]}"
 if [ -f benchmarks/pipeline.py ]; then
     step pipeline 75 "$PY" benchmarks/pipeline.py --device "$DEVICE" --geometry so400m-384 --dtype bfloat16 \
         --json "$OUT/pipeline.json" "${pipeline_args[@]}"
@@ -115,7 +115,7 @@ else
     STATUS+=("pipeline: skipped, no benchmarks/pipeline.py in this tree")
 fi
 [ -f "$OUT/throughput.json" ] && step memory 15 "$PY" benchmarks/gpu_throughput.py --report "$OUT/throughput.json"
-step fused 45 "$PY" benchmarks/fused_qkv.py --device "$DEVICE" --json "$OUT/fused.json" "${fused_args[@]}"
+step fused 60 "$PY" benchmarks/fused_qkv.py --device "$DEVICE" --json "$OUT/fused.json" "${fused_args[@]}"
 
 printf '\n## steps\n\n' | tee -a "$SUMMARY"
 failed=0
