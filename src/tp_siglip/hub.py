@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union, cast
 
 from tp_siglip import __version__
-from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_dir, parse_index
+from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_dir, parse_index, pickle_refusal
 from tp_siglip.tower_cache import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -118,10 +118,7 @@ def _resolve(hub: _Hub, prefix: Optional[str], download: str) -> Path:
     files = {s.rfilename: s.size for s in info.siblings or []}
     weights, pickles = root_safetensors(files), sorted(f for f in files if "/" not in f and f.endswith(PICKLE_SUFFIXES))
     if not weights and pickles:
-        raise CheckpointError(
-            f"{hub.where} holds only pickle weights ({', '.join(pickles)}); tp-siglip never unpickles a checkpoint "
-            f"because loading a pickle can run arbitrary code. Convert it to safetensors (e.g. save_pretrained(..., "
-            f"safe_serialization=True)) or use a repo that ships *.safetensors")
+        raise pickle_refusal(hub.where, pickles)
     if not weights or CONFIG_FILE not in files:
         missing = "config.json" if weights else "*.safetensors weights (looked for model.safetensors and an index)"
         raise CheckpointError(f"{hub.where} has no {missing}; expected a SigLIP (or VLM) checkpoint repo")
