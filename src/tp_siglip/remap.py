@@ -51,10 +51,10 @@ class Tensor:
 
 
 def as_torch(value: Any) -> torch.Tensor:
-    """A torch tensor owning (or sharing with torch) ``value``'s elements; numpy views are copied contiguous."""
+    """``value`` as a torch tensor; a numpy view (of a read-only memory map) is first copied into memory of its own."""
     if isinstance(value, torch.Tensor):
         return value
-    return torch.from_numpy(np.ascontiguousarray(value))
+    return torch.from_numpy(np.array(value, order="C", copy=True))
 
 
 @dataclass
