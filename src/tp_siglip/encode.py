@@ -700,8 +700,8 @@ class _Job:
             return functools.partial(
                 pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=self.opener
             )
-        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener,
-                                 preprocessing=config.preprocessing)
+        library = {} if config.preprocessing is None else {"preprocessing": config.preprocessing}  # timm / open_clip
+        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener, **library)
 
     def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
         """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
