@@ -93,6 +93,33 @@ def test_each_rank_holds_its_share(ranks, made, fmt) -> None:
     assert all(share <= bound for share in shares) and (ws > 1 or shares == [1.0]), (ws, shares)
 
 
+def test_open_clip_folder_reads_only_the_trunk(made, monkeypatch) -> None:
+    """From a local open_clip folder, every tensor read is under ``visual.trunk.``: the text tower beside it in
+    ``open_clip_model.safetensors`` is never opened."""
+    import tp_siglip.formats as formats
+
+    real, opened = formats.safe_open, []
+
+    class Spy:
+        def __init__(self, *args, **kwargs) -> None:
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self) -> Spy:
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.inner.__exit__(*exc)
+
+        def get_slice(self, key: str):
+            opened.append(key)
+            return self.handle.get_slice(key)
+
+    monkeypatch.setattr(formats, "safe_open", Spy)
+    SiglipVisionTransformer.from_pretrained(made.paths["open_clip"])
+    assert opened and all(key.startswith("visual.trunk.") for key in opened), opened
+
+
 @pytest.mark.parametrize("name", ["npz_layers", "npz_stacked"])
 def test_npz_writer_is_what_timm_reads(made, name) -> None:
     """timm's own big_vision reader (``_load_weights``) gives back the model the .npz was written from (float16

@@ -71,7 +71,10 @@ def detect_format(path: Path) -> str:
     if config_file(names) == OPEN_CLIP_CONFIG:
         return "open_clip"
     if "config.json" in names:
-        data = _json(path / "config.json")
+        try:
+            data = _json(path / "config.json")
+        except CheckpointError:
+            return "transformers"  # the config reader names what is wrong with it
         if isinstance(data.get("architecture"), str) and "model_type" not in data:
             return "timm"
     return "transformers"
