@@ -39,15 +39,16 @@ TOLERANCE = 2e-3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A checkpoint, a corpus, and transformers' embeddings of every good file of the corpus."""
-    from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
+
+    from references import siglip_image_processor
 
     root = tmp_path_factory.mktemp("cli")
     model = vision_model(CONFIG, seed=11)
     checkpoint = save_layout(model, "v5_vision", root / "checkpoint")
     corpus = make_corpus(root / "corpus")
     hf_logging.set_verbosity_error()
-    processor = SiglipImageProcessor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
+    processor = siglip_image_processor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
     pixels = processor(images=[str(corpus / name) for name in GOOD], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=pixels)

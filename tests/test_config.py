@@ -76,6 +76,11 @@ def test_reads_vision_and_nested_configs_ignoring_unknown_keys(tmp_path):
         ({"num_hidden_layers": -1}, "num_hidden_layers"),
         ({"layer_norm_eps": 0}, "layer_norm_eps"),
         ({"attention_dropout": 1.5}, "attention_dropout"),
+        ({"global_pool": "avg", "vision_use_head": True}, "global_pool='avg'"),
+        ({"global_pool": "avg", "variant": "naflex"}, "global_pool='avg'"),
+        ({"global_pool": "map", "vision_use_head": False}, "global_pool='map'"),
+        ({"preprocessing": {"library": "timm", "resize": "squash", "crop_pct": 1.5}}, "crop_pct"),
+        ({"preprocessing": {"library": "timm", "resize": "squash", "std": (0.5, 0, 0.5)}}, "std"),
     ],
 )
 def test_impossible_values_rejected(fields, named):
@@ -96,3 +101,11 @@ def test_bad_config_files_name_the_file(tmp_path):
         SiglipVisionConfig.from_json_file(tmp_path / "nope" / "config.json")
     with pytest.raises(TypeError, match="unknown config field"):
         SiglipVisionConfig.from_dict({}, hidden_sise=3)
+
+
+def test_gap_pooling_drops_the_head_and_round_trips():
+    """global_pool='avg' (timm's GAP towers) implies no head; the extra fields survive to_dict / from it."""
+    config = SiglipVisionConfig(global_pool="avg", preprocessing={"library": "open_clip", "resize": "longest", "fill": (7, 7, 7)})
+    assert config.use_head is False and config.vision_use_head is False
+    assert SiglipVisionConfig(**config.to_dict()) == config
+    assert SiglipVisionConfig().global_pool is None and SiglipVisionConfig().preprocessing is None

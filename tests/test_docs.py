@@ -50,7 +50,8 @@ ENCODE_JOB = re.compile(r"tp-siglip encode|tp_siglip\.encode|-m tp_siglip encode
 QUICK_START = [
     'pip install torch==2.13.0 && pip install ".[images]"',
     "torchrun --nproc-per-node 2 -m tp_siglip.encode",
-    'pip install torch==2.13.0 && pip install -e ".[test]"',
+    'pip install torch==2.13.0 && pip install -e ".[test]" torch==2.13.0',
+    "pip install --no-deps --force-reinstall torchvision==0.16.2",
     "python -m pytest -q",
 ]
 README_MAX_LINES = 200

@@ -2,7 +2,7 @@
 (2 CPU ranks), and ``python -m tp_siglip encode`` (one process).
 
 Its embeddings must match transformers' own pipeline on the same files: ``SiglipImageProcessor`` (the
-PIL backend, since there is no torchvision here) then ``SiglipVisionModel`` with the same weights.
+PIL backend, ``tests/references.py``) then ``SiglipVisionModel`` with the same weights.
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ def _encode(
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A headed and a head-less checkpoint of one random tower, and transformers' outputs on the images."""
-    from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
+
+    from references import siglip_image_processor
 
     root = tmp_path_factory.mktemp("encode")
     model = vision_model(CONFIG, seed=7)
     headed = save_layout(model, "v5_vision", root / "headed")
     headless = save_layout(model, "paligemma_v5", root / "headless")
     hf_logging.set_verbosity_error()  # the "no torchvision, using the PIL backend" notice
-    processor = SiglipImageProcessor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
+    processor = siglip_image_processor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
     pixels = processor(images=[str(REPO / p) for p in _expected_paths()], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=pixels)

@@ -49,8 +49,9 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 def setup(tmp_path_factory):
     """Three tars (one with a key without image, one with a truncated JPEG), one parquet shard, a checkpoint,
     and transformers' pooler_output for every image, by key."""
-    from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
+
+    from references import siglip_image_processor
 
     root = tmp_path_factory.mktemp("corpus-job")
     model = vision_model(CONFIG, seed=5)
@@ -64,7 +65,7 @@ def setup(tmp_path_factory):
     broken = {"000010001"}
     good = {k: v for k, v in images.items() if k not in broken}
     hf_logging.set_verbosity_error()
-    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    processor = siglip_image_processor(size={"height": 32, "width": 32})
     pils = [Image.open(io.BytesIO(good[k])).convert("RGB") for k in sorted(good)]
     with torch.no_grad():
         out = model(pixel_values=processor(images=pils, return_tensors="pt")["pixel_values"])

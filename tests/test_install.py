@@ -155,12 +155,12 @@ def test_pip_install_into_fresh_venv(venv, tmp_path):
 
 def test_installed_command_encodes_the_bundled_photos(venv, tmp_path):
     from safetensors import safe_open
-    from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
 
     from tp_siglip import __version__
 
     from checkpoints import TINY, save_layout, vision_model
+    from references import siglip_image_processor
 
     python, purelib, env = venv
     model = vision_model({**TINY, "image_size": 32, "patch_size": 8}, seed=3)
@@ -178,7 +178,7 @@ def test_installed_command_encodes_the_bundled_photos(venv, tmp_path):
     assert meta["complete"] == "true" and meta["model"] == str(checkpoint)
 
     hf_logging.set_verbosity_error()
-    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    processor = siglip_image_processor(size={"height": 32, "width": 32})
     with torch.no_grad():
         expected = model(pixel_values=processor(images=paths, return_tensors="pt")["pixel_values"]).pooler_output
     assert (pooled - expected).abs().max().item() <= 2e-3

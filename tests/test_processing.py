@@ -1,8 +1,8 @@
 """Tests for ``tp_siglip.processing``: bit-exact agreement with transformers' SigLIP image processor, error handling,
 folder expansion and batching.
 
-The reference is whatever ``transformers.SiglipImageProcessor(size=...)`` returns in this environment (without
-torchvision that is the PIL backend, ``SiglipImageProcessorPil``). Every comparison asserts bit-exact equality.
+The reference is transformers' PIL backend, ``SiglipImageProcessorPil`` (``tests/references.py``: what
+``SiglipImageProcessor`` is without torchvision). Every comparison asserts bit-exact equality.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ INSTALL_HINT = 'pip install "tp-siglip[images]"'
 def reference() -> Iterator[Callable[..., torch.Tensor]]:
     """Return ``run(image, size, **kwargs) -> pixel_values`` computed by transformers' SiglipImageProcessor."""
     import transformers
-    from transformers import SiglipImageProcessor
+
+    from references import siglip_image_processor
 
     tf_logger = logging.getLogger("transformers")
     previous_level = tf_logger.level
@@ -57,7 +58,7 @@ def reference() -> Iterator[Callable[..., torch.Tensor]]:
     def run(image: object, size: int | tuple[int, int], **kwargs: object) -> torch.Tensor:
         height, width = (size, size) if isinstance(size, int) else size
         if (height, width) not in processors:
-            processors[height, width] = SiglipImageProcessor(size={"height": height, "width": width})
+            processors[height, width] = siglip_image_processor(size={"height": height, "width": width})
         return processors[height, width](image, return_tensors="pt", **kwargs)["pixel_values"]
 
     yield run

@@ -23,6 +23,11 @@ Choices:
   checkpoint holds one (transformers would build a random head); unknown keys (``projection_dim``, ``torch_dtype``, ...) are ignored; impossible values are rejected
   up front with a message naming the value. Whether the config agrees with the checkpoint's tensors is
   checked by the loader.
+* **Two fields transformers does not have**, for towers loaded from timm, open_clip or big_vision
+  checkpoints (``formats.py``): ``global_pool="avg"`` (timm's GAP towers: ``pooler_output`` is the mean of
+  ``last_hidden_state``'s tokens, no head) and ``preprocessing`` (how that library turns images into
+  ``pixel_values``; ``None`` is transformers' ``SiglipImageProcessor``). Both default to transformers'
+  behaviour, so a transformers config reads exactly as before.
 """
 
 from __future__ import annotations
@@ -47,8 +52,43 @@ VISION_MODEL_TYPES: dict[str, tuple[str, dict[str, Any]]] = {
 #: parent ``model_type`` -> vision ``model_type``, for nested vision configs that do not name theirs
 PARENT_VISION_TYPES = {"siglip2": "siglip2_vision_model", "idefics3": "idefics3_vision", "smolvlm": "smolvlm_vision"}
 Variant = Literal["siglip", "naflex", "idefics3"]
+Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 #: a top-level config without model_type is read as a (legacy) vision config only if it names one of these
 _LEGACY_KEYS = {"hidden_size", "patch_size", "image_size", "num_hidden_layers", "num_attention_heads"}
+
+
+class Preprocessing(BaseModel):
+    """How timm's or open_clip's eval transform turns an image into ``pixel_values`` (`tp_siglip.transforms`).
+
+    ``resize``: ``"squash"`` to the square (aspect ratio lost), ``"shortest"`` the shorter side then a centre
+    crop, ``"longest"`` the longer side then a centre pad with ``fill``. The resize target is
+    ``floor(image_size / crop_pct)`` (timm's ``crop_pct``; 1.0 for open_clip). Then torchvision's
+    ``ToTensor`` (``level / 255`` in float32) and ``(x - mean) / std`` per channel.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    library: Literal["timm", "open_clip"]
+    resize: Literal["squash", "shortest", "longest"]
+    crop_pct: float = 1.0
+    interpolation: Interpolation = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    fill: tuple[int, int, int] = (0, 0, 0)
+
+    @field_validator("crop_pct")
+    @classmethod
+    def _crop_pct_range(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(v > 0 for v in value):
+            raise ValueError(f"std must be positive per channel, got {value}")
+        return value
 
 
 class SiglipVisionConfig(BaseModel):
@@ -70,6 +110,11 @@ class SiglipVisionConfig(BaseModel):
     #: None (not stated): a head if the checkpoint has one (``use_head``: true without a checkpoint)
     vision_use_head: Optional[bool] = None
     variant: Variant = "siglip"
+    #: how ``pooler_output`` is made: None (transformers) = the pooling head when there is one; "map" = the head
+    #: (required); "avg" = the mean of ``last_hidden_state`` over tokens, no head (timm's ``*_gap_*`` towers)
+    global_pool: Optional[Literal["map", "avg"]] = None
+    #: timm's / open_clip's image preprocessing for the checkpoint; None = transformers' SiglipImageProcessor
+    preprocessing: Optional[Preprocessing] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +133,8 @@ class SiglipVisionConfig(BaseModel):
                 data.setdefault("num_patches", (size // patch) ** 2)
         if variant == "idefics3":
             data["vision_use_head"] = False  # these towers have no pooling head
+        if data.get("global_pool") == "avg":
+            data.setdefault("vision_use_head", False)  # a GAP tower pools without a head
         return data
 
     @field_validator("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
@@ -120,6 +167,7 @@ class SiglipVisionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SiglipVisionConfig:
+        self._check_pooling()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -140,6 +188,15 @@ class SiglipVisionConfig(BaseModel):
                 f"{self.patch_size} squared ({grid})"
             )
         return self
+
+    def _check_pooling(self) -> None:
+        if self.global_pool == "avg" and (self.vision_use_head or self.variant != "siglip"):
+            raise ValueError(
+                f"global_pool='avg' (mean of the tokens, timm's GAP towers) needs a SigLIP tower without a head; got "
+                f"variant {self.variant!r}, vision_use_head {self.vision_use_head}: drop global_pool or vision_use_head"
+            )
+        if self.global_pool == "map" and self.vision_use_head is False:
+            raise ValueError("global_pool='map' needs the pooling head but vision_use_head is False; drop one of them")
 
     @property
     def head_dim(self) -> int:

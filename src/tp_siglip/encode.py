@@ -87,6 +87,7 @@ import torch.distributed as dist
 from tp_siglip import __version__, encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
+from tp_siglip.formats import OPEN_CLIP_CONFIG
 from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0, split_world
 from tp_siglip.parallel import init_default_group
 
@@ -311,9 +312,11 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
 def _check_model(model: str) -> None:
     path = Path(model)
     if path.exists():
+        if path.is_file() and path.suffix == ".npz":  # a big_vision checkpoint
+            return
         if not path.is_dir():
             raise UsageError(f"--model {model}: not a folder; expected a folder with config.json and *.safetensors, or a Hub repo id")
-        if not (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in ("config.json", OPEN_CLIP_CONFIG)) and not any(path.glob("*.npz")):
             raise UsageError(f"--model {model}: this folder has no config.json; expected a checkpoint folder (config.json, *.safetensors)")
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -697,7 +700,8 @@ class _Job:
             return functools.partial(
                 pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=self.opener
             )
-        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener)
+        library = {} if config.preprocessing is None else {"preprocessing": config.preprocessing}  # timm / open_clip
+        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener, **library)
 
     def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
         """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
@@ -795,7 +799,8 @@ class _Job:
         levels = rows["levels"].to(self.model.device, non_blocking=True)
         if not self.naflex:
             buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
-            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer)}
+            preprocessing = self.model.config.preprocessing  # a timm / open_clip checkpoint's normalisation
+            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer, preprocessing=preprocessing)}
         shapes = rows["spatial_shapes"].to(self.model.device)
         return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union, cast
 
 from tp_siglip import __version__
-from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_dir, parse_index
+from tp_siglip.formats import OPEN_CLIP_CONFIG, config_file
+from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_dir, parse_index, pickle_refusal
 from tp_siglip.tower_cache import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -118,12 +119,12 @@ def _resolve(hub: _Hub, prefix: Optional[str], download: str) -> Path:
     files = {s.rfilename: s.size for s in info.siblings or []}
     weights, pickles = root_safetensors(files), sorted(f for f in files if "/" not in f and f.endswith(PICKLE_SUFFIXES))
     if not weights and pickles:
-        raise CheckpointError(
-            f"{hub.where} holds only pickle weights ({', '.join(pickles)}); tp-siglip never unpickles a checkpoint "
-            f"because loading a pickle can run arbitrary code. Convert it to safetensors (e.g. save_pretrained(..., "
-            f"safe_serialization=True)) or use a repo that ships *.safetensors")
-    if not weights or CONFIG_FILE not in files:
-        missing = "config.json" if weights else "*.safetensors weights (looked for model.safetensors and an index)"
+        raise pickle_refusal(hub.where, pickles)
+    if not weights and any(f.endswith(".npz") for f in files):
+        raise CheckpointError(f"{hub.where} holds big_vision .npz weights: they load from a local file, not by repo id; "
+                              f"download the .npz (e.g. huggingface_hub.hf_hub_download) and pass its path")
+    if not weights or config_file(files) not in files:
+        missing = config_file(files) if weights else "*.safetensors weights (looked for model.safetensors and an index)"
         raise CheckpointError(f"{hub.where} has no {missing}; expected a SigLIP (or VLM) checkpoint repo")
     try:
         found = _cached(hub, info.sha, prefix, files) or _fetch_locked(hub, info.sha, prefix, files, download)
@@ -231,7 +232,8 @@ def _hf_snapshot(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[Rep
             raise TransferError(f"{hub.where}: downloading {name} failed: {err}") from err
 
     get: Callable[[str], Optional[Path]] = fetch if download else cached
-    if (config := get(CONFIG_FILE)) is None:
+    names = [config_file(files)] if files is not None else [CONFIG_FILE, OPEN_CLIP_CONFIG]  # offline: either
+    if (config := next((found for name in names if (found := get(name)) is not None), None)) is None:
         return None
     files = files if files is not None else {p.name: None for p in config.parent.iterdir()}  # offline: what is there
     index = get(INDEX_FILE) if INDEX_FILE in files else None

@@ -14,10 +14,14 @@ Steps, each with an error that names the file or tensor at fault:
 4. **Read only this rank's slice** of each tensor through safetensors' slice API and copy it into memory
    the parameter owns. The file is opened per tensor, so no mapping (and none of its pages) outlives
    the copy of one tensor: per-rank memory stays at this rank's share of the weights.
+
+timm, open_clip and big_vision checkpoints (``formats.py``) reuse steps 3 and 4: they present their tensors
+under transformers' names (a `Checkpoint` with an ``opener`` that reads them through `remap` sources).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -25,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: every SigLIP vision tower has exactly one tensor with this name ending
 ANCHOR = "embeddings.patch_embedding.weight"
+#: the same tensor in timm's names (timm checkpoints, open_clip's ``visual.trunk.``)
+TIMM_ANCHOR = "patch_embed.proj.weight"
 #: prefixes of the vision tower in the checkpoint layouts we know (see README)
 KNOWN_PREFIXES = (
     "",
@@ -211,14 +217,26 @@ def read_header(path: Union[str, os.PathLike[str]]) -> dict[str, TensorInfo]:
 # ----------------------------------------------------------------------------- locating files
 
 
+#: pickle weight files, and the safetensors file that their library writes beside them in the same repo
+SAFETENSORS_TWIN = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+
+
+def pickle_refusal(where: str, pickles: Iterable[str]) -> CheckpointError:
+    """The error for pickle-only weights ``pickles`` at ``where``, naming the safetensors file to use instead."""
+    pickles = sorted(pickles)
+    twins = sorted({SAFETENSORS_TWIN[Path(p).name] for p in pickles if Path(p).name in SAFETENSORS_TWIN})
+    twin = f" Its library writes {' / '.join(twins)} beside it in the same repo: load that one." if twins else ""
+    return CheckpointError(
+        f"{where} holds only pickle weights ({', '.join(pickles)}); tp-siglip never unpickles a checkpoint "
+        f"because loading a pickle can run arbitrary code. Convert it to safetensors (e.g. save_pretrained(..., "
+        f"safe_serialization=True)) or use a repo that ships *.safetensors.{twin}"
+    )
+
+
 def _refuse_pickle(directory: Path) -> None:
     pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise CheckpointError(
-            f"{directory} holds only pickle weights ({', '.join(pickles)}); tp-siglip never unpickles a "
-            f"checkpoint because loading a pickle can run arbitrary code. Convert it to safetensors "
-            f"(e.g. save_pretrained(..., safe_serialization=True)) or use a repo that ships *.safetensors"
-        )
+        raise pickle_refusal(str(directory), pickles)
 
 
 def parse_index(raw: bytes, source: str) -> dict[str, str]:
@@ -253,20 +271,20 @@ def weight_files(directory: Path) -> tuple[list[Path], Optional[dict[str, str]]]
     raise CheckpointError(f"{directory} has no *.safetensors weights (looked for model.safetensors and an index)")
 
 
+def _candidates(names: Iterable[str], anchor: str) -> list[str]:
+    found = sorted({n[: -len(anchor)] for n in names if n.endswith(anchor)})
+    return [c for c in found if c == "" or c.endswith(".")]
+
+
 def find_prefix(names: Iterable[str], where: str) -> str:
-    """The vision tower's key prefix: what precedes ``embeddings.patch_embedding.weight``."""
-    candidates = sorted({n[: -len(ANCHOR)] for n in names if n.endswith(ANCHOR)})
-    candidates = [c for c in candidates if c == "" or c.endswith(".")]
-    if not candidates and any(n.endswith("patch_embed.proj.weight") for n in names):
-        raise CheckpointError(
-            f"{where} looks like a timm / open_clip checkpoint (patch_embed.proj.weight, blocks.N.*); tp-siglip "
-            f"reads the transformers layout (vision_model.embeddings.patch_embedding.weight, ...): use the "
-            f"transformers release of the model (e.g. google/siglip-*) or convert the weights"
-        )
+    """The vision tower's key prefix: what precedes ``embeddings.patch_embedding.weight`` (transformers), else
+    ``patch_embed.proj.weight`` (timm; ``visual.trunk.`` in open_clip)."""
+    names = list(names)
+    candidates = _candidates(names, ANCHOR) or _candidates(names, TIMM_ANCHOR)
     if not candidates:
         raise CheckpointError(
-            f"{where} has no SigLIP vision tensors: no key ends in {ANCHOR!r}. Is this a SigLIP (or a VLM "
-            f"with a SigLIP tower) checkpoint?"
+            f"{where} has no SigLIP vision tensors: no key ends in {ANCHOR!r} (transformers) or {TIMM_ANCHOR!r} "
+            f"(timm, open_clip). Is this a SigLIP (or a VLM with a SigLIP tower) checkpoint?"
         )
     if len(candidates) > 1:
         raise CheckpointError(f"{where} holds several vision towers with prefixes {candidates}; pass prefix= to choose one")
@@ -277,7 +295,7 @@ def tower_prefix(names: Mapping[str, Any], prefix: Optional[str], where: str) ->
     """``prefix`` checked against the tensor ``names``, or detected with `find_prefix` when ``None``."""
     if prefix is None:
         return find_prefix(names, where)
-    if prefix + ANCHOR not in names:
+    if prefix + ANCHOR not in names and prefix + TIMM_ANCHOR not in names:
         raise CheckpointError(f"{where}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower")
     return prefix
 
@@ -390,41 +408,54 @@ def _short(items: list[str], limit: int = 8) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+#: opens one checkpoint tensor for slicing (``source[piece.index()]``) for as long as the block lasts
+Opener = Callable[[TensorInfo], ContextManager[Any]]
+
+
+@contextlib.contextmanager
+def open_safetensors(info: TensorInfo) -> Iterator[Any]:
+    """Tensor ``info.name`` of the safetensors file ``info.file`` as a lazy slice, the file mapped meanwhile."""
+    with safe_open(info.file, framework="pt", device="cpu") as fh:
+        yield fh.get_slice(info.name)
+
+
 def read_tensors(
     params: Mapping[str, torch.Tensor],
     layout: Layout,
     plan: LoadPlan,
     infos: Mapping[str, TensorInfo],
+    opener: Opener = open_safetensors,
 ) -> None:
-    """Fill ``params`` from local safetensors files, in file order, one short-lived mapping per tensor.
+    """Fill ``params`` from local checkpoint files, in file order, one short-lived mapping per tensor.
 
-    Each checkpoint tensor is read through safetensors' slice API, only the pieces this rank keeps,
-    and copied into memory the parameter owns (no view of the mapped file survives).
+    Each checkpoint tensor is read through safetensors' slice API (or the ``opener`` of another format), only
+    the pieces this rank keeps, and copied into memory the parameter owns (no view of the mapped file survives).
     """
     feeds = feeds_by_source(layout, dict(params))
     order = sorted(feeds, key=lambda name: (infos[plan.keys[name]].file, infos[plan.keys[name]].start))
     for name in order:
-        key = plan.keys[name]
-        path = infos[key].file
+        info = infos[plan.keys[name]]
         try:
-            with safe_open(path, framework="pt", device="cpu") as fh:
-                source = fh.get_slice(key)
+            with opener(info) as source:
                 for view, piece in feeds[name]:
                     copy_piece(view, piece, source)
         except Exception as err:  # safetensors' own errors are not typed helpfully
-            raise CheckpointError(f"{path}: could not read tensor {key!r}: {err}") from err
+            raise CheckpointError(f"{info.file}: could not read tensor {info.name!r}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- a local checkpoint
 
 
 def local_checkpoint_dir(path: Union[str, os.PathLike[str]]) -> Path:
-    """``path`` as an existing checkpoint directory, or a clear error."""
+    """``path`` as an existing checkpoint directory (or big_vision ``.npz`` file), or a clear error."""
     directory = Path(path)
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
-    if not directory.is_dir():
-        raise CheckpointError(f"{str(path)!r} is a file; expected a directory holding config.json and *.safetensors")
+    if directory.is_file() and directory.name.endswith(PICKLE_SUFFIXES):
+        raise pickle_refusal(str(path), [directory.name])
+    if not directory.is_dir() and directory.suffix != ".npz":
+        raise CheckpointError(f"{str(path)!r} is a file; expected a directory holding config.json and *.safetensors "
+                              f"(or open_clip_config.json and open_clip_model.safetensors), or a big_vision .npz file")
     return directory
 
 
@@ -437,6 +468,8 @@ class Checkpoint:
     config: SiglipVisionConfig
     prefix: str
     tensors: dict[str, TensorInfo]  # only keys under the prefix
+    #: how to open a tensor for reading: safetensors' slice API, or a format's remapping (``formats.py``)
+    opener: Opener = open_safetensors
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self.tensors.items()}
@@ -469,7 +502,7 @@ def scan_checkpoint(
     if config is None and not config_path.is_file():
         _refuse_pickle_if_only(directory)
         raise CheckpointError(f"{directory} has no config.json; expected a SigLIP (or VLM) checkpoint directory")
-    tensors = _tower_headers(directory, prefix)
+    tensors = tower_headers(directory, prefix)
     prefix = tower_prefix(tensors, prefix, str(directory))  # what the tensors are decides the clearest error
     if config is None:
         config, source = read_config(config_path)
@@ -488,7 +521,7 @@ def read_config(path: Path) -> tuple[SiglipVisionConfig, str]:
     return config, f"{path} ({where})"
 
 
-def _tower_headers(directory: Path, prefix: Optional[str]) -> dict[str, TensorInfo]:
+def tower_headers(directory: Path, prefix: Optional[str]) -> dict[str, TensorInfo]:
     """Headers of the safetensors files that hold the tower (with an index: only those shards)."""
     files, weight_map = weight_files(directory)
     if weight_map is not None:

@@ -429,6 +429,8 @@ class SiglipVisionTransformer(nn.Module):
         download: str = "tower",
         parallel: str = "tensor",
         config: Union[SiglipVisionConfig, dict[str, Any], None] = None,
+        hidden_act: Optional[str] = None,
+        global_pool: Optional[str] = None,
     ) -> nn.Module:
         """Load a tower from a Hub repo id or a directory, each rank reading only its slice.
 
@@ -456,6 +458,8 @@ class SiglipVisionTransformer(nn.Module):
             download=download,
             parallel=parallel,
             config=config,
+            hidden_act=hidden_act,
+            global_pool=global_pool,
         )
 
     def load_weights(
@@ -598,6 +602,8 @@ class SiglipVisionTransformer(nn.Module):
         hidden_states, all_states = self.encoder(embeddings, key_mask, output_hidden_states=output_hidden_states)
         last_hidden_state = self.post_layernorm(hidden_states)
         pooled = self.head(last_hidden_state, key_mask) if self.head is not None else None
+        if self.config.global_pool == "avg":  # timm's GAP towers: the mean of the (unmasked) tokens, no head
+            pooled = _token_mean(last_hidden_state, key_mask)
         return SiglipVisionOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
 
 
@@ -688,6 +694,16 @@ def _all_true_on_cpu(mask: torch.Tensor, split: Optional[tuple[int, ...]]) -> bo
     read would be a host sync, so the mask is always applied) and only for a whole batch (a split batch's
     ranks must all take the same path)."""
     return split is None and mask.device.type == "cpu" and bool(mask.all())
+
+
+def _token_mean(tokens: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each image's mean token ``(B, D)``; with ``key_mask`` ``(B, 1, 1, T)`` only over the tokens it keeps."""
+    if key_mask is None:
+        return tokens.mean(dim=1)
+    if key_mask.shape[0] != tokens.shape[0]:  # a split batch gathers the mask of every rank's rows
+        raise ValueError("global_pool='avg' with a patch mask needs the whole batch on every rank (no batch_sizes)")
+    keep = key_mask[:, 0, 0, :, None].to(tokens.dtype)
+    return (tokens * keep).sum(dim=1) / keep.sum(dim=1)
 
 
 def _rows_split(sizes: Optional[tuple[int, ...]]) -> Any:

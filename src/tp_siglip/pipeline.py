@@ -338,12 +338,13 @@ def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Ite
 
 
 def decode_fixed(
-    sources: Sequence[Any], image_size: int, opener: Any = None, out: Optional[torch.Tensor] = None
+    sources: Sequence[Any], image_size: int, opener: Any = None, out: Optional[torch.Tensor] = None, preprocessing: Any = None
 ) -> tuple[torch.Tensor, None, list[Optional[str]]]:
-    """A fixed-resolution tower's share: uint8 ``(n, 3, S, S)`` levels (`processing.decode_files`)."""
+    """A fixed-resolution tower's share: uint8 ``(n, 3, S, S)`` levels (`processing.decode_files`; ``preprocessing``:
+    a timm / open_clip checkpoint's own resize and crop)."""
     from tp_siglip import processing
 
-    levels, reasons = processing.decode_files(sources, image_size, opener=opener, out=out)
+    levels, reasons = processing.decode_files(sources, image_size, opener=opener, out=out, preprocessing=preprocessing)
     return levels, None, reasons
 
 

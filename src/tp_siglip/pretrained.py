@@ -40,6 +40,13 @@ Arguments of ``from_pretrained`` / `load_pretrained`:
         outputs so every rank still returns the full result.
     config: the tower's config (a `SiglipVisionConfig`, or a dict read like a config.json), used
         instead of the repo's config.json. Either way it must agree with the tensors' shapes.
+    hidden_act: the MLPs' activation instead of the checkpoint's: ``"gelu"`` (exact, what timm and open_clip
+        run) or ``"gelu_pytorch_tanh"`` (the tanh approximation of transformers and big_vision), ...
+    global_pool: ``"avg"``: ``pooler_output`` is the mean of ``last_hidden_state``'s tokens (timm's GAP
+        towers), the head is not read; ``"map"``: the pooling head (required). Default: the checkpoint's.
+
+The checkpoint may also be a timm or open_clip folder or repo, or a big_vision ``.npz`` (``formats.py``):
+the same call, the tensors mapped onto transformers' names, each rank still reading only its slice.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from tp_siglip import hub, loader
+from tp_siglip import formats, hub, loader
+from tp_siglip.activations import get_activation
 from tp_siglip.checks import check_choice
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
@@ -84,6 +92,8 @@ def load_pretrained(
     download: str = "tower",
     parallel: str = "tensor",
     config: Union[SiglipVisionConfig, dict[str, Any], None] = None,
+    hidden_act: Optional[str] = None,
+    global_pool: Optional[str] = None,
 ) -> nn.Module:
     """Load a SigLIP-family vision tower from a Hub repo or a directory, each rank reading only its slice.
 
@@ -92,12 +102,14 @@ def load_pretrained(
     raises (the healthy ones name the failed rank). The arguments are described atop this module.
     """
     _check_arguments(repo_or_dir, prefix, num_hidden_layers, use_head, attn_implementation, parallel)
+    _check_overrides(hidden_act, global_pool, use_head)
     config = _resolve_config(config)
     want_dtype = loader.resolve_dtype(dtype)
     target = loader.resolve_device(device)
     group = resolve_group(world_size, process_group)
     options = dict(dtype=want_dtype, device=target, prefix=prefix, num_hidden_layers=num_hidden_layers,
-                   use_head=use_head, attn_implementation=attn_implementation, config=config)
+                   use_head=use_head, attn_implementation=attn_implementation, config=config,
+                   overrides={"hidden_act": hidden_act, "global_pool": global_pool})
     model: Optional[SiglipVisionTransformer] = None
     error: Optional[BaseException] = None
     try:
@@ -136,6 +148,19 @@ def _check_arguments(
     check_choice("parallel", parallel, PARALLEL_MODES)
 
 
+def _check_overrides(hidden_act: object, global_pool: object, use_head: object) -> None:
+    if hidden_act is not None:
+        if not isinstance(hidden_act, str):
+            raise TypeError(f"hidden_act must be a string or None, got {type(hidden_act).__name__}")
+        get_activation(hidden_act)  # ValueError naming the known ones
+    if global_pool is not None:
+        check_choice("global_pool", global_pool, ("map", "avg"))
+    if global_pool == "avg" and use_head:
+        raise ValueError("global_pool='avg' pools by the token mean without the head; drop use_head=True")
+    if global_pool == "map" and use_head is False:
+        raise ValueError("global_pool='map' is the pooling head; drop use_head=False")
+
+
 def _resolve_config(config: object) -> Optional[SiglipVisionConfig]:
     if config is None or isinstance(config, SiglipVisionConfig):
         return config
@@ -156,10 +181,12 @@ def load_checkpoint(
     use_head: Optional[bool],
     attn_implementation: str,
     config: Optional[SiglipVisionConfig] = None,
+    overrides: Optional[dict[str, Optional[str]]] = None,
 ) -> SiglipVisionTransformer:
-    """Build ``cls`` (or its NaFlex sibling) on the meta device for a local checkpoint; fill this rank's slices."""
-    checkpoint = loader.scan_checkpoint(directory, prefix, config)
-    config = _effective_config(checkpoint, num_hidden_layers, use_head)
+    """Build ``cls`` (or its NaFlex sibling) on the meta device for a local checkpoint of any format (`formats`);
+    fill this rank's slices. ``overrides``: ``hidden_act`` / ``global_pool`` replacing the checkpoint's."""
+    checkpoint = formats.scan(Path(directory), prefix, config)
+    config = _effective_config(checkpoint, num_hidden_layers, use_head, overrides or {})
     dtype = dtype or checkpoint.stored_dtype()
     if config.variant == "naflex" and not issubclass(cls, Siglip2VisionTransformer):
         cls = Siglip2VisionTransformer
@@ -174,7 +201,7 @@ def load_checkpoint(
         where=str(checkpoint.directory),
     )
     model.to_empty(device=device)
-    loader.read_tensors(dict(model.named_parameters()), layout, plan, checkpoint.tensors)
+    loader.read_tensors(dict(model.named_parameters()), layout, plan, checkpoint.tensors, checkpoint.opener)
     model._weights_ready = True
     model.eval()
     _log_loaded(model, checkpoint, plan, device, dtype)
@@ -183,9 +210,10 @@ def load_checkpoint(
 
 
 def _effective_config(
-    checkpoint: loader.Checkpoint, num_hidden_layers: Optional[int], use_head: Optional[bool]
+    checkpoint: loader.Checkpoint, num_hidden_layers: Optional[int], use_head: Optional[bool],
+    overrides: dict[str, Optional[str]],
 ) -> SiglipVisionConfig:
-    """The stored config with the caller's early exit and head choice applied (checked against it)."""
+    """The stored config with the caller's early exit, head, activation and pooling choices applied."""
     stored = checkpoint.config
     if num_hidden_layers is not None and num_hidden_layers > stored.num_hidden_layers:
         raise ValueError(
@@ -194,8 +222,16 @@ def _effective_config(
     head = checkpoint.has_head() if stored.vision_use_head is None else stored.vision_use_head
     if use_head and not head:
         raise ValueError(f"use_head=True but the tower has no head ({checkpoint.config_source}, {checkpoint.directory})")
-    changes: dict[str, Any] = {"num_hidden_layers": num_hidden_layers or stored.num_hidden_layers}
-    changes["vision_use_head"] = head if use_head is None else use_head
+    keep_head = head if use_head is None else use_head
+    pool = overrides.get("global_pool") or stored.global_pool
+    if overrides.get("global_pool") == "map" and not head:
+        raise ValueError(f"global_pool='map' but the tower has no pooling head ({checkpoint.config_source})")
+    if pool == "avg":
+        keep_head = False  # the token mean is the pooled output; the head is not read
+    elif pool == "map" and not keep_head:
+        pool = None  # use_head=False on a tower with a head: no pooled output
+    changes = {"num_hidden_layers": num_hidden_layers or stored.num_hidden_layers, "vision_use_head": keep_head,
+               "global_pool": pool, "hidden_act": overrides.get("hidden_act") or stored.hidden_act}
     return SiglipVisionConfig(**{**stored.to_dict(), **changes})
 
 

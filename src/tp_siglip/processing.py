@@ -38,6 +38,9 @@ The choices made, and why:
 * **Memory**: :func:`preprocess` decodes one image at a time straight into a preallocated output tensor, and
   :func:`iter_batches` loads a batch only when it is asked for. Memory use therefore stays flat however many
   files are processed.
+* **Other libraries' preprocessing**: a checkpoint loaded from timm or open_clip carries theirs
+  (``model.config.preprocessing``); pass it as ``preprocessing=`` and :func:`preprocess`,
+  :func:`decode_files` and :func:`to_pixel_values` follow that library instead (:mod:`tp_siglip.transforms`).
 * **Real corpora**: :func:`scan_images` lists a folder like :func:`find_images` and also counts what it left
   out (by extension, and hidden files). :func:`preprocess_files` reads a batch of files without stopping at a
   bad one: each unreadable file (empty, truncated, not an image, a pixel format Pillow cannot decode,
@@ -56,6 +59,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
+
+from tp_siglip import transforms
+from tp_siglip.config import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image as PILImage
@@ -285,21 +291,22 @@ def _array_to_rgb(array: np.ndarray, where: str) -> np.ndarray:
     return array
 
 
-def _to_rgb_pil(item: object, where: str) -> PILImage.Image:
-    """Turn one supported input (path, PIL image or uint8 array) into an RGB PIL image."""
+def _to_rgb_pil(item: object, where: str, to_rgb: Callable[[PILImage.Image], PILImage.Image] = _pil_to_rgb) -> PILImage.Image:
+    """Turn one supported input (path, PIL image or uint8 array) into an RGB PIL image (``to_rgb``: how a PIL
+    image becomes RGB: transformers' way by default)."""
     Image, _ = _require_pil()
     if isinstance(item, (str, os.PathLike)):
         # transformers runs its RGB conversion on the loaded image too. That matters: Pillow's
         # convert("RGB") turns a palette/grayscale ``transparency`` entry into an RGB colour key in ``info``,
         # and pixels of that colour are then composited onto white.
-        return _pil_to_rgb(load_image(item))
+        return to_rgb(load_image(item))
     if isinstance(item, np.ndarray):
         return Image.fromarray(np.ascontiguousarray(_array_to_rgb(item, where)))  # (H, W, 3) uint8 -> RGB
     if isinstance(item, Image.Image):
         if item.width == 0 or item.height == 0:
             raise ValueError(f"{where}: image is empty, got size {item.size}")
         try:
-            return _pil_to_rgb(item)
+            return to_rgb(item)
         except (OSError, SyntaxError, ValueError) as exc:  # a lazily opened truncated file, an unconvertible mode
             source = getattr(item, "filename", "") or "PIL image"
             raise ValueError(
@@ -317,6 +324,7 @@ def preprocess(
     image_size: int | tuple[int, int] = 224,
     *,
     dtype: torch.dtype = torch.float32,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> torch.Tensor:
     """Turn images into SigLIP ``pixel_values``, matching transformers' ``SiglipImageProcessor`` exactly.
 
@@ -330,6 +338,8 @@ def preprocess(
             ``(1, 3, 4)``.
         image_size: Output side length, or a ``(height, width)`` pair.
         dtype: Floating-point dtype of the result. Values are computed in float32 and cast at the end.
+        preprocessing: timm's or open_clip's steps instead (``model.config.preprocessing`` of a checkpoint
+            loaded from them; :mod:`tp_siglip.transforms`). ``None``: transformers' steps described above.
 
     Returns:
         ``pixel_values`` of shape ``(B, 3, height, width)``.
@@ -354,6 +364,10 @@ def preprocess(
         items = [images]
         names = ["image"]
 
+    if preprocessing is not None:  # timm / open_clip: their RGB conversion, resize, crop and arithmetic
+        rgbs = [_to_rgb_pil(item, where, transforms.convert_rgb) for item, where in zip(items, names, strict=True)]
+        levels = np.stack([np.asarray(transforms.resize_and_crop(rgb, (height, width), preprocessing)) for rgb in rgbs])
+        return to_pixel_values(torch.from_numpy(levels).permute(0, 3, 1, 2), dtype, preprocessing=preprocessing)
     pixel_values = torch.empty((len(items), 3, height, width), dtype=dtype)
     for index, (item, where) in enumerate(zip(items, names, strict=True)):
         rgb = _to_rgb_pil(item, where)
@@ -547,6 +561,7 @@ def decode_files(
     *,
     opener: Optional[Callable[[Any], PILImage.Image]] = None,
     out: Optional[torch.Tensor] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Decode and resize images to uint8 levels ``(n, 3, H, W)``: :func:`preprocess_files` before normalizing.
 
@@ -555,6 +570,7 @@ def decode_files(
     decoded, upright RGB image (default: :func:`load_image`). An unreadable source gets a reason and a
     zero row, as in :func:`preprocess_files`. ``out`` (uint8, contiguous, ``(n, 3, H, W)``) is written
     into and returned instead of a new tensor (the job's workers write into shared memory this way).
+    ``preprocessing``: timm's or open_clip's RGB conversion, resize and crop instead of transformers'.
     """
     Image, _ = _require_pil()
     height, width = _check_image_size(image_size)
@@ -564,9 +580,12 @@ def decode_files(
     levels = torch.zeros(shape, dtype=torch.uint8) if out is None else out
     rows = levels.numpy()  # numpy copies on this thread: no intra-op thread pool woken (and spinning) per image
     reasons: list[str | None] = []
-    for index, rgb, reason in read_files(sources, _pil_to_rgb, opener):
+    to_rgb = _pil_to_rgb if preprocessing is None else transforms.convert_rgb
+    for index, rgb, reason in read_files(sources, to_rgb, opener):
         reasons.append(reason)
-        if rgb is not None:
+        if rgb is not None and preprocessing is not None:
+            rows[index] = np.asarray(transforms.resize_and_crop(rgb, (height, width), preprocessing)).transpose(2, 0, 1)
+        elif rgb is not None:
             resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
             rows[index] = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
         elif out is not None:
@@ -599,7 +618,13 @@ def _arithmetic_is_exact() -> bool:
     return _ARITHMETIC_EXACT
 
 
-def to_pixel_values(levels: torch.Tensor, dtype: torch.dtype = torch.float32, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def to_pixel_values(
+    levels: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    *,
+    out: Optional[torch.Tensor] = None,
+    preprocessing: Optional[Preprocessing] = None,
+) -> torch.Tensor:
     """uint8 levels -> normalized ``pixel_values`` in ``dtype``, on the levels' own device.
 
     The values are those of the 256-entry table of :func:`preprocess` (transformers' rescale + normalize,
@@ -612,6 +637,7 @@ def to_pixel_values(levels: torch.Tensor, dtype: torch.dtype = torch.float32, *,
         dtype: Floating-point dtype of the result.
         out: Optional tensor of ``levels``' shape, in ``dtype`` on ``levels``' device, to write into and
             return (a caller that normalises batch after batch keeps one: no fresh pages each batch).
+        preprocessing: timm's / open_clip's normalisation instead (``ToTensor`` + ``Normalize``, per channel).
     """
     if not isinstance(levels, torch.Tensor) or levels.dtype != torch.uint8:
         raise TypeError(f"levels must be a uint8 torch.Tensor, got {getattr(levels, 'dtype', type(levels).__name__)}")
@@ -621,7 +647,9 @@ def to_pixel_values(levels: torch.Tensor, dtype: torch.dtype = torch.float32, *,
             f"out must be a {dtype} tensor of shape {tuple(levels.shape)} on {levels.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
-    if levels.device.type == "cpu" and _arithmetic_is_exact():
+    if preprocessing is not None:
+        values = transforms.normalise(levels, preprocessing)
+    elif levels.device.type == "cpu" and _arithmetic_is_exact():
         values = out if out is not None and dtype == torch.float32 else torch.empty(levels.shape, dtype=torch.float32)
         _normalise_in_place(values.copy_(levels))
     elif levels.device.type == "cpu":  # the table, should arithmetic ever be inexact here

@@ -1,8 +1,9 @@
 """Fetching only a checkpoint's vision tower, by byte ranges, into a checked vision-only safetensors file.
 
 `fetch_tower` reads the headers of the files holding the tower (with an index, only its shards), then its
-bytes, and writes them, names kept, as ``snapshots/<sha>/model.safetensors`` beside ``config.json`` and a
-manifest (`find_cached_tower` finds it). Reads are ranged GETs through huggingface_hub's `HfFileSystem`, which
+bytes, and writes them, names kept, as ``snapshots/<sha>/model.safetensors`` beside ``config.json`` (an
+open_clip repo's ``open_clip_config.json``: its tower is ``visual.trunk.*`` of ``open_clip_model.safetensors``,
+the text tower never fetched) and a manifest (`find_cached_tower` finds it). Reads are ranged GETs through huggingface_hub's `HfFileSystem`, which
 resends one that dropped (>= 0.36) or got a 5xx, losing what it had received: so the tower is read in chunks of
 ~1/`CHUNKS_PER_TOWER`, and a short answer is continued. Adjacent tensors form one run (gaps up to
 ``min(MAX_GAP_BYTES, tower/64)`` are read and dropped). All is written in ``snapshots/.tmp-*`` and renamed into
@@ -22,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+from tp_siglip.formats import config_file
 from tp_siglip.loader import CheckpointError, TensorInfo, find_prefix, header_length, parse_header, parse_index, tower_prefix
 
 logger = logging.getLogger(__name__)
@@ -112,8 +114,8 @@ def find_cached_tower(snapshots: Path, sha: str, prefix: Optional[str], where: s
             continue
         if not isinstance(manifest, dict) or prefix not in (None, manifest.get("prefix")):
             continue
-        weights = directory / SINGLE_FILE
-        if (directory / CONFIG_FILE).is_file() and weights.is_file() and weights.stat().st_size == manifest.get("file_size"):
+        weights, config = directory / SINGLE_FILE, directory / str(manifest.get("config_file", CONFIG_FILE))
+        if config.is_file() and weights.is_file() and weights.stat().st_size == manifest.get("file_size"):
             return directory
         logger.warning("%s: cached tower %s is damaged (size or files); fetching it again", where, directory)
     return None
@@ -146,10 +148,11 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
     from huggingface_hub.utils import tqdm
     from safetensors import safe_open
 
+    config_name = config_file(remote.files)
     try:
-        json.loads(config := remote.read_bytes(CONFIG_FILE))
+        json.loads(config := remote.read_bytes(config_name))
     except ValueError as err:
-        raise CheckpointError(f"{remote.where}: config.json is not valid JSON ({err})") from None
+        raise CheckpointError(f"{remote.where}: {config_name} is not valid JSON ({err})") from None
     chosen, auto, order = _tower_tensors(remote, prefix)
     metadata = {"format": "pt", "source": f"{meta['endpoint']}/{remote.repo_id}", "commit": remote.sha, "prefix": chosen}
     raw, runs, tower_bytes = _plan(order, metadata)
@@ -160,7 +163,7 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
     final = snapshots / tower_dir_name(remote.sha, chosen, auto)
     (tmp := snapshots / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}").mkdir()
     try:
-        (tmp / CONFIG_FILE).write_bytes(config)
+        (tmp / config_name).write_bytes(config)
         bar = tqdm(total=sum(r[2] - r[1] for r in runs), unit="B", unit_scale=True, unit_divisor=1024, name=__name__,
                    desc=f"{remote.repo_id} vision tower", disable=bool(env_flag("HF_HUB_DISABLE_PROGRESS_BARS")))
         with open(tmp / SINGLE_FILE, "wb") as fh, bar:
@@ -178,6 +181,7 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
         repo_bytes = sum(remote.files.get(name) or 0 for name in root_safetensors(remote.files))
         sources = {name: remote.open(name).size for name in dict.fromkeys(info.file for info in order)}
         manifest = dict(meta, repo_id=remote.repo_id, commit=remote.sha, prefix=chosen, tensors=len(order), source_files=sources,
+                        config_file=config_name,
                         tower_bytes=tower_bytes, file_size=file_size, fetched_bytes=remote.weight_bytes,
                         requests=remote.requests, repo_safetensors_bytes=repo_bytes)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
