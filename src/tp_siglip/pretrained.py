@@ -66,7 +66,7 @@ from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
 from tp_siglip.hardware import warn_if_emulated_half
 from tp_siglip.model import ATTN_IMPLEMENTATIONS, Siglip2VisionTransformer, SiglipVisionTransformer
-from tp_siglip.parallel import ProcessGroup, agree_on_failure, collective_device, resolve_group
+from tp_siglip.parallel import ProcessGroup, agree_on_failure, resolve_group
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def load_pretrained(
     except Exception as err:  # every rank must hear about it, see agree_on_failure
         error = err
     try:
-        agree_on_failure(error, group, collective_device(group))
+        agree_on_failure(error, group)  # on the group's CPU side group
     finally:
         del error  # a kept exception (and its frames) would keep the process group alive at exit
     assert model is not None

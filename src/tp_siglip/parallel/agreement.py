@@ -29,8 +29,9 @@ def agree_on_failure(
     """Collective check-point: raise on every rank if ``error`` is set on any rank.
 
     Each rank contributes a status code and up to 1 KiB of its error message (UTF-8 bytes in a tensor; no
-    pickling), on the group's CPU side group (``device`` is accepted for compatibility and unused). A rank with its own error re-raises it; a healthy rank raises ``RuntimeError`` naming the
-    rank that failed and why. Without a group it simply re-raises ``error``.
+    pickling) on the group's CPU side group (``device`` is accepted for compatibility and unused). A rank
+    with its own error re-raises it; a healthy rank raises ``RuntimeError`` naming the rank that failed and
+    why. Without a group it simply re-raises ``error``.
     """
     try:
         if group is None or group_size(group) == 1:
