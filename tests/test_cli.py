@@ -51,7 +51,8 @@ def setup(tmp_path_factory):
     pixels = processor(images=[str(corpus / name) for name in GOOD], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=pixels)
-    reference = {str(corpus / name): row for name, row in zip(GOOD, out.pooler_output)}
+    unit = torch.nn.functional.normalize(out.pooler_output, dim=-1)  # the stored embedding is L2-normalised
+    reference = {str(corpus / name): row for name, row in zip(GOOD, unit)}
     return root, checkpoint, corpus, reference
 
 
@@ -236,7 +237,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["output-is-folder", "output-folder-is-file", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+    ["output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
      "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
@@ -248,6 +249,8 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     named = {
         "output-is-folder": ("--output", tmp_path / "dir.safetensors"),  # a .safetensors name that is a folder
         "output-folder-is-file": ("--output", tmp_path / "file"),  # any other name is a folder of shards
+        "output-npy": ("--output", tmp_path / "emb.npy"),  # a file suffix the job does not write: refused
+        "output-image-name": ("--output", tmp_path / "emb.PNG"),
         "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
         "parent-is-file": ("--output", tmp_path / "file" / "out.safetensors"),
         "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),
@@ -274,6 +277,9 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     assert shown in errors[0] or (case == "unwritable" and "/proc" in errors[0]), errors[0]
     if case == "device-cuda":
         assert "--device cpu" in errors[0]
+    if case in ("output-npy", "output-image-name"):
+        assert not value.exists()  # no folder named emb.npy
+        assert "emb.safetensors" in errors[0] and "folder without a file suffix" in errors[0]
     assert not (tmp_path / "out.safetensors").exists()
 
 

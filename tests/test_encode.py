@@ -7,6 +7,7 @@ PIL backend, since there is no torchvision here) then ``SiglipVisionModel`` with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -70,10 +71,12 @@ def setup(tmp_path_factory):
     pixels = processor(images=[str(REPO / p) for p in _expected_paths()], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=pixels)
+    unit = functools.partial(torch.nn.functional.normalize, dim=-1)  # the stored embedding (the default)
     reference = {
-        "pooler_output": out.pooler_output,
+        "pooler_output": unit(out.pooler_output),
+        "raw_pooler_output": out.pooler_output,
         "last_hidden_state": out.last_hidden_state,
-        "mean_pooled": out.last_hidden_state.mean(dim=1),
+        "mean_pooled": unit(out.last_hidden_state.mean(dim=1)),
     }
     return root, headed, headless, reference
 
@@ -105,6 +108,7 @@ def test_tensor_parallel_matches_transformers(setup, tensor_run):
     assert metadata["parallel"] == "tensor"
     assert metadata["dtype"] == "float32"
     assert metadata["embedding"] == "pooler_output"
+    assert metadata["normalized"] == "true" and metadata["output_dtype"] == "float32"
     assert metadata["complete"] == "true" and json.loads(metadata["skipped"]) == []
 
 

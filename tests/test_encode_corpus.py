@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
     pils = [Image.open(io.BytesIO(good[k])).convert("RGB") for k in sorted(good)]
     with torch.no_grad():
         out = model(pixel_values=processor(images=pils, return_tensors="pt")["pixel_values"])
-    reference = dict(zip(sorted(good), out.pooler_output))
+    reference = dict(zip(sorted(good), torch.nn.functional.normalize(out.pooler_output, dim=-1)))  # stored normalised
     inputs = [str(root / "shards" / "{00000..00002}.tar"), str(root / "shards" / "00003.parquet")]
     return root, checkpoint, inputs, reference
 

@@ -329,6 +329,29 @@ def test_parquet_without_image_column_and_hf_image_structs(tmp_path: Path) -> No
     assert row.key == "000000000" and row.meta == {"label": 3} and read_bytes(row.ref) == data
 
 
+def test_tar_and_parquet_take_every_image_suffix_a_folder_takes(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tp_siglip.processing import IMAGE_SUFFIXES
+
+    formats = {".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    assert set(formats) == IMAGE_SUFFIXES
+    members = {f"{i:09d}{suffix.upper() if i % 2 else suffix}": image_bytes(i, fmt) for i, (suffix, fmt) in enumerate(sorted(formats.items()))}
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ignored: Counter = Counter()
+    rows = list_rows(plan_shards([tmp_path / "00000.tar"]).shards[0], ignored)
+    assert [read_bytes(row.ref) for row in rows] == list(members.values()) and not ignored  # a .gif is an image member
+    data = image_bytes(9, "GIF")
+    pq.write_table(pa.table({"key": ["a"], "gif": [data]}), tmp_path / "gif.parquet")
+    (row,) = list_rows(ShardSpec(0, "gif", "parquet", str(tmp_path / "gif.parquet")))
+    assert read_bytes(row.ref) == data
+
+
 def test_parquet_needs_pyarrow_with_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)

@@ -5,7 +5,7 @@ file names sort in shard order)::
 
     DIR/manifest.json                       the run: format version, model, dtype, embedding name, hidden
                                             size, tower config, tp_siglip version, the planned shards
-    DIR/img_emb/img_emb_NNNNN.npy           float32 (rows, hidden), numpy .npy (np.load(..., mmap_mode="r"))
+    DIR/img_emb/img_emb_NNNNN.npy           float32 or float16 (rows, hidden), numpy .npy (np.load(..., mmap_mode="r"))
     DIR/metadata/metadata_NNNNN.parquet     one row per embedding row, same order: key, shard, source, meta...
     DIR/<name>/<name>_NNNNN.npy             optional extra per-row arrays (e.g. tokens, pixel_attention_mask)
     DIR/stats/stats_NNNNN.json              rows, skipped [[key, reason], ...], seconds, done: true, files
@@ -37,8 +37,9 @@ Choices made:
   byte-identical, so a rerun gives the same folder.
 * Before a run finishes, ``img_emb/`` may hold files of shards still being committed: run autofaiss on a
   finished folder (every planned shard complete), or after :func:`remove_incomplete`.
-* The embedding is stored float32 (n, hidden); extra arrays keep their dtype except floating ones, which
-  are stored float32 (bf16 has no numpy dtype). Their names must match ``[a-z][a-z0-9_]*``.
+* The embedding is stored (n, hidden) in the dtype given (float32 or float16: what the job's
+  ``--output-dtype`` makes); every array keeps its dtype except bfloat16 and float64, stored float32 (bf16 has
+  no numpy dtype). Whether the rows are L2-normalised is the manifest's ``normalized``. Their names must match ``[a-z][a-z0-9_]*``.
 * Metadata columns: ``key``, ``shard`` (the shard's name), ``source`` (the tar/parquet path; ``""`` for
   plain files, whose key is their path), then each meta key in order of first appearance. A meta key that collides with
   those three is stored as ``meta_<key>`` unless its value equals the column's (img2dataset's ``key``).
@@ -266,14 +267,14 @@ def _column_name(key: str, value: Any, fixed: dict[str, str]) -> Optional[str]:
 def _as_numpy(name: str, value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().to("cpu")
-        if value.is_floating_point():
+        if value.is_floating_point() and value.dtype != torch.float16:
             value = value.to(torch.float32)
         value = value.contiguous().numpy()
     elif not isinstance(value, np.ndarray):
         raise TypeError(f"tensor {name!r} must be a numpy array or torch.Tensor, got {type(value).__name__}")
-    if value.dtype.kind == "f":
+    if value.dtype.kind == "f" and value.dtype != np.float16:
         value = value.astype(np.float32, copy=False)
-    elif value.dtype.kind not in "biu":
+    elif value.dtype.kind not in "biuf":
         raise TypeError(f"tensor {name!r} has dtype {value.dtype}; store floating, integer or bool arrays")
     return np.ascontiguousarray(value)
 

@@ -8,10 +8,12 @@ Every rank lists the same images and decodes only its share of each batch (`tp_s
 ``--parallel tensor`` (default) each rank holds a slice of the weights and the group runs each batch
 together, every rank feeding the tower the images it decoded (the batch split by rows,
 `parallel.split_batch`: no pixels travel between ranks); with ``--parallel data`` each rank holds all the
-weights and encodes its share alone. Rank 0 writes one safetensors file, all tensors float32, rows in the order of ``paths``:
-``pooler_output`` (N, hidden), or ``mean_pooled`` (the mean of ``last_hidden_state`` over patches) for towers
-without a pooling head; ``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths``
-(JSON list), ``model``, ``dtype``, ``world_size``, ``parallel``, ``embedding``, ``skipped`` (JSON list of
+weights and encodes its share alone. Rank 0 writes one safetensors file, all tensors in ``--output-dtype``
+(float32 or float16), rows in the order of ``paths``: ``pooler_output`` (N, hidden), or ``mean_pooled`` (the
+mean of ``last_hidden_state`` over patches) for towers without a pooling head, L2-normalised unless
+``--no-normalize`` (so an inner-product index ranks by cosine, as clip-retrieval's and autofaiss's do);
+``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths`` (JSON list), ``model``,
+``dtype``, ``world_size``, ``parallel``, ``embedding``, ``normalized``, ``output_dtype``, ``skipped`` (JSON list of
 ``[path, reason]``), ``complete`` (``"false"`` for a checkpoint or an interrupted run) and
 ``tp_siglip_version``. Rank 0 prints a line per skipped file, the throughput, a summary and the cosine
 similarities of the first five images.
@@ -29,8 +31,8 @@ What changes in the output:
 * with ``--tokens``: ``last_hidden_state`` is ``(N, max_num_patches, hidden)`` with image ``i``'s tokens in
   its first ``h*w`` rows and zeros after them (whatever the tower computed there, so tensor and data mode
   write the same file), plus ``pixel_attention_mask`` ``(N, max_num_patches)`` (1.0 = a real patch) and
-  ``spatial_shapes`` ``(N, 2)`` (the patch grid ``h, w``, row-major), both float32 holding whole numbers,
-  as every tensor of the file is float32. Token ``r * w + c`` of image ``i`` is the patch at row ``r``,
+  ``spatial_shapes`` ``(N, 2)`` (the patch grid ``h, w``, row-major), both in ``--output-dtype`` holding
+  whole numbers, as every tensor of the file. Token ``r * w + c`` of image ``i`` is the patch at row ``r``,
   column ``c`` of its grid.
 
 Choices made:
@@ -101,6 +103,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: transformers' ``Siglip2ImageProcessor`` default, used when the checkpoint does not say
 DEFAULT_MAX_NUM_PATCHES = 256
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+#: ``--output-dtype`` choices
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SIMILARITY_ROWS = 5
 
 
@@ -168,6 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype; auto = as stored. On a CPU without native bf16/fp16 half precision is ~7x slower: use float32")
     add("--batch-size", type=_positive_int, default=8, help="images per forward pass")
+    add("--no-normalize", dest="normalize", action="store_false",
+        help="store the tower's raw pooler_output / mean_pooled instead of the L2-normalised embedding (default: "
+             "normalised, so an inner-product index ranks by cosine similarity)")
+    add("--output-dtype", default="float32", choices=sorted(OUTPUT_DTYPES),
+        help="dtype of the stored tensors; float16 halves the output (what clip-retrieval stores)")
     add("--tp", type=_positive_int, default=None, metavar="N",
         help="ranks per group (default: all of them): torchrun's world is cut into groups of N ranks, each loads the tower "
              "once and takes whole input shards; --tp 1 = pure data parallel. Fewer than all ranks needs a folder --output")
@@ -234,6 +243,10 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
     except ImportError as err:
         raise UsageError(str(err)) from None
     inputs = args.inputs or [DEFAULT_IMAGES]
+    try:
+        encode_corpus.check_output_name(args.output)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     tp = args.tp or world_size
     if world_size % tp:
         raise UsageError(f"--tp {tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
@@ -412,6 +425,13 @@ def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, plan: Plan) 
         raise UsageError(f"{where} holds embeddings of --model {meta.get('model')}, not {args.model}; use that --model or another --output")
     if args.dtype != "auto" and meta.get("dtype") != args.dtype:
         raise UsageError(f"{where} was computed in {meta.get('dtype')}, not {args.dtype}; use --dtype {meta.get('dtype')} or another --output")
+    normalized = meta.get("normalized", "false")  # files of earlier versions hold raw rows
+    if normalized != ("true" if args.normalize else "false"):
+        fix = "drop --no-normalize" if normalized == "true" else "add --no-normalize"
+        raise UsageError(f"{where} holds {'L2-normalised' if normalized == 'true' else 'raw'} embeddings; {fix} to resume it, or use another --output")
+    stored = meta.get("output_dtype", "float32")
+    if stored != args.output_dtype:
+        raise UsageError(f"{where} stores {stored}, not {args.output_dtype}; pass --output-dtype {stored} or use another --output")
     has_tokens = "last_hidden_state" in earlier.tensors
     if has_tokens != args.tokens:
         fix = "add --tokens" if has_tokens else "drop --tokens"
@@ -654,6 +674,8 @@ class _Job:
             "world_size": str(self.world_size),
             "parallel": self.args.parallel,
             "embedding": self.embedding,
+            "normalized": "true" if self.args.normalize else "false",
+            "output_dtype": self.args.output_dtype,
             "tp_siglip_version": __version__,
         }
         if self.naflex:
@@ -755,7 +777,7 @@ class _Job:
                 else:
                     out = self.model(*inputs.values(), batch_sizes=batch_sizes)
                 for name, tensor in self._stored_rows(out, inputs).items():
-                    local[name][ok] = tensor
+                    local[name][ok] = tensor.to(local[name].dtype)
         times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
         gathered = gather_shares(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
@@ -781,13 +803,14 @@ class _Job:
     def _stored_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Row shapes of what the output stores (all float32), as :meth:`_stored_rows` makes them."""
         config, hidden = self.model.config, self.model.config.hidden_size
-        specs = {self.embedding: ((hidden,), torch.float32)}
+        dtype = OUTPUT_DTYPES[self.args.output_dtype]
+        specs = {self.embedding: ((hidden,), dtype)}
         if self.args.tokens:
             tokens = self.max_num_patches if self.naflex else (config.image_size // config.patch_size) ** 2
-            specs["last_hidden_state"] = ((tokens, hidden), torch.float32)
+            specs["last_hidden_state"] = ((tokens, hidden), dtype)
             if self.naflex:
-                specs["pixel_attention_mask"] = ((tokens,), torch.float32)
-                specs["spatial_shapes"] = ((2,), torch.float32)
+                specs["pixel_attention_mask"] = ((tokens,), dtype)
+                specs["spatial_shapes"] = ((2,), dtype)
         return specs
 
     def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -808,10 +831,11 @@ class _Job:
         return self._pixels[:rows]
 
     def _stored_rows(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the output stores for these images, float32 on the CPU (see the module doc)."""
+        """What the output stores for these images, float32 on the CPU, before the cast to ``--output-dtype``
+        (see the module doc)."""
         if not self.naflex:
             vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
-            tensors = {self.embedding: vectors.float().cpu()}
+            tensors = {self.embedding: self._unit(vectors.float()).cpu()}
             if self.args.tokens:
                 tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
             return tensors
@@ -819,12 +843,17 @@ class _Job:
         # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
         tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
         vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
-        tensors = {self.embedding: vectors.cpu()}
+        tensors = {self.embedding: self._unit(vectors).cpu()}
         if self.args.tokens:
             tensors["last_hidden_state"] = tokens.cpu()
             tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
             tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
         return tensors
+
+    def _unit(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The stored embedding: L2-normalised float32 rows (an inner product is then the cosine), or as computed
+        with ``--no-normalize``."""
+        return torch.nn.functional.normalize(vectors, dim=-1) if self.args.normalize else vectors
 
     def _report_times(self, times: Counter, seconds: float) -> None:
         """Where the time went, and how many images each rank decoded (one small collective)."""

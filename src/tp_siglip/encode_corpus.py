@@ -43,9 +43,26 @@ __all__ = ["CorpusPlan", "ShardOutput", "check_corpus_arguments", "is_folder_out
 logger = logging.getLogger(__name__)
 
 
+#: ``--output`` suffixes of files the job does not write: refused rather than made into a folder of that name
+FILE_SUFFIXES = frozenset({".npy", ".npz", ".parquet", ".json", ".jsonl", ".pt", ".pth", ".bin", ".pkl", ".h5", ".hdf5",
+                           ".csv", ".arrow", ".txt", ".tar", ".zip", *processing.IMAGE_SUFFIXES})
+
+
 def is_folder_output(output: Path) -> bool:
     """A ``--output`` that does not name a ``.safetensors`` file is a folder of shards."""
     return output.suffix.lower() != ".safetensors"
+
+
+def check_output_name(output: Path) -> None:
+    """Refuse an ``--output`` named like a file the job does not write (``emb.npy``: a folder by that name
+    would surprise); :class:`ValueError` naming the two outputs there are."""
+    suffix = output.suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        raise ValueError(
+            f"--output {output}: the job does not write {suffix} files; name a .safetensors file for one file "
+            f"(--output {output.with_suffix('.safetensors')}) or a folder without a file suffix for shards "
+            f"(--output {output.with_suffix('')}/: .npy embeddings + parquet metadata per shard)"
+        )
 
 
 @dataclass
@@ -154,6 +171,8 @@ def manifest_for(job: Any, args: argparse.Namespace, plan: CorpusPlan) -> dict:
         hidden_size=job.model.config.hidden_size,
         config=job.model.config.to_dict(),
         tokens=bool(args.tokens),
+        normalized=bool(args.normalize),
+        output_dtype=args.output_dtype,
         max_num_patches=job.max_num_patches,
         shard_size=args.shard_size,
     )
@@ -166,7 +185,9 @@ def _resume_decision(root: Path, earlier: Optional[dict], manifest: dict) -> tup
     """
     if earlier is not None:
         problem = embeddings_dir.check_same_run(earlier, manifest)
-        for key, flag in (("tokens", "--tokens"), ("max_num_patches", "--max-num-patches"), ("shard_size", "--shard-size")):
+        flags = (("tokens", "--tokens"), ("normalized", "--no-normalize"), ("output_dtype", "--output-dtype"),
+                 ("max_num_patches", "--max-num-patches"), ("shard_size", "--shard-size"))
+        for key, flag in flags:
             if problem is None and earlier.get(key) != manifest[key]:
                 problem = f"{flag}: the output folder was written with {key} {earlier.get(key)!r}, this run has {manifest[key]!r}"
         if problem is not None:

@@ -16,12 +16,13 @@ Inputs, classified in this order:
   numbers with the zero padding of the wider end kept (``{0..10..2}`` takes a step; a range may count
   down); ``{a,b,c}`` is a list. Several groups expand left to right (the last varies fastest). Every
   expanded path must exist, else :class:`FileNotFoundError` names the missing ones and the pattern;
-* ``.tar``: a webdataset shard as img2dataset writes it (``KEY.jpg``/``.jpeg``/``.png``/``.webp`` +
-  ``KEY.json`` + optional ``KEY.txt`` caption). ``.tar.gz``/``.tgz`` are refused: a compressed tar cannot
+* ``.tar``: a webdataset shard as img2dataset writes it (``KEY.jpg`` + ``KEY.json`` + optional ``KEY.txt``
+  caption); an image member may have any suffix a folder accepts (``.jpg .jpeg .png .bmp .gif .webp .tif
+  .tiff``, any case). ``.tar.gz``/``.tgz`` are refused: a compressed tar cannot
   be read at an offset;
-* ``.parquet``: an img2dataset parquet shard (``key`` column, a binary image column ``jpg``/``jpeg``/
-  ``png``/``webp``/``image``, or a Hugging Face ``image`` struct with a ``bytes`` field, other columns are
-  metadata);
+* ``.parquet``: an img2dataset parquet shard (``key`` column, a binary image column named after one of those
+  suffixes (``jpg``, ``png``, ``webp``, ...) or ``image``/``img``, or a Hugging Face ``image`` struct with a
+  ``bytes`` field, other columns are metadata);
 * ``.txt``: a list of paths, one per line. Blank lines and lines starting with ``#`` are skipped; a
   relative path is resolved against **the list file's folder** (so a list travels with its corpus and
   means the same from any working directory). Listed paths are not ``stat``-ed (a list may hold millions):
@@ -73,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from tp_siglip.processing import scan_images
+from tp_siglip.processing import IMAGE_SUFFIXES, scan_images
 
 __all__ = [
     "IMAGE_MEMBER_SUFFIXES",
@@ -91,8 +92,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MEMBER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-_PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
+#: tar members that are images: the suffixes a folder accepts (`processing.IMAGE_SUFFIXES`)
+IMAGE_MEMBER_SUFFIXES = tuple(sorted(IMAGE_SUFFIXES))
+_PARQUET_IMAGE_COLUMNS = (*(suffix[1:] for suffix in IMAGE_MEMBER_SUFFIXES), "image", "img")
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _PYARROW_HINT = 'pip install "tp-siglip[corpus]"'
 _END_OF_TAR = "(end of tar)"
