@@ -92,7 +92,7 @@ def tensor_run(setup):
     root, headed, _, _ = setup
     output = root / "tensor.safetensors"
     return _encode(
-        ["--model", str(headed), IMAGES, "--output", str(output), "--tokens", "--batch-size", "2"], entry=MODULE
+        ["--model", str(headed), IMAGES, "--output", str(output), "--tokens", "--batch-size", "2", "--tp", "2"], entry=MODULE
     )
 
 
@@ -105,7 +105,7 @@ def test_tensor_parallel_matches_transformers(setup, tensor_run):
     assert json.loads(metadata["paths"]) == _expected_paths()
     assert metadata["model"] == str(headed)
     assert metadata["world_size"] == "2"
-    assert metadata["parallel"] == "tensor"
+    assert metadata["tp"] == "2"
     assert metadata["dtype"] == "float32"
     assert metadata["embedding"] == "pooler_output"
     assert metadata["normalized"] == "true" and metadata["output_dtype"] == "float32"
@@ -128,14 +128,13 @@ def test_prints_speed_and_similarity_table_on_rank_0_only(tensor_run):
 def test_data_parallel_gives_the_same_embeddings(setup, tensor_run):
     root, headed, _, reference = setup
     output = root / "data.safetensors"
-    # batch size 3 over 2 ranks: uneven split (2 + 1), then a short last batch (2 images, 1 + 1)
-    tensors, metadata, _ = _encode(
-        ["--model", str(headed), IMAGES, "--output", str(output), "--parallel", "data", "--batch-size", "3"]
-    )
+    # batch size 3 over 2 ranks: uneven split (2 + 1), then a short last batch (2 images, 1 + 1); raw vectors
+    tensors, metadata, _ = _encode(["--model", str(headed), IMAGES, "--output", str(output), "--batch-size", "3", "--no-normalize"])
     assert sorted(tensors) == ["pooler_output"]  # no --tokens: no last_hidden_state
-    assert metadata["parallel"] == "data"
-    _close(tensors["pooler_output"], reference["pooler_output"])
-    torch.testing.assert_close(tensors["pooler_output"], tensor_run[0]["pooler_output"], rtol=1e-5, atol=1e-5)
+    assert metadata["tp"] == "1" and metadata["normalized"] == "false"  # the default --tp: data parallel
+    _close(tensors["pooler_output"], reference["raw_pooler_output"])
+    unit = torch.nn.functional.normalize(tensors["pooler_output"], dim=-1)
+    torch.testing.assert_close(unit, tensor_run[0]["pooler_output"], rtol=1e-5, atol=1e-5)
 
 
 def test_single_process_headless_tower_stores_mean_pooled(setup):

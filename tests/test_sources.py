@@ -133,6 +133,17 @@ def test_plain_files_from_args_folders_and_lists_are_chunked(tmp_path: Path) -> 
     assert "files-00001" in describe(plan.shards[2]) and "2 file(s)" in describe(plan.shards[2])
 
 
+def test_plain_files_are_cut_into_at_least_one_shard_per_group(tmp_path: Path) -> None:
+    for name in "abcde":
+        (tmp_path / f"{name}.png").write_bytes(image_bytes(0))
+    sizes = lambda plan: [len(s.files) for s in plan.shards]  # noqa: E731
+    assert sizes(plan_shards([tmp_path], rows_per_file_shard=10, min_file_shards=2)) == [2, 3]
+    assert sizes(plan_shards([tmp_path], rows_per_file_shard=10, min_file_shards=8)) == [1] * 5  # no empty shards
+    assert sizes(plan_shards([tmp_path], rows_per_file_shard=2, min_file_shards=2)) == [2, 2, 1]  # already enough
+    with pytest.raises(ValueError, match="min_file_shards"):
+        plan_shards([tmp_path], min_file_shards=0)
+
+
 def test_files_chunk_takes_the_place_of_the_first_plain_input(tmp_path: Path) -> None:
     make_tar(tmp_path / "00000.tar", 1)
     (tmp_path / "a.png").write_bytes(image_bytes(0))

@@ -4,16 +4,17 @@
     python -m tp_siglip.encode [IMAGES...] ...                      # the same
     torchrun --nproc-per-node 2 -m tp_siglip.encode [IMAGES...] ... # 2 ranks (or: torchrun ... --no-python tp-siglip encode)
 
-Every rank lists the same images and decodes only its share of each batch (`tp_siglip.pipeline`). With
-``--parallel tensor`` (default) each rank holds a slice of the weights and the group runs each batch
-together, every rank feeding the tower the images it decoded (the batch split by rows,
-`parallel.split_batch`: no pixels travel between ranks); with ``--parallel data`` each rank holds all the
-weights and encodes its share alone. Rank 0 writes one safetensors file, all tensors in ``--output-dtype``
+Every rank lists the same images and decodes only its share of each batch (`tp_siglip.pipeline`).
+``--tp N`` cuts the ranks into groups of N, each holding one copy of the tower: by default (``--tp 1``, data
+parallel) each rank holds all the weights and encodes its share alone; in a group of several ranks
+(tensor parallel) each holds a slice of the weights and the group runs its ranks' shares together, every
+rank feeding the tower the images it decoded (the batch split by rows, `parallel.split_batch`: no pixels
+travel between ranks). The stored rows of every rank are gathered to rank 0, which writes one safetensors file, all tensors in ``--output-dtype``
 (float32 or float16), rows in the order of ``paths``: ``pooler_output`` (N, hidden), or ``mean_pooled`` (the
 mean of ``last_hidden_state`` over patches) for towers without a pooling head, L2-normalised unless
 ``--no-normalize`` (so an inner-product index ranks by cosine, as clip-retrieval's and autofaiss's do);
 ``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths`` (JSON list), ``model``,
-``dtype``, ``world_size``, ``parallel``, ``embedding``, ``normalized``, ``output_dtype``, ``skipped`` (JSON list of
+``dtype``, ``world_size``, ``tp``, ``embedding``, ``normalized``, ``output_dtype``, ``skipped`` (JSON list of
 ``[path, reason]``), ``complete`` (``"false"`` for a checkpoint or an interrupted run) and
 ``tp_siglip_version``. Rank 0 prints a line per skipped file, the throughput, a summary and the cosine
 similarities of the first five images.
@@ -89,7 +90,15 @@ import torch.distributed as dist
 from tp_siglip import __version__, encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
-from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0, split_world
+from tp_siglip.lockstep import (
+    RanksDisagree,
+    agree_on_files,
+    agree_on_max,
+    gather_reasons,
+    gather_shares,
+    share_from_rank0,
+    split_world,
+)
 from tp_siglip.parallel import init_default_group
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
@@ -103,6 +112,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: transformers' ``Siglip2ImageProcessor`` default, used when the checkpoint does not say
 DEFAULT_MAX_NUM_PATCHES = 256
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+#: the share of a GPU's memory the tower's weights may take before the default --tp groups GPUs
+GPU_WEIGHT_FRACTION = 0.5
 #: ``--output-dtype`` choices
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SIMILARITY_ROWS = 5
@@ -178,11 +189,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output-dtype", default="float32", choices=sorted(OUTPUT_DTYPES),
         help="dtype of the stored tensors; float16 halves the output (what clip-retrieval stores)")
     add("--tp", type=_positive_int, default=None, metavar="N",
-        help="ranks per group (default: all of them): torchrun's world is cut into groups of N ranks, each loads the tower "
-             "once and takes whole input shards; --tp 1 = pure data parallel. Fewer than all ranks needs a folder --output")
+        help="ranks per group, tensor parallel inside a group: torchrun's world is cut into groups of N consecutive ranks, "
+             "each holding one copy of the tower (default: 1, data parallel, each rank its own group; more only on a GPU "
+             "too small for the tower, see docs/encode.md)")
     add("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
         help="folder output: plain image files (and .txt lists) are cut into shards of this many rows")
-    add("--parallel", default="tensor", choices=["tensor", "data"], help="split the weights (tensor) or each batch (data) over the ranks")
+    add("--parallel", default=None, help=argparse.SUPPRESS)  # gone: refused with a message naming --tp
     add("--tokens", action="store_true",
         help="also store last_hidden_state (N, patches, hidden); spooled to disk. NaFlex towers: (N, max_num_patches, "
              "hidden) with padding rows zero, plus pixel_attention_mask (N, max_num_patches) and spatial_shapes (N, 2)")
@@ -234,6 +246,8 @@ class Plan:
     patches_from: str = "transformers' default"
     #: a folder output: the input shards (`tp_siglip.encode_corpus`); None for one .safetensors file
     corpus: Any = None
+    #: ranks per group (``--tp``, or what :func:`_tp_for_memory` chose)
+    tp: int = 1
 
 
 def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
@@ -243,20 +257,19 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
     except ImportError as err:
         raise UsageError(str(err)) from None
     inputs = args.inputs or [DEFAULT_IMAGES]
+    if args.parallel is not None:
+        raise UsageError(
+            f"--parallel is gone: --tp N sets the ranks per group, tensor parallel inside a group; the default, --tp 1, is "
+            f"data parallel (what --parallel data did); --parallel tensor on {world_size} rank(s) is --tp {world_size}"
+        )
     try:
         encode_corpus.check_output_name(args.output)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    tp = args.tp or world_size
-    if world_size % tp:
-        raise UsageError(f"--tp {tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
+    if args.tp is not None and world_size % args.tp:
+        raise UsageError(f"--tp {args.tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
     if encode_corpus.is_folder_output(args.output):
         return _check_corpus(args, rank, world_size)
-    if tp != world_size:
-        raise UsageError(
-            f"--tp {tp} with {world_size} ranks makes {world_size // tp} groups, each writing its own shards: "
-            f"--output must be a folder, not the file {args.output}"
-        )
     try:
         scan = processing.scan_images(inputs)
     except (OSError, ValueError) as err:
@@ -266,6 +279,7 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
         raise UsageError(f"no images found in {', '.join(map(str, inputs))}{left_out}")
     plan = Plan(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
     _check_model(args.model)
+    plan.tp = args.tp or _tp_for_memory(args, plan.device, world_size)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
         plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
@@ -286,9 +300,11 @@ def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
     """:func:`check_arguments` for a folder output (shards in, shards out)."""
     if not args.inputs:
         args.inputs = [DEFAULT_IMAGES]
-    corpus = encode_corpus.check_corpus_arguments(args, rank, UsageError)
-    plan = Plan([], corpus.ignored, corpus.hidden, _check_device(args.device, world_size), corpus=corpus)
+    device = _check_device(args.device, world_size)
     _check_model(args.model)
+    tp = args.tp or _tp_for_memory(args, device, world_size)
+    corpus = encode_corpus.check_corpus_arguments(args, rank, world_size // tp, UsageError)
+    plan = Plan([], corpus.ignored, corpus.hidden, device, corpus=corpus, tp=tp)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
         plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
@@ -319,6 +335,41 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
     elif chosen.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return str(chosen)
+
+
+def _tower_bytes(model: str, dtype: str) -> Optional[int]:
+    """About how many bytes the tower's weights take, from ``config.json`` when it is on disk (else None)."""
+    found = _file_on_disk(model, "config.json")
+    if found is None:
+        return None
+    from tp_siglip.config import SiglipVisionConfig
+
+    try:
+        config = SiglipVisionConfig.from_json_file(found)
+    except (OSError, ValueError, TypeError):
+        return None  # the loader reports a bad config
+    hidden, inner = config.hidden_size, config.intermediate_size
+    layers = config.num_hidden_layers + 1  # the pooling head is about one more layer
+    patches = config.num_patches or (config.image_size // config.patch_size) ** 2
+    parameters = layers * (4 * hidden * hidden + 2 * hidden * inner) + (config.num_channels * config.patch_size**2 + patches) * hidden
+    return parameters * (4 if dtype in ("auto", "float32") else 2)
+
+
+def _tp_for_memory(args: argparse.Namespace, device: Optional[str], world_size: int) -> int:
+    """The default ``--tp``: 1 (data parallel), unless the model runs on GPUs too small to hold the tower's weights
+    in half their memory; then the smallest group of GPUs on one node (a divisor of the world) that holds them.
+    Decided from ``config.json`` (when on disk) and each rank's GPU size; ranks then agree on the largest choice."""
+    on_gpu = device.startswith("cuda") if device is not None else torch.cuda.is_available()
+    weights = _tower_bytes(args.model, args.dtype) if on_gpu else None
+    if weights is None:
+        return 1
+    memory = torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    fits = [tp for tp in range(1, local + 1) if world_size % tp == 0 and weights / tp <= memory * GPU_WEIGHT_FRACTION]
+    tp = fits[0] if fits else max(tp for tp in range(1, local + 1) if world_size % tp == 0)
+    if tp > 1:
+        logger.warning("the tower's weights (~%.1f GB) need more than half of a %.1f GB GPU: --tp %d", weights / 1e9, memory / 1e9, tp)
+    return tp
 
 
 def _check_model(model: str) -> None:
@@ -481,13 +532,18 @@ def run(args: argparse.Namespace) -> int:
     say = Printer(rank, world_size)
     try:
         plan = check_arguments(args, rank, world_size)
-        tp = args.tp or world_size
         if world_size > 1 and not dist.is_initialized():
             init_default_group()
+        tp = agree_on_max(plan.tp)
         group, group_index, groups = split_world(tp)
         model = _load_model(args, plan.device, tp, group)
-        group_rank = dist.get_rank(group) if tp > 1 else 0
-        job = _Job(args, plan, model, group_rank, tp, say, group)
+        group_rank = rank % tp
+        tp_group = group if tp > 1 else None
+        if plan.corpus is None:  # one file: the world deals out each batch, rank 0 writes
+            dealing = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group)
+        else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
+            dealing = Dealing(group_rank, tp, tp_group, tp, tp_group)
+        job = _Job(args, plan, model, dealing, say)
         job.say_for_group = Printer(group_rank, world_size)
         with _sigterm_as_interrupt():
             if plan.corpus is None:
@@ -515,7 +571,7 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
 
     try:
         return SiglipVisionTransformer.from_pretrained(
-            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device, parallel=args.parallel
+            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device
         )
     except Exception as err:
         text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
@@ -592,33 +648,42 @@ class _Output:
         self.spool.close()
 
 
+@dataclass(frozen=True)
+class Dealing:
+    """Which ranks deal out each batch (``group``: ``size`` ranks, this one ``rank``; every rank decodes its part
+    and the rows are gathered to the dealing's rank 0, the writer), and the tensor-parallel groups of ``tp``
+    consecutive ranks among them that run a forward together (``tp_group``: this rank's, None for ``tp`` 1)."""
+
+    rank: int
+    size: int
+    group: Any
+    tp: int
+    tp_group: Any
+
+
 class _Job:
     """One run of the job on one rank, once the arguments are checked and the model is loaded."""
 
-    def __init__(
-        self, args: argparse.Namespace, plan: Plan, model: Any, rank: int, world_size: int, say: Printer, group: Any = None
-    ) -> None:
-        self.args, self.plan, self.model = args, plan, model
-        self.rank, self.world_size, self.say = rank, world_size, say
+    def __init__(self, args: argparse.Namespace, plan: Plan, model: Any, dealing: Dealing, say: Printer) -> None:
+        self.args, self.plan, self.model, self.dealing = args, plan, model, dealing
+        self.rank, self.world_size, self.say = dealing.rank, dealing.size, say
         self.embedding = "pooler_output" if model.use_head else "mean_pooled"
         self.dtype_name = str(model.dtype).removeprefix("torch.")
         self.naflex = model.config.variant == "naflex"
         if not self.naflex and args.max_num_patches is not None:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
-        self.group = group if world_size > 1 else None  # the ranks that share each batch
+        self.group = dealing.group  # the ranks that deal out each batch
         self.opener: Any = None  # how a batch item becomes an image (None: items are file paths)
         self.say_for_group: Any = say  # prints on this group's rank 0 (the corpus job's per-shard lines)
         self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
-        # data mode runs each rank's own share on its replica: the wrapper's batch split is not used
-        self.local_model = getattr(model, "module", model) if args.parallel == "data" else model
         self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
     def _share_max_num_patches(self) -> None:
         """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
         own = self.plan.max_num_patches
-        shared = share_from_rank0(own or 0, self.world_size)
+        shared = share_from_rank0(own or 0, _rank_and_world()[1])
         if shared == 0:
             raise UsageError(self.plan.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
         if own is not None and own != shared:
@@ -647,7 +712,8 @@ class _Job:
             raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
         remaining = [p for p, d in zip(plan.files, done) if not d]
         naflex = f", NaFlex max_num_patches {self.max_num_patches} (from {plan.patches_from})" if self.naflex else ""
-        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {self.world_size} rank(s), {args.parallel} parallel{naflex}")
+        groups = f"{self.world_size // self.dealing.tp} group(s) of {self.dealing.tp} rank(s)"
+        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {groups}{naflex}")
         if args.resume:
             say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
         if not self.model.use_head:
@@ -672,7 +738,7 @@ class _Job:
             "model": str(self.args.model),
             "dtype": self.dtype_name,
             "world_size": str(self.world_size),
-            "parallel": self.args.parallel,
+            "tp": str(self.dealing.tp),
             "embedding": self.embedding,
             "normalized": "true" if self.args.normalize else "false",
             "output_dtype": self.args.output_dtype,
@@ -730,7 +796,7 @@ class _Job:
             times["decode"] += share.seconds
             times["decoded"] += share.count
         sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.world_size, r) for r in range(self.world_size))]
-        if self.args.parallel == "tensor":
+        if self.dealing.tp > 1:
             return self._tensor_batch(batch, share, failure, sizes, output, times)
         return self._data_batch(batch, share, failure, sizes, output, times)
 
@@ -749,7 +815,8 @@ class _Job:
         their images they could read (and whether they have a share at all), so all know the row counts."""
         clock = time.perf_counter()
         ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
-        flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes, failure, self.group)
+        first = self.rank - self.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
+        flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
@@ -773,7 +840,7 @@ class _Job:
                 rows = _share_rows(share)
                 inputs = self._model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
                 if batch_sizes is None:
-                    out = self.local_model(*inputs.values())
+                    out = self.model(*inputs.values())
                 else:
                     out = self.model(*inputs.values(), batch_sizes=batch_sizes)
                 for name, tensor in self._stored_rows(out, inputs).items():

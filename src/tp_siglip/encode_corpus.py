@@ -8,8 +8,8 @@ What is different from the one-file output of `tp_siglip.encode` (whose batch ma
   each; plain files, folders and ``.txt`` lists of paths are cut into shards of ``--shard-size`` rows. A
   row is ``(shard, key)`` (the path for plain files).
 * **Groups**: ``--tp N`` cuts torchrun's world into groups of ``N`` consecutive ranks (`lockstep.split_world`);
-  each group loads the tower once (tensor parallel inside it, or ``--parallel data``) and takes whole
-  shards: shard ``i`` goes to group ``i % groups``, so a rerun gives each group the same work. Pixels never
+  each group loads the tower once (tensor parallel inside it when ``N`` > 1) and takes whole shards
+  (plain files are cut into at least as many shards as there are groups): shard ``i`` goes to group ``i % groups``, so a rerun gives each group the same work. Pixels never
   cross groups; the group's rank 0 writes its shards.
 * **Output** (`tp_siglip.embeddings_dir`): a folder that clip-retrieval / autofaiss users read as it is, a
   manifest, and per shard ``.npy`` embeddings + parquet metadata + a stats file written last.
@@ -75,11 +75,12 @@ class CorpusPlan:
     earlier: Optional[dict] = None  # rank 0: the earlier run's manifest (--resume)
 
 
-def check_corpus_arguments(args: argparse.Namespace, rank: int, usage_error: type[Exception]) -> CorpusPlan:
-    """The checks of a folder output that need no model; raises ``usage_error`` with a one-line message."""
+def check_corpus_arguments(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> CorpusPlan:
+    """The checks of a folder output that need no model; raises ``usage_error`` with a one-line message. Plain
+    files are cut into at least ``groups`` shards, so that every group has work."""
     inputs = [str(p) for p in (args.inputs or [])]
     try:
-        shard_plan = sources.plan_shards(inputs, rows_per_file_shard=args.shard_size)
+        shard_plan = sources.plan_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
     except (OSError, ValueError, ImportError) as err:
         raise usage_error(str(err)) from None
     if not shard_plan.shards:
@@ -208,7 +209,7 @@ def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_i
         raise usage_error(problem)
     mine = [s for s in plan.shards if s.index % groups == group_index and s.index not in set(done)]
     say(f"{args.model}: {len(plan.shards)} shards ({len(done)} already complete), {groups} group(s) of {job.world_size} rank(s), "
-        f"{job.dtype_name}, {args.parallel} parallel inside each group; writing {args.output}")
+        f"{job.dtype_name}; writing {args.output}")
     job.opener, job.say = open_row, GroupSay(job.say_for_group, group_index, groups)
     start, encoded = time.perf_counter(), 0
     for number, spec in enumerate(mine, 1):

@@ -41,6 +41,7 @@ __all__ = [
     "RanksDisagree",
     "Shares",
     "agree_on_files",
+    "agree_on_max",
     "broadcast_from_rank0",
     "gather_reasons",
     "gather_shares",
@@ -195,6 +196,15 @@ def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[st
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, list(reasons), group=group)
     return [reason for share in everyone for reason in share]
+
+
+def agree_on_max(value: int) -> int:
+    """The largest ``value`` of all ranks of the default group (one all-reduce); ``value`` without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def split_world(ranks_per_group: int) -> tuple[Any, int, int]:
