@@ -94,10 +94,10 @@ from tp_siglip.lockstep import (
     RanksDisagree,
     agree_on_files,
     agree_on_max,
+    broadcast_int_from_rank0,
+    form_groups,
     gather_reasons,
     gather_shares,
-    share_from_rank0,
-    split_world,
 )
 from tp_siglip.parallel import init_default_group
 
@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
 
 
 @dataclass
-class Plan:
+class Checked:
     """What the checks found: the files, what was left out, the device, and (rank 0) the earlier output."""
 
     files: list[Path]
@@ -250,7 +250,7 @@ class Plan:
     tp: int = 1
 
 
-def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
+def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
     """Every check that needs no model; raises :class:`UsageError` with a one-line message."""
     try:
         processing.require_pillow()
@@ -277,26 +277,26 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
     if not scan.files:
         left_out = f" (ignored by extension: {_counts(scan.ignored)})" if scan.ignored else ""
         raise UsageError(f"no images found in {', '.join(map(str, inputs))}{left_out}")
-    plan = Plan(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
+    checked = Checked(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
     _check_model(args.model)
-    plan.tp = args.tp or _tp_for_memory(args, plan.device, world_size)
+    checked.tp = args.tp or _tp_for_memory(args, checked.device, world_size)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
-        plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
+        checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
     else:
-        plan.max_num_patches, plan.patches_from = _checkpoint_max_num_patches(args.model)
+        checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
     if rank == 0:
         _check_output(args.output)
         if args.resume and args.output.exists():
             try:
-                plan.earlier = EarlierOutput.read(args.output)
+                checked.earlier = EarlierOutput.read(args.output)
             except OutputFileError as err:
                 raise UsageError(f"--resume: {err}") from None
-            _check_resume(plan.earlier, args, plan)
-    return plan
+            _check_resume(checked.earlier, args, checked)
+    return checked
 
 
-def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
+def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
     """:func:`check_arguments` for a folder output (shards in, shards out)."""
     if not args.inputs:
         args.inputs = [DEFAULT_IMAGES]
@@ -304,13 +304,13 @@ def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
     _check_model(args.model)
     tp = args.tp or _tp_for_memory(args, device, world_size)
     corpus = encode_corpus.check_corpus_arguments(args, rank, world_size // tp, UsageError)
-    plan = Plan([], corpus.ignored, corpus.hidden, device, corpus=corpus, tp=tp)
+    checked = Checked([], corpus.ignored, corpus.hidden, device, corpus=corpus, tp=tp)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
-        plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
+        checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
     else:
-        plan.max_num_patches, plan.patches_from = _checkpoint_max_num_patches(args.model)
-    return plan
+        checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
+    return checked
 
 
 def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
@@ -470,7 +470,7 @@ def _check_output(output: Path) -> None:
         raise UsageError(f"--output {output}: cannot write in {parent} ({err.strerror or err})") from None
 
 
-def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, plan: Plan) -> None:
+def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, checked: Checked) -> None:
     meta, where = earlier.metadata, f"--resume: {earlier.path}"
     if meta.get("model") != str(args.model):
         raise UsageError(f"{where} holds embeddings of --model {meta.get('model')}, not {args.model}; use that --model or another --output")
@@ -488,10 +488,10 @@ def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, plan: Plan) 
         fix = "add --tokens" if has_tokens else "drop --tokens"
         raise UsageError(f"{where} {'holds' if has_tokens else 'has no'} last_hidden_state; {fix} to resume it, or use another --output")
     patches = meta.get("max_num_patches")
-    if patches is not None and plan.max_num_patches is not None and patches != str(plan.max_num_patches):
+    if patches is not None and checked.max_num_patches is not None and patches != str(checked.max_num_patches):
         raise UsageError(
-            f"{where} was encoded with max_num_patches {patches}, this run uses {plan.max_num_patches} "
-            f"(from {plan.patches_from}); pass --max-num-patches {patches} or use another --output"
+            f"{where} was encoded with max_num_patches {patches}, this run uses {checked.max_num_patches} "
+            f"(from {checked.patches_from}); pass --max-num-patches {patches} or use another --output"
         )
 
 
@@ -531,26 +531,26 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(rank, world_size)
     say = Printer(rank, world_size)
     try:
-        plan = check_arguments(args, rank, world_size)
+        checked = check_arguments(args, rank, world_size)
         if world_size > 1 and not dist.is_initialized():
             init_default_group()
-        tp = agree_on_max(plan.tp)
-        group, group_index, groups = split_world(tp)
-        model = _load_model(args, plan.device, tp, group)
+        tp = agree_on_max(checked.tp)
+        group, group_index, groups = form_groups(tp)
+        model = _load_model(args, checked.device, tp, group)
         group_rank = rank % tp
         tp_group = group if tp > 1 else None
-        if plan.corpus is None:  # one file: the world deals out each batch, rank 0 writes
+        if checked.corpus is None:  # one file: the world deals out each batch, rank 0 writes
             dealing = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group)
         else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
             dealing = Dealing(group_rank, tp, tp_group, tp, tp_group)
-        job = _Job(args, plan, model, dealing, say)
+        job = _Job(args, checked, model, dealing, say)
         job.say_for_group = Printer(group_rank, world_size)
         with _sigterm_as_interrupt():
-            if plan.corpus is None:
+            if checked.corpus is None:
                 job.run()
             else:
                 job.start()
-                encode_corpus.run_corpus_job(job, args, plan.corpus, group_index, groups, say, UsageError)
+                encode_corpus.run_corpus_job(job, args, checked.corpus, group_index, groups, say, UsageError)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
@@ -664,9 +664,9 @@ class Dealing:
 class _Job:
     """One run of the job on one rank, once the arguments are checked and the model is loaded."""
 
-    def __init__(self, args: argparse.Namespace, plan: Plan, model: Any, dealing: Dealing, say: Printer) -> None:
-        self.args, self.plan, self.model, self.dealing = args, plan, model, dealing
-        self.rank, self.world_size, self.say = dealing.rank, dealing.size, say
+    def __init__(self, args: argparse.Namespace, checked: Checked, model: Any, dealing: Dealing, say: Printer) -> None:
+        self.args, self.checked, self.model, self.dealing = args, checked, model, dealing
+        self.say = say
         self.embedding = "pooler_output" if model.use_head else "mean_pooled"
         self.dtype_name = str(model.dtype).removeprefix("torch.")
         self.naflex = model.config.variant == "naflex"
@@ -682,44 +682,44 @@ class _Job:
 
     def _share_max_num_patches(self) -> None:
         """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
-        own = self.plan.max_num_patches
-        shared = share_from_rank0(own or 0, _rank_and_world()[1])
+        own = self.checked.max_num_patches
+        shared = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
         if shared == 0:
-            raise UsageError(self.plan.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
+            raise UsageError(self.checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
         if own is not None and own != shared:
-            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.plan.patches_from, shared)
+            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.checked.patches_from, shared)
         self.max_num_patches = shared
 
     def start(self) -> None:
         """What every run does first: the emulated-half warning, every rank on rank 0's NaFlex grid size."""
-        if self.rank == 0:
+        if self.dealing.rank == 0:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
         if self.naflex:
             self._share_max_num_patches()
 
     def run(self) -> None:
-        args, plan, say = self.args, self.plan, self.say
+        args, checked, say = self.args, self.checked, self.say
         self.start()
-        earlier = plan.earlier if self.rank == 0 else None
+        earlier = checked.earlier if self.dealing.rank == 0 else None
         problem = None
         if earlier is not None:
             problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size, self.max_num_patches)
         done_paths = set(earlier.paths) if earlier is not None else set()
         done, refused = agree_on_files(
-            plan.files, [str(p) in done_paths for p in plan.files], problem is not None, self.rank, self.world_size
+            checked.files, [str(p) in done_paths for p in checked.files], problem is not None, self.dealing.rank, self.dealing.size
         )
         if refused:
             raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
-        remaining = [p for p, d in zip(plan.files, done) if not d]
-        naflex = f", NaFlex max_num_patches {self.max_num_patches} (from {plan.patches_from})" if self.naflex else ""
-        groups = f"{self.world_size // self.dealing.tp} group(s) of {self.dealing.tp} rank(s)"
+        remaining = [p for p, d in zip(checked.files, done) if not d]
+        naflex = f", NaFlex max_num_patches {self.max_num_patches} (from {checked.patches_from})" if self.naflex else ""
+        groups = f"{self.dealing.size // self.dealing.tp} group(s) of {self.dealing.tp} rank(s)"
         say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {groups}{naflex}")
         if args.resume:
             say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
         if not self.model.use_head:
             patches = "each image's valid patches" if self.naflex else "patches"
             say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
-        output = self._open_output(earlier) if self.rank == 0 else None
+        output = self._open_output(earlier) if self.dealing.rank == 0 else None
         try:
             encoded, seconds = self._encode(remaining, output)
             if output is not None:
@@ -737,7 +737,7 @@ class _Job:
             "format": "pt",
             "model": str(self.args.model),
             "dtype": self.dtype_name,
-            "world_size": str(self.world_size),
+            "world_size": str(self.dealing.size),
             "tp": str(self.dealing.tp),
             "embedding": self.embedding,
             "normalized": "true" if self.args.normalize else "false",
@@ -746,7 +746,7 @@ class _Job:
         }
         if self.naflex:
             metadata["max_num_patches"] = str(self.max_num_patches)
-        if earlier is not None and set(earlier.paths) - {str(p) for p in self.plan.files}:
+        if earlier is not None and set(earlier.paths) - {str(p) for p in self.checked.files}:
             logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
         return _Output(self.args, earlier, metadata)
 
@@ -754,7 +754,7 @@ class _Job:
         """Encode ``remaining`` batch by batch; returns ``(images encoded, seconds)``, load excluded."""
         size = self.args.batch_size
         batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
-        decoder = pipeline.ShareDecoder(batches, self.rank, self.world_size, self._decode_function())
+        decoder = pipeline.ShareDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function())
         # borrowed: a share's levels are read once, within its batch (normalised) and let go
         shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
         encoded, times, start = 0, Counter(), time.perf_counter()
@@ -795,7 +795,7 @@ class _Job:
         if share is not None:
             times["decode"] += share.seconds
             times["decoded"] += share.count
-        sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.world_size, r) for r in range(self.world_size))]
+        sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.dealing.size, r) for r in range(self.dealing.size))]
         if self.dealing.tp > 1:
             return self._tensor_batch(batch, share, failure, sizes, output, times)
         return self._data_batch(batch, share, failure, sizes, output, times)
@@ -815,7 +815,7 @@ class _Job:
         their images they could read (and whether they have a share at all), so all know the row counts."""
         clock = time.perf_counter()
         ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
-        first = self.rank - self.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
+        first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
         flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
@@ -924,7 +924,7 @@ class _Job:
 
     def _report_times(self, times: Counter, seconds: float) -> None:
         """Where the time went, and how many images each rank decoded (one small collective)."""
-        counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.world_size, None, self.group)
+        counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.dealing.size, None, self.group)
         decoded = "/".join(str(n) for n in counts.rows("n").tolist())
         workers = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
         self.say(
@@ -951,15 +951,15 @@ class _Job:
     def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
         args, say = self.args, self.say
         if not output.paths:
-            raise JobError(f"no readable image among the {len(self.plan.files)} files; nothing written")
+            raise JobError(f"no readable image among the {len(self.checked.files)} files; nothing written")
         output.save(complete=True)
         rate = encoded / seconds if seconds > 0 else 0.0
         say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; wrote {args.output} ({len(output.paths)} rows)")
         parts = [f"{encoded} encoded", f"{len(output.skipped)} skipped (unreadable)"]
-        ignored = sum(self.plan.ignored.values())
-        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.plan.ignored)})" if ignored else ""))
-        if self.plan.hidden:
-            parts.append(f"{self.plan.hidden} hidden file(s) ignored")
+        ignored = sum(self.checked.ignored.values())
+        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.checked.ignored)})" if ignored else ""))
+        if self.checked.hidden:
+            parts.append(f"{self.checked.hidden} hidden file(s) ignored")
         if args.resume:
             parts.append(f"{earlier_rows} already in the output")
         say("summary: " + ", ".join(parts))

@@ -7,7 +7,7 @@ What is different from the one-file output of `tp_siglip.encode` (whose batch ma
 * **Inputs are shards** (`tp_siglip.sources`): img2dataset webdataset tars and parquet files, one shard
   each; plain files, folders and ``.txt`` lists of paths are cut into shards of ``--shard-size`` rows. A
   row is ``(shard, key)`` (the path for plain files).
-* **Groups**: ``--tp N`` cuts torchrun's world into groups of ``N`` consecutive ranks (`lockstep.split_world`);
+* **Groups**: ``--tp N`` cuts torchrun's world into groups of ``N`` consecutive ranks (`lockstep.form_groups`);
   each group loads the tower once (tensor parallel inside it when ``N`` > 1) and takes whole shards
   (plain files are cut into at least as many shards as there are groups): shard ``i`` goes to group ``i % groups``, so a rerun gives each group the same work. Pixels never
   cross groups; the group's rank 0 writes its shards.
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tp_siglip import console, embeddings_dir, processing, sources
 from tp_siglip.lockstep import broadcast_from_rank0, gather_shares
 
-__all__ = ["CorpusPlan", "ShardOutput", "check_corpus_arguments", "is_folder_output", "run_corpus_job"]
+__all__ = ["CorpusInputs", "ShardOutput", "check_corpus_arguments", "is_folder_output", "run_corpus_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def check_output_name(output: Path) -> None:
 
 
 @dataclass
-class CorpusPlan:
+class CorpusInputs:
     """What the checks found: the shards, what folders left out, and whether rank 0 found an earlier run."""
 
     shards: list[sources.ShardSpec]
@@ -75,7 +75,7 @@ class CorpusPlan:
     earlier: Optional[dict] = None  # rank 0: the earlier run's manifest (--resume)
 
 
-def check_corpus_arguments(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> CorpusPlan:
+def check_corpus_arguments(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> CorpusInputs:
     """The checks of a folder output that need no model; raises ``usage_error`` with a one-line message. Plain
     files are cut into at least ``groups`` shards, so that every group has work."""
     inputs = [str(p) for p in (args.inputs or [])]
@@ -85,10 +85,10 @@ def check_corpus_arguments(args: argparse.Namespace, rank: int, groups: int, usa
         raise usage_error(str(err)) from None
     if not shard_plan.shards:
         raise usage_error(f"no images or shards found in {', '.join(inputs)}")
-    plan = CorpusPlan(shard_plan.shards, shard_plan.ignored, shard_plan.hidden)
+    checked = CorpusInputs(shard_plan.shards, shard_plan.ignored, shard_plan.hidden)
     if rank == 0:
-        plan.earlier = _check_output_folder(args.output, args.resume, usage_error)
-    return plan
+        checked.earlier = _check_output_folder(args.output, args.resume, usage_error)
+    return checked
 
 
 def _check_output_folder(output: Path, resume: bool, usage_error: type[Exception]) -> Optional[dict]:
@@ -162,10 +162,10 @@ class GroupSay:
         return console.NoBar()
 
 
-def manifest_for(job: Any, args: argparse.Namespace, plan: CorpusPlan) -> dict:
+def manifest_for(job: Any, args: argparse.Namespace, checked: CorpusInputs) -> dict:
     """The manifest of this run: what the rows are (model, dtype, embedding, tower, setup) and the planned shards."""
     return embeddings_dir.make_manifest(
-        plan.shards,
+        checked.shards,
         model=str(args.model),
         dtype=job.dtype_name,
         embedding=job.embedding,
@@ -200,33 +200,33 @@ def _resume_decision(root: Path, earlier: Optional[dict], manifest: dict) -> tup
     return None, []
 
 
-def run_corpus_job(job: Any, args: argparse.Namespace, plan: CorpusPlan, group_index: int, groups: int, say: Any, usage_error: type[Exception]) -> None:
+def run_corpus_job(job: Any, args: argparse.Namespace, checked: CorpusInputs, group_index: int, groups: int, say: Any, usage_error: type[Exception]) -> None:
     """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0."""
     world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    decision = _resume_decision(args.output, plan.earlier, manifest_for(job, args, plan)) if world_rank == 0 else None
+    decision = _resume_decision(args.output, checked.earlier, manifest_for(job, args, checked)) if world_rank == 0 else None
     problem, done = broadcast_from_rank0(decision)
     if problem is not None:
         raise usage_error(problem)
-    mine = [s for s in plan.shards if s.index % groups == group_index and s.index not in set(done)]
-    say(f"{args.model}: {len(plan.shards)} shards ({len(done)} already complete), {groups} group(s) of {job.world_size} rank(s), "
+    mine = [s for s in checked.shards if s.index % groups == group_index and s.index not in set(done)]
+    say(f"{args.model}: {len(checked.shards)} shards ({len(done)} already complete), {groups} group(s) of {job.dealing.size} rank(s), "
         f"{job.dtype_name}; writing {args.output}")
     job.opener, job.say = open_row, GroupSay(job.say_for_group, group_index, groups)
     start, encoded = time.perf_counter(), 0
     for number, spec in enumerate(mine, 1):
-        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}", len(plan.shards))
+        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}", len(checked.shards))
     seconds = time.perf_counter() - start
     world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
     ranks = dist.get_world_size() if world is not None else 1
-    counts = gather_shares({"n": torch.tensor([encoded if job.rank == 0 else 0])}, {"n": ((), torch.int64)}, [1] * ranks, None, world)
+    counts = gather_shares({"n": torch.tensor([encoded if job.dealing.rank == 0 else 0])}, {"n": ((), torch.int64)}, [1] * ranks, None, world)
     total = int(counts.rows("n").sum())
     if world_rank == 0:
-        _summary(args.output, plan, total, seconds, say)
+        _summary(args.output, checked, total, seconds, say)
 
 
 def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str, shard_count: int) -> int:
     """Encode one shard with the job's batch loop; the group's rank 0 commits it. Returns the rows encoded."""
     rows = sources.list_rows(spec)
-    output = ShardOutput(args.output, spec, job.embedding, shard_count) if job.rank == 0 else None
+    output = ShardOutput(args.output, spec, job.embedding, shard_count) if job.dealing.rank == 0 else None
     start = time.perf_counter()
     try:
         encoded, _ = job._encode(rows, output, report=False)
@@ -244,20 +244,20 @@ def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, p
     return encoded
 
 
-def _summary(root: Path, plan: CorpusPlan, encoded: int, seconds: float, say: Any) -> None:
+def _summary(root: Path, checked: CorpusInputs, encoded: int, seconds: float, say: Any) -> None:
     complete = embeddings_dir.completed_shards(root)
     rate = encoded / seconds if seconds > 0 else 0.0
     rows = sum(int(stats.get("rows", 0)) for stats in complete.values())
-    say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; {root}: {len(complete)}/{len(plan.shards)} shards complete, {rows} rows")
+    say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; {root}: {len(complete)}/{len(checked.shards)} shards complete, {rows} rows")
     reasons: Counter = Counter()
     for index in sorted(complete):
         skipped = complete[index].get("skipped", [])
         if skipped:
-            name = next(s.name for s in plan.shards if s.index == index)
+            name = next(s.name for s in checked.shards if s.index == index)
             counted = Counter(reason for _, reason in skipped)
             say(f"skipped in shard {name}: " + "; ".join(f"{n} x {why}" for why, n in counted.most_common()))
             reasons.update(counted)
     say(f"summary: {encoded} encoded this run, {sum(reasons.values())} skipped (unreadable or missing) in the complete shards, "
-        f"{sum(plan.ignored.values())} ignored by extension, {plan.hidden} hidden file(s) ignored")
-    if len(complete) < len(plan.shards):
-        console.write_line(f"{len(plan.shards) - len(complete)} shard(s) incomplete: run again with --resume", sys.stderr)
+        f"{sum(checked.ignored.values())} ignored by extension, {checked.hidden} hidden file(s) ignored")
+    if len(complete) < len(checked.shards):
+        console.write_line(f"{len(checked.shards) - len(complete)} shard(s) incomplete: run again with --resume", sys.stderr)
