@@ -82,12 +82,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, encode_corpus, hardware, pipeline, processing, processing_naflex
+from tp_siglip import __version__, console, encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
 from tp_siglip.lockstep import (
@@ -543,14 +543,14 @@ def run(args: argparse.Namespace) -> int:
             dealing = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group)
         else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
             dealing = Dealing(group_rank, tp, tp_group, tp, tp_group)
-        job = _Job(args, checked, model, dealing, say)
-        job.say_for_group = Printer(group_rank, world_size)
+        job = Job(args, checked, model, dealing, say)
         with _sigterm_as_interrupt():
             if checked.corpus is None:
                 job.run()
             else:
                 job.start()
-                encode_corpus.run_corpus_job(job, args, checked.corpus, group_index, groups, say, UsageError)
+                group_say = encode_corpus.GroupSay(Printer(group_rank, world_size), group_index, groups)
+                encode_corpus.run_corpus_job(job, args, checked.corpus, group_index, groups, say, group_say, UsageError)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
@@ -606,11 +606,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class _Output:
-    """Rank 0's side of the output: the row spool, the paths, the skipped files, checkpoints."""
+class Sink(Protocol):
+    """Where `Job.encode` puts each batch's results (on the dealing's rank 0): rows of the readable items,
+    a reason for each skipped one, and a chance to save between batches. (What is already done is the
+    caller's to leave out of the items; committing is the caller's once the loop ends.)"""
 
-    def __init__(self, args: argparse.Namespace, earlier: Optional[EarlierOutput], metadata: dict[str, str]) -> None:
-        self.path, self.save_every = args.output, args.save_every
+    def add(self, items: list[Any], tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def skip(self, item: Any, reason: str) -> None: ...
+
+    def checkpoint_if_due(self) -> None: ...
+
+
+class _Output:
+    """The `Sink` of one ``.safetensors`` file (rank 0): the row spool, the paths, the skipped files, checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, earlier: Optional[EarlierOutput], metadata: dict[str, str], say: Any) -> None:
+        self.path, self.save_every, self.say = args.output, args.save_every, say
         self.metadata = metadata
         self.spool = RowSpool(args.output.parent, args.output.name)
         self.paths: list[str] = []
@@ -628,6 +640,10 @@ class _Output:
         self.paths.extend(str(p) for p in paths)
         embedding = tensors[self.metadata["embedding"]]
         self.first.extend(row.clone() for row in embedding[: max(0, SIMILARITY_ROWS - len(self.first))])
+
+    def skip(self, item: Any, reason: str) -> None:
+        self.skipped.append([str(item), reason])
+        self.say(f"skipped {item}: {reason}")
 
     def save(self, complete: bool) -> None:
         metadata = {
@@ -661,7 +677,7 @@ class Dealing:
     tp_group: Any
 
 
-class _Job:
+class Job:
     """One run of the job on one rank, once the arguments are checked and the model is loaded."""
 
     def __init__(self, args: argparse.Namespace, checked: Checked, model: Any, dealing: Dealing, say: Printer) -> None:
@@ -674,8 +690,6 @@ class _Job:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
         self.group = dealing.group  # the ranks that deal out each batch
-        self.opener: Any = None  # how a batch item becomes an image (None: items are file paths)
-        self.say_for_group: Any = say  # prints on this group's rank 0 (the corpus job's per-shard lines)
         self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
         self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
@@ -721,7 +735,7 @@ class _Job:
             say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
         output = self._open_output(earlier) if self.dealing.rank == 0 else None
         try:
-            encoded, seconds = self._encode(remaining, output)
+            encoded, seconds = self.encode(remaining, output)
             if output is not None:
                 self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
         except BaseException:
@@ -748,30 +762,36 @@ class _Job:
             metadata["max_num_patches"] = str(self.max_num_patches)
         if earlier is not None and set(earlier.paths) - {str(p) for p in self.checked.files}:
             logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
-        return _Output(self.args, earlier, metadata)
+        return _Output(self.args, earlier, metadata, self.say)
 
-    def _encode(self, remaining: list[Any], output: Any, report: bool = True) -> tuple[int, float]:
-        """Encode ``remaining`` batch by batch; returns ``(images encoded, seconds)``, load excluded."""
+    def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None, report: bool = True) -> tuple[int, float]:
+        """The batch loop: decode, forward, gather, and (the dealing's rank 0) hand each batch to ``sink``.
+
+        ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`);
+        ``report``: a progress bar and the time line on rank 0. Returns ``(images encoded, seconds)``, load
+        excluded. Every rank of the dealing calls it with the same items.
+        """
         size = self.args.batch_size
-        batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
-        decoder = pipeline.ShareDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function())
+        batches = [items[first : first + size] for first in range(0, len(items), size)]
+        decoder = pipeline.ShareDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function(opener))
         # borrowed: a share's levels are read once, within its batch (normalised) and let go
         shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
         encoded, times, start = 0, Counter(), time.perf_counter()
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
-        bar = self.say.progress(len(remaining))
+        bar = self.say.progress(len(items)) if report else console.NoBar()
         try:
             with torch.inference_mode():
                 for batch in batches:
                     decoding = times["decode"]
-                    encoded += self._encode_batch(batch, shares, output, times)
+                    encoded += self._encode_batch(batch, shares, sink, times)
                     threads.update(times["decode"] - decoding)
                     bar.update(len(batch))
-                    if output is not None:
-                        output.checkpoint_if_due()
+                    if sink is not None:
+                        sink.checkpoint_if_due()
         finally:
             bar.close()
-            self.say.bar = None
+            if report:
+                self.say.bar = None
             shares.close()
             threads.restore()
         seconds = time.perf_counter() - start
@@ -779,13 +799,13 @@ class _Job:
             self._report_times(times, seconds)
         return encoded, seconds
 
-    def _decode_function(self) -> Any:
+    def _decode_function(self, opener: Any) -> Any:
         config = self.model.config
         if self.naflex:
             return functools.partial(
-                pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=self.opener
+                pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=opener
             )
-        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener)
+        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=opener)
 
     def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
         """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
@@ -945,8 +965,7 @@ class _Job:
             if self.args.strict:
                 raise JobError(f"--strict: cannot use {_label(path)}: {reason}")
             if output is not None:
-                output.skipped.append([getattr(path, "key", str(path)), reason])
-                self.say(f"skipped {_label(path)}: {reason}")
+                output.skip(path, reason)
 
     def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
         args, say = self.args, self.say

@@ -110,10 +110,10 @@ def _check_output_folder(output: Path, resume: bool, usage_error: type[Exception
 
 
 class ShardOutput:
-    """One shard being written (the group's rank 0): the interface `tp_siglip.encode`'s batch loop writes to."""
+    """The `tp_siglip.encode.Sink` of one shard being written (the group's rank 0)."""
 
-    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str, shard_count: int) -> None:
-        self.spec = spec
+    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str, shard_count: int, say: Any) -> None:
+        self.spec, self.say = spec, say
         self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding, source=spec.source, shard_count=shard_count)
         self.skipped: list[list[str]] = []
         self.rows = 0
@@ -121,6 +121,10 @@ class ShardOutput:
     def add(self, rows: list[sources.Row], tensors: dict[str, torch.Tensor]) -> None:
         self.writer.add([row.key for row in rows], [dict(row.meta) for row in rows], tensors)
         self.rows += len(rows)
+
+    def skip(self, row: sources.Row, reason: str) -> None:
+        self.skipped.append([row.key, reason])
+        self.say(f"skipped {row.key}: {reason}")
 
     def checkpoint_if_due(self) -> None:
         """Shards are the unit of resumption: nothing to save mid-shard."""
@@ -145,21 +149,14 @@ def open_row(row: sources.Row) -> Any:
 
 
 class GroupSay:
-    """What a group's rank 0 prints: results prefixed with the group when there are several; no progress bar
-    (one line per finished shard instead)."""
+    """What a group's rank 0 prints: results prefixed with the group when there are several (one line per
+    finished shard instead of a progress bar)."""
 
     def __init__(self, printer: Any, group_index: int, groups: int) -> None:
         self.printer, self.prefix = printer, (f"[group {group_index}] " if groups > 1 else "")
-        self.bar = None
 
     def __call__(self, text: str) -> None:
         self.printer(self.prefix + text)
-
-    def error(self, text: str) -> None:
-        self.printer.error(text)
-
-    def progress(self, total: int) -> Any:
-        return console.NoBar()
 
 
 def manifest_for(job: Any, args: argparse.Namespace, checked: CorpusInputs) -> dict:
@@ -200,8 +197,12 @@ def _resume_decision(root: Path, earlier: Optional[dict], manifest: dict) -> tup
     return None, []
 
 
-def run_corpus_job(job: Any, args: argparse.Namespace, checked: CorpusInputs, group_index: int, groups: int, say: Any, usage_error: type[Exception]) -> None:
-    """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0."""
+def run_corpus_job(
+    job: Any, args: argparse.Namespace, checked: CorpusInputs, group_index: int, groups: int, say: Any, group_say: GroupSay,
+    usage_error: type[Exception],
+) -> None:
+    """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0, ``group_say``
+    on the group's rank 0."""
     world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     decision = _resume_decision(args.output, checked.earlier, manifest_for(job, args, checked)) if world_rank == 0 else None
     problem, done = broadcast_from_rank0(decision)
@@ -210,10 +211,9 @@ def run_corpus_job(job: Any, args: argparse.Namespace, checked: CorpusInputs, gr
     mine = [s for s in checked.shards if s.index % groups == group_index and s.index not in set(done)]
     say(f"{args.model}: {len(checked.shards)} shards ({len(done)} already complete), {groups} group(s) of {job.dealing.size} rank(s), "
         f"{job.dtype_name}; writing {args.output}")
-    job.opener, job.say = open_row, GroupSay(job.say_for_group, group_index, groups)
     start, encoded = time.perf_counter(), 0
     for number, spec in enumerate(mine, 1):
-        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}", len(checked.shards))
+        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}", len(checked.shards), group_say)
     seconds = time.perf_counter() - start
     world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
     ranks = dist.get_world_size() if world is not None else 1
@@ -223,18 +223,18 @@ def run_corpus_job(job: Any, args: argparse.Namespace, checked: CorpusInputs, gr
         _summary(args.output, checked, total, seconds, say)
 
 
-def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str, shard_count: int) -> int:
+def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str, shard_count: int, say: GroupSay) -> int:
     """Encode one shard with the job's batch loop; the group's rank 0 commits it. Returns the rows encoded."""
     rows = sources.list_rows(spec)
-    output = ShardOutput(args.output, spec, job.embedding, shard_count) if job.dealing.rank == 0 else None
+    output = ShardOutput(args.output, spec, job.embedding, shard_count, say) if job.dealing.rank == 0 else None
     start = time.perf_counter()
     try:
-        encoded, _ = job._encode(rows, output, report=False)
+        encoded, _ = job.encode(rows, output, opener=open_row, report=False)
         if output is not None:
             seconds = time.perf_counter() - start
             stats = output.commit(seconds)
             rate = encoded / seconds if seconds > 0 else 0.0
-            job.say(f"shard {spec.name} ({sources.describe(spec)}): {encoded} rows, {len(output.skipped)} skipped, "
+            say(f"shard {spec.name} ({sources.describe(spec)}): {encoded} rows, {len(output.skipped)} skipped, "
                     f"{rate:.1f} images/s; this group's shards done: {progress}")
             logger.info("shard %s committed: %s", spec.name, stats)
     except BaseException:
