@@ -81,6 +81,7 @@ __all__ = [
     "open_embeddings",
     "read_manifest",
     "remove_incomplete",
+    "write_atomically",
     "write_manifest",
 ]
 
@@ -121,7 +122,7 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _write_atomic(path: Path, fill: Any) -> None:
+def write_atomically(path: Path, fill: Any) -> None:
     """Create ``path`` atomically: ``fill(binary file)`` writes a hidden temporary, then fsync + os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(path)
@@ -140,7 +141,7 @@ def _write_atomic(path: Path, fill: Any) -> None:
 
 def _write_json(path: Path, value: Any) -> None:
     encoded = (json.dumps(value, indent=1, sort_keys=False) + "\n").encode("utf-8")
-    _write_atomic(path, lambda target: target.write(encoded))
+    write_atomically(path, lambda target: target.write(encoded))
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -413,12 +414,12 @@ class ShardWriter:
         for name, spooled in self._arrays.items():
             folder = EMBEDDING_FOLDER if name == self.embedding else name
             path = self._path(folder, ".npy")
-            _write_atomic(path, lambda target, spooled=spooled: spooled.write_npy(target, self.rows))
+            write_atomically(path, lambda target, spooled=spooled: spooled.write_npy(target, self.rows))
             written.append(path)
             files[folder] = path.relative_to(self.root).as_posix()
             shapes[folder] = [self.rows, *spooled.row_shape]
         path = self._path("metadata", ".parquet")
-        _write_atomic(path, self._write_metadata)
+        write_atomically(path, self._write_metadata)
         written.append(path)
         files["metadata"] = path.relative_to(self.root).as_posix()
         shapes["metadata"] = [self.rows]

@@ -26,12 +26,13 @@ import os
 import shutil
 import struct
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional
 
 import torch
+
+from tp_siglip.embeddings_dir import write_atomically
 
 __all__ = ["EarlierOutput", "OutputFileError", "RowSpool", "write_atomic"]
 
@@ -139,20 +140,14 @@ def write_atomic(path: Path, spool: RowSpool, metadata: dict[str, str]) -> None:
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as target:
-            target.write(struct.pack("<Q", len(encoded)))
-            target.write(encoded)
-            for name in spool.row_shapes:
-                spool.copy_to(name, target)
-            target.flush()
-            os.fsync(target.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    def fill(target: BinaryIO) -> None:
+        target.write(struct.pack("<Q", len(encoded)))
+        target.write(encoded)
+        for name in spool.row_shapes:
+            spool.copy_to(name, target)
+
+    write_atomically(path, fill)
 
 
 @dataclass(frozen=True)
