@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file, encode, hardware
 
-from checkpoints import TINY, save_layout, vision_model
+from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
 from distributed import RankPool
 
@@ -39,18 +39,11 @@ TOLERANCE = 2e-3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A checkpoint, a corpus, and transformers' embeddings of every good file of the corpus."""
-    from transformers import SiglipImageProcessor
-    from transformers.utils import logging as hf_logging
-
     root = tmp_path_factory.mktemp("cli")
     model = vision_model(CONFIG, seed=11)
     checkpoint = save_layout(model, "v5_vision", root / "checkpoint")
     corpus = make_corpus(root / "corpus")
-    hf_logging.set_verbosity_error()
-    processor = SiglipImageProcessor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
-    pixels = processor(images=[str(corpus / name) for name in GOOD], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        out = model(pixel_values=pixels)
+    out = transformers_outputs(model, [corpus / name for name in GOOD], CONFIG["image_size"])
     unit = torch.nn.functional.normalize(out.pooler_output, dim=-1)  # the stored embedding is L2-normalised
     reference = {str(corpus / name): row for name, row in zip(GOOD, unit)}
     return root, checkpoint, corpus, reference

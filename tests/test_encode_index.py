@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from tp_siglip import encode, open_embeddings
 
-from checkpoints import TINY, save_layout, vision_model
+from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 
 CONFIG = {**TINY, "image_size": 32, "patch_size": 8}
 IMAGES = 24
@@ -46,18 +46,10 @@ def _write_images(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A checkpoint, the images, and transformers' raw pooler_output for each image (in path order)."""
-    from transformers import SiglipImageProcessor
-    from transformers.utils import logging as hf_logging
-
     root = tmp_path_factory.mktemp("index")
-    model = vision_model(CONFIG, seed=3)
-    checkpoint = save_layout(model, "v5_vision", root / "checkpoint")
-    paths = _write_images(root / "images")
-    hf_logging.set_verbosity_error()
-    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
-    with torch.no_grad():
-        raw = model(pixel_values=processor(images=[str(p) for p in paths], return_tensors="pt")["pixel_values"]).pooler_output
-    return root, checkpoint, paths, raw.numpy()
+    model, paths = vision_model(CONFIG, seed=3), _write_images(root / "images")
+    raw = transformers_outputs(model, paths, CONFIG["image_size"]).pooler_output.numpy()
+    return root, save_layout(model, "v5_vision", root / "checkpoint"), paths, raw
 
 
 def _encode(setup, output: Path, *options: str) -> None:
