@@ -137,6 +137,16 @@ def test_data_parallel_gives_the_same_embeddings(setup, tensor_run):
     torch.testing.assert_close(unit, tensor_run[0]["pooler_output"], rtol=1e-5, atol=1e-5)
 
 
+def test_two_tensor_groups_write_one_file(setup):
+    """4 ranks, --tp 2: two tensor-parallel groups each run their half of every batch; rank 0 gathers the rows."""
+    root, headed, _, reference = setup
+    output = root / "groups.safetensors"
+    tensors, metadata, _ = _encode(["--model", str(headed), IMAGES, "--output", str(output), "--tp", "2", "--batch-size", "3"], ranks=4)
+    assert metadata["tp"] == "2" and metadata["world_size"] == "4"
+    assert json.loads(metadata["paths"]) == _expected_paths()
+    _close(tensors["pooler_output"], reference["pooler_output"])
+
+
 def test_single_process_headless_tower_stores_mean_pooled(setup):
     root, _, headless, reference = setup
     output = root / "single.safetensors"
