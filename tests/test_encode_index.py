@@ -109,3 +109,6 @@ def test_raw_float16_folder_and_file(setup, tmp_path):
     by_path = dict(zip(json.loads(metadata["paths"]), stored.float()))
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     assert np.abs(np.stack([by_path[str(p)].numpy() for p in paths]) - unit).max() <= TOLERANCE
+    opened = open_embeddings(output)  # the file reads like the folder: memory-mapped rows, keys
+    assert opened.dtype == np.float16 and opened.dim == raw.shape[1] and opened.info["normalized"] == "true"
+    assert opened.keys() == json.loads(metadata["paths"]) and np.array_equal(opened[:], stored.numpy())

@@ -72,6 +72,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "Embeddings",
+    "EmbeddingsFile",
     "ShardWriter",
     "ShardedArray",
     "check_same_run",
@@ -719,14 +720,43 @@ def _concat(pa: Any, tables: list[Any]) -> Any:
     return pa.concat_tables(unified, promote_options="default")
 
 
-def open_embeddings(root: Union[str, Path]) -> Embeddings:
-    """Open a corpus folder for reading. Only complete shards are included (a warning names how many planned
-    shards are not); nothing is loaded until asked for.
+class EmbeddingsFile(ShardedArray):
+    """A ``.safetensors`` output of the job opened for reading (see :func:`open_embeddings`): its embedding rows
+    memory-mapped, its paths as keys, its metadata (strings) as ``info``."""
+
+    def __init__(self, path: Path) -> None:
+        from tp_siglip.embeddings_file import EarlierOutput  # that module writes through this one's atomic writer
+
+        earlier = EarlierOutput.read(path)
+        self.path, self.info, self._keys = path, earlier.metadata, earlier.paths
+        name = earlier.metadata.get("embedding", "")
+        if name not in earlier.tensors:
+            raise ValueError(f"{path} has no embedding tensor {name!r}: it was not written by tp-siglip encode")
+        entry = earlier.tensors[name]
+        dtype = np.float16 if entry.dtype == torch.float16 else np.float32
+        rows = [np.memmap(path, dtype=dtype, mode="r", offset=entry.start, shape=entry.shape)] if entry.shape[0] else []
+        super().__init__(rows, name)
+        self.dtype, self.row_shape, self.dim = np.dtype(dtype), tuple(entry.shape[1:]), int(entry.shape[1])
+
+    def keys(self) -> list[str]:
+        """Every row's path, in row order."""
+        return list(self._keys)
+
+
+def open_embeddings(root: Union[str, Path]) -> Union[Embeddings, EmbeddingsFile]:
+    """Open the job's output for reading: a corpus folder (only complete shards are included; a warning names
+    how many planned shards are not), or a ``.safetensors`` file. Nothing is loaded until asked for; rows are
+    float32 or float16, as stored.
 
     Raises:
-        ValueError: ``root`` has no readable manifest.
+        ValueError: ``root`` has no readable manifest, or is not a file the job wrote.
     """
     root = Path(root)
+    if root.is_file():
+        try:
+            return EmbeddingsFile(root)
+        except ValueError as err:  # OutputFileError too
+            raise ValueError(f"cannot open {root}: {err}") from None
     manifest = read_manifest(root)
     stats = list(completed_shards(root).values())
     embeddings = Embeddings(root, manifest, stats)
