@@ -546,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
         job = Job(args, checked, model, dealing, say)
         with _sigterm_as_interrupt():
             if checked.corpus is None:
-                job.run()
+                FileJob(job).run()
             else:
                 job.start()
                 group_say = encode_corpus.GroupSay(Printer(group_rank, world_size), group_index, groups)
@@ -710,59 +710,6 @@ class Job:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
         if self.naflex:
             self._share_max_num_patches()
-
-    def run(self) -> None:
-        args, checked, say = self.args, self.checked, self.say
-        self.start()
-        earlier = checked.earlier if self.dealing.rank == 0 else None
-        problem = None
-        if earlier is not None:
-            problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size, self.max_num_patches)
-        done_paths = set(earlier.paths) if earlier is not None else set()
-        done, refused = agree_on_files(
-            checked.files, [str(p) in done_paths for p in checked.files], problem is not None, self.dealing.rank, self.dealing.size
-        )
-        if refused:
-            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
-        remaining = [p for p, d in zip(checked.files, done) if not d]
-        naflex = f", NaFlex max_num_patches {self.max_num_patches} (from {checked.patches_from})" if self.naflex else ""
-        groups = f"{self.dealing.size // self.dealing.tp} group(s) of {self.dealing.tp} rank(s)"
-        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {groups}{naflex}")
-        if args.resume:
-            say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
-        if not self.model.use_head:
-            patches = "each image's valid patches" if self.naflex else "patches"
-            say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
-        output = self._open_output(earlier) if self.dealing.rank == 0 else None
-        try:
-            encoded, seconds = self.encode(remaining, output)
-            if output is not None:
-                self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
-        except BaseException:
-            if output is not None:
-                self._save_partial(output)
-            raise
-        finally:
-            if output is not None:
-                output.close()
-
-    def _open_output(self, earlier: Optional[EarlierOutput]) -> _Output:
-        metadata = {
-            "format": "pt",
-            "model": str(self.args.model),
-            "dtype": self.dtype_name,
-            "world_size": str(self.dealing.size),
-            "tp": str(self.dealing.tp),
-            "embedding": self.embedding,
-            "normalized": "true" if self.args.normalize else "false",
-            "output_dtype": self.args.output_dtype,
-            "tp_siglip_version": __version__,
-        }
-        if self.naflex:
-            metadata["max_num_patches"] = str(self.max_num_patches)
-        if earlier is not None and set(earlier.paths) - {str(p) for p in self.checked.files}:
-            logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
-        return _Output(self.args, earlier, metadata, self.say)
 
     def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None, report: bool = True) -> tuple[int, float]:
         """The batch loop: decode, forward, gather, and (the dealing's rank 0) hand each batch to ``sink``.
@@ -967,18 +914,87 @@ class Job:
             if output is not None:
                 output.skip(path, reason)
 
+
+class FileJob:
+    """The one-``.safetensors`` job on every rank: resume agreement, `Job.encode` into rank 0's `_Output`, the
+    summary, and what was encoded so far when it stops early."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def run(self) -> None:
+        job = self.job
+        job.start()
+        earlier = job.checked.earlier if job.dealing.rank == 0 else None
+        remaining = self._remaining(earlier)
+        self._announce(remaining, earlier)
+        output = self._open_output(earlier) if job.dealing.rank == 0 else None
+        try:
+            encoded, seconds = job.encode(remaining, output)
+            if output is not None:
+                self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
+        except BaseException:
+            if output is not None:
+                self._save_partial(output)
+            raise
+        finally:
+            if output is not None:
+                output.close()
+
+    def _remaining(self, earlier: Optional[EarlierOutput]) -> list[Path]:
+        """The files to encode: those the earlier output (``--resume``, read on rank 0) does not hold, agreed by
+        every rank; a resume that cannot go on stops every rank."""
+        job, files = self.job, self.job.checked.files
+        problem = None
+        if earlier is not None:
+            problem = _resume_problem(earlier, job.embedding, job.dtype_name, job.model.config.hidden_size, job.max_num_patches)
+        held = set(earlier.paths) if earlier is not None else set()
+        done, refused = agree_on_files(files, [str(p) in held for p in files], problem is not None, job.dealing.rank, job.dealing.size)
+        if refused:
+            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
+        return [p for p, d in zip(files, done) if not d]
+
+    def _announce(self, remaining: list[Path], earlier: Optional[EarlierOutput]) -> None:
+        job, args, say = self.job, self.job.args, self.job.say
+        naflex = f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
+        groups = f"{job.dealing.size // job.dealing.tp} group(s) of {job.dealing.tp} rank(s)"
+        say(f"{args.model}: {len(remaining)} images, {job.dtype_name}, {groups}{naflex}")
+        if args.resume:
+            say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
+        if not job.model.use_head:
+            patches = "each image's valid patches" if job.naflex else "patches"
+            say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
+
+    def _open_output(self, earlier: Optional[EarlierOutput]) -> _Output:
+        metadata = {
+            "format": "pt",
+            "model": str(self.job.args.model),
+            "dtype": self.job.dtype_name,
+            "world_size": str(self.job.dealing.size),
+            "tp": str(self.job.dealing.tp),
+            "embedding": self.job.embedding,
+            "normalized": "true" if self.job.args.normalize else "false",
+            "output_dtype": self.job.args.output_dtype,
+            "tp_siglip_version": __version__,
+        }
+        if self.job.naflex:
+            metadata["max_num_patches"] = str(self.job.max_num_patches)
+        if earlier is not None and set(earlier.paths) - {str(p) for p in self.job.checked.files}:
+            logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
+        return _Output(self.job.args, earlier, metadata, self.job.say)
+
     def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
-        args, say = self.args, self.say
+        args, say = self.job.args, self.job.say
         if not output.paths:
-            raise JobError(f"no readable image among the {len(self.checked.files)} files; nothing written")
+            raise JobError(f"no readable image among the {len(self.job.checked.files)} files; nothing written")
         output.save(complete=True)
         rate = encoded / seconds if seconds > 0 else 0.0
         say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; wrote {args.output} ({len(output.paths)} rows)")
         parts = [f"{encoded} encoded", f"{len(output.skipped)} skipped (unreadable)"]
-        ignored = sum(self.checked.ignored.values())
-        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.checked.ignored)})" if ignored else ""))
-        if self.checked.hidden:
-            parts.append(f"{self.checked.hidden} hidden file(s) ignored")
+        ignored = sum(self.job.checked.ignored.values())
+        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.job.checked.ignored)})" if ignored else ""))
+        if self.job.checked.hidden:
+            parts.append(f"{self.job.checked.hidden} hidden file(s) ignored")
         if args.resume:
             parts.append(f"{earlier_rows} already in the output")
         say("summary: " + ", ".join(parts))
@@ -992,7 +1008,7 @@ class Job:
         except OSError as err:
             logger.error("could not write the partial output %s: %s", output.path, err)
             return
-        self.say(
+        self.job.say(
             f"stopped early: wrote the {len(output.paths)} rows encoded so far to {output.path} "
             "(metadata complete=false); run again with --resume to continue"
         )
