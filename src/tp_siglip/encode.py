@@ -664,6 +664,72 @@ class _Output:
         self.spool.close()
 
 
+
+class StoredRows:
+    """What the job stores for each image: the model's inputs made from decoded uint8 rows, and the stored
+    tensors made from the model's outputs (see the module doc)."""
+
+    def __init__(self, model: Any, args: argparse.Namespace, embedding: str, max_num_patches: Optional[int]) -> None:
+        self.model, self.args, self.embedding, self.max_num_patches = model, args, embedding, max_num_patches
+        self.naflex = max_num_patches is not None
+        self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Row shapes of what the output stores (all float32), as :meth:`stored` makes them."""
+        config, hidden = self.model.config, self.model.config.hidden_size
+        dtype = OUTPUT_DTYPES[self.args.output_dtype]
+        specs = {self.embedding: ((hidden,), dtype)}
+        if self.args.tokens:
+            tokens = self.max_num_patches if self.naflex else (config.image_size // config.patch_size) ** 2
+            specs["last_hidden_state"] = ((tokens, hidden), dtype)
+            if self.naflex:
+                specs["pixel_attention_mask"] = ((tokens,), dtype)
+                specs["spatial_shapes"] = ((2,), dtype)
+        return specs
+
+    def model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
+        levels = rows["levels"].to(self.model.device, non_blocking=True)
+        if not self.naflex:
+            buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
+            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer)}
+        shapes = rows["spatial_shapes"].to(self.model.device)
+        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
+
+    def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
+        """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
+        next batch's are made): a fresh buffer each batch costs more in new pages than the normalisation itself.
+        (On a GPU the caching allocator already reuses memory.)"""
+        if self._pixels is None or len(self._pixels) < rows or self._pixels.shape[1:] != row_shape:
+            self._pixels = torch.empty((max(rows, self.args.batch_size), *row_shape), dtype=self.model.dtype)
+        return self._pixels[:rows]
+
+    def stored(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the output stores for these images, float32 on the CPU, before the cast to ``--output-dtype``
+        (see the module doc)."""
+        if not self.naflex:
+            vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
+            tensors = {self.embedding: self._unit(vectors.float()).cpu()}
+            if self.args.tokens:
+                tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
+            return tensors
+        mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
+        # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
+        tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
+        vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
+        tensors = {self.embedding: self._unit(vectors).cpu()}
+        if self.args.tokens:
+            tensors["last_hidden_state"] = tokens.cpu()
+            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
+            tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
+        return tensors
+
+    def _unit(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The stored embedding: L2-normalised float32 rows (an inner product is then the cosine), or as computed
+        with ``--no-normalize``."""
+        return torch.nn.functional.normalize(vectors, dim=-1) if self.args.normalize else vectors
+
+
 @dataclass(frozen=True)
 class Dealing:
     """Which ranks deal out each batch (``group``: ``size`` ranks, this one ``rank``; every rank decodes its part
@@ -691,7 +757,7 @@ class Job:
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
         self.group = dealing.group  # the ranks that deal out each batch
         self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
-        self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
+        self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
     def _share_max_num_patches(self) -> None:
@@ -710,6 +776,7 @@ class Job:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
         if self.naflex:
             self._share_max_num_patches()
+            self.rows = StoredRows(self.model, self.args, self.embedding, self.max_num_patches)
 
     def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None, report: bool = True) -> tuple[int, float]:
         """The batch loop: decode, forward, gather, and (the dealing's rank 0) hand each batch to ``sink``.
@@ -797,7 +864,7 @@ class Job:
         ``batch_sizes`` (tensor mode: every rank's readable images) the ranks run the tower together instead,
         each with its own rows, and every rank takes part even with none of its own."""
         clock = time.perf_counter()
-        specs = self._stored_specs()
+        specs = self.rows.specs()
         local = None
         if share is not None:
             ok = _readable(share)
@@ -805,12 +872,12 @@ class Job:
             local["ok"] = ok.to(torch.uint8)
             if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
                 rows = _share_rows(share)
-                inputs = self._model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
+                inputs = self.rows.model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
                 if batch_sizes is None:
                     out = self.model(*inputs.values())
                 else:
                     out = self.model(*inputs.values(), batch_sizes=batch_sizes)
-                for name, tensor in self._stored_rows(out, inputs).items():
+                for name, tensor in self.rows.stored(out, inputs).items():
                     local[name][ok] = tensor.to(local[name].dtype)
         times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
@@ -833,61 +900,6 @@ class Job:
         if failed:
             where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
-
-    def _stored_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Row shapes of what the output stores (all float32), as :meth:`_stored_rows` makes them."""
-        config, hidden = self.model.config, self.model.config.hidden_size
-        dtype = OUTPUT_DTYPES[self.args.output_dtype]
-        specs = {self.embedding: ((hidden,), dtype)}
-        if self.args.tokens:
-            tokens = self.max_num_patches if self.naflex else (config.image_size // config.patch_size) ** 2
-            specs["last_hidden_state"] = ((tokens, hidden), dtype)
-            if self.naflex:
-                specs["pixel_attention_mask"] = ((tokens,), dtype)
-                specs["spatial_shapes"] = ((2,), dtype)
-        return specs
-
-    def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
-        levels = rows["levels"].to(self.model.device, non_blocking=True)
-        if not self.naflex:
-            buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
-            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer)}
-        shapes = rows["spatial_shapes"].to(self.model.device)
-        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
-
-    def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
-        """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
-        next batch's are made): a fresh buffer each batch costs more in new pages than the normalisation itself.
-        (On a GPU the caching allocator already reuses memory.)"""
-        if self._pixels is None or len(self._pixels) < rows or self._pixels.shape[1:] != row_shape:
-            self._pixels = torch.empty((max(rows, self.args.batch_size), *row_shape), dtype=self.model.dtype)
-        return self._pixels[:rows]
-
-    def _stored_rows(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the output stores for these images, float32 on the CPU, before the cast to ``--output-dtype``
-        (see the module doc)."""
-        if not self.naflex:
-            vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
-            tensors = {self.embedding: self._unit(vectors.float()).cpu()}
-            if self.args.tokens:
-                tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
-            return tensors
-        mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
-        # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
-        tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
-        vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
-        tensors = {self.embedding: self._unit(vectors).cpu()}
-        if self.args.tokens:
-            tensors["last_hidden_state"] = tokens.cpu()
-            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
-            tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
-        return tensors
-
-    def _unit(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The stored embedding: L2-normalised float32 rows (an inner product is then the cosine), or as computed
-        with ``--no-normalize``."""
-        return torch.nn.functional.normalize(vectors, dim=-1) if self.args.normalize else vectors
 
     def _report_times(self, times: Counter, seconds: float) -> None:
         """Where the time went, and how many images each rank decoded (one small collective)."""
