@@ -1,18 +1,17 @@
 #!/usr/bin/env python
 """Does each piece of the encode job's CPU-only machinery pay? Each piece against its plain alternative, in one run.
 
-    python benchmarks/machinery.py                    # the A/B table (~10 min on 2 cores)
+    python benchmarks/machinery.py                    # the A/B table (~15 min on 2 cores)
     python benchmarks/machinery.py --quick            # smoke run: 64 images, one round, tiny tower only
 
 The pieces, each switched off in the job's own processes (this script is also the rank entry point: it
 applies the switches, then runs ``tp_siglip.encode.main``):
 
-* ``pipe_barrier``: the shared-memory exchanges wait at gloo's barrier instead of the named pipes
-  (``TP_SIGLIP_PIPE_BARRIER=0``); it only matters with several ranks;
-* ``main_threads``: `pipeline.MainThreads` replaced by nothing (the model keeps torch's thread count);
-* ``gc_freeze``: no ``gc.freeze()`` around starting the decode workers;
-* ``one_core``: a lone rank on one core (``taskset -c 0``) with the default workers (0: the one-core branch
-  of `pipeline.default_workers`) against ``--workers 1`` (what the rule gives on any other machine).
+* ``main_threads``: `pipeline.MainThreads` replaced by nothing (the model keeps torch's thread count).
+
+The pieces this script measured and that were then removed (the named-pipe barrier, ``gc.freeze()``
+around starting the workers, the one-core branch of the default ``--workers``): see
+``benchmarks/results/2026-12-07-encode-machinery-ab.md``, which says how each was switched off.
 
 Configurations a user runs: 1 rank and 2 data-parallel ranks (the default ``--tp 1``), with the near-free
 stand-in tower (decode-bound: the machinery's best case) and base-224 fp32 (model-bound, random weights).
@@ -36,7 +35,7 @@ if __package__ in (None, ""):
 from benchmarks.common import Geometry
 from benchmarks.pipeline import RATE, ROOT, TINY, make_checkpoint, make_jpegs
 
-PIECES = ("pipe_barrier", "main_threads", "gc_freeze")
+PIECES = ("main_threads",)
 PAYS = 1.05
 
 
@@ -55,15 +54,10 @@ class _NoThreads:
 
 def run_as_job(off: list[str], argv: list[str]) -> int:
     """Rank entry point: switch ``off`` the named pieces in this process, then run the job."""
-    import gc
-    import types
-
     from tp_siglip import encode, pipeline
 
     if "main_threads" in off:
         pipeline.MainThreads = _NoThreads
-    if "gc_freeze" in off:
-        pipeline.gc = types.SimpleNamespace(freeze=lambda: None, unfreeze=lambda: None, collect=gc.collect)
     return encode.main(argv)
 
 
@@ -76,8 +70,6 @@ def job_rate(images: Path, checkpoint: Path, ranks: int, off: list[str], extra: 
     command = [*launcher, str(Path(__file__).resolve()), "--as-job", ",".join(off) or "-", "--",
                str(images), "--model", str(checkpoint), "--output", str(output), "--batch-size", "32", *extra]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TP_SIGLIP_PG_TIMEOUT_S": "300"}
-    if "pipe_barrier" in off:
-        env["TP_SIGLIP_PIPE_BARRIER"] = "0"
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     found = RATE.search(done.stdout)
     if done.returncode != 0 or not found:
@@ -88,11 +80,7 @@ def job_rate(images: Path, checkpoint: Path, ranks: int, off: list[str], extra: 
 
 def variants(ranks: int) -> list[tuple[str, list[str], list[str], str]]:
     """``(label, pieces off, extra options, cores)`` for one rank count: everything on, then each piece off."""
-    pieces = PIECES if ranks > 1 else PIECES[1:]
-    rows = [("all on", [], [], "")] + [(f"{piece} off", [piece], [], "") for piece in pieces]
-    if ranks == 1:
-        rows += [("one core: default workers (0)", [], [], "0"), ("one core: --workers 1", [], ["--workers", "1"], "0")]
-    return rows
+    return [("all on", [], [], "")] + [(f"{piece} off", [piece], [], "") for piece in PIECES]
 
 
 def measure(root: Path, images: Path, checkpoint: Path, name: str, rounds: int) -> list[dict[str, Any]]:
@@ -102,24 +90,25 @@ def measure(root: Path, images: Path, checkpoint: Path, name: str, rounds: int) 
     for _ in range(rounds):
         for ranks, label, off, extra, cores in plan:
             rates[ranks, label].append(job_rate(images, checkpoint, ranks, off, extra, root / "out.safetensors", cores))
+            print(f"{name}, {ranks} rank(s), {label}: {rates[ranks, label][-1]:.1f} img/s", file=sys.stderr, flush=True)
     rows = []
     for ranks in (1, 2):
         on = max(rates[ranks, "all on"])
         for (count, label), got in rates.items():
             if count == ranks:
-                reference = max(rates[ranks, "one core: --workers 1"]) if label.startswith("one core: default") else on
+                paired = sorted(on_rate / rate for on_rate, rate in zip(rates[ranks, "all on"], got))
                 rows.append({"tower": name, "ranks": ranks, "variant": label, "best": max(got), "rounds": got,
-                             "on_over_off": reference / max(got) if label.endswith(" off") else max(got) / reference})
+                             "on_over_off": on / max(got), "paired": paired[len(paired) // 2]})
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| tower | ranks | variant | img/s (fastest round) | each round | piece on / off (or branch / plain) | pays (>= 1.05)? |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| tower | ranks | variant | img/s (fastest round) | each round | on / off, fastest rounds | on / off, median of "
+             "the rounds' ratios | pays (>= 1.05)? |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        compared = r["variant"] != "all on" and r["variant"] != "one core: --workers 1"
-        ratio = f"{r['on_over_off']:.3f}" if compared else ""
-        pays = ("yes" if r["on_over_off"] >= PAYS else "no") if compared else ""
+        compared = r["variant"] != "all on"
+        ratio = f"{r['on_over_off']:.3f} | {r['paired']:.3f}" if compared else " | "
+        pays = ("yes" if min(r["on_over_off"], r["paired"]) >= PAYS else "no") if compared else ""
         each = "/".join(f"{rate:.1f}" for rate in r["rounds"])
         lines.append(f"| {r['tower']} | {r['ranks']} | {r['variant']} | {r['best']:.1f} | {each} | {ratio} | {pays} |")
     return "\n".join(lines)
@@ -133,6 +122,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="64 images, one round, the tiny tower only")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=800, help="JPEGs for the tiny tower (base-224 gets 64)")
+    parser.add_argument("--tiny-only", action="store_true", help="skip the base-224 rows")
     opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tp-siglip-machinery-") as folder:
         root = Path(folder)
@@ -140,7 +130,7 @@ def main(argv: list[str]) -> int:
         make_jpegs(root / "images", count)
         tiny = make_checkpoint(Geometry("tiny-224", *TINY["p32"], 224), root / "tiny")
         rows = measure(root, root / "images", tiny, "tiny-224 (near-free)", rounds)
-        if not opts.quick:
+        if not (opts.quick or opts.tiny_only):
             make_jpegs(root / "few", 64, seed=1)
             base = make_checkpoint(Geometry("base-224", 768, 3072, 12, 12, 16, 224), root / "base")
             rows += measure(root, root / "few", base, "base-224 fp32 (model-bound)", max(1, rounds - 1))

@@ -153,7 +153,12 @@ def tiny_job_inputs(directory: Path, images: int) -> tuple[Path, Path]:
 
 def transformers_outputs(model, paths: list, image_size: int):
     """transformers' own pipeline on image files: ``SiglipImageProcessor`` (PIL backend), then ``model``."""
-    from transformers import SiglipImageProcessor
+    try:
+        from transformers import (
+            SiglipImageProcessorPil as SiglipImageProcessor,  # 5.x: the PIL backend, whatever else is installed
+        )
+    except ImportError:  # 4.x: PIL is its only backend
+        from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "no torchvision, using the PIL backend" notice

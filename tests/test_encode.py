@@ -59,7 +59,12 @@ def _encode(
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A headed and a head-less checkpoint of one random tower, and transformers' outputs on the images."""
-    from transformers import SiglipImageProcessor
+    try:
+        from transformers import (
+            SiglipImageProcessorPil as SiglipImageProcessor,  # 5.x: the PIL backend, whatever else is installed
+        )
+    except ImportError:  # 4.x: PIL is its only backend
+        from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
 
     root = tmp_path_factory.mktemp("encode")

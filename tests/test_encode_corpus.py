@@ -50,7 +50,12 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 def setup(tmp_path_factory):
     """Three tars (one with a key without image, one with a truncated JPEG), one parquet shard, a checkpoint,
     and transformers' pooler_output for every image, by key."""
-    from transformers import SiglipImageProcessor
+    try:
+        from transformers import (
+            SiglipImageProcessorPil as SiglipImageProcessor,  # 5.x: the PIL backend, whatever else is installed
+        )
+    except ImportError:  # 4.x: PIL is its only backend
+        from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
 
     root = tmp_path_factory.mktemp("corpus-job")

@@ -155,7 +155,12 @@ def test_pip_install_into_fresh_venv(venv, tmp_path):
 
 def test_installed_command_encodes_the_bundled_photos(venv, tmp_path):
     from safetensors import safe_open
-    from transformers import SiglipImageProcessor
+    try:
+        from transformers import (
+            SiglipImageProcessorPil as SiglipImageProcessor,  # 5.x: the PIL backend, whatever else is installed
+        )
+    except ImportError:  # 4.x: PIL is its only backend
+        from transformers import SiglipImageProcessor
     from transformers.utils import logging as hf_logging
 
     from tp_siglip import __version__

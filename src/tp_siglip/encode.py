@@ -206,8 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
     add("--workers", type=_non_negative_int, default=None, metavar="N",
         help="decode worker processes per rank, decoding ahead of the model (default: this rank's share of the CPU "
-             f"cores, at most {pipeline.MAX_DEFAULT_WORKERS}; a CPU model with one core per rank: 1, or 0 for a lone rank; "
-             "0: decode in the main process)")
+             f"cores, 1 to {pipeline.MAX_DEFAULT_WORKERS}; 0: decode in the main process)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
         help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens, and for NaFlex --max-num-patches)")
@@ -756,7 +755,7 @@ class Job:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
         self.group = dealing.group  # the ranks that deal out each batch
-        self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
+        self.workers = pipeline.default_workers() if args.workers is None else args.workers
         self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
