@@ -40,7 +40,7 @@ def _per_call_us(fn, iters: int) -> float:
 
 def _rank(rank: int, world_size: int, store: str, batch: int, iters: int) -> None:
     from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
-    from tp_siglip.parallel import _all_gather_flat, _input_verdict, agree_on_inputs, input_signature, tensor_checksum
+    from tp_siglip.parallel import _input_verdict, agree_on_inputs, all_gather_flat, input_signature, tensor_checksum
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
@@ -59,7 +59,7 @@ def _rank(rank: int, world_size: int, store: str, batch: int, iters: int) -> Non
 
     times = {}
     times["local checks (with the NaN/inf scan)"] = _per_call_us(lambda: agree_on_inputs(None, check), iters)
-    times["local checks + bare all-gather"] = _per_call_us(lambda: (check(), _all_gather_flat(everyone, mine, group)), iters)
+    times["local checks + bare all-gather"] = _per_call_us(lambda: (check(), all_gather_flat(everyone, mine, group)), iters)
     times["agree, 'shapes' (with the scan)"] = _per_call_us(lambda: agree_on_inputs(group, check), iters)
     times["agree, 'checksum' (with the scan)"] = _per_call_us(lambda: agree_on_inputs(group, check, mode="checksum"), iters)
     times["tensor_checksum(pixels) alone"] = _per_call_us(lambda: tensor_checksum(pixels), iters)
@@ -67,7 +67,7 @@ def _rank(rank: int, world_size: int, store: str, batch: int, iters: int) -> Non
     times["local checks, check_finite=False"] = _per_call_us(lambda: agree_on_inputs(None, check), iters)
     times["agree 'shapes', check_finite=False"] = _per_call_us(lambda: agree_on_inputs(group, check), iters)
     times["signature + verdict, no collective"] = _per_call_us(verdict_only, iters)
-    times["bare 1 KiB all-gather"] = _per_call_us(lambda: _all_gather_flat(everyone, mine, group), iters)
+    times["bare 1 KiB all-gather"] = _per_call_us(lambda: all_gather_flat(everyone, mine, group), iters)
     assert verdict_only() == ""
     if rank == 0:
         print(f"{world_size} gloo ranks, 1 thread each, pixels {tuple(pixels.shape)} float32; us per call:")

@@ -189,9 +189,9 @@ def tiny_section(root: Path, images: Path, paths: list[Path], geometry: Geometry
     tenants' load only ever slows a run down; ``timeit`` reasons the same way), with every round beside it.
     """
     checkpoint = make_checkpoint(geometry, root / f"ckpt-{geometry.name}")
-    runs = [("1 rank, default --workers", 1, [], 1.6), ("2 ranks, --parallel tensor", 2, [], 1.6),
-            ("2 ranks, --parallel data", 2, ["--parallel", "data"], 1.6),
-            ("2 ranks tensor, --workers 0 (decoding in the main process)", 2, ["--workers", "0"], None)]
+    runs = [("1 rank, default --workers", 1, [], 1.6), ("2 ranks, --tp 1 (the default: data parallel)", 2, [], 1.6),
+            ("2 ranks, --tp 2 (one tensor-parallel group)", 2, ["--tp", "2"], 1.6),
+            ("2 ranks, --tp 1, --workers 0 (decoding in the main process)", 2, ["--workers", "0"], None)]
     if quick:
         runs = runs[:2]
     bases: list[float] = []

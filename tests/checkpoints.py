@@ -149,3 +149,16 @@ def tiny_job_inputs(directory: Path, images: int) -> tuple[Path, Path]:
     for i in range(images):
         Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     return checkpoint, folder
+
+
+def transformers_outputs(model, paths: list, image_size: int):
+    """transformers' own pipeline on image files: ``SiglipImageProcessor`` (PIL backend), then ``model``."""
+    from transformers.utils import logging as hf_logging
+
+    from references import siglip_image_processor
+
+    hf_logging.set_verbosity_error()  # the "no torchvision, using the PIL backend" notice
+    processor = siglip_image_processor(size={"height": image_size, "width": image_size})
+    pixels = processor(images=[str(p) for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return model(pixel_values=pixels)

@@ -127,3 +127,46 @@ def test_three_gemm_attention_on_a_tensor_parallel_shard(rank: int) -> None:
     x = torch.randn(2, TINY.tokens, TINY.hidden, generator=gen)
     with torch.inference_mode():
         torch.testing.assert_close(three(x), fused(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every script still imports
+
+
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def _project_imports(path: Path) -> list[tuple[str, str, int]]:
+    """``(module, name, line)`` of every ``from tp_siglip... / benchmarks... import name`` in ``path``, also
+    the ones inside functions (a script imports what it needs where it needs it, and those rot unseen)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in {"tp_siglip", "benchmarks"}:
+            found += [(node.module, alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "", node.lineno) for alias in node.names if alias.name.split(".")[0] in {"tp_siglip", "benchmarks"}]
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_every_benchmark_script_imports_and_finds_its_names(script: Path) -> None:
+    import importlib
+
+    importlib.import_module(f"benchmarks.{script.stem}")
+    missing = []
+    for module_name, name, line in _project_imports(script):
+        module = importlib.import_module(module_name)
+        if name and not hasattr(module, name):
+            try:
+                importlib.import_module(f"{module_name}.{name}")
+            except ImportError:
+                missing.append(f"line {line}: {module_name}.{name}")
+    assert not missing, f"{script.name} imports names that no longer exist: {missing}"
+
+
+def test_the_import_check_sees_a_renamed_function(tmp_path: Path) -> None:
+    script = tmp_path / "old.py"
+    script.write_text("def main():\n    from tp_siglip.parallel import _all_gather_flat\n")
+    assert _project_imports(script) == [("tp_siglip.parallel", "_all_gather_flat", 2)]
+    assert not hasattr(__import__("tp_siglip.parallel", fromlist=["x"]), "_all_gather_flat")

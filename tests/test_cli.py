@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file, encode, hardware
 
-from checkpoints import TINY, save_layout, vision_model
+from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
 from distributed import RankPool
 
@@ -39,20 +39,13 @@ TOLERANCE = 2e-3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A checkpoint, a corpus, and transformers' embeddings of every good file of the corpus."""
-    from transformers.utils import logging as hf_logging
-
-    from references import siglip_image_processor
-
     root = tmp_path_factory.mktemp("cli")
     model = vision_model(CONFIG, seed=11)
     checkpoint = save_layout(model, "v5_vision", root / "checkpoint")
     corpus = make_corpus(root / "corpus")
-    hf_logging.set_verbosity_error()
-    processor = siglip_image_processor(size={"height": CONFIG["image_size"], "width": CONFIG["image_size"]})
-    pixels = processor(images=[str(corpus / name) for name in GOOD], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        out = model(pixel_values=pixels)
-    reference = {str(corpus / name): row for name, row in zip(GOOD, out.pooler_output)}
+    out = transformers_outputs(model, [corpus / name for name in GOOD], CONFIG["image_size"])
+    unit = torch.nn.functional.normalize(out.pooler_output, dim=-1)  # the stored embedding is L2-normalised
+    reference = {str(corpus / name): row for name, row in zip(GOOD, unit)}
     return root, checkpoint, corpus, reference
 
 
@@ -214,14 +207,14 @@ def test_help_shows_every_default(capsys):
     for parser in (encode.build_parser("tp-siglip encode"), cli.build_parser()._subparsers._group_actions[0].choices["encode"]):
         formatter = parser.formatter_class(prog="x")
         for action in parser._actions:
-            if action.dest != "help":
+            if action.dest != "help" and action.help != "==SUPPRESS==":  # --parallel: gone, refused
                 assert "default" in formatter._get_help_string(action), action.dest
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["encode", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 8)", "(default: google/siglip-base-patch16-224)", "(default: embeddings.safetensors)",
-                  "(default: 600.0)", "(default: auto)", "(default: tensor)", "bundled photos"):
+                  "(default: 600.0)", "(default: auto)", "(default: float32)", "bundled photos"):
         assert shown in text, shown
 
 
@@ -237,7 +230,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["output-is-folder", "output-folder-is-file", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+    ["parallel-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
      "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
@@ -249,6 +242,9 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     named = {
         "output-is-folder": ("--output", tmp_path / "dir.safetensors"),  # a .safetensors name that is a folder
         "output-folder-is-file": ("--output", tmp_path / "file"),  # any other name is a folder of shards
+        "parallel-is-gone": ("--parallel", "data"),  # one knob now: --tp
+        "output-npy": ("--output", tmp_path / "emb.npy"),  # a file suffix the job does not write: refused
+        "output-image-name": ("--output", tmp_path / "emb.PNG"),
         "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
         "parent-is-file": ("--output", tmp_path / "file" / "out.safetensors"),
         "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),
@@ -275,7 +271,33 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     assert shown in errors[0] or (case == "unwritable" and "/proc" in errors[0]), errors[0]
     if case == "device-cuda":
         assert "--device cpu" in errors[0]
+    if case == "parallel-is-gone":
+        assert "--tp N" in errors[0] and "--tp 1" in errors[0]
+    if case in ("output-npy", "output-image-name"):
+        assert not value.exists()  # no folder named emb.npy
+        assert "emb.safetensors" in errors[0] and "folder without a file suffix" in errors[0]
     assert not (tmp_path / "out.safetensors").exists()
+
+
+class _Gpu:
+    total_memory = 10**9  # a 1 GB GPU
+
+
+@pytest.mark.parametrize(("device", "gpu_bytes", "expected"), [("cpu", 10**9, 1), ("cuda", 80 * 10**9, 1), ("cuda", 10**9, 4)])
+def test_default_tp_is_data_parallel_unless_the_gpu_is_too_small(tmp_path, monkeypatch, device, gpu_bytes, expected):
+    """so400m's weights (~1.7 GB in float32) take more than half of a 1 GB GPU: the default --tp is then the
+    smallest divisor of the world, within a node of 8 GPUs, whose slices fit (4); else 1."""
+    from argparse import Namespace
+
+    config = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+              "image_size": 384, "patch_size": 14, "model_type": "siglip_vision_model"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: type("Gpu", (), {"total_memory": gpu_bytes}))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    args = Namespace(model=str(tmp_path), dtype="auto")
+    assert 1.5e9 < encode._tower_bytes(str(tmp_path), "auto") < 1.9e9
+    assert encode._tp_for_memory(args, device, 16) == expected
 
 
 def _can_create_in(folder: str) -> bool:

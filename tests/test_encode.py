@@ -7,6 +7,7 @@ PIL backend, ``tests/references.py``) then ``SiglipVisionModel`` with the same w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -71,10 +72,12 @@ def setup(tmp_path_factory):
     pixels = processor(images=[str(REPO / p) for p in _expected_paths()], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=pixels)
+    unit = functools.partial(torch.nn.functional.normalize, dim=-1)  # the stored embedding (the default)
     reference = {
-        "pooler_output": out.pooler_output,
+        "pooler_output": unit(out.pooler_output),
+        "raw_pooler_output": out.pooler_output,
         "last_hidden_state": out.last_hidden_state,
-        "mean_pooled": out.last_hidden_state.mean(dim=1),
+        "mean_pooled": unit(out.last_hidden_state.mean(dim=1)),
     }
     return root, headed, headless, reference
 
@@ -90,7 +93,7 @@ def tensor_run(setup):
     root, headed, _, _ = setup
     output = root / "tensor.safetensors"
     return _encode(
-        ["--model", str(headed), IMAGES, "--output", str(output), "--tokens", "--batch-size", "2"], entry=MODULE
+        ["--model", str(headed), IMAGES, "--output", str(output), "--tokens", "--batch-size", "2", "--tp", "2"], entry=MODULE
     )
 
 
@@ -103,9 +106,10 @@ def test_tensor_parallel_matches_transformers(setup, tensor_run):
     assert json.loads(metadata["paths"]) == _expected_paths()
     assert metadata["model"] == str(headed)
     assert metadata["world_size"] == "2"
-    assert metadata["parallel"] == "tensor"
+    assert metadata["tp"] == "2"
     assert metadata["dtype"] == "float32"
     assert metadata["embedding"] == "pooler_output"
+    assert metadata["normalized"] == "true" and metadata["output_dtype"] == "float32"
     assert metadata["complete"] == "true" and json.loads(metadata["skipped"]) == []
 
 
@@ -125,14 +129,23 @@ def test_prints_speed_and_similarity_table_on_rank_0_only(tensor_run):
 def test_data_parallel_gives_the_same_embeddings(setup, tensor_run):
     root, headed, _, reference = setup
     output = root / "data.safetensors"
-    # batch size 3 over 2 ranks: uneven split (2 + 1), then a short last batch (2 images, 1 + 1)
-    tensors, metadata, _ = _encode(
-        ["--model", str(headed), IMAGES, "--output", str(output), "--parallel", "data", "--batch-size", "3"]
-    )
+    # batch size 3 over 2 ranks: uneven split (2 + 1), then a short last batch (2 images, 1 + 1); raw vectors
+    tensors, metadata, _ = _encode(["--model", str(headed), IMAGES, "--output", str(output), "--batch-size", "3", "--no-normalize"])
     assert sorted(tensors) == ["pooler_output"]  # no --tokens: no last_hidden_state
-    assert metadata["parallel"] == "data"
+    assert metadata["tp"] == "1" and metadata["normalized"] == "false"  # the default --tp: data parallel
+    _close(tensors["pooler_output"], reference["raw_pooler_output"])
+    unit = torch.nn.functional.normalize(tensors["pooler_output"], dim=-1)
+    torch.testing.assert_close(unit, tensor_run[0]["pooler_output"], rtol=1e-5, atol=1e-5)
+
+
+def test_two_tensor_groups_write_one_file(setup):
+    """4 ranks, --tp 2: two tensor-parallel groups each run their half of every batch; rank 0 gathers the rows."""
+    root, headed, _, reference = setup
+    output = root / "groups.safetensors"
+    tensors, metadata, _ = _encode(["--model", str(headed), IMAGES, "--output", str(output), "--tp", "2", "--batch-size", "3"], ranks=4)
+    assert metadata["tp"] == "2" and metadata["world_size"] == "4"
+    assert json.loads(metadata["paths"]) == _expected_paths()
     _close(tensors["pooler_output"], reference["pooler_output"])
-    torch.testing.assert_close(tensors["pooler_output"], tensor_run[0]["pooler_output"], rtol=1e-5, atol=1e-5)
 
 
 def test_single_process_headless_tower_stores_mean_pooled(setup):

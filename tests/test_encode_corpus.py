@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tp_siglip
 from tp_siglip import embeddings_dir, open_embeddings
 
 from checkpoints import TINY, save_layout, vision_model
@@ -69,7 +70,7 @@ def setup(tmp_path_factory):
     pils = [Image.open(io.BytesIO(good[k])).convert("RGB") for k in sorted(good)]
     with torch.no_grad():
         out = model(pixel_values=processor(images=pils, return_tensors="pt")["pixel_values"])
-    reference = dict(zip(sorted(good), out.pooler_output))
+    reference = dict(zip(sorted(good), torch.nn.functional.normalize(out.pooler_output, dim=-1)))  # stored normalised
     inputs = [str(root / "shards" / "{00000..00002}.tar"), str(root / "shards" / "00003.parquet")]
     return root, checkpoint, inputs, reference
 
@@ -86,7 +87,7 @@ def _rows(folder: Path) -> dict[tuple[str, str], np.ndarray]:
 def two_groups(setup):
     root, checkpoint, inputs, _ = setup
     output = root / "two-groups"
-    stdout = _ok(_run([*inputs, "--model", str(checkpoint), "--output", str(output), "--tp", "1", "--batch-size", "3"]))
+    stdout = _ok(_run([*inputs, "--model", str(checkpoint), "--output", str(output), "--batch-size", "3"]))  # default --tp 1
     return output, stdout
 
 
@@ -113,11 +114,19 @@ def test_two_groups_match_transformers_with_metadata_and_reasons(setup, two_grou
 def test_one_tensor_parallel_group_writes_the_same_rows(setup, two_groups):
     root, checkpoint, inputs, _ = setup
     output = root / "one-group"
-    _ok(_run([*inputs, "--model", str(checkpoint), "--output", str(output), "--batch-size", "4"]))
+    _ok(_run([*inputs, "--model", str(checkpoint), "--output", str(output), "--batch-size", "4", "--tp", "2"]))
     ours, theirs = _rows(output), _rows(two_groups[0])
     assert sorted(ours) == sorted(theirs)
     for key, vector in ours.items():
         assert np.abs(vector - theirs[key]).max() <= 1e-5
+
+
+def test_plain_files_are_dealt_to_every_group(setup, tmp_path):
+    _, checkpoint, _, _ = setup
+    photos = Path(tp_siglip.__file__).parent / "images"  # 5 photos: far fewer than --shard-size
+    stdout = _ok(_run([str(photos), "--model", str(checkpoint), "--output", str(tmp_path / "emb")]))
+    assert "[group 0] shard files-00000" in stdout and "[group 1] shard files-00001" in stdout, stdout
+    assert [stats["rows"] for stats in embeddings_dir.completed_shards(tmp_path / "emb").values()] == [2, 3]
 
 
 def test_resume_skips_complete_shards_and_refuses_another_setup(setup, two_groups):

@@ -109,6 +109,14 @@ def test_workers_give_what_the_main_process_gives_in_order_with_reasons(corpus):
                 assert BAD[name] in reason.lower()
 
 
+def test_a_rank_with_nothing_to_decode_gets_empty_shares_with_workers(corpus):
+    """More ranks than images in a batch (3 images over 4 ranks): rank 3's shares are empty, workers or not."""
+    _, files = corpus
+    decoder = pipeline.ShareDecoder([files[:3], files[3:6]], 3, 4, functools.partial(pipeline.decode_fixed, image_size=32))
+    shares = list(pipeline.decoded_shares(decoder, 1))
+    assert [(d.batch, d.count) for d in shares] == [(0, 0), (1, 0)]
+
+
 def _dies_on(target: str, sources, image_size, out=None):
     if any(str(s) == target for s in sources):
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
@@ -184,14 +192,13 @@ def test_gather_shares_over_two_ranks(rank_pools):
 
 
 @pytest.mark.parametrize(
-    "cores, local_ranks, on_cpu, expected",
-    [(2, 1, True, 2), (2, 2, True, 1), (1, 1, True, 0), (3, 4, True, 0), (2, 2, False, 1), (16, 2, True, 8),
-     (64, 1, False, pipeline.MAX_DEFAULT_WORKERS), (3, 4, False, 1)],
+    "cores, local_ranks, expected",
+    [(2, 1, 2), (2, 2, 1), (1, 1, 1), (3, 4, 1), (16, 2, 8), (64, 1, pipeline.MAX_DEFAULT_WORKERS)],
 )
-def test_default_workers_are_the_cores_per_rank_but_none_for_a_lone_cpu_model_on_one_core(monkeypatch, cores, local_ranks, on_cpu, expected):
+def test_default_workers_are_the_cores_per_rank(monkeypatch, cores, local_ranks, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
-    assert pipeline.default_workers(on_cpu) == expected
+    assert pipeline.default_workers() == expected
 
 
 def test_main_threads_follow_how_busy_the_workers_keep_the_cores(monkeypatch):

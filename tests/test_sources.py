@@ -133,6 +133,17 @@ def test_plain_files_from_args_folders_and_lists_are_chunked(tmp_path: Path) -> 
     assert "files-00001" in describe(plan.shards[2]) and "2 file(s)" in describe(plan.shards[2])
 
 
+def test_plain_files_are_cut_into_at_least_one_shard_per_group(tmp_path: Path) -> None:
+    for name in "abcde":
+        (tmp_path / f"{name}.png").write_bytes(image_bytes(0))
+    sizes = lambda plan: [len(s.files) for s in plan.shards]  # noqa: E731
+    assert sizes(plan_shards([tmp_path], rows_per_file_shard=10, min_file_shards=2)) == [2, 3]
+    assert sizes(plan_shards([tmp_path], rows_per_file_shard=10, min_file_shards=8)) == [1] * 5  # no empty shards
+    assert sizes(plan_shards([tmp_path], rows_per_file_shard=2, min_file_shards=2)) == [2, 2, 1]  # already enough
+    with pytest.raises(ValueError, match="min_file_shards"):
+        plan_shards([tmp_path], min_file_shards=0)
+
+
 def test_files_chunk_takes_the_place_of_the_first_plain_input(tmp_path: Path) -> None:
     make_tar(tmp_path / "00000.tar", 1)
     (tmp_path / "a.png").write_bytes(image_bytes(0))
@@ -327,6 +338,29 @@ def test_parquet_without_image_column_and_hf_image_structs(tmp_path: Path) -> No
     pq.write_table(pa.table({"image": [{"bytes": data, "path": "x.png"}], "label": [3]}), tmp_path / "hf.parquet")
     (row,) = list_rows(ShardSpec(0, "hf", "parquet", str(tmp_path / "hf.parquet")))
     assert row.key == "000000000" and row.meta == {"label": 3} and read_bytes(row.ref) == data
+
+
+def test_tar_and_parquet_take_every_image_suffix_a_folder_takes(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tp_siglip.processing import IMAGE_SUFFIXES
+
+    formats = {".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    assert set(formats) == IMAGE_SUFFIXES
+    members = {f"{i:09d}{suffix.upper() if i % 2 else suffix}": image_bytes(i, fmt) for i, (suffix, fmt) in enumerate(sorted(formats.items()))}
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ignored: Counter = Counter()
+    rows = list_rows(plan_shards([tmp_path / "00000.tar"]).shards[0], ignored)
+    assert [read_bytes(row.ref) for row in rows] == list(members.values()) and not ignored  # a .gif is an image member
+    data = image_bytes(9, "GIF")
+    pq.write_table(pa.table({"key": ["a"], "gif": [data]}), tmp_path / "gif.parquet")
+    (row,) = list_rows(ShardSpec(0, "gif", "parquet", str(tmp_path / "gif.parquet")))
+    assert read_bytes(row.ref) == data
 
 
 def test_parquet_needs_pyarrow_with_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ file names sort in shard order)::
 
     DIR/manifest.json                       the run: format version, model, dtype, embedding name, hidden
                                             size, tower config, tp_siglip version, the planned shards
-    DIR/img_emb/img_emb_NNNNN.npy           float32 (rows, hidden), numpy .npy (np.load(..., mmap_mode="r"))
+    DIR/img_emb/img_emb_NNNNN.npy           float32 or float16 (rows, hidden), numpy .npy (np.load(..., mmap_mode="r"))
     DIR/metadata/metadata_NNNNN.parquet     one row per embedding row, same order: key, shard, source, meta...
     DIR/<name>/<name>_NNNNN.npy             optional extra per-row arrays (e.g. tokens, pixel_attention_mask)
     DIR/stats/stats_NNNNN.json              rows, skipped [[key, reason], ...], seconds, done: true, files
@@ -37,8 +37,9 @@ Choices made:
   byte-identical, so a rerun gives the same folder.
 * Before a run finishes, ``img_emb/`` may hold files of shards still being committed: run autofaiss on a
   finished folder (every planned shard complete), or after :func:`remove_incomplete`.
-* The embedding is stored float32 (n, hidden); extra arrays keep their dtype except floating ones, which
-  are stored float32 (bf16 has no numpy dtype). Their names must match ``[a-z][a-z0-9_]*``.
+* The embedding is stored (n, hidden) in the dtype given (float32 or float16: what the job's
+  ``--output-dtype`` makes); every array keeps its dtype except bfloat16 and float64, stored float32 (bf16 has
+  no numpy dtype). Whether the rows are L2-normalised is the manifest's ``normalized``. Their names must match ``[a-z][a-z0-9_]*``.
 * Metadata columns: ``key``, ``shard`` (the shard's name), ``source`` (the tar/parquet path; ``""`` for
   plain files, whose key is their path), then each meta key in order of first appearance. A meta key that collides with
   those three is stored as ``meta_<key>`` unless its value equals the column's (img2dataset's ``key``).
@@ -71,6 +72,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "Embeddings",
+    "EmbeddingsFile",
     "ShardWriter",
     "ShardedArray",
     "check_same_run",
@@ -80,6 +82,7 @@ __all__ = [
     "open_embeddings",
     "read_manifest",
     "remove_incomplete",
+    "write_atomically",
     "write_manifest",
 ]
 
@@ -120,7 +123,7 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _write_atomic(path: Path, fill: Any) -> None:
+def write_atomically(path: Path, fill: Any) -> None:
     """Create ``path`` atomically: ``fill(binary file)`` writes a hidden temporary, then fsync + os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(path)
@@ -139,7 +142,7 @@ def _write_atomic(path: Path, fill: Any) -> None:
 
 def _write_json(path: Path, value: Any) -> None:
     encoded = (json.dumps(value, indent=1, sort_keys=False) + "\n").encode("utf-8")
-    _write_atomic(path, lambda target: target.write(encoded))
+    write_atomically(path, lambda target: target.write(encoded))
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -266,14 +269,14 @@ def _column_name(key: str, value: Any, fixed: dict[str, str]) -> Optional[str]:
 def _as_numpy(name: str, value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().to("cpu")
-        if value.is_floating_point():
+        if value.is_floating_point() and value.dtype != torch.float16:
             value = value.to(torch.float32)
         value = value.contiguous().numpy()
     elif not isinstance(value, np.ndarray):
         raise TypeError(f"tensor {name!r} must be a numpy array or torch.Tensor, got {type(value).__name__}")
-    if value.dtype.kind == "f":
+    if value.dtype.kind == "f" and value.dtype != np.float16:
         value = value.astype(np.float32, copy=False)
-    elif value.dtype.kind not in "biu":
+    elif value.dtype.kind not in "biuf":
         raise TypeError(f"tensor {name!r} has dtype {value.dtype}; store floating, integer or bool arrays")
     return np.ascontiguousarray(value)
 
@@ -412,12 +415,12 @@ class ShardWriter:
         for name, spooled in self._arrays.items():
             folder = EMBEDDING_FOLDER if name == self.embedding else name
             path = self._path(folder, ".npy")
-            _write_atomic(path, lambda target, spooled=spooled: spooled.write_npy(target, self.rows))
+            write_atomically(path, lambda target, spooled=spooled: spooled.write_npy(target, self.rows))
             written.append(path)
             files[folder] = path.relative_to(self.root).as_posix()
             shapes[folder] = [self.rows, *spooled.row_shape]
         path = self._path("metadata", ".parquet")
-        _write_atomic(path, self._write_metadata)
+        write_atomically(path, self._write_metadata)
         written.append(path)
         files["metadata"] = path.relative_to(self.root).as_posix()
         shapes["metadata"] = [self.rows]
@@ -717,14 +720,43 @@ def _concat(pa: Any, tables: list[Any]) -> Any:
     return pa.concat_tables(unified, promote_options="default")
 
 
-def open_embeddings(root: Union[str, Path]) -> Embeddings:
-    """Open a corpus folder for reading. Only complete shards are included (a warning names how many planned
-    shards are not); nothing is loaded until asked for.
+class EmbeddingsFile(ShardedArray):
+    """A ``.safetensors`` output of the job opened for reading (see :func:`open_embeddings`): its embedding rows
+    memory-mapped, its paths as keys, its metadata (strings) as ``info``."""
+
+    def __init__(self, path: Path) -> None:
+        from tp_siglip.embeddings_file import EarlierOutput  # that module writes through this one's atomic writer
+
+        earlier = EarlierOutput.read(path)
+        self.path, self.info, self._keys = path, earlier.metadata, earlier.paths
+        name = earlier.metadata.get("embedding", "")
+        if name not in earlier.tensors:
+            raise ValueError(f"{path} has no embedding tensor {name!r}: it was not written by tp-siglip encode")
+        entry = earlier.tensors[name]
+        dtype = np.float16 if entry.dtype == torch.float16 else np.float32
+        rows = [np.memmap(path, dtype=dtype, mode="r", offset=entry.start, shape=entry.shape)] if entry.shape[0] else []
+        super().__init__(rows, name)
+        self.dtype, self.row_shape, self.dim = np.dtype(dtype), tuple(entry.shape[1:]), int(entry.shape[1])
+
+    def keys(self) -> list[str]:
+        """Every row's path, in row order."""
+        return list(self._keys)
+
+
+def open_embeddings(root: Union[str, Path]) -> Union[Embeddings, EmbeddingsFile]:
+    """Open the job's output for reading: a corpus folder (only complete shards are included; a warning names
+    how many planned shards are not), or a ``.safetensors`` file. Nothing is loaded until asked for; rows are
+    float32 or float16, as stored.
 
     Raises:
-        ValueError: ``root`` has no readable manifest.
+        ValueError: ``root`` has no readable manifest, or is not a file the job wrote.
     """
     root = Path(root)
+    if root.is_file():
+        try:
+            return EmbeddingsFile(root)
+        except ValueError as err:  # OutputFileError too
+            raise ValueError(f"cannot open {root}: {err}") from None
     manifest = read_manifest(root)
     stats = list(completed_shards(root).values())
     embeddings = Embeddings(root, manifest, stats)

@@ -1,6 +1,6 @@
 """The encoder's output file: rows spooled to disk as they come, written out atomically as safetensors.
 
-``tp-siglip encode`` produces one safetensors file with float32 tensors of N rows (one per image) and string
+``tp-siglip encode`` produces one safetensors file with float32 (or float16) tensors of N rows (one per image) and string
 metadata. This module holds the three pieces that keep that file honest on real corpora:
 
 * :class:`RowSpool` appends each batch's rows to raw float32 files in a hidden folder next to the output,
@@ -14,8 +14,8 @@ metadata. This module holds the three pieces that keep that file honest on real 
 
 Choices made: the safetensors layout is written by hand (it is a small, documented format: little-endian
 u64 header size, JSON header padded with spaces to 8 bytes, tensors back to back in header order) because
-``safetensors.torch.save_file`` needs every tensor in memory at once. Only float32 tensors are written or
-accepted. The temporary file is created with mode 0666 minus the umask, like any new file, so the output
+``safetensors.torch.save_file`` needs every tensor in memory at once. Only float32 and float16 tensors are
+written or accepted (``--output-dtype``). The temporary file is created with mode 0666 minus the umask, like any new file, so the output
 gets the usual permissions.
 """
 
@@ -26,16 +26,20 @@ import os
 import shutil
 import struct
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional
 
 import torch
 
+from tp_siglip.embeddings_dir import write_atomically
+
 __all__ = ["EarlierOutput", "OutputFileError", "RowSpool", "write_atomic"]
 
 _CHUNK = 8 << 20  # bytes copied per read
+#: the dtypes a spool stores, by their safetensors names
+DTYPES = {"F32": torch.float32, "F16": torch.float16}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
 _MAX_HEADER = 1 << 30  # refuse absurd header sizes when reading an earlier output
 
 
@@ -44,42 +48,48 @@ class OutputFileError(ValueError):
 
 
 class RowSpool:
-    """Float32 rows of several named tensors, appended to raw files in a hidden folder beside the output.
+    """Float32 or float16 rows of several named tensors, appended to raw files in a hidden folder beside the output.
 
-    Every append adds the same number of rows to every tensor; the first append fixes the names and the
-    shape of one row. :meth:`close` removes the folder.
+    Every append adds the same number of rows to every tensor; the first append fixes the names, the dtype
+    and the shape of one row. :meth:`close` removes the folder.
     """
 
     def __init__(self, directory: Path, stem: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=f".{stem}.spool-", dir=directory))
         self.rows = 0
         self.row_shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self._files: dict[str, BinaryIO] = {}
 
-    def _open(self, name: str, row_shape: tuple[int, ...]) -> BinaryIO:
+    def _open(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> BinaryIO:
+        if dtype not in _CODES:
+            raise ValueError(f"tensor {name!r} is {dtype}; the output stores float32 or float16")
         if name not in self._files:
             if self.rows:
                 raise ValueError(f"tensor {name!r} appears after {self.rows} rows were written without it")
-            self.row_shapes[name] = row_shape
-            self._files[name] = open(self.folder / f"{len(self._files)}.f32", "w+b")  # noqa: SIM115
-        elif self.row_shapes[name] != row_shape:
-            raise ValueError(f"tensor {name!r}: rows of shape {row_shape}, earlier rows {self.row_shapes[name]}")
+            self.row_shapes[name], self.dtypes[name] = row_shape, dtype
+            self._files[name] = open(self.folder / f"{len(self._files)}.raw", "w+b")  # noqa: SIM115
+        elif (self.row_shapes[name], self.dtypes[name]) != (row_shape, dtype):
+            raise ValueError(
+                f"tensor {name!r}: rows of {dtype}{list(row_shape)}, earlier rows {self.dtypes[name]}{list(self.row_shapes[name])}"
+            )
         return self._files[name]
 
     def append(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Append ``(n, ...)`` float32 tensors (the same ``n`` for all, the same names every time)."""
+        """Append ``(n, ...)`` float32/float16 tensors (the same ``n`` for all, the same names and dtypes every time)."""
         counts = {t.shape[0] for t in tensors.values()}
         if len(counts) != 1 or (self._files and set(tensors) != set(self._files)):
             raise ValueError(f"every append needs the same tensors with equal row counts, got {sorted(tensors)}")
         for name, tensor in tensors.items():
-            file = self._open(name, tuple(tensor.shape[1:]))
-            data = tensor.detach().to("cpu", torch.float32).contiguous()
-            file.write(data.numpy().tobytes())
+            file = self._open(name, tuple(tensor.shape[1:]), tensor.dtype)
+            file.write(tensor.detach().to("cpu").contiguous().numpy().tobytes())
         self.rows += counts.pop()
 
-    def append_raw(self, name: str, row_shape: tuple[int, ...], source: BinaryIO, start: int, nbytes: int) -> None:
-        """Copy ``nbytes`` of float32 rows of ``name`` from ``source`` at ``start`` (rows counted by the caller)."""
-        file = self._open(name, row_shape)
+    def append_raw(
+        self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype, source: BinaryIO, start: int, nbytes: int
+    ) -> None:
+        """Copy ``nbytes`` of rows of ``name`` from ``source`` at ``start`` (rows counted by the caller)."""
+        file = self._open(name, row_shape, dtype)
         source.seek(start)
         left = nbytes
         while left:
@@ -90,7 +100,7 @@ class RowSpool:
             left -= len(chunk)
 
     def row_bytes(self, name: str) -> int:
-        return 4 * _numel(self.row_shapes[name])
+        return self.dtypes[name].itemsize * _numel(self.row_shapes[name])
 
     def copy_to(self, name: str, target: BinaryIO) -> None:
         """Write the first ``self.rows`` rows of ``name`` to ``target``."""
@@ -126,29 +136,24 @@ def write_atomic(path: Path, spool: RowSpool, metadata: dict[str, str]) -> None:
     offset = 0
     for name in spool.row_shapes:
         size = spool.rows * spool.row_bytes(name)
-        header[name] = {"dtype": "F32", "shape": [spool.rows, *spool.row_shapes[name]], "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": _CODES[spool.dtypes[name]], "shape": [spool.rows, *spool.row_shapes[name]], "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as target:
-            target.write(struct.pack("<Q", len(encoded)))
-            target.write(encoded)
-            for name in spool.row_shapes:
-                spool.copy_to(name, target)
-            target.flush()
-            os.fsync(target.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    def fill(target: BinaryIO) -> None:
+        target.write(struct.pack("<Q", len(encoded)))
+        target.write(encoded)
+        for name in spool.row_shapes:
+            spool.copy_to(name, target)
+
+    write_atomically(path, fill)
 
 
 @dataclass(frozen=True)
 class _Entry:
     shape: tuple[int, ...]
+    dtype: torch.dtype
     start: int  # absolute offset in the file
     nbytes: int
 
@@ -200,13 +205,13 @@ class EarlierOutput:
                 dtype = info["dtype"]
             except (KeyError, TypeError, ValueError):
                 raise OutputFileError(f"{path}: tensor {name!r} has a malformed header entry") from None
-            if dtype != "F32" or not shape or shape[0] != len(paths):
+            if dtype not in DTYPES or not shape or shape[0] != len(paths):
                 raise OutputFileError(
-                    f"{path}: tensor {name!r} is {dtype}{list(shape)}; expected F32 with {len(paths)} rows (one per path)"
+                    f"{path}: tensor {name!r} is {dtype}{list(shape)}; expected F32 or F16 with {len(paths)} rows (one per path)"
                 )
-            if end - begin != 4 * _numel(shape) or data_start + end > file_size:
+            if end - begin != DTYPES[dtype].itemsize * _numel(shape) or data_start + end > file_size:
                 raise OutputFileError(f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)")
-            tensors[name] = _Entry(shape, data_start + begin, end - begin)
+            tensors[name] = _Entry(shape, DTYPES[dtype], data_start + begin, end - begin)
         return cls(path, {str(k): str(v) for k, v in metadata.items()}, [str(p) for p in paths], tensors)
 
     def copy_into(self, spool: RowSpool) -> None:
@@ -215,7 +220,7 @@ class EarlierOutput:
             return
         with open(self.path, "rb") as source:
             for name, entry in self.tensors.items():
-                spool.append_raw(name, entry.shape[1:], source, entry.start, entry.nbytes)
+                spool.append_raw(name, entry.shape[1:], entry.dtype, source, entry.start, entry.nbytes)
         spool.rows += self.rows
 
     def first_rows(self, name: str, count: int) -> Optional[torch.Tensor]:
@@ -225,9 +230,9 @@ class EarlierOutput:
             return None
         count = min(count, entry.shape[0])
         if count == 0:
-            return torch.empty(0, *entry.shape[1:])
+            return torch.empty(0, *entry.shape[1:], dtype=entry.dtype)
         row_bytes = entry.nbytes // max(entry.shape[0], 1)
         with open(self.path, "rb") as source:
             source.seek(entry.start)
             data = bytearray(source.read(count * row_bytes))
-        return torch.frombuffer(data, dtype=torch.float32).reshape(count, *entry.shape[1:]).clone()
+        return torch.frombuffer(data, dtype=entry.dtype).reshape(count, *entry.shape[1:]).clone()

@@ -4,14 +4,17 @@
     python -m tp_siglip.encode [IMAGES...] ...                      # the same
     torchrun --nproc-per-node 2 -m tp_siglip.encode [IMAGES...] ... # 2 ranks (or: torchrun ... --no-python tp-siglip encode)
 
-Every rank lists the same images and decodes only its share of each batch (`tp_siglip.pipeline`). With
-``--parallel tensor`` (default) each rank holds a slice of the weights and the group runs each batch
-together, every rank feeding the tower the images it decoded (the batch split by rows,
-`parallel.split_batch`: no pixels travel between ranks); with ``--parallel data`` each rank holds all the
-weights and encodes its share alone. Rank 0 writes one safetensors file, all tensors float32, rows in the order of ``paths``:
-``pooler_output`` (N, hidden), or ``mean_pooled`` (the mean of ``last_hidden_state`` over patches) for towers
-without a pooling head; ``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths``
-(JSON list), ``model``, ``dtype``, ``world_size``, ``parallel``, ``embedding``, ``skipped`` (JSON list of
+Every rank lists the same images and decodes only its share of each batch (`tp_siglip.pipeline`).
+``--tp N`` cuts the ranks into groups of N, each holding one copy of the tower: by default (``--tp 1``, data
+parallel) each rank holds all the weights and encodes its share alone; in a group of several ranks
+(tensor parallel) each holds a slice of the weights and the group runs its ranks' shares together, every
+rank feeding the tower the images it decoded (the batch split by rows, `parallel.split_batch`: no pixels
+travel between ranks). The stored rows of every rank are gathered to rank 0, which writes one safetensors file, all tensors in ``--output-dtype``
+(float32 or float16), rows in the order of ``paths``: ``pooler_output`` (N, hidden), or ``mean_pooled`` (the
+mean of ``last_hidden_state`` over patches) for towers without a pooling head, L2-normalised unless
+``--no-normalize`` (so an inner-product index ranks by cosine, as clip-retrieval's and autofaiss's do);
+``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths`` (JSON list), ``model``,
+``dtype``, ``world_size``, ``tp``, ``embedding``, ``normalized``, ``output_dtype``, ``skipped`` (JSON list of
 ``[path, reason]``), ``complete`` (``"false"`` for a checkpoint or an interrupted run) and
 ``tp_siglip_version``. Rank 0 prints a line per skipped file, the throughput, a summary and the cosine
 similarities of the first five images.
@@ -29,8 +32,8 @@ What changes in the output:
 * with ``--tokens``: ``last_hidden_state`` is ``(N, max_num_patches, hidden)`` with image ``i``'s tokens in
   its first ``h*w`` rows and zeros after them (whatever the tower computed there, so tensor and data mode
   write the same file), plus ``pixel_attention_mask`` ``(N, max_num_patches)`` (1.0 = a real patch) and
-  ``spatial_shapes`` ``(N, 2)`` (the patch grid ``h, w``, row-major), both float32 holding whole numbers,
-  as every tensor of the file is float32. Token ``r * w + c`` of image ``i`` is the patch at row ``r``,
+  ``spatial_shapes`` ``(N, 2)`` (the patch grid ``h, w``, row-major), both in ``--output-dtype`` holding
+  whole numbers, as every tensor of the file. Token ``r * w + c`` of image ``i`` is the patch at row ``r``,
   column ``c`` of its grid.
 
 Choices made:
@@ -79,16 +82,24 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, encode_corpus, hardware, pipeline, processing, processing_naflex
+from tp_siglip import __version__, console, encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
 from tp_siglip.formats import OPEN_CLIP_CONFIG
-from tp_siglip.lockstep import RanksDisagree, agree_on_files, gather_reasons, gather_shares, share_from_rank0, split_world
+from tp_siglip.lockstep import (
+    RanksDisagree,
+    agree_on_files,
+    agree_on_max,
+    broadcast_int_from_rank0,
+    form_groups,
+    gather_reasons,
+    gather_shares,
+)
 from tp_siglip.parallel import init_default_group
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
@@ -102,6 +113,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: transformers' ``Siglip2ImageProcessor`` default, used when the checkpoint does not say
 DEFAULT_MAX_NUM_PATCHES = 256
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+#: the share of a GPU's memory the tower's weights may take before the default --tp groups GPUs
+GPU_WEIGHT_FRACTION = 0.5
+#: ``--output-dtype`` choices
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SIMILARITY_ROWS = 5
 
 
@@ -169,12 +184,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype; auto = as stored. On a CPU without native bf16/fp16 half precision is ~7x slower: use float32")
     add("--batch-size", type=_positive_int, default=8, help="images per forward pass")
+    add("--no-normalize", dest="normalize", action="store_false",
+        help="store the tower's raw pooler_output / mean_pooled instead of the L2-normalised embedding (default: "
+             "normalised, so an inner-product index ranks by cosine similarity)")
+    add("--output-dtype", default="float32", choices=sorted(OUTPUT_DTYPES),
+        help="dtype of the stored tensors; float16 halves the output (what clip-retrieval stores)")
     add("--tp", type=_positive_int, default=None, metavar="N",
-        help="ranks per group (default: all of them): torchrun's world is cut into groups of N ranks, each loads the tower "
-             "once and takes whole input shards; --tp 1 = pure data parallel. Fewer than all ranks needs a folder --output")
+        help="ranks per group, tensor parallel inside a group: torchrun's world is cut into groups of N consecutive ranks, "
+             "each holding one copy of the tower (default: 1, data parallel, each rank its own group; more only on a GPU "
+             "too small for the tower, see docs/encode.md)")
     add("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
         help="folder output: plain image files (and .txt lists) are cut into shards of this many rows")
-    add("--parallel", default="tensor", choices=["tensor", "data"], help="split the weights (tensor) or each batch (data) over the ranks")
+    add("--parallel", default=None, help=argparse.SUPPRESS)  # gone: refused with a message naming --tp
     add("--tokens", action="store_true",
         help="also store last_hidden_state (N, patches, hidden); spooled to disk. NaFlex towers: (N, max_num_patches, "
              "hidden) with padding rows zero, plus pixel_attention_mask (N, max_num_patches) and spatial_shapes (N, 2)")
@@ -186,8 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
     add("--workers", type=_non_negative_int, default=None, metavar="N",
         help="decode worker processes per rank, decoding ahead of the model (default: this rank's share of the CPU "
-             f"cores, at most {pipeline.MAX_DEFAULT_WORKERS}; a CPU model with one core per rank: 1, or 0 for a lone rank; "
-             "0: decode in the main process)")
+             f"cores, 1 to {pipeline.MAX_DEFAULT_WORKERS}; 0: decode in the main process)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
         help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens, and for NaFlex --max-num-patches)")
@@ -212,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
 
 
 @dataclass
-class Plan:
+class Checked:
     """What the checks found: the files, what was left out, the device, and (rank 0) the earlier output."""
 
     files: list[Path]
@@ -226,25 +246,30 @@ class Plan:
     patches_from: str = "transformers' default"
     #: a folder output: the input shards (`tp_siglip.encode_corpus`); None for one .safetensors file
     corpus: Any = None
+    #: ranks per group (``--tp``, or what :func:`_tp_for_memory` chose)
+    tp: int = 1
 
 
-def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
+def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
     """Every check that needs no model; raises :class:`UsageError` with a one-line message."""
     try:
         processing.require_pillow()
     except ImportError as err:
         raise UsageError(str(err)) from None
     inputs = args.inputs or [DEFAULT_IMAGES]
-    tp = args.tp or world_size
-    if world_size % tp:
-        raise UsageError(f"--tp {tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
+    if args.parallel is not None:
+        raise UsageError(
+            f"--parallel is gone: --tp N sets the ranks per group, tensor parallel inside a group; the default, --tp 1, is "
+            f"data parallel (what --parallel data did); --parallel tensor on {world_size} rank(s) is --tp {world_size}"
+        )
+    try:
+        encode_corpus.check_output_name(args.output)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.tp is not None and world_size % args.tp:
+        raise UsageError(f"--tp {args.tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
     if encode_corpus.is_folder_output(args.output):
         return _check_corpus(args, rank, world_size)
-    if tp != world_size:
-        raise UsageError(
-            f"--tp {tp} with {world_size} ranks makes {world_size // tp} groups, each writing its own shards: "
-            f"--output must be a folder, not the file {args.output}"
-        )
     try:
         scan = processing.scan_images(inputs)
     except (OSError, ValueError) as err:
@@ -252,37 +277,40 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Pla
     if not scan.files:
         left_out = f" (ignored by extension: {_counts(scan.ignored)})" if scan.ignored else ""
         raise UsageError(f"no images found in {', '.join(map(str, inputs))}{left_out}")
-    plan = Plan(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
+    checked = Checked(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
     _check_model(args.model)
+    checked.tp = args.tp or _tp_for_memory(args, checked.device, world_size)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
-        plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
+        checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
     else:
-        plan.max_num_patches, plan.patches_from = _checkpoint_max_num_patches(args.model)
+        checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
     if rank == 0:
         _check_output(args.output)
         if args.resume and args.output.exists():
             try:
-                plan.earlier = EarlierOutput.read(args.output)
+                checked.earlier = EarlierOutput.read(args.output)
             except OutputFileError as err:
                 raise UsageError(f"--resume: {err}") from None
-            _check_resume(plan.earlier, args, plan)
-    return plan
+            _check_resume(checked.earlier, args, checked)
+    return checked
 
 
-def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Plan:
+def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
     """:func:`check_arguments` for a folder output (shards in, shards out)."""
     if not args.inputs:
         args.inputs = [DEFAULT_IMAGES]
-    corpus = encode_corpus.check_corpus_arguments(args, rank, UsageError)
-    plan = Plan([], corpus.ignored, corpus.hidden, _check_device(args.device, world_size), corpus=corpus)
+    device = _check_device(args.device, world_size)
     _check_model(args.model)
+    tp = args.tp or _tp_for_memory(args, device, world_size)
+    corpus = encode_corpus.check_corpus_arguments(args, rank, world_size // tp, UsageError)
+    checked = Checked([], corpus.ignored, corpus.hidden, device, corpus=corpus, tp=tp)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
-        plan.max_num_patches, plan.patches_from = args.max_num_patches, "--max-num-patches"
+        checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
     else:
-        plan.max_num_patches, plan.patches_from = _checkpoint_max_num_patches(args.model)
-    return plan
+        checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
+    return checked
 
 
 def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
@@ -307,6 +335,41 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
     elif chosen.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return str(chosen)
+
+
+def _tower_bytes(model: str, dtype: str) -> Optional[int]:
+    """About how many bytes the tower's weights take, from ``config.json`` when it is on disk (else None)."""
+    found = _file_on_disk(model, "config.json")
+    if found is None:
+        return None
+    from tp_siglip.config import SiglipVisionConfig
+
+    try:
+        config = SiglipVisionConfig.from_json_file(found)
+    except (OSError, ValueError, TypeError):
+        return None  # the loader reports a bad config
+    hidden, inner = config.hidden_size, config.intermediate_size
+    layers = config.num_hidden_layers + 1  # the pooling head is about one more layer
+    patches = config.num_patches or (config.image_size // config.patch_size) ** 2
+    parameters = layers * (4 * hidden * hidden + 2 * hidden * inner) + (config.num_channels * config.patch_size**2 + patches) * hidden
+    return parameters * (4 if dtype in ("auto", "float32") else 2)
+
+
+def _tp_for_memory(args: argparse.Namespace, device: Optional[str], world_size: int) -> int:
+    """The default ``--tp``: 1 (data parallel), unless the model runs on GPUs too small to hold the tower's weights
+    in half their memory; then the smallest group of GPUs on one node (a divisor of the world) that holds them.
+    Decided from ``config.json`` (when on disk) and each rank's GPU size; ranks then agree on the largest choice."""
+    on_gpu = device.startswith("cuda") if device is not None else torch.cuda.is_available()
+    weights = _tower_bytes(args.model, args.dtype) if on_gpu else None
+    if weights is None:
+        return 1
+    memory = torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    fits = [tp for tp in range(1, local + 1) if world_size % tp == 0 and weights / tp <= memory * GPU_WEIGHT_FRACTION]
+    tp = fits[0] if fits else max(tp for tp in range(1, local + 1) if world_size % tp == 0)
+    if tp > 1:
+        logger.warning("the tower's weights (~%.1f GB) need more than half of a %.1f GB GPU: --tp %d", weights / 1e9, memory / 1e9, tp)
+    return tp
 
 
 def _check_model(model: str) -> None:
@@ -409,21 +472,28 @@ def _check_output(output: Path) -> None:
         raise UsageError(f"--output {output}: cannot write in {parent} ({err.strerror or err})") from None
 
 
-def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, plan: Plan) -> None:
+def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, checked: Checked) -> None:
     meta, where = earlier.metadata, f"--resume: {earlier.path}"
     if meta.get("model") != str(args.model):
         raise UsageError(f"{where} holds embeddings of --model {meta.get('model')}, not {args.model}; use that --model or another --output")
     if args.dtype != "auto" and meta.get("dtype") != args.dtype:
         raise UsageError(f"{where} was computed in {meta.get('dtype')}, not {args.dtype}; use --dtype {meta.get('dtype')} or another --output")
+    normalized = meta.get("normalized", "false")  # files of earlier versions hold raw rows
+    if normalized != ("true" if args.normalize else "false"):
+        fix = "drop --no-normalize" if normalized == "true" else "add --no-normalize"
+        raise UsageError(f"{where} holds {'L2-normalised' if normalized == 'true' else 'raw'} embeddings; {fix} to resume it, or use another --output")
+    stored = meta.get("output_dtype", "float32")
+    if stored != args.output_dtype:
+        raise UsageError(f"{where} stores {stored}, not {args.output_dtype}; pass --output-dtype {stored} or use another --output")
     has_tokens = "last_hidden_state" in earlier.tensors
     if has_tokens != args.tokens:
         fix = "add --tokens" if has_tokens else "drop --tokens"
         raise UsageError(f"{where} {'holds' if has_tokens else 'has no'} last_hidden_state; {fix} to resume it, or use another --output")
     patches = meta.get("max_num_patches")
-    if patches is not None and plan.max_num_patches is not None and patches != str(plan.max_num_patches):
+    if patches is not None and checked.max_num_patches is not None and patches != str(checked.max_num_patches):
         raise UsageError(
-            f"{where} was encoded with max_num_patches {patches}, this run uses {plan.max_num_patches} "
-            f"(from {plan.patches_from}); pass --max-num-patches {patches} or use another --output"
+            f"{where} was encoded with max_num_patches {patches}, this run uses {checked.max_num_patches} "
+            f"(from {checked.patches_from}); pass --max-num-patches {patches} or use another --output"
         )
 
 
@@ -463,21 +533,26 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(rank, world_size)
     say = Printer(rank, world_size)
     try:
-        plan = check_arguments(args, rank, world_size)
-        tp = args.tp or world_size
+        checked = check_arguments(args, rank, world_size)
         if world_size > 1 and not dist.is_initialized():
             init_default_group()
-        group, group_index, groups = split_world(tp)
-        model = _load_model(args, plan.device, tp, group)
-        group_rank = dist.get_rank(group) if tp > 1 else 0
-        job = _Job(args, plan, model, group_rank, tp, say, group)
-        job.say_for_group = Printer(group_rank, world_size)
+        tp = agree_on_max(checked.tp)
+        group, group_index, groups = form_groups(tp)
+        model = _load_model(args, checked.device, tp, group)
+        group_rank = rank % tp
+        tp_group = group if tp > 1 else None
+        if checked.corpus is None:  # one file: the world deals out each batch, rank 0 writes
+            dealing = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group)
+        else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
+            dealing = Dealing(group_rank, tp, tp_group, tp, tp_group)
+        job = Job(args, checked, model, dealing, say)
         with _sigterm_as_interrupt():
-            if plan.corpus is None:
-                job.run()
+            if checked.corpus is None:
+                FileJob(job).run()
             else:
                 job.start()
-                encode_corpus.run_corpus_job(job, args, plan.corpus, group_index, groups, say, UsageError)
+                group_say = encode_corpus.GroupSay(Printer(group_rank, world_size), group_index, groups)
+                encode_corpus.run_corpus_job(job, args, checked.corpus, group_index, groups, say, group_say, UsageError)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
@@ -498,7 +573,7 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
 
     try:
         return SiglipVisionTransformer.from_pretrained(
-            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device, parallel=args.parallel
+            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device
         )
     except Exception as err:
         text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
@@ -533,11 +608,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class _Output:
-    """Rank 0's side of the output: the row spool, the paths, the skipped files, checkpoints."""
+class Sink(Protocol):
+    """Where `Job.encode` puts each batch's results (on the dealing's rank 0): rows of the readable items,
+    a reason for each skipped one, and a chance to save between batches. (What is already done is the
+    caller's to leave out of the items; committing is the caller's once the loop ends.)"""
 
-    def __init__(self, args: argparse.Namespace, earlier: Optional[EarlierOutput], metadata: dict[str, str]) -> None:
-        self.path, self.save_every = args.output, args.save_every
+    def add(self, items: list[Any], tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def skip(self, item: Any, reason: str) -> None: ...
+
+    def checkpoint_if_due(self) -> None: ...
+
+
+class _Output:
+    """The `Sink` of one ``.safetensors`` file (rank 0): the row spool, the paths, the skipped files, checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, earlier: Optional[EarlierOutput], metadata: dict[str, str], say: Any) -> None:
+        self.path, self.save_every, self.say = args.output, args.save_every, say
         self.metadata = metadata
         self.spool = RowSpool(args.output.parent, args.output.name)
         self.paths: list[str] = []
@@ -555,6 +642,10 @@ class _Output:
         self.paths.extend(str(p) for p in paths)
         embedding = tensors[self.metadata["embedding"]]
         self.first.extend(row.clone() for row in embedding[: max(0, SIMILARITY_ROWS - len(self.first))])
+
+    def skip(self, item: Any, reason: str) -> None:
+        self.skipped.append([str(item), reason])
+        self.say(f"skipped {item}: {reason}")
 
     def save(self, complete: bool) -> None:
         metadata = {
@@ -575,118 +666,149 @@ class _Output:
         self.spool.close()
 
 
-class _Job:
+
+class StoredRows:
+    """What the job stores for each image: the model's inputs made from decoded uint8 rows, and the stored
+    tensors made from the model's outputs (see the module doc)."""
+
+    def __init__(self, model: Any, args: argparse.Namespace, embedding: str, max_num_patches: Optional[int]) -> None:
+        self.model, self.args, self.embedding, self.max_num_patches = model, args, embedding, max_num_patches
+        self.naflex = max_num_patches is not None
+        self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Row shapes of what the output stores (all float32), as :meth:`stored` makes them."""
+        config, hidden = self.model.config, self.model.config.hidden_size
+        dtype = OUTPUT_DTYPES[self.args.output_dtype]
+        specs = {self.embedding: ((hidden,), dtype)}
+        if self.args.tokens:
+            tokens = self.max_num_patches if self.naflex else (config.image_size // config.patch_size) ** 2
+            specs["last_hidden_state"] = ((tokens, hidden), dtype)
+            if self.naflex:
+                specs["pixel_attention_mask"] = ((tokens,), dtype)
+                specs["spatial_shapes"] = ((2,), dtype)
+        return specs
+
+    def model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
+        levels = rows["levels"].to(self.model.device, non_blocking=True)
+        if not self.naflex:
+            buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
+            preprocessing = self.model.config.preprocessing  # a timm / open_clip checkpoint's normalisation
+            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer, preprocessing=preprocessing)}
+        shapes = rows["spatial_shapes"].to(self.model.device)
+        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
+
+    def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
+        """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
+        next batch's are made): a fresh buffer each batch costs more in new pages than the normalisation itself.
+        (On a GPU the caching allocator already reuses memory.)"""
+        if self._pixels is None or len(self._pixels) < rows or self._pixels.shape[1:] != row_shape:
+            self._pixels = torch.empty((max(rows, self.args.batch_size), *row_shape), dtype=self.model.dtype)
+        return self._pixels[:rows]
+
+    def stored(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the output stores for these images, float32 on the CPU, before the cast to ``--output-dtype``
+        (see the module doc)."""
+        if not self.naflex:
+            vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
+            tensors = {self.embedding: self._unit(vectors.float()).cpu()}
+            if self.args.tokens:
+                tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
+            return tensors
+        mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
+        # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
+        tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
+        vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
+        tensors = {self.embedding: self._unit(vectors).cpu()}
+        if self.args.tokens:
+            tensors["last_hidden_state"] = tokens.cpu()
+            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
+            tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
+        return tensors
+
+    def _unit(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The stored embedding: L2-normalised float32 rows (an inner product is then the cosine), or as computed
+        with ``--no-normalize``."""
+        return torch.nn.functional.normalize(vectors, dim=-1) if self.args.normalize else vectors
+
+
+@dataclass(frozen=True)
+class Dealing:
+    """Which ranks deal out each batch (``group``: ``size`` ranks, this one ``rank``; every rank decodes its part
+    and the rows are gathered to the dealing's rank 0, the writer), and the tensor-parallel groups of ``tp``
+    consecutive ranks among them that run a forward together (``tp_group``: this rank's, None for ``tp`` 1)."""
+
+    rank: int
+    size: int
+    group: Any
+    tp: int
+    tp_group: Any
+
+
+class Job:
     """One run of the job on one rank, once the arguments are checked and the model is loaded."""
 
-    def __init__(
-        self, args: argparse.Namespace, plan: Plan, model: Any, rank: int, world_size: int, say: Printer, group: Any = None
-    ) -> None:
-        self.args, self.plan, self.model = args, plan, model
-        self.rank, self.world_size, self.say = rank, world_size, say
+    def __init__(self, args: argparse.Namespace, checked: Checked, model: Any, dealing: Dealing, say: Printer) -> None:
+        self.args, self.checked, self.model, self.dealing = args, checked, model, dealing
+        self.say = say
         self.embedding = "pooler_output" if model.use_head else "mean_pooled"
         self.dtype_name = str(model.dtype).removeprefix("torch.")
         self.naflex = model.config.variant == "naflex"
         if not self.naflex and args.max_num_patches is not None:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
-        self.group = group if world_size > 1 else None  # the ranks that share each batch
-        self.opener: Any = None  # how a batch item becomes an image (None: items are file paths)
-        self.say_for_group: Any = say  # prints on this group's rank 0 (the corpus job's per-shard lines)
-        self.workers = pipeline.default_workers(model.device.type == "cpu") if args.workers is None else args.workers
-        # data mode runs each rank's own share on its replica: the wrapper's batch split is not used
-        self.local_model = getattr(model, "module", model) if args.parallel == "data" else model
-        self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
+        self.group = dealing.group  # the ranks that deal out each batch
+        self.workers = pipeline.default_workers() if args.workers is None else args.workers
+        self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
     def _share_max_num_patches(self) -> None:
         """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
-        own = self.plan.max_num_patches
-        shared = share_from_rank0(own or 0, self.world_size)
+        own = self.checked.max_num_patches
+        shared = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
         if shared == 0:
-            raise UsageError(self.plan.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
+            raise UsageError(self.checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
         if own is not None and own != shared:
-            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.plan.patches_from, shared)
+            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.checked.patches_from, shared)
         self.max_num_patches = shared
 
     def start(self) -> None:
         """What every run does first: the emulated-half warning, every rank on rank 0's NaFlex grid size."""
-        if self.rank == 0:
+        if self.dealing.rank == 0:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
         if self.naflex:
             self._share_max_num_patches()
+            self.rows = StoredRows(self.model, self.args, self.embedding, self.max_num_patches)
 
-    def run(self) -> None:
-        args, plan, say = self.args, self.plan, self.say
-        self.start()
-        earlier = plan.earlier if self.rank == 0 else None
-        problem = None
-        if earlier is not None:
-            problem = _resume_problem(earlier, self.embedding, self.dtype_name, self.model.config.hidden_size, self.max_num_patches)
-        done_paths = set(earlier.paths) if earlier is not None else set()
-        done, refused = agree_on_files(
-            plan.files, [str(p) in done_paths for p in plan.files], problem is not None, self.rank, self.world_size
-        )
-        if refused:
-            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
-        remaining = [p for p, d in zip(plan.files, done) if not d]
-        naflex = f", NaFlex max_num_patches {self.max_num_patches} (from {plan.patches_from})" if self.naflex else ""
-        say(f"{args.model}: {len(remaining)} images, {self.dtype_name}, {self.world_size} rank(s), {args.parallel} parallel{naflex}")
-        if args.resume:
-            say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
-        if not self.model.use_head:
-            patches = "each image's valid patches" if self.naflex else "patches"
-            say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
-        output = self._open_output(earlier) if self.rank == 0 else None
-        try:
-            encoded, seconds = self._encode(remaining, output)
-            if output is not None:
-                self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
-        except BaseException:
-            if output is not None:
-                self._save_partial(output)
-            raise
-        finally:
-            if output is not None:
-                output.close()
+    def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None, report: bool = True) -> tuple[int, float]:
+        """The batch loop: decode, forward, gather, and (the dealing's rank 0) hand each batch to ``sink``.
 
-    def _open_output(self, earlier: Optional[EarlierOutput]) -> _Output:
-        metadata = {
-            "format": "pt",
-            "model": str(self.args.model),
-            "dtype": self.dtype_name,
-            "world_size": str(self.world_size),
-            "parallel": self.args.parallel,
-            "embedding": self.embedding,
-            "tp_siglip_version": __version__,
-        }
-        if self.naflex:
-            metadata["max_num_patches"] = str(self.max_num_patches)
-        if earlier is not None and set(earlier.paths) - {str(p) for p in self.plan.files}:
-            logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
-        return _Output(self.args, earlier, metadata)
-
-    def _encode(self, remaining: list[Any], output: Any, report: bool = True) -> tuple[int, float]:
-        """Encode ``remaining`` batch by batch; returns ``(images encoded, seconds)``, load excluded."""
+        ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`);
+        ``report``: a progress bar and the time line on rank 0. Returns ``(images encoded, seconds)``, load
+        excluded. Every rank of the dealing calls it with the same items.
+        """
         size = self.args.batch_size
-        batches = [remaining[first : first + size] for first in range(0, len(remaining), size)]
-        decoder = pipeline.ShareDecoder(batches, self.rank, self.world_size, self._decode_function())
+        batches = [items[first : first + size] for first in range(0, len(items), size)]
+        decoder = pipeline.ShareDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function(opener))
         # borrowed: a share's levels are read once, within its batch (normalised) and let go
         shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
         encoded, times, start = 0, Counter(), time.perf_counter()
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
-        bar = self.say.progress(len(remaining))
+        bar = self.say.progress(len(items)) if report else console.NoBar()
         try:
             with torch.inference_mode():
                 for batch in batches:
                     decoding = times["decode"]
-                    encoded += self._encode_batch(batch, shares, output, times)
+                    encoded += self._encode_batch(batch, shares, sink, times)
                     threads.update(times["decode"] - decoding)
                     bar.update(len(batch))
-                    if output is not None:
-                        output.checkpoint_if_due()
+                    if sink is not None:
+                        sink.checkpoint_if_due()
         finally:
             bar.close()
-            self.say.bar = None
+            if report:
+                self.say.bar = None
             shares.close()
             threads.restore()
         seconds = time.perf_counter() - start
@@ -694,14 +816,14 @@ class _Job:
             self._report_times(times, seconds)
         return encoded, seconds
 
-    def _decode_function(self) -> Any:
+    def _decode_function(self, opener: Any) -> Any:
         config = self.model.config
         if self.naflex:
             return functools.partial(
-                pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=self.opener
+                pipeline.decode_naflex, patch_size=config.patch_size, max_num_patches=self.max_num_patches, opener=opener
             )
         library = {} if config.preprocessing is None else {"preprocessing": config.preprocessing}  # timm / open_clip
-        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=self.opener, **library)
+        return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=opener, **library)
 
     def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
         """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
@@ -711,8 +833,8 @@ class _Job:
         if share is not None:
             times["decode"] += share.seconds
             times["decoded"] += share.count
-        sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.world_size, r) for r in range(self.world_size))]
-        if self.args.parallel == "tensor":
+        sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.dealing.size, r) for r in range(self.dealing.size))]
+        if self.dealing.tp > 1:
             return self._tensor_batch(batch, share, failure, sizes, output, times)
         return self._data_batch(batch, share, failure, sizes, output, times)
 
@@ -731,7 +853,8 @@ class _Job:
         their images they could read (and whether they have a share at all), so all know the row counts."""
         clock = time.perf_counter()
         ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
-        flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes, failure, self.group)
+        first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
+        flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
@@ -745,7 +868,7 @@ class _Job:
         ``batch_sizes`` (tensor mode: every rank's readable images) the ranks run the tower together instead,
         each with its own rows, and every rank takes part even with none of its own."""
         clock = time.perf_counter()
-        specs = self._stored_specs()
+        specs = self.rows.specs()
         local = None
         if share is not None:
             ok = _readable(share)
@@ -753,13 +876,13 @@ class _Job:
             local["ok"] = ok.to(torch.uint8)
             if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
                 rows = _share_rows(share)
-                inputs = self._model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
+                inputs = self.rows.model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
                 if batch_sizes is None:
-                    out = self.local_model(*inputs.values())
+                    out = self.model(*inputs.values())
                 else:
                     out = self.model(*inputs.values(), batch_sizes=batch_sizes)
-                for name, tensor in self._stored_rows(out, inputs).items():
-                    local[name][ok] = tensor
+                for name, tensor in self.rows.stored(out, inputs).items():
+                    local[name][ok] = tensor.to(local[name].dtype)
         times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
         gathered = gather_shares(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
@@ -782,58 +905,9 @@ class _Job:
             where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
 
-    def _stored_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Row shapes of what the output stores (all float32), as :meth:`_stored_rows` makes them."""
-        config, hidden = self.model.config, self.model.config.hidden_size
-        specs = {self.embedding: ((hidden,), torch.float32)}
-        if self.args.tokens:
-            tokens = self.max_num_patches if self.naflex else (config.image_size // config.patch_size) ** 2
-            specs["last_hidden_state"] = ((tokens, hidden), torch.float32)
-            if self.naflex:
-                specs["pixel_attention_mask"] = ((tokens,), torch.float32)
-                specs["spatial_shapes"] = ((2,), torch.float32)
-        return specs
-
-    def _model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
-        levels = rows["levels"].to(self.model.device, non_blocking=True)
-        if not self.naflex:
-            buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
-            preprocessing = self.model.config.preprocessing  # a timm / open_clip checkpoint's normalisation
-            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer, preprocessing=preprocessing)}
-        shapes = rows["spatial_shapes"].to(self.model.device)
-        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
-
-    def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
-        """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
-        next batch's are made): a fresh buffer each batch costs more in new pages than the normalisation itself.
-        (On a GPU the caching allocator already reuses memory.)"""
-        if self._pixels is None or len(self._pixels) < rows or self._pixels.shape[1:] != row_shape:
-            self._pixels = torch.empty((max(rows, self.args.batch_size), *row_shape), dtype=self.model.dtype)
-        return self._pixels[:rows]
-
-    def _stored_rows(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the output stores for these images, float32 on the CPU (see the module doc)."""
-        if not self.naflex:
-            vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
-            tensors = {self.embedding: vectors.float().cpu()}
-            if self.args.tokens:
-                tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
-            return tensors
-        mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
-        # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
-        tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
-        vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
-        tensors = {self.embedding: vectors.cpu()}
-        if self.args.tokens:
-            tensors["last_hidden_state"] = tokens.cpu()
-            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
-            tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
-        return tensors
-
     def _report_times(self, times: Counter, seconds: float) -> None:
         """Where the time went, and how many images each rank decoded (one small collective)."""
-        counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.world_size, None, self.group)
+        counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.dealing.size, None, self.group)
         decoded = "/".join(str(n) for n in counts.rows("n").tolist())
         workers = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
         self.say(
@@ -854,21 +928,89 @@ class _Job:
             if self.args.strict:
                 raise JobError(f"--strict: cannot use {_label(path)}: {reason}")
             if output is not None:
-                output.skipped.append([getattr(path, "key", str(path)), reason])
-                self.say(f"skipped {_label(path)}: {reason}")
+                output.skip(path, reason)
+
+
+class FileJob:
+    """The one-``.safetensors`` job on every rank: resume agreement, `Job.encode` into rank 0's `_Output`, the
+    summary, and what was encoded so far when it stops early."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def run(self) -> None:
+        job = self.job
+        job.start()
+        earlier = job.checked.earlier if job.dealing.rank == 0 else None
+        remaining = self._remaining(earlier)
+        self._announce(remaining, earlier)
+        output = self._open_output(earlier) if job.dealing.rank == 0 else None
+        try:
+            encoded, seconds = job.encode(remaining, output)
+            if output is not None:
+                self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
+        except BaseException:
+            if output is not None:
+                self._save_partial(output)
+            raise
+        finally:
+            if output is not None:
+                output.close()
+
+    def _remaining(self, earlier: Optional[EarlierOutput]) -> list[Path]:
+        """The files to encode: those the earlier output (``--resume``, read on rank 0) does not hold, agreed by
+        every rank; a resume that cannot go on stops every rank."""
+        job, files = self.job, self.job.checked.files
+        problem = None
+        if earlier is not None:
+            problem = _resume_problem(earlier, job.embedding, job.dtype_name, job.model.config.hidden_size, job.max_num_patches)
+        held = set(earlier.paths) if earlier is not None else set()
+        done, refused = agree_on_files(files, [str(p) in held for p in files], problem is not None, job.dealing.rank, job.dealing.size)
+        if refused:
+            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
+        return [p for p, d in zip(files, done) if not d]
+
+    def _announce(self, remaining: list[Path], earlier: Optional[EarlierOutput]) -> None:
+        job, args, say = self.job, self.job.args, self.job.say
+        naflex = f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
+        groups = f"{job.dealing.size // job.dealing.tp} group(s) of {job.dealing.tp} rank(s)"
+        say(f"{args.model}: {len(remaining)} images, {job.dtype_name}, {groups}{naflex}")
+        if args.resume:
+            say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
+        if not job.model.use_head:
+            patches = "each image's valid patches" if job.naflex else "patches"
+            say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
+
+    def _open_output(self, earlier: Optional[EarlierOutput]) -> _Output:
+        metadata = {
+            "format": "pt",
+            "model": str(self.job.args.model),
+            "dtype": self.job.dtype_name,
+            "world_size": str(self.job.dealing.size),
+            "tp": str(self.job.dealing.tp),
+            "embedding": self.job.embedding,
+            "normalized": "true" if self.job.args.normalize else "false",
+            "output_dtype": self.job.args.output_dtype,
+            "tp_siglip_version": __version__,
+        }
+        if self.job.naflex:
+            metadata["max_num_patches"] = str(self.job.max_num_patches)
+        if earlier is not None and set(earlier.paths) - {str(p) for p in self.job.checked.files}:
+            logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
+        return _Output(self.job.args, earlier, metadata, self.job.say)
 
     def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
-        args, say = self.args, self.say
+        args, say = self.job.args, self.job.say
         if not output.paths:
-            raise JobError(f"no readable image among the {len(self.plan.files)} files; nothing written")
+            raise JobError(f"no readable image among the {len(self.job.checked.files)} files; nothing written")
         output.save(complete=True)
         rate = encoded / seconds if seconds > 0 else 0.0
         say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; wrote {args.output} ({len(output.paths)} rows)")
         parts = [f"{encoded} encoded", f"{len(output.skipped)} skipped (unreadable)"]
-        ignored = sum(self.plan.ignored.values())
-        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.plan.ignored)})" if ignored else ""))
-        if self.plan.hidden:
-            parts.append(f"{self.plan.hidden} hidden file(s) ignored")
+        ignored = sum(self.job.checked.ignored.values())
+        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.job.checked.ignored)})" if ignored else ""))
+        if self.job.checked.hidden:
+            parts.append(f"{self.job.checked.hidden} hidden file(s) ignored")
         if args.resume:
             parts.append(f"{earlier_rows} already in the output")
         say("summary: " + ", ".join(parts))
@@ -882,7 +1024,7 @@ class _Job:
         except OSError as err:
             logger.error("could not write the partial output %s: %s", output.path, err)
             return
-        self.say(
+        self.job.say(
             f"stopped early: wrote the {len(output.paths)} rows encoded so far to {output.path} "
             "(metadata complete=false); run again with --resume to continue"
         )

@@ -8,7 +8,7 @@ on the group do this, each returning the same answer on every rank:
 * :func:`agree_on_files`, once before the first batch: the ranks compare a hash of their file lists (a
   mismatch raises :class:`RanksDisagree` on every rank), rank 0 says whether it can resume, and rank 0's
   "already in the output" flags are broadcast (only rank 0 reads the earlier output).
-* :func:`share_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
+* :func:`broadcast_int_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
   default from its own copy of the checkpoint; different copies must not mean different grids).
 * :func:`gather_shares`: one all-gather of a byte buffer holding each rank's status (a dead decode worker
   is a status, so no rank is left waiting) and rows: per batch, the stored outputs of each rank's images
@@ -41,11 +41,12 @@ __all__ = [
     "RanksDisagree",
     "Shares",
     "agree_on_files",
+    "agree_on_max",
     "broadcast_from_rank0",
+    "broadcast_int_from_rank0",
+    "form_groups",
     "gather_reasons",
     "gather_shares",
-    "share_from_rank0",
-    "split_world",
 ]
 
 #: bytes of a share's status: a flag, then UTF-8 text (what failed)
@@ -97,7 +98,7 @@ def agree_on_files(
     return [bool(v) for v in mask.tolist()], bool(flags[2].item())
 
 
-def share_from_rank0(value: int, world_size: int) -> int:
+def broadcast_int_from_rank0(value: int, world_size: int) -> int:
     """Rank 0's ``value`` on every rank (one broadcast of one int64); ``value`` itself without a process group."""
     if not _distributed(world_size):
         return value
@@ -197,7 +198,16 @@ def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[st
     return [reason for share in everyone for reason in share]
 
 
-def split_world(ranks_per_group: int) -> tuple[Any, int, int]:
+def agree_on_max(value: int) -> int:
+    """The largest ``value`` of all ranks of the default group (one all-reduce); ``value`` without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
+
+
+def form_groups(ranks_per_group: int) -> tuple[Any, int, int]:
     """Cut the default group into groups of ``ranks_per_group`` consecutive ranks (every rank must call this).
 
     Returns ``(this rank's group, its index, the number of groups)``; ``(None, 0, 1)`` without a default group.

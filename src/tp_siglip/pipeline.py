@@ -24,21 +24,14 @@ Choices made:
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
   can stop cleanly after writing what it has.
-* **Workers fork with the parent's objects frozen** (``gc.freeze()`` around starting them, as Python's
-  docs advise for forking servers): a worker's garbage collector then never walks the inherited heap,
-  which would touch, and so copy, every page of it (8-9% of the wall time of a 1-rank job at 224 px in an
-  A/B of three pairs on 2 cores).
 * **Threads of a CPU model** (`MainThreads`): the cores the decode workers leave free (measured from
   their own decode seconds), at least one, so workers and model do not fight over the same cores.
 * **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
-  on this node (``LOCAL_WORLD_SIZE``), at most 16; with a CPU model and one core per rank, one per rank when
-  there are several (it decodes while the rank waits at an exchange) and none for a lone rank; none in a
-  daemonic process (it may not have children).
+  on this node (``LOCAL_WORLD_SIZE``), 1 to 16; none in a daemonic process (it may not have children).
 """
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import signal
@@ -82,15 +75,9 @@ class DecodeWorkerDied(DecodeFailed):
     """A decode worker process died (killed for memory, a crash in a decoder); the message names the batch."""
 
 
-def default_workers(model_on_cpu: bool = False) -> int:
-    """Decode workers for this rank: its usable cores divided by the ranks on this node, 1 to 16.
-
-    With the model on the CPU and one core per rank: 1 when there are several ranks (a rank's worker
-    decodes while its main process waits for the others at an exchange: 8-30% faster than decoding in
-    the main processes, A/B on 2 cores at 224 and 384 px, tensor and data mode), 0 for a lone rank on one
-    core (no waits to fill: a worker would only time-slice the core the model needs). 0 in a daemonic
-    process (e.g. a ``multiprocessing`` pool's worker), which may not start processes.
-    """
+def default_workers() -> int:
+    """Decode workers for this rank: its usable cores divided by the ranks on this node, 1 to 16; 0 in a
+    daemonic process (e.g. a ``multiprocessing`` pool's worker), which may not start processes."""
     if multiprocessing.current_process().daemon:
         return 0
     try:
@@ -98,10 +85,7 @@ def default_workers(model_on_cpu: bool = False) -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    per_rank = cores // local_ranks
-    if model_on_cpu and per_rank < 2:
-        return 1 if per_rank == 1 and local_ranks > 1 else 0
-    return max(1, min(MAX_DEFAULT_WORKERS, per_rank))
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // local_ranks))
 
 
 def share_bounds(count: int, parts: int, index: int) -> tuple[int, int]:
@@ -258,11 +242,11 @@ def decoded_shares(decoder: ShareDecoder, workers: int, *, pin_memory: bool = Fa
     """
     if workers and multiprocessing.current_process().daemon:
         raise ValueError(f"workers={workers}: this is a daemonic process, which cannot start decode workers; use 0")
-    if workers == 0:
+    largest = max((len(decoder.share(index)) for index in range(len(decoder))), default=0)
+    if workers == 0 or largest == 0:  # no workers, or nothing for this rank to decode (more ranks than images)
         for index in range(len(decoder)):
             yield decoder[index]
         return
-    largest = max((len(decoder.share(index)) for index in range(len(decoder))), default=1)
     parts = max(1, min(workers, largest))
     try:
         ring = _ring_for(decoder, workers, parts, largest)
@@ -327,11 +311,7 @@ def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Ite
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGCHLD) if main and hasattr(signal, "SIGCHLD") else None
-    gc.freeze()  # the workers fork with every inherited object in the permanent generation (see the module doc)
-    try:
-        iterator = iter(loader)
-    finally:
-        gc.unfreeze()
+    iterator = iter(loader)
     if previous is not None:
         signal.signal(signal.SIGCHLD, previous)
     return iterator

@@ -25,10 +25,10 @@ How it works, per process group:
   So one barrier per sum suffices.
 * The segment grows (collectively: all ranks reduce same-shaped tensors, so they all grow at the same
   sum) when a tensor does not fit.
-* The barrier is a `pipe_barrier.PipeBarrier` (named pipes between the ranks: about 20 us where gloo's
-  barrier takes about 1 ms on a loaded 2-core machine), or gloo's own if the pipes cannot be made.
+* The barrier is gloo's (``dist.barrier`` on the group): a named-pipe barrier was tried and removed, as it
+  did not pay for one rank or data-parallel ranks (docs/benchmarks.md).
 
-``TP_SIGLIP_SHM_ALLREDUCE=0`` turns it off; ``TP_SIGLIP_PIPE_BARRIER=0`` keeps it but with gloo's barrier.
+``TP_SIGLIP_SHM_ALLREDUCE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-
-from tp_siglip import pipe_barrier
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +58,6 @@ def _segment_path(token: int) -> str:
     return os.path.join(SHM_DIR, f"tp-siglip-{token}")
 
 
-def pipes_enabled() -> bool:
-    """Whether the shared-memory operations may wait at a `pipe_barrier.PipeBarrier` instead of gloo's barrier."""
-    return os.environ.get("TP_SIGLIP_PIPE_BARRIER", "1") != "0"
-
-
 class SharedMemoryAllReduce:
     """Sums contiguous CPU tensors over the ranks of ``group`` through one shared segment."""
 
@@ -77,9 +70,6 @@ class SharedMemoryAllReduce:
         self.slot_bytes = slot_bytes
         self.step = 0
         self.buffer = self._map_segment(2 * self.size * slot_bytes)
-        self.pipes: Optional[pipe_barrier.PipeBarrier] = None
-        if self.buffer is not None and pipes_enabled():
-            self.pipes = pipe_barrier.connect(group, SHM_DIR, self._from_rank_0(secrets.randbits(62) if self.rank == 0 else 0))
 
     def _from_rank_0(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (one broadcast)."""
@@ -148,10 +138,7 @@ class SharedMemoryAllReduce:
         self.step += 1
         start = (parity * self.size + self.rank) * self.slot_bytes
         fill(self.buffer[start : start + nbytes])
-        if self.pipes is not None:
-            self.pipes.wait()
-        else:
-            dist.barrier(group=self.group)
+        dist.barrier(group=self.group)
         return parity
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

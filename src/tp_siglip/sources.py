@@ -16,12 +16,13 @@ Inputs, classified in this order:
   numbers with the zero padding of the wider end kept (``{0..10..2}`` takes a step; a range may count
   down); ``{a,b,c}`` is a list. Several groups expand left to right (the last varies fastest). Every
   expanded path must exist, else :class:`FileNotFoundError` names the missing ones and the pattern;
-* ``.tar``: a webdataset shard as img2dataset writes it (``KEY.jpg``/``.jpeg``/``.png``/``.webp`` +
-  ``KEY.json`` + optional ``KEY.txt`` caption). ``.tar.gz``/``.tgz`` are refused: a compressed tar cannot
+* ``.tar``: a webdataset shard as img2dataset writes it (``KEY.jpg`` + ``KEY.json`` + optional ``KEY.txt``
+  caption); an image member may have any suffix a folder accepts (``.jpg .jpeg .png .bmp .gif .webp .tif
+  .tiff``, any case). ``.tar.gz``/``.tgz`` are refused: a compressed tar cannot
   be read at an offset;
-* ``.parquet``: an img2dataset parquet shard (``key`` column, a binary image column ``jpg``/``jpeg``/
-  ``png``/``webp``/``image``, or a Hugging Face ``image`` struct with a ``bytes`` field, other columns are
-  metadata);
+* ``.parquet``: an img2dataset parquet shard (``key`` column, a binary image column named after one of those
+  suffixes (``jpg``, ``png``, ``webp``, ...) or ``image``/``img``, or a Hugging Face ``image`` struct with a
+  ``bytes`` field, other columns are metadata);
 * ``.txt``: a list of paths, one per line. Blank lines and lines starting with ``#`` are skipped; a
   relative path is resolved against **the list file's folder** (so a list travels with its corpus and
   means the same from any working directory). Listed paths are not ``stat``-ed (a list may hold millions):
@@ -36,7 +37,8 @@ Choices made:
 
 * Shard order is the input order (brace patterns in expansion order). All plain files (from arguments,
   folders and lists) are gathered in order, a file seen twice is kept once, and they are cut into chunks of
-  ``rows_per_file_shard`` named ``files-00000``, ``files-00001``, ...; the chunks take the place of the
+  ``rows_per_file_shard`` (fewer when ``min_file_shards`` asks for more chunks) named ``files-00000``,
+  ``files-00001``, ...; the chunks take the place of the
   first input that gave plain files. The same tar/parquet path given twice is kept once (paths are compared
   by ``os.path.abspath``).
 * Shard names are the file stem (``00000`` for ``00000.tar``), with characters outside ``[A-Za-z0-9._-]``
@@ -73,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from tp_siglip.processing import scan_images
+from tp_siglip.processing import IMAGE_SUFFIXES, scan_images
 
 __all__ = [
     "IMAGE_MEMBER_SUFFIXES",
@@ -91,8 +93,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MEMBER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-_PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
+#: tar members that are images: the suffixes a folder accepts (`processing.IMAGE_SUFFIXES`)
+IMAGE_MEMBER_SUFFIXES = tuple(sorted(IMAGE_SUFFIXES))
+_PARQUET_IMAGE_COLUMNS = (*(suffix[1:] for suffix in IMAGE_MEMBER_SUFFIXES), "image", "img")
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _PYARROW_HINT = 'pip install "tp-siglip[corpus]"'
 _END_OF_TAR = "(end of tar)"
@@ -240,8 +243,14 @@ class _Collector:
         self.entries.append((kind, path))
 
 
-def plan_shards(inputs: Sequence[Union[str, os.PathLike]], rows_per_file_shard: int = 10_000) -> ShardPlan:
+def plan_shards(
+    inputs: Sequence[Union[str, os.PathLike]], rows_per_file_shard: int = 10_000, min_file_shards: int = 1
+) -> ShardPlan:
     """The deterministic shard plan for ``inputs`` (see the module docstring for what each input may be).
+
+    Plain files are cut into chunks of at most ``rows_per_file_shard`` rows, and into at least
+    ``min_file_shards`` chunks when there are that many files (the encode job passes its number of groups,
+    so that every group gets work).
 
     Raises:
         FileNotFoundError: an input (or a path a brace pattern expands to) does not exist.
@@ -252,13 +261,15 @@ def plan_shards(inputs: Sequence[Union[str, os.PathLike]], rows_per_file_shard: 
         inputs = [inputs]
     if not isinstance(rows_per_file_shard, int) or rows_per_file_shard < 1:
         raise ValueError(f"rows_per_file_shard must be a positive int, got {rows_per_file_shard!r}")
+    if not isinstance(min_file_shards, int) or min_file_shards < 1:
+        raise ValueError(f"min_file_shards must be a positive int, got {min_file_shards!r}")
     if not inputs:
         raise ValueError("no inputs: give image files, folders, .txt path lists, .tar or .parquet shards, or brace patterns")
     collector = _Collector()
     for raw in inputs:
         for path in _expand_input(raw):
             _add_input(collector, path)
-    plan = _build_plan(collector, rows_per_file_shard)
+    plan = _build_plan(collector, _file_chunks(len(collector.files), rows_per_file_shard, min_file_shards))
     logger.debug("plan_shards: %d shard(s), %d plain file(s)", len(plan.shards), len(collector.files))
     return plan
 
@@ -328,13 +339,23 @@ def _add_list_file(collector: _Collector, list_path: Path) -> None:
         logger.warning("path list '%s' lists no paths (only blank or # lines)", list_path)
 
 
-def _build_plan(collector: _Collector, rows_per_file_shard: int) -> ShardPlan:
+def _file_chunks(count: int, rows_per_file_shard: int, min_file_shards: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each plain-file chunk: ``rows_per_file_shard`` rows each (the last shorter), or, when
+    that makes fewer than ``min_file_shards`` chunks, ``min(min_file_shards, count)`` near-equal ones."""
+    starts = range(0, count, rows_per_file_shard)
+    if len(starts) >= min(min_file_shards, count):
+        return [(start, min(start + rows_per_file_shard, count)) for start in starts]
+    parts = min(min_file_shards, count)
+    bounds = [count * part // parts for part in range(parts + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _build_plan(collector: _Collector, chunks: list[tuple[int, int]]) -> ShardPlan:
     pending: list[tuple[str, str, str, tuple[str, ...]]] = []  # (wanted name, kind, source, files)
     for entry in collector.entries:
         if entry is None:
-            for chunk_index, start in enumerate(range(0, len(collector.files), rows_per_file_shard)):
-                chunk = tuple(collector.files[start : start + rows_per_file_shard])
-                pending.append((f"files-{chunk_index:05d}", "files", "", chunk))
+            for chunk_index, (start, stop) in enumerate(chunks):
+                pending.append((f"files-{chunk_index:05d}", "files", "", tuple(collector.files[start:stop])))
         else:
             kind, source = entry
             stem = Path(source).name[: -len(f".{kind}")]
