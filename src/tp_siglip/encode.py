@@ -675,6 +675,7 @@ class StoredRows:
         self.model, self.args, self.embedding, self.max_num_patches = model, args, embedding, max_num_patches
         self.naflex = max_num_patches is not None
         self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
+        self._host: Optional[torch.Tensor] = None  # see on_host
 
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Row shapes of what the output stores (all float32), as :meth:`stored` makes them."""
@@ -708,24 +709,47 @@ class StoredRows:
         return self._pixels[:rows]
 
     def stored(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the output stores for these images, float32 on the CPU, before the cast to ``--output-dtype``
-        (see the module doc)."""
+        """What the output stores for these images, float32 on the host, before the cast to ``--output-dtype``
+        (see the module doc). Computed on the model's device, then brought over in one copy (`on_host`)."""
         if not self.naflex:
             vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
-            tensors = {self.embedding: self._unit(vectors.float()).cpu()}
+            tensors = {self.embedding: self._unit(vectors.float())}
             if self.args.tokens:
-                tensors["last_hidden_state"] = out.last_hidden_state.float().cpu()
-            return tensors
+                tensors["last_hidden_state"] = out.last_hidden_state.float()
+            return self.on_host(tensors)
         mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
         # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
         tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
         vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
-        tensors = {self.embedding: self._unit(vectors).cpu()}
+        tensors = {self.embedding: self._unit(vectors)}
         if self.args.tokens:
-            tensors["last_hidden_state"] = tokens.cpu()
-            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float().cpu()
-            tensors["spatial_shapes"] = inputs["spatial_shapes"].float().cpu()
-        return tensors
+            tensors["last_hidden_state"] = tokens
+            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float()
+            tensors["spatial_shapes"] = inputs["spatial_shapes"].float()
+        return self.on_host(tensors)
+
+    def on_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (float32) on the host. From a GPU: packed into one buffer there, then one non-blocking copy
+        per batch into pinned host memory kept from batch to batch, and one wait on that copy's event: no
+        tensor-by-tensor ``.cpu()``, and nothing goes back to the device (the exchanges run on the CPU side
+        group). CPU tensors are returned as they are."""
+        if all(t.device.type == "cpu" for t in tensors.values()):
+            return tensors
+        device = next(t.device for t in tensors.values() if t.device.type != "cpu")
+        flat = torch.cat([t.to(device).reshape(-1) for t in tensors.values()])
+        if self._host is None or self._host.numel() < flat.numel():
+            self._host = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=device.type == "cuda")
+        host = self._host[: flat.numel()]
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event() if device.type == "cuda" else None
+        if done is not None:
+            done.record()
+            done.synchronize()  # the one wait per batch: the rows are read on the host next
+        views, offset = {}, 0
+        for name, tensor in tensors.items():
+            views[name] = host[offset : offset + tensor.numel()].view(tensor.shape)
+            offset += tensor.numel()
+        return views
 
     def _unit(self, vectors: torch.Tensor) -> torch.Tensor:
         """The stored embedding: L2-normalised float32 rows (an inner product is then the cosine), or as computed

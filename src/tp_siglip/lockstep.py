@@ -19,13 +19,16 @@ on the group do this, each returning the same answer on every rank:
 
 Choices made: one fixed-size buffer per batch (every rank knows every share's size and row shapes, so no
 size exchange is needed), sections aligned to 8 bytes so each can be viewed in its own dtype; no pickling
-except for the rare reasons. Without a process group (one process) nothing is exchanged. Tensors for the
-collectives live on the GPU for NCCL groups, else on the CPU.
+(the rare reasons and rank 0's resume decision travel as JSON). Without a process group (one process)
+nothing is exchanged. Every exchange runs on the CPU side group of its group (`parallel.side_group`:
+gloo, or shared memory on one host), never on an NCCL group: the stored rows arrive in host memory in one
+copy per batch, and nothing the job exchanges makes a GPU wait.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip.parallel import all_gather_bytes
+from tp_siglip.parallel import all_gather_bytes, side_group
 
 __all__ = [
     "RanksDisagree",
@@ -61,10 +64,9 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def _collective_device(group: Any = None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _world_side() -> Any:
+    """The default group's CPU side group: where the job's world-wide bookkeeping runs (never on NCCL)."""
+    return side_group(dist.group.WORLD)
 
 
 def _digest(data: Any) -> int:
@@ -85,26 +87,27 @@ def agree_on_files(
     """
     if not _distributed(world_size):
         return (done or [False] * len(files)), problem
-    device = _collective_device()
+    side = _world_side()
     listing = _digest("\n".join(map(str, files)).encode())
-    flags = torch.tensor([listing, -listing, int(problem and rank == 0)], dtype=torch.int64, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0].item() != -flags[1].item():
+    flags = torch.tensor([listing, -listing, int(problem and rank == 0)], dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=side)
+    highest, negated, refused = flags.tolist()
+    if highest != -negated:
         raise RanksDisagree(
             "the ranks list different image files; every rank must see the same files (same inputs, same working directory)"
         )
-    mask = torch.tensor(done if (rank == 0 and done) else [False] * len(files), dtype=torch.uint8, device=device)
-    dist.broadcast(mask, src=0)
-    return [bool(v) for v in mask.tolist()], bool(flags[2].item())
+    mask = torch.tensor(done if (rank == 0 and done) else [False] * len(files), dtype=torch.uint8)
+    dist.broadcast(mask, src=0, group=side)
+    return [bool(v) for v in mask.tolist()], bool(refused)
 
 
 def broadcast_int_from_rank0(value: int, world_size: int) -> int:
     """Rank 0's ``value`` on every rank (one broadcast of one int64); ``value`` itself without a process group."""
     if not _distributed(world_size):
         return value
-    shared = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.broadcast(shared, src=0)
-    return int(shared.item())
+    shared = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(shared, src=0, group=_world_side())
+    return int(shared.tolist()[0])
 
 
 @dataclass
@@ -146,12 +149,12 @@ def gather_shares(
         group: The ranks that share the batch; ``None`` for one process.
 
     Returns:
-        :class:`Shares`: ``parts[name][r]`` holds ``sizes[r]`` rows on the collective's device (zeros from a
+        :class:`Shares`: ``parts[name][r]`` holds ``sizes[r]`` rows in host memory (zeros from a
         failed rank), ``failures[r]`` is rank ``r``'s failure text or ``None``.
     """
     if group is None or dist.get_world_size(group) == 1:
         return Shares({name: [rows[name]] for name in specs} if rows is not None else {}, [failure])
-    device, cap, own = _collective_device(group), max(sizes), sizes[dist.get_rank(group)]
+    cap, own = max(sizes), sizes[dist.get_rank(group)]
     width = STATUS_BYTES + sum(_section_bytes(shape, dtype, cap) for shape, dtype in specs.values())
 
     def fill(mine: torch.Tensor) -> None:  # every byte that any rank reads: the status and this rank's rows
@@ -170,7 +173,7 @@ def gather_shares(
             offset += _section_bytes(shape, dtype, cap)
 
     # same-host CPU ranks: each writes its share into shared memory and reads the others' where they lie
-    everyone = all_gather_bytes(width, fill, group, device, shared_memory=True)
+    everyone = all_gather_bytes(width, fill, group, shared_memory=True)  # on the group's CPU side group
     failures = [_status_text(buffer[:STATUS_BYTES]) for buffer in everyone]
     parts, offset = {}, STATUS_BYTES
     for name, (shape, dtype) in specs.items():
@@ -185,7 +188,7 @@ def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: tor
 
 
 def _status_text(status: torch.Tensor) -> Optional[str]:
-    data = bytes(status.cpu().tolist())
+    data = status.numpy().tobytes()
     return data[1:].rstrip(b"\0").decode(errors="replace") if data[0] else None
 
 
@@ -193,18 +196,32 @@ def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[st
     """Every rank's per-image reasons, concatenated in group-rank order (call only when some image failed)."""
     if group is None or dist.get_world_size(group) == 1:
         return list(reasons)
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, list(reasons), group=group)
-    return [reason for share in everyone for reason in share]
+    return [reason for share in _gather_json(list(reasons), group) for reason in share]
+
+
+def _gather_json(value: Any, group: Any) -> list[Any]:
+    """Every rank's ``value`` (JSON: strings, numbers, lists, None) in group-rank order, on the group's side
+    group: the lengths first, then the UTF-8 texts. No pickling."""
+    data = json.dumps(value).encode()
+    lengths = all_gather_bytes(8, lambda raw: raw.copy_(torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)), group)
+    sizes = [int.from_bytes(part.numpy().tobytes(), "little") for part in lengths]
+
+    def fill(raw: torch.Tensor) -> None:
+        raw.zero_()
+        if data:
+            raw[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    texts = all_gather_bytes(max(sizes), fill, group)
+    return [json.loads(part[:n].numpy().tobytes()) for part, n in zip(texts, sizes)]
 
 
 def agree_on_max(value: int) -> int:
     """The largest ``value`` of all ranks of the default group (one all-reduce); ``value`` without one."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    box = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return int(box.item())
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_world_side())
+    return int(box.tolist()[0])
 
 
 def form_groups(ranks_per_group: int) -> tuple[Any, int, int]:
@@ -229,9 +246,8 @@ def form_groups(ranks_per_group: int) -> tuple[Any, int, int]:
 
 
 def broadcast_from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` (any picklable object) on every rank of the default group; ``value`` without one."""
+    """Rank 0's ``value`` (JSON: strings, numbers, lists, None; a tuple comes back as a list) on every rank of
+    the default group, through its side group; ``value`` without one. No pickling."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return _gather_json(value if dist.get_rank() == 0 else None, dist.group.WORLD)[0]

@@ -137,6 +137,8 @@ def _destroy_default_group() -> None:
 
 _COMMUNICATORS: weakref.WeakKeyDictionary[ProcessGroup, Communicator] = weakref.WeakKeyDictionary()
 _SIDE_GROUPS: weakref.WeakKeyDictionary[ProcessGroup, ProcessGroup] = weakref.WeakKeyDictionary()
+#: side groups by their ranks, per default group (a new default group starts afresh)
+_SIDE_BY_RANKS: weakref.WeakKeyDictionary[ProcessGroup, dict[tuple[int, ...], ProcessGroup]] = weakref.WeakKeyDictionary()
 _MADE_SIDE_GROUPS: list[weakref.ref[ProcessGroup]] = []
 
 
@@ -163,15 +165,20 @@ def group_timeout(group: ProcessGroup) -> timedelta:
 def side_group(group: ProcessGroup) -> ProcessGroup:
     """A gloo group over ``group``'s ranks for bookkeeping (cached). Made at the first exchange on it, which
     every rank of ``group`` reaches at the same point: loading's failure agreement, or a forward's input
-    agreement, both before any collective on ``group`` itself."""
+    agreement, both before any collective on ``group`` itself. Groups over the same ranks share one side
+    group (torch names a group made by its own ranks after those ranks)."""
     side = _SIDE_GROUPS.get(group)
     if side is None:
-        ranks = dist.get_process_group_ranks(group)
-        side = dist.new_group(ranks, backend="gloo", timeout=group_timeout(group), use_local_synchronization=True)
+        ranks = tuple(dist.get_process_group_ranks(group))
+        by_ranks = _SIDE_BY_RANKS.setdefault(dist.group.WORLD, {})
+        side = by_ranks.get(ranks)
+        if side is None:
+            side = dist.new_group(list(ranks), backend="gloo", timeout=group_timeout(group), use_local_synchronization=True)
+            by_ranks[ranks] = side
+            if not _MADE_SIDE_GROUPS:
+                atexit.register(_destroy_side_groups)
+            _MADE_SIDE_GROUPS.append(weakref.ref(side))
         _SIDE_GROUPS[group] = side
-        if not _MADE_SIDE_GROUPS:
-            atexit.register(_destroy_side_groups)
-        _MADE_SIDE_GROUPS.append(weakref.ref(side))
     return side
 
 
