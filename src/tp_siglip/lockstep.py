@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from tp_siglip.parallel import all_gather_bytes, side_group
+from tp_siglip.parallel.exchange import read_status, status_row
 
 __all__ = [
     "RanksDisagree",
@@ -158,11 +159,8 @@ def gather_shares(
     width = STATUS_BYTES + sum(_section_bytes(shape, dtype, cap) for shape, dtype in specs.values())
 
     def fill(mine: torch.Tensor) -> None:  # every byte that any rank reads: the status and this rank's rows
-        mine[:STATUS_BYTES].zero_()
-        if failure is not None:
-            text = failure.encode()[: STATUS_BYTES - 1]
-            mine[0] = 1
-            mine[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        status = status_row(failure is not None, failure or "", STATUS_BYTES)
+        mine[:STATUS_BYTES] = torch.frombuffer(bytearray(status), dtype=torch.uint8)
         offset = STATUS_BYTES
         for name, (shape, dtype) in specs.items():
             section = _section(mine, offset, shape, dtype, cap)[:own]
@@ -188,8 +186,8 @@ def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: tor
 
 
 def _status_text(status: torch.Tensor) -> Optional[str]:
-    data = status.numpy().tobytes()
-    return data[1:].rstrip(b"\0").decode(errors="replace") if data[0] else None
+    failed, text = read_status(status.numpy().tobytes())
+    return text if failed else None
 
 
 def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[str]]:

@@ -26,6 +26,17 @@ def _all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup)
 STATUS_WIDTH = 1024
 
 
+def status_row(failed: bool, text: str, width: int = STATUS_WIDTH) -> bytes:
+    """One rank's status as ``width`` bytes: a flag byte, then ``text`` in UTF-8 (cut to fit), then zeros."""
+    data = text.encode()[: width - 1]
+    return bytes([1 if failed else 0]) + data + bytes(width - 1 - len(data))
+
+
+def read_status(row: bytes) -> tuple[bool, str]:
+    """``(failed, text)`` from a `status_row`."""
+    return row[0] != 0, row[1:].rstrip(b"\0").decode(errors="replace")
+
+
 def exchange_status(
     group: ProcessGroup, failed: bool, text: str, device: Optional[torch.device] = None, width: int = STATUS_WIDTH
 ) -> list[tuple[bool, str]]:
@@ -34,15 +45,10 @@ def exchange_status(
     pairs travel as bytes in CPU tensors and are read back as bytes (``device`` is unused)."""
     side = side_group(group)
     size = dist.get_world_size(side)
-    row = bytearray(width)
-    row[0] = 1 if failed else 0
-    data = text.encode()[: width - 1]
-    row[1 : 1 + len(data)] = data
     everyone = torch.empty(size * width, dtype=torch.uint8)
-    _all_gather_into(everyone, torch.frombuffer(row, dtype=torch.uint8), side)
+    _all_gather_into(everyone, torch.frombuffer(bytearray(status_row(failed, text, width)), dtype=torch.uint8), side)
     table = everyone.numpy().tobytes()
-    rows = [table[r * width : (r + 1) * width] for r in range(size)]
-    return [(row[0] != 0, row[1:].rstrip(b"\0").decode(errors="replace")) for row in rows]
+    return [read_status(table[r * width : (r + 1) * width]) for r in range(size)]
 
 
 
