@@ -476,6 +476,47 @@ def test_failed_write_keeps_the_earlier_output(setup, clean_folder, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
 
 
+# ----------------------------------------------------------------------------- the sink protocol
+
+
+class _RecordingSink:
+    """A `encode.Sink` that keeps what the batch loop hands it."""
+
+    def __init__(self) -> None:
+        self.items, self.rows, self.skipped, self.checkpoints = [], [], {}, 0
+
+    def add(self, items, tensors):
+        self.items += [str(item) for item in items]
+        self.rows.append(tensors["pooler_output"])
+
+    def skip(self, item, reason):
+        self.skipped[str(item)] = reason
+
+    def checkpoint_if_due(self):
+        self.checkpoints += 1
+
+
+def test_the_batch_loop_gives_a_sink_rows_reasons_and_a_checkpoint_per_batch(setup, tmp_path):
+    """What both outputs build on: readable items' rows in order, each unreadable item once with its reason,
+    a chance to save after every batch."""
+    from tp_siglip.console import Printer
+
+    _, checkpoint, corpus, reference = setup
+    args = encode.build_parser().parse_args([str(corpus), "--model", str(checkpoint), "--output", str(tmp_path / "x.safetensors"),
+                                             "--batch-size", "3", "--workers", "0"])  # fmt: skip
+    checked = encode.check_arguments(args, 0, 1)
+    job = encode.Job(args, checked, encode._load_model(args, None, 1), encode.Dealing(0, 1, None, 1, None), Printer(0, 1))
+    job.start()
+    sink = _RecordingSink()
+    encoded, _ = job.encode(checked.files, sink, report=False)
+    good = [str(corpus / name) for name in LISTED if name in GOOD]
+    assert encoded == len(GOOD) and sink.items == good and sink.checkpoints == -(-len(LISTED) // 3)
+    assert (torch.cat(sink.rows) - torch.stack([reference[p] for p in good])).abs().max() <= TOLERANCE
+    assert sorted(sink.skipped) == sorted(str(corpus / name) for name in BAD)
+    for name, fragment in BAD.items():
+        assert fragment in sink.skipped[str(corpus / name)].lower() or fragment in sink.skipped[str(corpus / name)], name
+
+
 # ----------------------------------------------------------------------------- two ranks
 
 
