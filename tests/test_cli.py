@@ -575,3 +575,45 @@ def test_two_ranks_stay_in_lockstep(setup, tmp_path):
         assert not (tmp_path / "never.safetensors").exists()
     finally:
         pool.close()
+
+
+def _worker_dies_on_rank_3(rank: int, world_size: int, argv: list[str]) -> tuple:
+    from tp_siglip import pipeline
+
+    real = pipeline.decoded_shares
+    if rank == 3:
+
+        def failing(decoder, workers, **kwargs):
+            for index, share in enumerate(real(decoder, workers, **kwargs)):
+                if index == 1:
+                    raise pipeline.DecodeWorkerDied("a decode worker died (test)")
+                yield share
+
+        pipeline.decoded_shares = failing
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    root.handlers.clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = encode.main(argv)
+    finally:
+        root.handlers.clear()
+        pipeline.decoded_shares = real
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):
+    """4 ranks, --tp 2, one file: rank 3's decode worker dies in the second batch. Its tensor group skips the
+    forward and carries the failure to the gather of the batch's rows, so the other group is not left waiting:
+    every rank exits 1, and rank 0 writes what the first batch gave."""
+    _, checkpoint, corpus, _ = setup
+    output = tmp_path / "stopped.safetensors"
+    argv = [str(corpus), "--model", str(checkpoint), "--output", str(output), "--batch-size", "4", "--tp", "2"]
+    pool = RankPool(4, tmp_path)
+    try:
+        results = pool.run(_worker_dies_on_rank_3, argv, timeout=180)
+    finally:
+        pool.close()
+    assert [code for code, _, _ in results] == [encode.EXIT_FAILED] * 4, results
+    assert "rank 3: a decode worker died (test)" in results[0][2], results[0][2]
+    assert _read(output)[1]["complete"] == "false"

@@ -840,6 +840,10 @@ class Job:
         ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
         first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
         flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
+        failed = next((text for text in flags.failures if text is not None), None)
+        if failed is not None and self.dealing.size > self.dealing.tp:
+            # no forward; the other tensor groups learn of it at the gather of the batch's rows (no rank waits)
+            return self._data_batch(batch, None, failure or f"a rank of this tensor group: {failed}", sizes, output, times)
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
