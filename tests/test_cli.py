@@ -9,8 +9,6 @@ The embeddings are checked against transformers on the same weights and files. T
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -27,7 +25,7 @@ from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file
 
 from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
-from distributed import RankPool
+from distributed import RankPool, encode_main_captured
 
 CONFIG = {**TINY, "image_size": 32, "patch_size": 8}
 TOLERANCE = 2e-3
@@ -534,15 +532,10 @@ def _rank_task(rank: int, world_size: int, argv: list[str], unreadable_on_rank_1
         processing.load_image = flaky
     if rank == 1 and extra_on_rank_1:
         argv = [extra_on_rank_1, *argv]
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    root.handlers.clear()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = encode.main(argv)
-    root.handlers.clear()
+    result = encode_main_captured(argv)
     if rank == 1 and unreadable_on_rank_1:
         processing.load_image = real
-    return code, out.getvalue(), err.getvalue()
+    return result
 
 
 def test_two_ranks_stay_in_lockstep(setup, tmp_path):
@@ -590,16 +583,10 @@ def _worker_dies_on_rank_3(rank: int, world_size: int, argv: list[str]) -> tuple
                 yield share
 
         pipeline.decoded_shares = failing
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    root.handlers.clear()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = encode.main(argv)
+        return encode_main_captured(argv)
     finally:
-        root.handlers.clear()
         pipeline.decoded_shares = real
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):
