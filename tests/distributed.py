@@ -133,3 +133,23 @@ class RankPool:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+
+
+def encode_main_captured(argv: list[str]) -> tuple[int, str, str]:
+    """``tp_siglip.encode.main(argv)`` in a rank of a pool: ``(exit status, stdout, stderr)`` (logging's handlers
+    cleared before and after, so each run installs its own, writing to the captured stderr)."""
+    import contextlib
+    import io
+    import logging
+
+    from tp_siglip import encode
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    root.handlers.clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = encode.main(argv)
+    finally:
+        root.handlers.clear()
+    return code, out.getvalue(), err.getvalue()

@@ -9,8 +9,6 @@ The embeddings are checked against transformers on the same weights and files. T
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -27,7 +25,7 @@ from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file
 
 from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
-from distributed import RankPool
+from distributed import RankPool, encode_main_captured
 
 CONFIG = {**TINY, "image_size": 32, "patch_size": 8}
 TOLERANCE = 2e-3
@@ -476,6 +474,47 @@ def test_failed_write_keeps_the_earlier_output(setup, clean_folder, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
 
 
+# ----------------------------------------------------------------------------- the sink protocol
+
+
+class _RecordingSink:
+    """A `encode.Sink` that keeps what the batch loop hands it."""
+
+    def __init__(self) -> None:
+        self.items, self.rows, self.skipped, self.checkpoints = [], [], {}, 0
+
+    def add(self, items, tensors):
+        self.items += [str(item) for item in items]
+        self.rows.append(tensors["pooler_output"])
+
+    def skip(self, item, reason):
+        self.skipped[str(item)] = reason
+
+    def checkpoint_if_due(self):
+        self.checkpoints += 1
+
+
+def test_the_batch_loop_gives_a_sink_rows_reasons_and_a_checkpoint_per_batch(setup, tmp_path):
+    """What both outputs build on: readable items' rows in order, each unreadable item once with its reason,
+    a chance to save after every batch."""
+    from tp_siglip.console import Printer
+
+    _, checkpoint, corpus, reference = setup
+    args = encode.build_parser().parse_args([str(corpus), "--model", str(checkpoint), "--output", str(tmp_path / "x.safetensors"),
+                                             "--batch-size", "3", "--workers", "0"])  # fmt: skip
+    checked = encode.check_arguments(args, 0, 1)
+    job = encode.Job(args, checked, encode._load_model(args, None, 1), encode.Dealing(0, 1, None, 1, None), Printer(0, 1))
+    job.start()
+    sink = _RecordingSink()
+    encoded, _ = job.encode(checked.files, sink, report=False)
+    good = [str(corpus / name) for name in LISTED if name in GOOD]
+    assert encoded == len(GOOD) and sink.items == good and sink.checkpoints == -(-len(LISTED) // 3)
+    assert (torch.cat(sink.rows) - torch.stack([reference[p] for p in good])).abs().max() <= TOLERANCE
+    assert sorted(sink.skipped) == sorted(str(corpus / name) for name in BAD)
+    for name, fragment in BAD.items():
+        assert fragment in sink.skipped[str(corpus / name)].lower() or fragment in sink.skipped[str(corpus / name)], name
+
+
 # ----------------------------------------------------------------------------- two ranks
 
 
@@ -493,15 +532,10 @@ def _rank_task(rank: int, world_size: int, argv: list[str], unreadable_on_rank_1
         processing.load_image = flaky
     if rank == 1 and extra_on_rank_1:
         argv = [extra_on_rank_1, *argv]
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    root.handlers.clear()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = encode.main(argv)
-    root.handlers.clear()
+    result = encode_main_captured(argv)
     if rank == 1 and unreadable_on_rank_1:
         processing.load_image = real
-    return code, out.getvalue(), err.getvalue()
+    return result
 
 
 def test_two_ranks_stay_in_lockstep(setup, tmp_path):
@@ -534,3 +568,39 @@ def test_two_ranks_stay_in_lockstep(setup, tmp_path):
         assert not (tmp_path / "never.safetensors").exists()
     finally:
         pool.close()
+
+
+def _worker_dies_on_rank_3(rank: int, world_size: int, argv: list[str]) -> tuple:
+    from tp_siglip import pipeline
+
+    real = pipeline.decoded_shares
+    if rank == 3:
+
+        def failing(decoder, workers, **kwargs):
+            for index, share in enumerate(real(decoder, workers, **kwargs)):
+                if index == 1:
+                    raise pipeline.DecodeWorkerDied("a decode worker died (test)")
+                yield share
+
+        pipeline.decoded_shares = failing
+    try:
+        return encode_main_captured(argv)
+    finally:
+        pipeline.decoded_shares = real
+
+
+def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):
+    """4 ranks, --tp 2, one file: rank 3's decode worker dies in the second batch. Its tensor group skips the
+    forward and carries the failure to the gather of the batch's rows, so the other group is not left waiting:
+    every rank exits 1, and rank 0 writes what the first batch gave."""
+    _, checkpoint, corpus, _ = setup
+    output = tmp_path / "stopped.safetensors"
+    argv = [str(corpus), "--model", str(checkpoint), "--output", str(output), "--batch-size", "4", "--tp", "2"]
+    pool = RankPool(4, tmp_path)
+    try:
+        results = pool.run(_worker_dies_on_rank_3, argv, timeout=180)
+    finally:
+        pool.close()
+    assert [code for code, _, _ in results] == [encode.EXIT_FAILED] * 4, results
+    assert "rank 3: a decode worker died (test)" in results[0][2], results[0][2]
+    assert _read(output)[1]["complete"] == "false"

@@ -10,10 +10,7 @@ task on the session's 2-rank pool for the lockstep of ranks that read a file dif
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +27,7 @@ from tp_siglip import encode
 from tp_siglip.processing_naflex import preprocess_naflex, preprocess_naflex_files
 
 import towers
+from distributed import encode_main_captured
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PATCHES = 24  # in the checkpoint's preprocessor_config.json
@@ -317,16 +315,10 @@ def _rank_task(rank: int, world_size: int, argv: list[str], flaky: str, turned: 
 
         processing.load_image = differs
         argv = [*argv, "--max-num-patches", "16"]
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    root.handlers.clear()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = encode.main(argv)
+        return encode_main_captured(argv)
     finally:
-        root.handlers.clear()
         processing.load_image = real
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_ranks_that_read_files_differently_stay_in_lockstep(setup, rank_pools, tmp_path):

@@ -787,22 +787,12 @@ class Job:
         self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
-    def _share_max_num_patches(self) -> None:
-        """Every rank takes rank 0's ``max_num_patches`` (NaFlex only); an unusable default stops the run."""
-        own = self.checked.max_num_patches
-        shared = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
-        if shared == 0:
-            raise UsageError(self.checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
-        if own is not None and own != shared:
-            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, self.checked.patches_from, shared)
-        self.max_num_patches = shared
-
     def start(self) -> None:
         """What every run does first: the emulated-half warning, every rank on rank 0's NaFlex grid size."""
         if self.dealing.rank == 0:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
         if self.naflex:
-            self._share_max_num_patches()
+            self.max_num_patches = _agree_on_max_num_patches(self.checked)
             self.rows = StoredRows(self.model, self.args, self.embedding, self.max_num_patches)
 
     def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None, report: bool = True) -> tuple[int, float]:
@@ -837,7 +827,7 @@ class Job:
             threads.restore()
         seconds = time.perf_counter() - start
         if report:
-            self._report_times(times, seconds)
+            _report_times(times, seconds, self.workers, self.dealing.size, self.group, self.say)
         return encoded, seconds
 
     def _decode_function(self, opener: Any) -> Any:
@@ -879,6 +869,10 @@ class Job:
         ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
         first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
         flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
+        failed = next((text for text in flags.failures if text is not None), None)
+        if failed is not None and self.dealing.size > self.dealing.tp:
+            # no forward; the other tensor groups learn of it at the gather of the batch's rows (no rank waits)
+            return self._data_batch(batch, None, failure or f"a rank of this tensor group: {failed}", sizes, output, times)
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
@@ -929,17 +923,6 @@ class Job:
             where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
 
-    def _report_times(self, times: Counter, seconds: float) -> None:
-        """Where the time went, and how many images each rank decoded (one small collective)."""
-        counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * self.dealing.size, None, self.group)
-        decoded = "/".join(str(n) for n in counts.rows("n").tolist())
-        workers = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
-        self.say(
-            f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
-            f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
-            f"{workers}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
-        )
-
     def _report_skips(self, batch: list[Path], keep: torch.Tensor, share: Optional[pipeline.Decoded], output: Optional[_Output]) -> None:
         """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
         if bool(keep.all()):
@@ -953,6 +936,29 @@ class Job:
                 raise JobError(f"--strict: cannot use {_label(path)}: {reason}")
             if output is not None:
                 output.skip(path, reason)
+
+
+def _agree_on_max_num_patches(checked: Checked) -> int:
+    """Rank 0's ``max_num_patches``, on every rank (NaFlex only); an unusable one stops the run."""
+    own = checked.max_num_patches
+    shared = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
+    if shared == 0:
+        raise UsageError(checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
+    if own is not None and own != shared:
+        logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, checked.patches_from, shared)
+    return shared
+
+
+def _report_times(times: Counter, seconds: float, workers: int, ranks: int, group: Any, say: Any) -> None:
+    """Where the time went, and how many images each rank decoded (one small collective)."""
+    counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * ranks, None, group)
+    decoded = "/".join(str(n) for n in counts.rows("n").tolist())
+    how = f"{workers} decode worker(s) per rank" if workers else "decoding in the main process"
+    say(
+        f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
+        f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
+        f"{how}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
+    )
 
 
 class FileJob:
