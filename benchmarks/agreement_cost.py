@@ -40,7 +40,8 @@ def _per_call_us(fn, iters: int) -> float:
 
 def _rank(rank: int, world_size: int, store: str, batch: int, iters: int) -> None:
     from tp_siglip import SiglipVisionConfig, SiglipVisionTransformer
-    from tp_siglip.parallel import _input_verdict, agree_on_inputs, all_gather_flat, input_signature, tensor_checksum
+    from tp_siglip.parallel import agree_on_inputs, input_signature, side_group, tensor_checksum
+    from tp_siglip.parallel.agreement import _input_verdict
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
@@ -50,6 +51,10 @@ def _rank(rank: int, world_size: int, store: str, batch: int, iters: int) -> Non
     pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     group = dist.group.WORLD
     mine, everyone = torch.zeros(1024, dtype=torch.uint8), torch.empty(1024 * world_size, dtype=torch.uint8)
+    side = side_group(group)  # where the agreement's all-gather runs
+
+    def all_gather_flat(out: torch.Tensor, row: torch.Tensor, _group: object) -> None:
+        dist.all_gather_into_tensor(out, row, group=side)
 
     def check():
         return model.check_inputs(pixels, None, False)
