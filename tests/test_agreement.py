@@ -124,7 +124,7 @@ def _every_case(rank: int, world_size: int) -> dict:
     pixels, _, _ = _cases(rank, world_size)["NaN on rank 1"]
     failure = ValueError("rank 1 failed") if rank == 1 else None
     outcomes["cycles"] = _exceptions_left_in_cycles(lambda: models["tensor"](pixels)) + _exceptions_left_in_cycles(
-        lambda: agree_on_failure(failure, dist.group.WORLD, torch.device("cpu"))
+        lambda: agree_on_failure(failure, dist.group.WORLD)
     )
     return outcomes
 

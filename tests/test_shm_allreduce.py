@@ -47,17 +47,17 @@ def test_shared_memory_sums(tmp_path):
 def _in_place(rank, world_size, root):
     from tp_siglip import parallel, shm_allreduce
 
-    group, cpu = dist.group.WORLD, torch.device("cpu")  # the exchanges ride on the group's side group
+    group = dist.group.WORLD  # the exchanges ride on the group's side group
     with torch.inference_mode():  # the encode job first uses the segment inside inference_mode
-        views = parallel.all_gather_bytes(5, lambda raw: raw.fill_(rank + 1), group, cpu, shared_memory=True)
+        views = parallel.all_gather_bytes(5, lambda raw: raw.fill_(rank + 1), group, shared_memory=True)
         assert [v.tolist() for v in views] == [[r + 1] * 5 for r in range(world_size)]
     reducer = shm_allreduce.for_group(parallel.side_group(group))
     step = reducer.step
-    views = parallel.all_gather_bytes(3, lambda raw: raw.fill_(10 * rank), group, cpu, shared_memory=True)  # and after it
+    views = parallel.all_gather_bytes(3, lambda raw: raw.fill_(10 * rank), group, shared_memory=True)  # and after it
     assert reducer.step == step + 1, "the gather did not go through shared memory"
     assert [v.tolist() for v in views] == [[10 * r] * 3 for r in range(world_size)]
     odd = reducer.slot_bytes + 3  # grows the segment; slots stay aligned for views of any dtype
-    views = parallel.all_gather_bytes(odd, lambda raw: raw.fill_(rank), group, cpu, shared_memory=True)
+    views = parallel.all_gather_bytes(odd, lambda raw: raw.fill_(rank), group, shared_memory=True)
     assert reducer.slot_bytes % 64 == 0 and [int(v[-1]) for v in views] == list(range(world_size))
     total = parallel.communicator_for(group).all_reduce(torch.full((5,), rank + 1, dtype=torch.float64))
     assert total.tolist() == [world_size * (world_size + 1) / 2] * 5

@@ -1,7 +1,7 @@
 """All-reduce and all-gather through shared memory for CPU ranks on one host (gloo's TCP loopback is the bottleneck).
 
-Measured on a 2-core machine: summing a (8, 196, 768) fp32 activation over 2 ranks takes about 6.7 ms
-with gloo but about 1.7 ms here, and a tensor-parallel forward does two such sums per layer.
+A tensor-parallel forward does two sums per layer; here they cost a fraction of gloo's (figures in
+docs/architecture.md and docs/benchmarks.md).
 
 How it works, per process group:
 
@@ -13,11 +13,9 @@ How it works, per process group:
   barrier's system calls are full memory barriers, so no architecture-specific ordering is assumed),
   then every rank adds the slots in rank order (in fp32 for fp16/bf16 tensors, rounded once at the
   end). Same order everywhere, so all ranks get the same bits.
-* An all-gather is the same first half: every rank copies its tensor into its slot, one barrier, then
-  every rank copies all slots out in rank order (2 ranks, 7.1 MB each: 3.5 ms instead of 10.3 ms through
-  gloo, measured on 2 cores). `gather_in_place` saves the copies in and out: each rank writes straight
-  into its slot and reads every slot where it lies, before its next operation on the segment (the encode
-  job's exchanges, and the row gathers of a split batch).
+* An all-gather (`gather_in_place`) is the same first half: each rank writes straight into its slot, one
+  barrier, and every rank reads every slot where it lies, before its next operation on the segment (the
+  encode job's exchanges, and the row gathers of a split batch).
 * A reduce-scatter (`sum_rows`, for a batch split by rows) is a sum of which each rank adds up only its
   own rows, in the same rank order: the same bits as those rows of a full sum.
 * Two sets of slots alternate between consecutive operations (sums and gathers alike): a rank can only start writing a set again after
@@ -153,15 +151,6 @@ class SharedMemoryAllReduce:
         for rank in range(1, self.size):
             x.add_(self._slot(parity, rank, x))
         return x
-
-    def all_gather(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``x`` (contiguous, CPU, the same shape everywhere) into ``out`` in rank order along dim 0
-        (``out``: contiguous, ``size`` times ``x``'s elements); returns ``out``. One barrier, like a sum."""
-        parity = self._publish(x)
-        rows = out.view(self.size, *x.shape)
-        for rank in range(self.size):
-            rows[rank].copy_(self._slot(parity, rank, x))
-        return out
 
     def sum_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """A reduce-scatter: sum ``x`` (contiguous, CPU, the same shape everywhere) over the group and return

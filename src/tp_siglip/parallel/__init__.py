@@ -24,7 +24,6 @@ from tp_siglip.parallel.exchange import STATUS_WIDTH, all_gather_bytes, exchange
 from tp_siglip.parallel.groups import (
     DEFAULT_TIMEOUT,
     ProcessGroup,
-    collective_device,
     communicator_for,
     group_rank,
     group_size,
@@ -73,7 +72,6 @@ __all__ = [
     "agree_on_inputs",
     "all_gather_bytes",
     "checkpoint_layout",
-    "collective_device",
     "communicator_for",
     "copy_piece",
     "exchange_status",

@@ -23,14 +23,11 @@ from tp_siglip.parallel.exchange import STATUS_WIDTH, exchange_status
 from tp_siglip.parallel.groups import ProcessGroup, group_rank, group_size
 
 
-def agree_on_failure(
-    error: Optional[BaseException], group: Optional[ProcessGroup], device: Optional[torch.device] = None
-) -> None:
+def agree_on_failure(error: Optional[BaseException], group: Optional[ProcessGroup]) -> None:
     """Collective check-point: raise on every rank if ``error`` is set on any rank.
 
     Each rank contributes a status code and up to 1 KiB of its error message (UTF-8 bytes in a tensor; no
-    pickling) on the group's CPU side group (``device`` is accepted for compatibility and unused). A rank
-    with its own error re-raises it; a healthy rank raises ``RuntimeError`` naming the rank that failed and
+    pickling) on the group's CPU side group. A rank with its own error re-raises it; a healthy rank raises ``RuntimeError`` naming the rank that failed and
     why. Without a group it simply re-raises ``error``.
     """
     try:

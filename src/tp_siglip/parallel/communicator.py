@@ -31,7 +31,7 @@ from tp_siglip import shm_allreduce
 ProcessGroup = dist.ProcessGroup
 
 
-def _all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
+def all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name where present
     gather(out, mine, group=group)
 
@@ -89,7 +89,7 @@ class Communicator:
             return self._traced.all_gather_rows(x, sizes)
         cap = max(sizes)
         gathered = x.new_empty((cap * self.size, *x.shape[1:]))
-        _all_gather_into(gathered, pad_rows(x, cap), self.group)
+        all_gather_into(gathered, pad_rows(x, cap), self.group)
         return unpad_rows(gathered, sizes, cap)
 
     def reduce_scatter_rows(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

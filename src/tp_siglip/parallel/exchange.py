@@ -8,19 +8,14 @@ lie); elsewhere gloo's all-gather carries them.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from tp_siglip import shm_allreduce
+from tp_siglip.parallel.communicator import all_gather_into
 from tp_siglip.parallel.groups import ProcessGroup, side_group
-
-
-def _all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name where present
-    gather(out, mine, group=group)
-
 
 #: bytes each rank contributes to a status exchange (a status byte, then UTF-8 text)
 STATUS_WIDTH = 1024
@@ -37,16 +32,14 @@ def read_status(row: bytes) -> tuple[bool, str]:
     return row[0] != 0, row[1:].rstrip(b"\0").decode(errors="replace")
 
 
-def exchange_status(
-    group: ProcessGroup, failed: bool, text: str, device: Optional[torch.device] = None, width: int = STATUS_WIDTH
-) -> list[tuple[bool, str]]:
+def exchange_status(group: ProcessGroup, failed: bool, text: str, width: int = STATUS_WIDTH) -> list[tuple[bool, str]]:
     """All-gather one ``(failed, text)`` pair per rank in one fixed-size collective on ``group``'s CPU side
     group; by rank. ``text`` (UTF-8) is cut to ``width - 1`` bytes. No pickling, and no device tensor: the
-    pairs travel as bytes in CPU tensors and are read back as bytes (``device`` is unused)."""
+    pairs travel as bytes in CPU tensors and are read back as bytes."""
     side = side_group(group)
     size = dist.get_world_size(side)
     everyone = torch.empty(size * width, dtype=torch.uint8)
-    _all_gather_into(everyone, torch.frombuffer(bytearray(status_row(failed, text, width)), dtype=torch.uint8), side)
+    all_gather_into(everyone, torch.frombuffer(bytearray(status_row(failed, text, width)), dtype=torch.uint8), side)
     table = everyone.numpy().tobytes()
     return [read_status(table[r * width : (r + 1) * width]) for r in range(size)]
 
@@ -56,13 +49,12 @@ def all_gather_bytes(
     nbytes: int,
     fill: Callable[[torch.Tensor], object],
     group: ProcessGroup,
-    device: Optional[torch.device] = None,
     *,
     shared_memory: bool = False,
 ) -> list[torch.Tensor]:
     """All-gather ``nbytes`` bytes per rank on ``group``'s side group, written by ``fill`` into a CPU uint8
     buffer (of stale bytes: ``fill`` writes every byte it means); every rank's bytes as uint8 views, in
-    rank order (``device`` is unused: side-group buffers live on the CPU).
+    rank order (side-group buffers live on the CPU).
 
     With ``shared_memory=True`` on one host the views are the shared segment's slots: read them (or copy
     them) before this rank's next exchange on the group. Elsewhere they view a fresh buffer.
@@ -76,5 +68,5 @@ def all_gather_bytes(
     mine = torch.empty(nbytes, dtype=torch.uint8)
     fill(mine)
     everyone = torch.empty(size * nbytes, dtype=torch.uint8)
-    _all_gather_into(everyone, mine, side)
+    all_gather_into(everyone, mine, side)
     return list(everyone.view(size, nbytes))

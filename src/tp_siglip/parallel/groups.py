@@ -101,13 +101,6 @@ def resolve_group(
     return group
 
 
-def collective_device(group: Optional[ProcessGroup]) -> torch.device:
-    """The device a collective on ``group`` needs its tensors on (CUDA for NCCL, else the CPU)."""
-    if group is not None and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def init_default_group(backend: Optional[str] = None) -> ProcessGroup:
     """Initialise the default group from torchrun's variables; destroyed again at interpreter exit."""
     if backend is None:
