@@ -3,11 +3,8 @@
 A tensor that a ``DataLoader`` worker returns travels in a shared-memory segment made for it alone: the
 worker creates the segment and faults in every page of it, sends its descriptor, and the main process maps
 it, faults the pages in again and unmaps it when the tensor dies; the main process then joined the pieces
-into fresh pages of its own. On the 2-core KVM machine of the benchmarks a page fault costs ~2 us: a fresh
-7 MB segment (16 images at 384 px) ~5 ms of system time, a fresh 14 MB tensor ~7 ms. Measured on 400
-images at 384 px (A/B, same machine, noisy): the workers alone spent 0.7-3.2 ms of system time per image
-with a segment per piece and 0.3 ms with this ring; in the job the main process spends ~0.6 ms per image
-less (3.0-3.3 ms instead of 3.7-4.2 with the tiny tower).
+into fresh pages of its own: every page is faulted in several times per batch. (The A/B against
+DataLoader's own transport is in docs/benchmarks.md and benchmarks/results/.)
 
 So the main process makes ``slots`` share buffers in shared memory once, before the workers start (they
 inherit them, every page already in place). A worker decodes its piece of share ``j`` straight into rows
