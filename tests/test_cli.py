@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_file, encode, hardware
+from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_dir, embeddings_file, encode, hardware
 
 from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
@@ -212,7 +212,7 @@ def test_help_shows_every_default(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 8)", "(default: google/siglip-base-patch16-224)", "(default: embeddings.safetensors)",
-                  "(default: 600.0)", "(default: auto)", "(default: float32)", "bundled photos"):
+                  "(default: 10000)", "(default: auto)", "(default: float32)", "bundled photos"):
         assert shown in text, shown
 
 
@@ -338,18 +338,15 @@ def test_model_that_cannot_be_fetched(setup, how, tmp_path, monkeypatch, capsys)
 # ----------------------------------------------------------------------------- a real-looking corpus
 
 
-def test_bad_files_are_skipped_with_reasons(setup, tmp_path, capsys, monkeypatch):
+def test_bad_files_are_skipped_with_reasons(setup, tmp_path, capsys):
     _, checkpoint, corpus, reference = setup
-    saves = []
-    real_write = embeddings_file.write_atomic
-    monkeypatch.setattr(encode, "write_atomic", lambda path, spool, meta: (saves.append(meta["complete"]), real_write(path, spool, meta)))
     output = tmp_path / "out" / "emb.safetensors"
     output.parent.mkdir()
-    code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--batch-size", "2", "--save-every", "1e-9"], capsys)
+    code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--batch-size", "2", "--shard-size", "3"], capsys)
     assert code == 0, err
     tensors, meta = _read(output)
     good = [str(corpus / name) for name in GOOD]
-    assert json.loads(meta["paths"]) == good  # every readable image, in listing order
+    assert json.loads(meta["paths"]) == good  # every readable image, in listing order, across the shards
     assert (tensors["pooler_output"] - torch.stack([reference[p] for p in good])).abs().max() <= TOLERANCE
     skipped = json.loads(meta["skipped"])
     assert [path for path, _ in skipped] == [str(corpus / name) for name in LISTED if name in BAD]
@@ -360,25 +357,30 @@ def test_bad_files_are_skipped_with_reasons(setup, tmp_path, capsys, monkeypatch
     summary = [line for line in out.splitlines() if line.startswith("summary:")]
     ignored = ", ".join(f"{k}: {v}" for k, v in sorted(IGNORED.items()))
     assert summary == [
-        f"summary: {len(GOOD)} encoded, {len(BAD)} skipped (unreadable), {sum(IGNORED.values())} ignored by extension "
-        f"({ignored}), {HIDDEN} hidden file(s) ignored"
+        f"summary: {len(GOOD)} encoded, {len(BAD)} skipped (unreadable or missing), {sum(IGNORED.values())} ignored by "
+        f"extension ({ignored}), {HIDDEN} hidden file(s) ignored"
     ], out
-    assert meta["complete"] == "true"
-    assert saves[-1] == "true" and saves[:-1] and set(saves[:-1]) == {"false"}  # checkpoints, then the final file
-    assert sorted(p.name for p in output.parent.iterdir()) == ["emb.safetensors"]  # no temporary file or spool left
+    assert meta["complete"] == "true" and json.loads(meta["manifest"])["shard_size"] == 3
+    assert out.count("shards done here") == -(-len(LISTED) // 3)  # one commit per shard
+    assert sorted(p.name for p in output.parent.iterdir()) == ["emb.safetensors"]  # no work folder or temporary left
+
+
+def _work_folder(output: Path) -> Path:
+    return output.parent / f".{output.name}.parts"
 
 
 def test_strict_stops_at_the_first_bad_file(setup, tmp_path, capsys):
     _, checkpoint, corpus, _ = setup
     output = tmp_path / "strict.safetensors"
-    code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--strict", "--batch-size", "1"], capsys)
+    args = [corpus, "--model", checkpoint, "--output", output, "--strict", "--batch-size", "1", "--shard-size", "1"]
+    code, out, err = _run(args, capsys)
     assert code == 1
     first_bad = corpus / next(name for name in LISTED if name in BAD)
     errors = _error_lines(err)
     assert len(errors) == 1 and f"--strict: cannot use {first_bad}:" in errors[0], err
-    _, meta = _read(output)  # what was encoded before it is kept, marked incomplete
-    assert meta["complete"] == "false" and json.loads(meta["paths"]) == [str(corpus / LISTED[0])]
-    assert "--resume" in out
+    assert not output.exists()  # the file is written only once every shard is complete
+    complete = embeddings_dir.completed_shards(_work_folder(output))  # what was committed before it is kept
+    assert [stats["keys"] for stats in complete.values()] == [[str(corpus / LISTED[0])]]
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +395,7 @@ def clean_folder(setup):
 
 def test_interrupted_run_resumes(setup, clean_folder, tmp_path, capsys, monkeypatch):
     _, checkpoint, _, _ = setup
-    args = [clean_folder, "--model", checkpoint, "--batch-size", "2", "--tokens"]
+    args = [clean_folder, "--model", checkpoint, "--batch-size", "2", "--tokens", "--shard-size", "2"]
     code, _, err = _run([*args, "--output", tmp_path / "full.safetensors"], capsys)
     assert code == 0, err
     full, _ = _read(tmp_path / "full.safetensors")
@@ -416,22 +418,23 @@ def test_interrupted_run_resumes(setup, clean_folder, tmp_path, capsys, monkeypa
     output = tmp_path / "resumed.safetensors"
     monkeypatch.setattr(encode, "_load_model", load_then_interrupt)
     code, out, err = _run([*args, "--output", output], capsys)
-    assert code == encode.EXIT_INTERRUPTED, err
-    partial, meta = _read(output)
-    assert meta["complete"] == "false" and partial["pooler_output"].shape[0] == 2 and "--resume" in out
+    assert code == encode.EXIT_INTERRUPTED and "--resume" in err, err
+    assert not output.exists() and list(embeddings_dir.completed_shards(_work_folder(output))) == [0]
+    code, _, err = _run([*args, "--output", output], capsys)  # the interrupted run is not silently dropped
+    assert code == 2 and "interrupted run" in err and "--resume" in err, err
     monkeypatch.setattr(encode, "_load_model", real_load)
 
     code, out, err = _run([*args, "--output", output, "--resume"], capsys)
     assert code == 0, err
     resumed, meta = _read(output)
-    assert meta["complete"] == "true"
-    assert f"resuming: 2 rows already in {output}" in out and "2 already in the output" in out
+    assert meta["complete"] == "true" and "(1 already complete)" in out and "summary: 2 encoded" in out, out
     assert json.loads(meta["paths"]) == [str(p) for p in sorted(clean_folder.iterdir())]
     for name in ("pooler_output", "last_hidden_state"):
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6)
+    assert not _work_folder(output).exists()
 
     code, out, err = _run([*args, "--output", output, "--resume"], capsys)  # nothing left to do
-    assert code == 0 and "summary: 0 encoded" in out, err
+    assert code == 0 and "summary: 0 encoded" in out and "is complete (4 rows)" in out, err
     torch.testing.assert_close(_read(output)[0]["pooler_output"], full["pooler_output"], rtol=0, atol=1e-6)
 
 
@@ -462,16 +465,24 @@ def test_failed_write_keeps_the_earlier_output(setup, clean_folder, tmp_path, ca
     code, _, err = _run([clean_folder, "--model", checkpoint, "--output", output], capsys)
     assert code == 0, err
     before = output.read_bytes()
+    real = embeddings_file.write_atomically
 
-    def disk_full(self, name, target):
-        target.write(b"\0" * 100)
-        raise OSError(28, "No space left on device")
+    def disk_full(path, fill):
+        def half(target):
+            target.write(b"\0" * 100)
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(embeddings_file.RowSpool, "copy_to", disk_full)
+        real(path, half)
+
+    monkeypatch.setattr(embeddings_file, "write_atomically", disk_full)
     code, _, err = _run([clean_folder, "--model", checkpoint, "--output", output, "--tokens"], capsys)
     assert code == 1 and "No space left on device" in err
     assert output.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
+    # the committed shards stay for --resume; no temporary file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".kept.safetensors.parts", "kept.safetensors"]
+    monkeypatch.setattr(embeddings_file, "write_atomically", real)
+    code, out, err = _run([clean_folder, "--model", checkpoint, "--output", output, "--tokens", "--resume"], capsys)
+    assert code == 0 and "summary: 0 encoded" in out and "last_hidden_state" in _read(output)[0], err
 
 
 # ----------------------------------------------------------------------------- the sink protocol
@@ -481,7 +492,7 @@ class _RecordingSink:
     """A `encode.Sink` that keeps what the batch loop hands it."""
 
     def __init__(self) -> None:
-        self.items, self.rows, self.skipped, self.checkpoints = [], [], {}, 0
+        self.items, self.rows, self.skipped = [], [], {}
 
     def add(self, items, tensors):
         self.items += [str(item) for item in items]
@@ -490,13 +501,9 @@ class _RecordingSink:
     def skip(self, item, reason):
         self.skipped[str(item)] = reason
 
-    def checkpoint_if_due(self):
-        self.checkpoints += 1
 
-
-def test_the_batch_loop_gives_a_sink_rows_reasons_and_a_checkpoint_per_batch(setup, tmp_path):
-    """What both outputs build on: readable items' rows in order, each unreadable item once with its reason,
-    a chance to save after every batch."""
+def test_the_batch_loop_gives_a_sink_rows_and_reasons(setup, tmp_path):
+    """What both outputs build on: readable items' rows in order, each unreadable item once with its reason."""
     from tp_siglip.console import Printer
 
     _, checkpoint, corpus, reference = setup
@@ -506,9 +513,9 @@ def test_the_batch_loop_gives_a_sink_rows_reasons_and_a_checkpoint_per_batch(set
     job = encode.Job(args, checked, encode._load_model(args, None, 1), encode.Dealing(0, 1, None, 1, None), Printer(0, 1))
     job.start()
     sink = _RecordingSink()
-    encoded, _ = job.encode(checked.files, sink, report=False)
+    encoded = job.encode([corpus / name for name in LISTED], sink)
     good = [str(corpus / name) for name in LISTED if name in GOOD]
-    assert encoded == len(GOOD) and sink.items == good and sink.checkpoints == -(-len(LISTED) // 3)
+    assert encoded == len(GOOD) and sink.items == good and job.times["decoded"] == len(LISTED)
     assert (torch.cat(sink.rows) - torch.stack([reference[p] for p in good])).abs().max() <= TOLERANCE
     assert sorted(sink.skipped) == sorted(str(corpus / name) for name in BAD)
     for name, fragment in BAD.items():
@@ -592,7 +599,7 @@ def _worker_dies_on_rank_3(rank: int, world_size: int, argv: list[str]) -> tuple
 def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):
     """4 ranks, --tp 2, one file: rank 3's decode worker dies in the second batch. Its tensor group skips the
     forward and carries the failure to the gather of the batch's rows, so the other group is not left waiting:
-    every rank exits 1, and rank 0 writes what the first batch gave."""
+    every rank exits 1, and no file is written (its one shard never completed)."""
     _, checkpoint, corpus, _ = setup
     output = tmp_path / "stopped.safetensors"
     argv = [str(corpus), "--model", str(checkpoint), "--output", str(output), "--batch-size", "4", "--tp", "2"]
@@ -603,4 +610,4 @@ def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):
         pool.close()
     assert [code for code, _, _ in results] == [encode.EXIT_FAILED] * 4, results
     assert "rank 3: a decode worker died (test)" in results[0][2], results[0][2]
-    assert _read(output)[1]["complete"] == "false"
+    assert not output.exists()

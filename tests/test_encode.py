@@ -158,7 +158,7 @@ def test_single_process_headless_tower_stores_mean_pooled(setup):
     assert metadata["world_size"] == "1"
     assert json.loads(metadata["paths"]) == _expected_paths()
     assert "no pooling head" in stdout
-    assert "summary: 5 encoded, 0 skipped (unreadable), 1 ignored by extension (.md: 1)" in stdout  # SOURCES.md
+    assert "summary: 5 encoded, 0 skipped (unreadable or missing), 1 ignored by extension (.md: 1)" in stdout  # SOURCES.md
 
 
 def test_no_images_fails_cleanly_on_every_rank(setup):
@@ -169,6 +169,6 @@ def test_no_images_fails_cleanly_on_every_rank(setup):
     assert proc.returncode != 0
     # Each rank fails on its own (no collective is involved); torchrun's agent may stop the slower rank
     # before it prints, so at least one rank's message is required, and no rank may crash in encode.py.
-    assert "] error: no images found" in proc.stderr
+    assert "] error: no images or shards found" in proc.stderr
     assert 'encode.py", line' not in proc.stderr
     assert not (root / "none.safetensors").exists()

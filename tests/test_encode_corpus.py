@@ -125,7 +125,7 @@ def test_plain_files_are_dealt_to_every_group(setup, tmp_path):
     _, checkpoint, _, _ = setup
     photos = Path(tp_siglip.__file__).parent / "images"  # 5 photos: far fewer than --shard-size
     stdout = _ok(_run([str(photos), "--model", str(checkpoint), "--output", str(tmp_path / "emb")]))
-    assert "[group 0] shard files-00000" in stdout and "[group 1] shard files-00001" in stdout, stdout
+    assert "[group 0] shard 0 'files-00000'" in stdout and "[group 1] shard 1 'files-00001'" in stdout, stdout
     assert [stats["rows"] for stats in embeddings_dir.completed_shards(tmp_path / "emb").values()] == [2, 3]
 
 
@@ -136,7 +136,7 @@ def test_resume_skips_complete_shards_and_refuses_another_setup(setup, two_group
     again = _run(base, ranks=1)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr, again.stderr
     stdout = _ok(_run([*base, "--resume"], ranks=1))
-    assert "4 shards (4 already complete)" in stdout and "0 images in" in stdout, stdout
+    assert "4 shard(s) (4 already complete)" in stdout and "0 images in" in stdout, stdout
     other = _run([*base, "--resume", "--dtype", "bfloat16"], ranks=1)
     assert other.returncode == 2 and "--resume" in other.stderr and "bfloat16" in other.stderr, other.stderr
 

@@ -151,31 +151,29 @@ def test_value_checks_run_on_cpu_inputs_and_never_on_a_device_by_default():
 
 
 def _job_exchanges(rank, world_size):
-    from pathlib import Path
-
     from tp_siglip import lockstep
     from tp_siglip.parallel import side_group
 
     world = dist.group.WORLD
     with CollectiveLog() as log:
-        done, refused = lockstep.agree_on_files([Path("a"), Path("b")], [True, False] if rank == 0 else None, False, rank, world_size)
+        lockstep.agree_on_plan([["a", "files", "", ["a.png"]], ["b", "tar", "b.tar", []]])
         limit = lockstep.broadcast_int_from_rank0(7 + rank, world_size)
         top = lockstep.agree_on_max(rank)
         rows = {"v": torch.full((2, 3), float(rank))}
-        shares = lockstep.gather_shares(rows, {"v": ((3,), torch.float32)}, [2] * world_size, None, world)
+        shares = lockstep.collect_rows(rows, {"v": ((3,), torch.float32)}, [2] * world_size, None, world)
         reasons = lockstep.gather_reasons([f"bad {rank}", None], world)
         decision = lockstep.broadcast_from_rank0(["resume", [1, 2]] if rank == 0 else None)
     side = side_group(world)
     assert not log.on(world), f"bookkeeping on the device group: {log.on(world)}"
     assert all(c.on(side) for c in log.calls) and not [c for c in log.calls if c.kind == "object"], "pickled objects"
-    return done, refused, limit, top, shares.rows("v").tolist(), reasons, decision
+    return limit, top, shares.rows("v").tolist(), reasons, decision
 
 
 def test_the_encode_jobs_exchanges_ride_the_side_group_without_pickling(tmp_path):
-    """Every exchange of the encode job's ranks (file agreement, rank 0's values, the batch rows, the reasons,
+    """Every exchange of the encode job's ranks (the shard plan's agreement, rank 0's values, the batch rows, the reasons,
     the resume decision) runs on the CPU side group, none on the device group, and none pickles."""
     for got in run_ranks(2, tmp_path, _job_exchanges):
-        done, refused, limit, top, rows, reasons, decision = got
-        assert (done, refused, limit, top) == ([True, False], False, 7, 1)
+        limit, top, rows, reasons, decision = got
+        assert (limit, top) == (7, 1)
         assert rows == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
         assert reasons == ["bad 0", None, "bad 1", None] and decision == ["resume", [1, 2]]

@@ -302,7 +302,8 @@ class ShardWriter:
     ``spec_index``/``name``: the shard's plan index and name; ``embedding``: which of the tensors given to
     :meth:`add` is the embedding (stored in ``img_emb/``); the others go to ``<name>/<name>_NNNNN.npy``.
     ``source`` (the metadata's ``source`` column) and ``shard_count`` (the file names' zero padding) come
-    from ``DIR/manifest.json`` unless given.
+    from ``DIR/manifest.json`` unless given. ``metadata=False``: no parquet file; the stats file lists the keys
+    (what the work folder of a ``.safetensors`` output keeps).
     """
 
     def __init__(
@@ -314,6 +315,7 @@ class ShardWriter:
         *,
         source: Optional[str] = None,
         shard_count: Optional[int] = None,
+        metadata: bool = True,
     ) -> None:
         self.root, self.index, self.name, self.embedding = Path(root), int(spec_index), name, embedding
         if source is None or shard_count is None:
@@ -323,6 +325,7 @@ class ShardWriter:
             source = shards[self.index].get("source", "") if source is None else source
             shard_count = len(shards) if shard_count is None else shard_count
         self.source, self.stem = source, f"{self.index:0{index_width(shard_count)}d}"
+        self.metadata = metadata  # False: the keys go to the stats file, no parquet (no pyarrow needed)
         self.rows = 0
         self.spool = self.root / f".spool-{self.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.spool.mkdir(parents=True)
@@ -396,6 +399,8 @@ class ShardWriter:
                 "rows": self.rows, "skipped": [[str(key), str(reason)] for key, reason in skipped],
                 "seconds": round(float(seconds), 3), "files": files, "shapes": shapes, "done": True,
             }  # fmt: skip
+            if not self.metadata:
+                stats["keys"] = self._keys()
             _write_json(stats_path, stats)
         except BaseException:
             for path in written:
@@ -419,12 +424,19 @@ class ShardWriter:
             written.append(path)
             files[folder] = path.relative_to(self.root).as_posix()
             shapes[folder] = [self.rows, *spooled.row_shape]
+        if not self.metadata:
+            return files, shapes
         path = self._path("metadata", ".parquet")
         write_atomically(path, self._write_metadata)
         written.append(path)
         files["metadata"] = path.relative_to(self.root).as_posix()
         shapes["metadata"] = [self.rows]
         return files, shapes
+
+    def _keys(self) -> list[str]:
+        self._meta.flush()
+        self._meta.seek(0)
+        return [key for line in self._meta for key in json.loads(line)[0]]
 
     def _write_metadata(self, target: BinaryIO) -> None:
         pa, pq = require_pyarrow()

@@ -1,69 +1,27 @@
-"""The main job: image files in, one safetensors file of embeddings out, on one process or N torchrun ranks.
+"""The main job's command line: images or shards in, one ``.safetensors`` file or a folder of shards out.
 
-    tp-siglip encode [IMAGES...] [--model M] [--output F]           # one process
-    python -m tp_siglip.encode [IMAGES...] ...                      # the same
-    torchrun --nproc-per-node 2 -m tp_siglip.encode [IMAGES...] ... # 2 ranks (or: torchrun ... --no-python tp-siglip encode)
+    tp-siglip encode [INPUTS...] [--model M] [--output F]            # one process
+    torchrun --nproc-per-node 2 -m tp_siglip.encode [INPUTS...] ...  # 2 ranks (data parallel; --tp 2: one tensor group)
 
-Every rank lists the same images and decodes only its share of each batch (`tp_siglip.pipeline`).
-``--tp N`` cuts the ranks into groups of N, each holding one copy of the tower: by default (``--tp 1``, data
-parallel) each rank holds all the weights and encodes its share alone; in a group of several ranks
-(tensor parallel) each holds a slice of the weights and the group runs its ranks' shares together, every
-rank feeding the tower the images it decoded (the batch split by rows, `parallel.split_batch`: no pixels
-travel between ranks). The stored rows of every rank are gathered to rank 0, which writes one safetensors file, all tensors in ``--output-dtype``
-(float32 or float16), rows in the order of ``paths``: ``pooler_output`` (N, hidden), or ``mean_pooled`` (the
-mean of ``last_hidden_state`` over patches) for towers without a pooling head, L2-normalised unless
-``--no-normalize`` (so an inner-product index ranks by cosine, as clip-retrieval's and autofaiss's do);
-``last_hidden_state`` (N, patches, hidden) with ``--tokens``; metadata ``paths`` (JSON list), ``model``,
-``dtype``, ``world_size``, ``tp``, ``embedding``, ``normalized``, ``output_dtype``, ``skipped`` (JSON list of
-``[path, reason]``), ``complete`` (``"false"`` for a checkpoint or an interrupted run) and
-``tp_siglip_version``. Rank 0 prints a line per skipped file, the throughput, a summary and the cosine
-similarities of the first five images.
+This module holds what is the same for every run: the arguments and the checks made before the model loads
+(a bad one prints one line and exits 2), the model load, and the batch loop (`Job`: decode -> forward ->
+collect -> a `Sink`). The run over shards, resume and commits are `tp_siglip.encode_corpus`'s; what goes into
+a batch and how the ranks stay in lockstep, `tp_siglip.pipeline` and `tp_siglip.lockstep`. docs/encode.md
+is the user's guide: the options, the stored tensors and their metadata, NaFlex, and the figures.
 
-**SigLIP2 NaFlex towers** (``model.config.variant == "naflex"``) take images of any size and aspect ratio,
-mixed in one batch: each image is resized to the largest grid of at most ``--max-num-patches`` patches that
-keeps its aspect ratio and padded to that many patches (`tp_siglip.processing_naflex`, as transformers'
-``Siglip2ImageProcessor``). ``--max-num-patches`` defaults to the checkpoint's own
-``preprocessor_config.json`` (``max_num_patches``) when it is on disk (a ``--model`` folder, or a Hub repo
-whose file is already in the Hugging Face cache: no network call just for it), else to transformers' 256.
-What changes in the output:
-
-* metadata ``max_num_patches`` (absent for fixed-resolution towers);
-* ``mean_pooled`` (towers without a head) is the mean over each image's *valid* patches only;
-* with ``--tokens``: ``last_hidden_state`` is ``(N, max_num_patches, hidden)`` with image ``i``'s tokens in
-  its first ``h*w`` rows and zeros after them (whatever the tower computed there, so tensor and data mode
-  write the same file), plus ``pixel_attention_mask`` ``(N, max_num_patches)`` (1.0 = a real patch) and
-  ``spatial_shapes`` ``(N, 2)`` (the patch grid ``h, w``, row-major), both in ``--output-dtype`` holding
-  whole numbers, as every tensor of the file. Token ``r * w + c`` of image ``i`` is the patch at row ``r``,
-  column ``c`` of its grid.
-
-Choices made:
-
-* **Checked before the model loads.** Inputs, ``--device`` (CUDA present?), ``--model`` (a folder with
-  ``config.json``, or a valid repo id), ``--output`` (not a folder, its folder exists and takes a new file),
-  ``--max-num-patches`` (a positive int; refused for a fixed-resolution tower whose config is on disk) and
-  ``--resume`` (the earlier output's model, dtype, tensors and ``max_num_patches``) are checked first: a bad
-  one prints one line and exits with status 2, no traceback. What needs the model (``--max-num-patches``
-  given for a fixed-resolution tower fetched from the Hub, the dtype ``auto`` resolves to) is checked right
-  after loading, on every rank alike, also with status 2. A model that cannot be loaded (offline, unknown repo) prints
-  one line saying what to do and exits with 1.
-* **Rank 0 owns the output.** Only rank 0 checks, reads (``--resume``) and writes ``--output``, so other
-  nodes need not see it; what the other ranks must know (which files an earlier output holds) rank 0
-  broadcasts once the process group exists.
-* **Lockstep on bad files.** The rank that decoded a file decides whether it is usable: in tensor mode the
-  ranks first share which of their images they could read (so all know every rank's row count), in both
-  modes the group then gathers the stored rows with those flags (`tp_siglip.lockstep`), so every rank sees
-  the same batch by construction and rank 0 writes it. Every rank uses rank 0's ``max_num_patches`` (a
-  rank whose copy of the checkpoint says otherwise logs a warning). Rank 0 prints the reasons. Before the
-  first batch the ranks check that they list the same files.
-* **Flat memory, atomic output, resumable.** Rows go to a spool on disk (`embeddings_file`), not to lists in
-  memory, even with ``--tokens``. The output is written atomically at the end, every ``--save-every``
-  seconds as a checkpoint (``complete: false``), and once more when the run stops early (Ctrl-C, SIGTERM,
-  ``--strict``, an error while encoding). ``--resume`` keeps the rows of the existing output, re-reads the
-  files it skipped, and encodes only files it does not list.
-* **Prints.** This module is a command-line program: results go to stdout (rank 0 only), errors to stderr
-  (every rank, prefixed ``[rank N]`` under torchrun), diagnostics through ``logging``.
+* **The stored rows** (`StoredRows`): ``pooler_output``, or for a tower without a head ``mean_pooled`` (the
+  mean of ``last_hidden_state`` over the image's valid patches), L2-normalised unless ``--no-normalize``, in
+  ``--output-dtype``; with ``--tokens`` also ``last_hidden_state`` (NaFlex: padding rows zero, plus
+  ``pixel_attention_mask`` and ``spatial_shapes``). Computed on the model's device, brought to the host in
+  one copy per batch.
+* **Lockstep on bad files**: the rank that decoded an image decides whether it is usable; a tensor group
+  first exchanges those flags (so every rank knows the row counts of the split batch), then the ranks that
+  dealt the batch collect the stored rows with the flags to their rank 0, the writer. Rank 0's NaFlex grid
+  size is every rank's.
+* **Prints**: results on stdout (rank 0 only), errors on stderr (every rank, prefixed ``[rank N]`` under
+  torchrun), diagnostics through ``logging``.
 * **Exit status**: 0 done; 1 failed while running (model load, ``--strict`` bad file, no readable image,
-  ranks disagree); 2 bad arguments; 130 interrupted (after writing what was encoded).
+  ranks disagree, a dead decode worker); 2 bad arguments; 130 interrupted (the committed shards are kept).
 """
 
 from __future__ import annotations
@@ -76,29 +34,27 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from tp_siglip import __version__, console, encode_corpus, hardware, pipeline, processing, processing_naflex
+from tp_siglip import encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
-from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, RowSpool, write_atomic
+from tp_siglip.encode_corpus import JobError
 from tp_siglip.formats import OPEN_CLIP_CONFIG
 from tp_siglip.lockstep import (
     RanksDisagree,
-    agree_on_files,
     agree_on_max,
     broadcast_int_from_rank0,
+    collect_rows,
     form_groups,
     gather_reasons,
-    gather_shares,
 )
 from tp_siglip.parallel import init_default_group
 
@@ -117,15 +73,10 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 GPU_WEIGHT_FRACTION = 0.5
 #: ``--output-dtype`` choices
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-SIMILARITY_ROWS = 5
 
 
 class UsageError(Exception):
     """A bad argument, found before any real work (exit status 2)."""
-
-
-class JobError(Exception):
-    """The job cannot go on (exit status 1); the message is one line saying why and what to do."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -161,26 +112,17 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the encode job's arguments to ``parser`` (shared by ``tp-siglip encode`` and ``-m tp_siglip.encode``)."""
     add = parser.add_argument
-    add("inputs", nargs="*", type=Path, metavar="IMAGE_OR_FOLDER",
-        help=f"image files and/or folders, searched recursively (default: the 5 bundled photos in {DEFAULT_IMAGES})")
+    add("inputs", nargs="*", type=Path, metavar="INPUT",
+        help="image files, folders (searched recursively), .txt lists of paths, webdataset .tar or parquet shards, brace "
+             f"patterns like 'shards/{{00000..00099}}.tar' (default: the 5 bundled photos in {DEFAULT_IMAGES})")
     add("--model", default=DEFAULT_MODEL,
         help="Hub repo id (downloaded once, needs the network) or a local folder with config.json and *.safetensors")
     add("--output", type=Path, default=Path("embeddings.safetensors"),
-        help="a .safetensors file to write (atomically), or a folder of shards (any other name: .npy embeddings + parquet "
-             "metadata per input shard, see tp_siglip.encode_corpus)")
+        help="a .safetensors file to write (atomically, at the end), or a folder of shards (any other name: .npy "
+             "embeddings + parquet metadata per input shard, see docs/encode.md)")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype; auto = as stored. On a CPU without native bf16/fp16 half precision is ~7x slower: use float32")
     add("--batch-size", type=_positive_int, default=8, help="images per forward pass")
@@ -194,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "each holding one copy of the tower (default: 1, data parallel, each rank its own group; more only on a GPU "
              "too small for the tower, see docs/encode.md)")
     add("--shard-size", type=_positive_int, default=10_000, metavar="ROWS",
-        help="folder output: plain image files (and .txt lists) are cut into shards of this many rows")
+        help="plain image files (and .txt lists) are cut into shards of this many rows: the unit of commit and --resume")
     add("--parallel", default=None, help=argparse.SUPPRESS)  # gone: refused with a message naming --tp
     add("--tokens", action="store_true",
         help="also store last_hidden_state (N, patches, hidden); spooled to disk. NaFlex towers: (N, max_num_patches, "
@@ -210,9 +152,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              f"cores, 1 to {pipeline.MAX_DEFAULT_WORKERS}; 0: decode in the main process)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
-        help="keep the rows --output already holds and encode only the other files (same --model, --dtype, --tokens, and for NaFlex --max-num-patches)")
-    add("--save-every", type=_seconds, default=600.0, metavar="SECONDS",
-        help="also write --output (marked incomplete) at most this often while encoding; 0: only at the end")
+        help="continue the run --output holds: keep its complete shards and encode the others (same --model, --dtype, "
+             "--tokens, --shard-size and inputs)")
+    add("--save-every", default=None, help=argparse.SUPPRESS)  # gone: refused with a message naming --shard-size
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -233,21 +175,17 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
 
 @dataclass
 class Checked:
-    """What the checks found: the files, what was left out, the device, and (rank 0) the earlier output."""
+    """What the checks found: the shards and the output (`encode_corpus.Shards`), the device, the ranks per
+    group, and the NaFlex grid size."""
 
-    files: list[Path]
-    ignored: Counter = field(default_factory=Counter)
-    hidden: int = 0
+    shards: encode_corpus.Shards
     device: Optional[str] = None
-    earlier: Optional[EarlierOutput] = None
+    #: ranks per group (``--tp``, or what :func:`_tp_for_memory` chose)
+    tp: int = 1
     #: NaFlex patches per image; None when the checkpoint's preprocessor config is unusable (see patches_from)
     max_num_patches: Optional[int] = DEFAULT_MAX_NUM_PATCHES
     #: where max_num_patches came from, or what is wrong with the checkpoint's value
     patches_from: str = "transformers' default"
-    #: a folder output: the input shards (`tp_siglip.encode_corpus`); None for one .safetensors file
-    corpus: Any = None
-    #: ranks per group (``--tp``, or what :func:`_tp_for_memory` chose)
-    tp: int = 1
 
 
 def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
@@ -256,55 +194,25 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
         processing.require_pillow()
     except ImportError as err:
         raise UsageError(str(err)) from None
-    inputs = args.inputs or [DEFAULT_IMAGES]
+    args.inputs = args.inputs or [DEFAULT_IMAGES]
     if args.parallel is not None:
         raise UsageError(
             f"--parallel is gone: --tp N sets the ranks per group, tensor parallel inside a group; the default, --tp 1, is "
             f"data parallel (what --parallel data did); --parallel tensor on {world_size} rank(s) is --tp {world_size}"
         )
+    if args.save_every is not None:
+        raise UsageError("--save-every is gone: the output is committed shard by shard; --shard-size ROWS sets how often")
     try:
         encode_corpus.check_output_name(args.output)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.tp is not None and world_size % args.tp:
         raise UsageError(f"--tp {args.tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
-    if encode_corpus.is_folder_output(args.output):
-        return _check_corpus(args, rank, world_size)
-    try:
-        scan = processing.scan_images(inputs)
-    except (OSError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    if not scan.files:
-        left_out = f" (ignored by extension: {_counts(scan.ignored)})" if scan.ignored else ""
-        raise UsageError(f"no images found in {', '.join(map(str, inputs))}{left_out}")
-    checked = Checked(scan.files, scan.ignored, scan.hidden, _check_device(args.device, world_size))
-    _check_model(args.model)
-    checked.tp = args.tp or _tp_for_memory(args, checked.device, world_size)
-    _check_naflex_option(args)
-    if args.max_num_patches is not None:
-        checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
-    else:
-        checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
-    if rank == 0:
-        _check_output(args.output)
-        if args.resume and args.output.exists():
-            try:
-                checked.earlier = EarlierOutput.read(args.output)
-            except OutputFileError as err:
-                raise UsageError(f"--resume: {err}") from None
-            _check_resume(checked.earlier, args, checked)
-    return checked
-
-
-def _check_corpus(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
-    """:func:`check_arguments` for a folder output (shards in, shards out)."""
-    if not args.inputs:
-        args.inputs = [DEFAULT_IMAGES]
     device = _check_device(args.device, world_size)
     _check_model(args.model)
     tp = args.tp or _tp_for_memory(args, device, world_size)
-    corpus = encode_corpus.check_corpus_arguments(args, rank, world_size // tp, UsageError)
-    checked = Checked([], corpus.ignored, corpus.hidden, device, corpus=corpus, tp=tp)
+    groups = 1 if encode_corpus.Target.of(args.output).file else world_size // tp  # a file: the world deals every shard
+    checked = Checked(encode_corpus.check_shards(args, rank, groups, UsageError), device, tp)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
         checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
@@ -454,66 +362,6 @@ def _check_naflex_option(args: argparse.Namespace) -> None:
         raise _not_naflex(args)
 
 
-def _check_output(output: Path) -> None:
-    if output.is_dir():
-        raise UsageError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'embeddings.safetensors'}")
-    if output.exists() and not output.is_file():
-        raise UsageError(f"--output {output} exists and is not a regular file")
-    parent = output.parent
-    if not parent.exists():
-        raise UsageError(f"--output {output}: the folder {parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise UsageError(f"--output {output}: {parent} is not a folder")
-    try:
-        descriptor, probe = tempfile.mkstemp(prefix=f".{output.name}.probe-", dir=parent)
-        os.close(descriptor)
-        os.unlink(probe)
-    except OSError as err:
-        raise UsageError(f"--output {output}: cannot write in {parent} ({err.strerror or err})") from None
-
-
-def _check_resume(earlier: EarlierOutput, args: argparse.Namespace, checked: Checked) -> None:
-    meta, where = earlier.metadata, f"--resume: {earlier.path}"
-    if meta.get("model") != str(args.model):
-        raise UsageError(f"{where} holds embeddings of --model {meta.get('model')}, not {args.model}; use that --model or another --output")
-    if args.dtype != "auto" and meta.get("dtype") != args.dtype:
-        raise UsageError(f"{where} was computed in {meta.get('dtype')}, not {args.dtype}; use --dtype {meta.get('dtype')} or another --output")
-    normalized = meta.get("normalized", "false")  # files of earlier versions hold raw rows
-    if normalized != ("true" if args.normalize else "false"):
-        fix = "drop --no-normalize" if normalized == "true" else "add --no-normalize"
-        raise UsageError(f"{where} holds {'L2-normalised' if normalized == 'true' else 'raw'} embeddings; {fix} to resume it, or use another --output")
-    stored = meta.get("output_dtype", "float32")
-    if stored != args.output_dtype:
-        raise UsageError(f"{where} stores {stored}, not {args.output_dtype}; pass --output-dtype {stored} or use another --output")
-    has_tokens = "last_hidden_state" in earlier.tensors
-    if has_tokens != args.tokens:
-        fix = "add --tokens" if has_tokens else "drop --tokens"
-        raise UsageError(f"{where} {'holds' if has_tokens else 'has no'} last_hidden_state; {fix} to resume it, or use another --output")
-    patches = meta.get("max_num_patches")
-    if patches is not None and checked.max_num_patches is not None and patches != str(checked.max_num_patches):
-        raise UsageError(
-            f"{where} was encoded with max_num_patches {patches}, this run uses {checked.max_num_patches} "
-            f"(from {checked.patches_from}); pass --max-num-patches {patches} or use another --output"
-        )
-
-
-def _resume_problem(
-    earlier: EarlierOutput, embedding: str, dtype_name: str, hidden: int, max_num_patches: Optional[int]
-) -> Optional[str]:
-    """What stops the loaded model (``max_num_patches``: None unless NaFlex) from continuing ``earlier``, or ``None``."""
-    where = f"--resume: {earlier.path}"
-    patches = earlier.metadata.get("max_num_patches")
-    if patches != (None if max_num_patches is None else str(max_num_patches)):
-        return f"{where} was encoded with max_num_patches {patches}, this run uses {max_num_patches}: not the same setup"
-    if earlier.metadata.get("dtype") != dtype_name:
-        return f"{where} was computed in {earlier.metadata.get('dtype')}, this run computes in {dtype_name}; pass --dtype {earlier.metadata.get('dtype')}"
-    if earlier.metadata.get("embedding") != embedding or embedding not in earlier.tensors:
-        return f"{where} stores {earlier.metadata.get('embedding')}, this model gives {embedding}: not the same model"
-    if earlier.tensors[embedding].shape[1:] != (hidden,):
-        return f"{where}: rows of shape {list(earlier.tensors[embedding].shape[1:])}, this model gives [{hidden}]: not the same model"
-    return None
-
-
 def _counts(counter: Counter) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
 
@@ -539,25 +387,21 @@ def run(args: argparse.Namespace) -> int:
         tp = agree_on_max(checked.tp)
         group, group_index, groups = form_groups(tp)
         model = _load_model(args, checked.device, tp, group)
-        group_rank = rank % tp
         tp_group = group if tp > 1 else None
-        if checked.corpus is None:  # one file: the world deals out each batch, rank 0 writes
-            dealing = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group)
+        if checked.shards.target.file is not None:  # one file: the world deals out each batch, rank 0 writes
+            dealing, group_index, groups = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group), 0, 1
         else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
-            dealing = Dealing(group_rank, tp, tp_group, tp, tp_group)
+            dealing = Dealing(rank % tp, tp, tp_group, tp, tp_group)
         job = Job(args, checked, model, dealing, say)
         with _sigterm_as_interrupt():
-            if checked.corpus is None:
-                FileJob(job).run()
-            else:
-                job.start()
-                group_say = encode_corpus.GroupSay(Printer(group_rank, world_size), group_index, groups)
-                encode_corpus.run_corpus_job(job, args, checked.corpus, group_index, groups, say, group_say, UsageError)
+            job.start()
+            writer_say = encode_corpus.GroupSay(Printer(dealing.rank, world_size), group_index, groups)
+            encode_corpus.run_shards(job, args, checked.shards, group_index, groups, say, writer_say, UsageError)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        say.error("interrupted")
+        say.error("interrupted; the committed shards are kept: run again with --resume to continue")
         return EXIT_INTERRUPTED
     except (JobError, RanksDisagree, OSError, ValueError, TypeError, RuntimeError, ImportError) as err:
         # Input errors happen alike on every rank, a failed load is reported on every rank by from_pretrained
@@ -609,62 +453,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 class Sink(Protocol):
-    """Where `Job.encode` puts each batch's results (on the dealing's rank 0): rows of the readable items,
-    a reason for each skipped one, and a chance to save between batches. (What is already done is the
-    caller's to leave out of the items; committing is the caller's once the loop ends.)"""
+    """Where `Job.encode` puts each batch's results (on the dealing's rank 0): rows of the readable items and
+    a reason for each skipped one. (What is already done, and committing, are the caller's: see
+    `encode_corpus`, where a shard is the unit of both.)"""
 
     def add(self, items: list[Any], tensors: dict[str, torch.Tensor]) -> None: ...
 
     def skip(self, item: Any, reason: str) -> None: ...
-
-    def checkpoint_if_due(self) -> None: ...
-
-
-class _Output:
-    """The `Sink` of one ``.safetensors`` file (rank 0): the row spool, the paths, the skipped files, checkpoints."""
-
-    def __init__(self, args: argparse.Namespace, earlier: Optional[EarlierOutput], metadata: dict[str, str], say: Any) -> None:
-        self.path, self.save_every, self.say = args.output, args.save_every, say
-        self.metadata = metadata
-        self.spool = RowSpool(args.output.parent, args.output.name)
-        self.paths: list[str] = []
-        self.skipped: list[list[str]] = []
-        self.first: list[torch.Tensor] = []
-        if earlier is not None:
-            earlier.copy_into(self.spool)
-            self.paths = list(earlier.paths)
-            first = earlier.first_rows(metadata["embedding"], SIMILARITY_ROWS)
-            self.first = [] if first is None else list(first)
-        self.last_save = time.monotonic()
-
-    def add(self, paths: list[Path], tensors: dict[str, torch.Tensor]) -> None:
-        self.spool.append(tensors)
-        self.paths.extend(str(p) for p in paths)
-        embedding = tensors[self.metadata["embedding"]]
-        self.first.extend(row.clone() for row in embedding[: max(0, SIMILARITY_ROWS - len(self.first))])
-
-    def skip(self, item: Any, reason: str) -> None:
-        self.skipped.append([str(item), reason])
-        self.say(f"skipped {item}: {reason}")
-
-    def save(self, complete: bool) -> None:
-        metadata = {
-            **self.metadata,
-            "paths": json.dumps(self.paths),
-            "skipped": json.dumps(self.skipped),
-            "complete": "true" if complete else "false",
-        }
-        write_atomic(self.path, self.spool, metadata)
-        self.last_save = time.monotonic()
-
-    def checkpoint_if_due(self) -> None:
-        if self.save_every and self.spool.rows and time.monotonic() - self.last_save >= self.save_every:
-            self.save(complete=False)
-            logger.info("checkpoint: %d rows in %s", self.spool.rows, self.path)
-
-    def close(self) -> None:
-        self.spool.close()
-
 
 
 class StoredRows:
@@ -785,6 +580,7 @@ class Job:
         self.group = dealing.group  # the ranks that deal out each batch
         self.workers = pipeline.default_workers() if args.workers is None else args.workers
         self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
+        self.times: Counter = Counter()  # seconds per step, over every encode() call
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
     def start(self) -> None:
@@ -795,40 +591,50 @@ class Job:
             self.max_num_patches = _agree_on_max_num_patches(self.checked)
             self.rows = StoredRows(self.model, self.args, self.embedding, self.max_num_patches)
 
-    def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None, report: bool = True) -> tuple[int, float]:
-        """The batch loop: decode, forward, gather, and (the dealing's rank 0) hand each batch to ``sink``.
+    def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None) -> int:
+        """The batch loop: decode, forward, collect, and (the dealing's rank 0) hand each batch to ``sink``.
 
-        ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`);
-        ``report``: a progress bar and the time line on rank 0. Returns ``(images encoded, seconds)``, load
-        excluded. Every rank of the dealing calls it with the same items.
+        ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`). Every
+        rank of the dealing calls it with the same items. Returns the images encoded; the time each step took
+        adds up in ``self.times`` (:meth:`report_times`).
         """
         size = self.args.batch_size
         batches = [items[first : first + size] for first in range(0, len(items), size)]
         decoder = pipeline.ShareDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function(opener))
         # borrowed: a share's levels are read once, within its batch (normalised) and let go
         shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
-        encoded, times, start = 0, Counter(), time.perf_counter()
+        encoded = 0
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
-        bar = self.say.progress(len(items)) if report else console.NoBar()
+        bar = self.say.progress(len(items))
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    decoding = times["decode"]
-                    encoded += self._encode_batch(batch, shares, sink, times)
-                    threads.update(times["decode"] - decoding)
+                    decoding = self.times["decode"]
+                    encoded += self._encode_batch(batch, shares, sink, self.times)
+                    threads.update(self.times["decode"] - decoding)
                     bar.update(len(batch))
-                    if sink is not None:
-                        sink.checkpoint_if_due()
         finally:
             bar.close()
-            if report:
-                self.say.bar = None
+            self.say.bar = None
             shares.close()
             threads.restore()
-        seconds = time.perf_counter() - start
-        if report:
-            _report_times(times, seconds, self.workers, self.dealing.size, self.group, self.say)
-        return encoded, seconds
+        return encoded
+
+    def describe_naflex(self) -> str:
+        """``, NaFlex max_num_patches N (from ...)`` for a NaFlex tower, else nothing (the run's first line)."""
+        return f", NaFlex max_num_patches {self.max_num_patches} (from {self.checked.patches_from})" if self.naflex else ""
+
+    def report_times(self, seconds: float, say: Any) -> None:
+        """Where the time went, and how many images each rank of the dealing decoded (one small collective)."""
+        times, ranks = self.times, self.dealing.size
+        counts = collect_rows({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * ranks, None, self.group)
+        decoded = "/".join(str(n) for n in counts.rows("n").tolist())
+        how = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
+        say(
+            f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
+            f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
+            f"{how}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
+        )
 
     def _decode_function(self, opener: Any) -> Any:
         config = self.model.config
@@ -839,7 +645,7 @@ class Job:
         library = {} if config.preprocessing is None else {"preprocessing": config.preprocessing}  # timm / open_clip
         return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=opener, **library)
 
-    def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[_Output], times: Counter) -> int:
+    def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[Sink], times: Counter) -> int:
         """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
         clock = time.perf_counter()
         share, failure = self._next_share(shares)
@@ -860,7 +666,7 @@ class Job:
 
     def _tensor_batch(
         self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
-        output: Optional[_Output], times: Counter,
+        output: Optional[Sink], times: Counter,
     ) -> int:
         """Tensor mode: the group runs the batch split by rows (`parallel.split_batch`): each rank feeds the
         tower the images it decoded and gets their outputs back. First the ranks tell each other which of
@@ -868,7 +674,7 @@ class Job:
         clock = time.perf_counter()
         ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
         first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
-        flags = gather_shares(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
+        flags = collect_rows(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
         failed = next((text for text in flags.failures if text is not None), None)
         if failed is not None and self.dealing.size > self.dealing.tp:
             # no forward; the other tensor groups learn of it at the gather of the batch's rows (no rank waits)
@@ -880,7 +686,7 @@ class Job:
 
     def _data_batch(
         self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
-        output: Optional[_Output], times: Counter, batch_sizes: Optional[list[int]] = None,
+        output: Optional[Sink], times: Counter, batch_sizes: Optional[list[int]] = None,
     ) -> int:
         """Data mode: every rank runs its own share on its replica; the group gathers the stored rows. With
         ``batch_sizes`` (tensor mode: every rank's readable images) the ranks run the tower together instead,
@@ -903,7 +709,7 @@ class Job:
                     local[name][ok] = tensor.to(local[name].dtype)
         times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        gathered = gather_shares(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
+        gathered = collect_rows(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
         self._raise_failures(gathered.failures, batch)
         keep = gathered.rows("ok").bool().cpu()
         chosen = keep.nonzero().flatten()
@@ -923,7 +729,7 @@ class Job:
             where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
 
-    def _report_skips(self, batch: list[Path], keep: torch.Tensor, share: Optional[pipeline.Decoded], output: Optional[_Output]) -> None:
+    def _report_skips(self, batch: list[Path], keep: torch.Tensor, share: Optional[pipeline.Decoded], output: Optional[Sink]) -> None:
         """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
         if bool(keep.all()):
             return
@@ -949,124 +755,13 @@ def _agree_on_max_num_patches(checked: Checked) -> int:
     return shared
 
 
-def _report_times(times: Counter, seconds: float, workers: int, ranks: int, group: Any, say: Any) -> None:
-    """Where the time went, and how many images each rank decoded (one small collective)."""
-    counts = gather_shares({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * ranks, None, group)
-    decoded = "/".join(str(n) for n in counts.rows("n").tolist())
-    how = f"{workers} decode worker(s) per rank" if workers else "decoding in the main process"
-    say(
-        f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
-        f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
-        f"{how}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
-    )
-
-
-class FileJob:
-    """The one-``.safetensors`` job on every rank: resume agreement, `Job.encode` into rank 0's `_Output`, the
-    summary, and what was encoded so far when it stops early."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-
-    def run(self) -> None:
-        job = self.job
-        job.start()
-        earlier = job.checked.earlier if job.dealing.rank == 0 else None
-        remaining = self._remaining(earlier)
-        self._announce(remaining, earlier)
-        output = self._open_output(earlier) if job.dealing.rank == 0 else None
-        try:
-            encoded, seconds = job.encode(remaining, output)
-            if output is not None:
-                self._finish(output, encoded, seconds, earlier.rows if earlier else 0)
-        except BaseException:
-            if output is not None:
-                self._save_partial(output)
-            raise
-        finally:
-            if output is not None:
-                output.close()
-
-    def _remaining(self, earlier: Optional[EarlierOutput]) -> list[Path]:
-        """The files to encode: those the earlier output (``--resume``, read on rank 0) does not hold, agreed by
-        every rank; a resume that cannot go on stops every rank."""
-        job, files = self.job, self.job.checked.files
-        problem = None
-        if earlier is not None:
-            problem = _resume_problem(earlier, job.embedding, job.dtype_name, job.model.config.hidden_size, job.max_num_patches)
-        held = set(earlier.paths) if earlier is not None else set()
-        done, refused = agree_on_files(files, [str(p) in held for p in files], problem is not None, job.dealing.rank, job.dealing.size)
-        if refused:
-            raise UsageError(problem or "rank 0 cannot resume from the earlier output (see its message)")
-        return [p for p, d in zip(files, done) if not d]
-
-    def _announce(self, remaining: list[Path], earlier: Optional[EarlierOutput]) -> None:
-        job, args, say = self.job, self.job.args, self.job.say
-        naflex = f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
-        groups = f"{job.dealing.size // job.dealing.tp} group(s) of {job.dealing.tp} rank(s)"
-        say(f"{args.model}: {len(remaining)} images, {job.dtype_name}, {groups}{naflex}")
-        if args.resume:
-            say(f"resuming: {earlier.rows} rows already in {args.output}" if earlier else f"resuming: no {args.output} yet, starting fresh")
-        if not job.model.use_head:
-            patches = "each image's valid patches" if job.naflex else "patches"
-            say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
-
-    def _open_output(self, earlier: Optional[EarlierOutput]) -> _Output:
-        metadata = {
-            "format": "pt",
-            "model": str(self.job.args.model),
-            "dtype": self.job.dtype_name,
-            "world_size": str(self.job.dealing.size),
-            "tp": str(self.job.dealing.tp),
-            "embedding": self.job.embedding,
-            "normalized": "true" if self.job.args.normalize else "false",
-            "output_dtype": self.job.args.output_dtype,
-            "tp_siglip_version": __version__,
-        }
-        if self.job.naflex:
-            metadata["max_num_patches"] = str(self.job.max_num_patches)
-        if earlier is not None and set(earlier.paths) - {str(p) for p in self.job.checked.files}:
-            logger.warning("%s holds rows for files not among the inputs; they are kept", earlier.path)
-        return _Output(self.job.args, earlier, metadata, self.job.say)
-
-    def _finish(self, output: _Output, encoded: int, seconds: float, earlier_rows: int) -> None:
-        args, say = self.job.args, self.job.say
-        if not output.paths:
-            raise JobError(f"no readable image among the {len(self.job.checked.files)} files; nothing written")
-        output.save(complete=True)
-        rate = encoded / seconds if seconds > 0 else 0.0
-        say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; wrote {args.output} ({len(output.paths)} rows)")
-        parts = [f"{encoded} encoded", f"{len(output.skipped)} skipped (unreadable)"]
-        ignored = sum(self.job.checked.ignored.values())
-        parts.append(f"{ignored} ignored by extension" + (f" ({_counts(self.job.checked.ignored)})" if ignored else ""))
-        if self.job.checked.hidden:
-            parts.append(f"{self.job.checked.hidden} hidden file(s) ignored")
-        if args.resume:
-            parts.append(f"{earlier_rows} already in the output")
-        say("summary: " + ", ".join(parts))
-        print_similarities(torch.stack(output.first), [Path(p).stem for p in output.paths[: len(output.first)]], say)
-
-    def _save_partial(self, output: _Output) -> None:
-        if not output.paths:
-            return
-        try:
-            output.save(complete=False)
-        except OSError as err:
-            logger.error("could not write the partial output %s: %s", output.path, err)
-            return
-        self.job.say(
-            f"stopped early: wrote the {len(output.paths)} rows encoded so far to {output.path} "
-            "(metadata complete=false); run again with --resume to continue"
-        )
-
-
 def _label(item: Any) -> str:
     """How a batch item is named in messages: a file's path, or a shard row's ``key``."""
     return str(getattr(item, "key", item))
 
 
 def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:
-    """A decoded share as the rows `gather_shares` exchanges (``ok``: the decoding rank could read the image)."""
+    """A decoded share as the rows `collect_rows` exchanges (``ok``: the decoding rank could read the image)."""
     if share is None:
         return None
     rows = {"levels": share.levels}
@@ -1079,17 +774,6 @@ def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.T
 def _readable(share: pipeline.Decoded) -> torch.Tensor:
     """Which images of the share the rank that decoded them could read (bool, one per image)."""
     return torch.tensor([reason is None for reason in share.reasons], dtype=torch.bool)
-
-
-def print_similarities(vectors: torch.Tensor, names: list[str], say: Any = print) -> None:
-    """Cosine similarity of every pair, as a small table with short names."""
-    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
-    similarity = unit @ unit.T
-    names = [n if len(n) <= 10 else n[:9] + "~" for n in names]
-    say(f"cosine similarity of the first {len(names)} images")
-    say(" " * 10 + "".join(f"{n:>11}" for n in names))
-    for name, row in zip(names, similarity.tolist()):
-        say(f"{name:<10}" + "".join(f"{v:>11.3f}" for v in row))
 
 
 if __name__ == "__main__":

@@ -1,56 +1,65 @@
-"""``tp-siglip encode --output DIR``: a corpus in shards, encoded by groups of ranks, one output shard per input shard.
+"""``tp-siglip encode``'s run over shards: what every run does, whichever its output (see docs/encode.md).
 
-    torchrun --nnodes 2 --nproc-per-node 8 ... -m tp_siglip.encode 'shards/{00000..00999}.tar' --output emb/ --tp 8
-
-What is different from the one-file output of `tp_siglip.encode` (whose batch machinery this reuses):
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m tp_siglip.encode 'shards/{00000..00999}.tar' --output emb/
 
 * **Inputs are shards** (`tp_siglip.sources`): img2dataset webdataset tars and parquet files, one shard
   each; plain files, folders and ``.txt`` lists of paths are cut into shards of ``--shard-size`` rows. A
   row is ``(shard, key)`` (the path for plain files).
-* **Groups**: ``--tp N`` cuts torchrun's world into groups of ``N`` consecutive ranks (`lockstep.form_groups`);
-  each group loads the tower once (tensor parallel inside it when ``N`` > 1) and takes whole shards
-  (plain files are cut into at least as many shards as there are groups): shard ``i`` goes to group ``i % groups``, so a rerun gives each group the same work. Pixels never
-  cross groups; the group's rank 0 writes its shards.
-* **Output** (`tp_siglip.embeddings_dir`): a folder that clip-retrieval / autofaiss users read as it is, a
-  manifest, and per shard ``.npy`` embeddings + parquet metadata + a stats file written last.
-* **Resume by shard**: ``--resume`` skips the shards whose stats file is there and agrees with the data,
-  redoes the others from scratch, and refuses a folder written with another model, dtype or setup.
-  Without ``--resume`` a folder that already holds a run is refused.
-* **Progress**: each group's rank 0 prints one line per finished shard; global rank 0 prints the
-  throughput line (every group's images over the wall time, load excluded) and the summary.
+* **Outputs are folders of shards** (`tp_siglip.embeddings_dir`): the folder given, or for a ``.safetensors``
+  output the hidden work folder ``.NAME.parts`` beside it, which rank 0 writes into the one file when every
+  shard is complete (`embeddings_file.write_from_shards`) and then removes. A shard is the unit of commit
+  and of resume for both: ``--resume`` skips the complete shards, redoes the others, and refuses an output
+  written with another model, dtype or setup; without ``--resume`` an output holding a run (a folder's
+  manifest, a file's work folder) is refused, and a finished ``.safetensors`` file is replaced.
+* **Dealing**: a folder output gives shard ``i`` to group ``i % groups`` (``--tp N`` cuts torchrun's world
+  into groups of ``N`` ranks, `lockstep.form_groups`), whose rank 0 writes it; a ``.safetensors`` output
+  deals every shard's batches to the whole world and rank 0 writes, so other nodes need not see it.
+* **Progress**: the writer prints one line per committed shard; global rank 0 prints the throughput (every
+  group's images over the wall time, load excluded), the summary and the first images' similarities.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from tp_siglip import console, embeddings_dir, processing, sources
-from tp_siglip.lockstep import broadcast_from_rank0, gather_shares
+from tp_siglip import __version__, console, embeddings_dir, processing, sources
+from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
+from tp_siglip.lockstep import agree_on_plan, broadcast_from_rank0, collect_rows
 
-__all__ = ["CorpusInputs", "ShardOutput", "check_corpus_arguments", "is_folder_output", "run_corpus_job"]
-
-logger = logging.getLogger(__name__)
-
+__all__ = ["Target", "check_output_name", "check_shards", "run_shards"]
 
 #: ``--output`` suffixes of files the job does not write: refused rather than made into a folder of that name
 FILE_SUFFIXES = frozenset({".npy", ".npz", ".parquet", ".json", ".jsonl", ".pt", ".pth", ".bin", ".pkl", ".h5", ".hdf5",
                            ".csv", ".arrow", ".txt", ".tar", ".zip", *processing.IMAGE_SUFFIXES})
+SIMILARITY_ROWS = 5
 
 
-def is_folder_output(output: Path) -> bool:
-    """A ``--output`` that does not name a ``.safetensors`` file is a folder of shards."""
-    return output.suffix.lower() != ".safetensors"
+@dataclass(frozen=True)
+class Target:
+    """Where a run's shards go: ``root``, the output folder, or the work folder of the ``.safetensors`` ``file``."""
+
+    root: Path
+    file: Optional[Path] = None
+
+    @classmethod
+    def of(cls, output: Path) -> Target:
+        if output.suffix.lower() != ".safetensors":
+            return cls(output)
+        return cls(output.parent / f".{output.name}.parts", output)
 
 
 def check_output_name(output: Path) -> None:
@@ -66,68 +75,193 @@ def check_output_name(output: Path) -> None:
 
 
 @dataclass
-class CorpusInputs:
-    """What the checks found: the shards, what folders left out, and whether rank 0 found an earlier run."""
+class Shards:
+    """What the checks found: the shards, what folders left out, and (rank 0) the earlier run's manifest."""
 
+    target: Target
     shards: list[sources.ShardSpec]
     ignored: Counter = field(default_factory=Counter)
     hidden: int = 0
-    earlier: Optional[dict] = None  # rank 0: the earlier run's manifest (--resume)
+    earlier: Optional[dict] = None
+    #: rank 0: the earlier manifest is a finished ``.safetensors`` file's (its work folder is gone)
+    finished: bool = False
 
 
-def check_corpus_arguments(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> CorpusInputs:
-    """The checks of a folder output that need no model; raises ``usage_error`` with a one-line message. Plain
-    files are cut into at least ``groups`` shards, so that every group has work."""
-    inputs = [str(p) for p in (args.inputs or [])]
+def check_shards(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> Shards:
+    """The checks that need no model; raises ``usage_error`` with a one-line message. Plain files are cut into
+    at least ``groups`` shards, so that every group has work."""
+    target = Target.of(args.output)
+    inputs = [str(p) for p in args.inputs]
     try:
-        shard_plan = sources.plan_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
+        plan = sources.plan_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
     except (OSError, ValueError, ImportError) as err:
         raise usage_error(str(err)) from None
-    if not shard_plan.shards:
-        raise usage_error(f"no images or shards found in {', '.join(inputs)}")
-    checked = CorpusInputs(shard_plan.shards, shard_plan.ignored, shard_plan.hidden)
+    if not plan.shards:
+        left_out = f" (ignored by extension: {_counts(plan.ignored)})" if plan.ignored else ""
+        raise usage_error(f"no images or shards found in {', '.join(inputs)}{left_out}")
+    checked = Shards(target, plan.shards, plan.ignored, plan.hidden)
     if rank == 0:
-        checked.earlier = _check_output_folder(args.output, args.resume, usage_error)
+        try:
+            _check_writable(target, args.output)
+            checked.earlier, checked.finished = _earlier_run(target, args.output, args.resume)
+        except ValueError as err:
+            raise usage_error(str(err)) from None
     return checked
 
 
-def _check_output_folder(output: Path, resume: bool, usage_error: type[Exception]) -> Optional[dict]:
-    if output.exists() and not output.is_dir():
-        raise usage_error(f"--output {output} is a file; a folder output needs a folder (or name a .safetensors file)")
+def _check_writable(target: Target, output: Path) -> None:
+    if target.file is None and output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; a folder output needs a folder (or name a .safetensors file)")
+    if target.file is not None and output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'embeddings.safetensors'}")
+    if target.file is not None and output.exists() and not output.is_file():
+        raise ValueError(f"--output {output} exists and is not a regular file")
     parent = output.parent
+    if not parent.exists():
+        raise ValueError(f"--output {output}: the folder {parent} does not exist; create it first")
     if not parent.is_dir():
-        raise usage_error(f"--output {output}: the folder {parent} does not exist; create it first")
-    if not os.access(output if output.exists() else parent, os.W_OK):
-        raise usage_error(f"--output {output}: cannot write there")
-    if not (output / "manifest.json").exists():
-        return None
-    if not resume:
-        raise usage_error(f"--output {output} already holds a run (manifest.json); pass --resume to continue it, or another --output")
+        raise ValueError(f"--output {output}: {parent} is not a folder")
+    try:  # a probe file: os.access says yes to root even where nothing can be created (/proc)
+        descriptor, probe = tempfile.mkstemp(prefix=f".{output.name}.probe-", dir=output if output.is_dir() else parent)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"--output {output}: cannot write in {parent} ({err.strerror or err})") from None
+
+
+def _earlier_run(target: Target, output: Path, resume: bool) -> tuple[Optional[dict], bool]:
+    """Rank 0: the manifest of the run ``output`` holds (None: none), and whether it is a finished file's."""
+    if (target.root / "manifest.json").exists():
+        if not resume:
+            holder = f"its work folder {target.root} holds an interrupted run" if target.file else "already holds a run (manifest.json)"
+            raise ValueError(f"--output {output} {holder}; pass --resume to continue it, or another --output")
+        return embeddings_dir.read_manifest(target.root), False
+    if target.file is None or not resume or not output.exists():
+        return None, False
     try:
-        return embeddings_dir.read_manifest(output)
-    except ValueError as err:
-        raise usage_error(f"--resume: {err}") from None
+        manifest = json.loads(EarlierOutput.read(output).metadata.get("manifest", "null"))
+    except (OutputFileError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"--resume: {output} was written by an older tp-siglip (no manifest in it); use another --output")
+    return manifest, True
 
 
-class ShardOutput:
-    """The `tp_siglip.encode.Sink` of one shard being written (the group's rank 0)."""
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
 
-    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str, shard_count: int, say: Any) -> None:
-        self.spec, self.say = spec, say
-        self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding, source=spec.source, shard_count=shard_count)
-        self.skipped: list[list[str]] = []
-        self.rows = 0
+
+def manifest_for(job: Any, args: argparse.Namespace, checked: Shards) -> dict:
+    """The manifest of this run: what the rows are (model, dtype, embedding, tower, setup) and the planned shards."""
+    return embeddings_dir.make_manifest(
+        checked.shards, model=str(args.model), dtype=job.dtype_name, embedding=job.embedding,
+        hidden_size=job.model.config.hidden_size, config=job.model.config.to_dict(), tokens=bool(args.tokens),
+        normalized=bool(args.normalize), output_dtype=args.output_dtype, max_num_patches=job.max_num_patches,
+        shard_size=args.shard_size,
+    )  # fmt: skip
+
+
+#: the manifest's setup keys, each with how to ask for the value an earlier run used
+_SETUP = {
+    "tokens": lambda old: "--tokens" if old else "no --tokens",
+    "normalized": lambda old: "no --no-normalize" if old else "--no-normalize",
+    "output_dtype": lambda old: f"--output-dtype {old}",
+    "max_num_patches": lambda old: f"--max-num-patches {old}",
+    "shard_size": lambda old: f"--shard-size {old}",
+}
+
+
+def _resume_decision(checked: Shards, manifest: dict) -> tuple[Optional[str], list[int]]:
+    """Rank 0: ``(why this run cannot continue the output, or None; the shards already complete)``. Writes the
+    manifest of a fresh run before any shard writer needs it; leftovers of killed writers go."""
+    root, earlier = checked.target.root, checked.earlier
+    if earlier is None:
+        if checked.target.file is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(exist_ok=True)
+        embeddings_dir.write_manifest(root, manifest)
+        return None, []
+    problem = embeddings_dir.check_same_run(earlier, manifest)
+    for key, fix in _SETUP.items():
+        if problem is None and earlier.get(key) != manifest[key]:
+            old = earlier.get(key)
+            problem = f"the output was written with {key} {old}, this run uses {manifest[key]}: pass {fix(old)} or use another --output"
+    if problem is not None:
+        return f"--resume: {checked.target.file or root}: {problem}", []
+    if checked.finished:
+        return None, [shard["index"] for shard in manifest["shards"]]
+    embeddings_dir.remove_incomplete(root)
+    return None, sorted(embeddings_dir.completed_shards(root))
+
+
+def run_shards(job: Any, args: argparse.Namespace, checked: Shards, group_index: int, groups: int, say: Any,
+               group_say: Any, usage_error: type[Exception]) -> None:  # fmt: skip
+    """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0, ``group_say``
+    on the group's rank 0 (the writer)."""
+    world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    agree_on_plan([(s.name, s.kind, s.source, s.files) for s in checked.shards])
+    manifest = manifest_for(job, args, checked)
+    problem, done = broadcast_from_rank0(_resume_decision(checked, manifest) if world_rank == 0 else None)
+    if problem is not None:
+        raise usage_error(problem)
+    mine = [s for s in checked.shards if s.index % groups == group_index and s.index not in set(done)]
+    say(f"{args.model}: {len(checked.shards)} shard(s) ({len(done)} already complete), {_world_size() // job.dealing.tp} "
+        f"group(s) of {job.dealing.tp} rank(s), {job.dtype_name}{job.describe_naflex()}; writing {args.output}")  # fmt: skip
+    if not job.model.use_head:
+        patches = "each image's valid patches" if job.naflex else "patches"
+        say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
+    start, encoded = time.perf_counter(), 0
+    for number, spec in enumerate(mine, 1):
+        encoded += _encode_shard(job, args, checked.target, spec, f"{number}/{len(mine)}", len(checked.shards), group_say)
+    seconds = time.perf_counter() - start
+    job.report_times(seconds, group_say)
+    counts = collect_rows({"n": torch.tensor([encoded if job.dealing.rank == 0 else 0])}, {"n": ((), torch.int64)},
+                         [1] * _world_size(), None, dist.group.WORLD if _world_size() > 1 else None)  # fmt: skip
+    if world_rank == 0:
+        _finish(checked, manifest, job, int(counts.rows("n").sum()), seconds, say)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _encode_shard(job: Any, args: argparse.Namespace, target: Target, spec: sources.ShardSpec, progress: str,
+                  shard_count: int, say: Any) -> int:  # fmt: skip
+    """Encode one shard with the job's batch loop; the writer commits it. Returns the rows encoded."""
+    rows = sources.list_rows(spec)
+    writer = None
+    if job.dealing.rank == 0:
+        writer = ShardSink(target.root, spec, job.embedding, shard_count, target.file is None, say)
+    start = time.perf_counter()
+    try:
+        encoded = job.encode(rows, writer, opener=open_row)
+        if writer is not None:
+            seconds = time.perf_counter() - start
+            writer.commit(seconds)
+            rate = encoded / seconds if seconds > 0 else 0.0
+            say(f"{sources.describe(spec)}: {encoded} rows, {len(writer.skipped)} skipped, "
+                f"{rate:.1f} img/s; shards done here: {progress}")  # fmt: skip
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return encoded
+
+
+class ShardSink:
+    """The `tp_siglip.encode.Sink` of one shard being written (the writer rank)."""
+
+    def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str, shard_count: int, metadata: bool, say: Any) -> None:
+        self.say, self.skipped = say, []
+        self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding, source=spec.source,
+                                                 shard_count=shard_count, metadata=metadata)  # fmt: skip
 
     def add(self, rows: list[sources.Row], tensors: dict[str, torch.Tensor]) -> None:
         self.writer.add([row.key for row in rows], [dict(row.meta) for row in rows], tensors)
-        self.rows += len(rows)
 
     def skip(self, row: sources.Row, reason: str) -> None:
         self.skipped.append([row.key, reason])
         self.say(f"skipped {row.key}: {reason}")
-
-    def checkpoint_if_due(self) -> None:
-        """Shards are the unit of resumption: nothing to save mid-shard."""
 
     def commit(self, seconds: float) -> dict:
         return self.writer.commit([(key, reason) for key, reason in self.skipped], seconds)
@@ -149,8 +283,7 @@ def open_row(row: sources.Row) -> Any:
 
 
 class GroupSay:
-    """What a group's rank 0 prints: results prefixed with the group when there are several (one line per
-    finished shard instead of a progress bar)."""
+    """What a group's rank 0 prints: results prefixed with the group when there are several."""
 
     def __init__(self, printer: Any, group_index: int, groups: int) -> None:
         self.printer, self.prefix = printer, (f"[group {group_index}] " if groups > 1 else "")
@@ -159,105 +292,88 @@ class GroupSay:
         self.printer(self.prefix + text)
 
 
-def manifest_for(job: Any, args: argparse.Namespace, checked: CorpusInputs) -> dict:
-    """The manifest of this run: what the rows are (model, dtype, embedding, tower, setup) and the planned shards."""
-    return embeddings_dir.make_manifest(
-        checked.shards,
-        model=str(args.model),
-        dtype=job.dtype_name,
-        embedding=job.embedding,
-        hidden_size=job.model.config.hidden_size,
-        config=job.model.config.to_dict(),
-        tokens=bool(args.tokens),
-        normalized=bool(args.normalize),
-        output_dtype=args.output_dtype,
-        max_num_patches=job.max_num_patches,
-        shard_size=args.shard_size,
-    )
+class JobError(Exception):
+    """The job cannot go on (a ``--strict`` bad file, a failed rank, nothing readable): exit status 1."""
 
 
-def _resume_decision(root: Path, earlier: Optional[dict], manifest: dict) -> tuple[Optional[str], list[int]]:
-    """Rank 0: ``(why this run cannot continue the folder, or None; the shards already complete)``.
-
-    Writes the manifest (a fresh run) before any shard writer needs it; leftovers of killed writers go.
-    """
-    if earlier is not None:
-        problem = embeddings_dir.check_same_run(earlier, manifest)
-        flags = (("tokens", "--tokens"), ("normalized", "--no-normalize"), ("output_dtype", "--output-dtype"),
-                 ("max_num_patches", "--max-num-patches"), ("shard_size", "--shard-size"))
-        for key, flag in flags:
-            if problem is None and earlier.get(key) != manifest[key]:
-                problem = f"{flag}: the output folder was written with {key} {earlier.get(key)!r}, this run has {manifest[key]!r}"
-        if problem is not None:
-            return f"--resume: {root}: {problem}", []
-        embeddings_dir.remove_incomplete(root)
-        return None, sorted(embeddings_dir.completed_shards(root))
-    root.mkdir(exist_ok=True)
-    embeddings_dir.write_manifest(root, manifest)
-    return None, []
-
-
-def run_corpus_job(
-    job: Any, args: argparse.Namespace, checked: CorpusInputs, group_index: int, groups: int, say: Any, group_say: GroupSay,
-    usage_error: type[Exception],
-) -> None:
-    """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0, ``group_say``
-    on the group's rank 0."""
-    world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    decision = _resume_decision(args.output, checked.earlier, manifest_for(job, args, checked)) if world_rank == 0 else None
-    problem, done = broadcast_from_rank0(decision)
-    if problem is not None:
-        raise usage_error(problem)
-    mine = [s for s in checked.shards if s.index % groups == group_index and s.index not in set(done)]
-    say(f"{args.model}: {len(checked.shards)} shards ({len(done)} already complete), {groups} group(s) of {job.dealing.size} rank(s), "
-        f"{job.dtype_name}; writing {args.output}")
-    start, encoded = time.perf_counter(), 0
-    for number, spec in enumerate(mine, 1):
-        encoded += _encode_shard(job, args, spec, f"{number}/{len(mine)}", len(checked.shards), group_say)
-    seconds = time.perf_counter() - start
-    world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-    ranks = dist.get_world_size() if world is not None else 1
-    counts = gather_shares({"n": torch.tensor([encoded if job.dealing.rank == 0 else 0])}, {"n": ((), torch.int64)}, [1] * ranks, None, world)
-    total = int(counts.rows("n").sum())
-    if world_rank == 0:
-        _summary(args.output, checked, total, seconds, say)
+def _finish(checked: Shards, manifest: dict, job: Any, encoded: int, seconds: float, say: Any) -> None:
+    """Global rank 0: write a ``.safetensors`` output from its complete work folder; the throughput, the
+    similarities of the first images and the summary."""
+    target, names = checked.target, {s.index: s.name for s in checked.shards}
+    rate = f"{encoded} images in {seconds:.2f} s: {encoded / seconds if seconds > 0 else 0.0:.1f} images/s"
+    if checked.finished:
+        earlier = EarlierOutput.read(target.file)
+        say(f"{rate}; {target.file} is complete ({earlier.rows} rows)")
+        _summary(checked, [{"rows": earlier.rows, "skipped": json.loads(earlier.metadata.get("skipped", "[]"))}], encoded, say)
+        return
+    complete = embeddings_dir.completed_shards(target.root)
+    stats = [{**complete[i], "name": names[i]} for i in sorted(complete)]
+    rows = sum(int(entry["rows"]) for entry in stats)
+    where = f"{target.root}: {len(complete)}/{len(checked.shards)} shards complete, {rows} rows"
+    finished = target.file is not None and len(complete) == len(checked.shards)
+    if finished and not rows:
+        shutil.rmtree(target.root, ignore_errors=True)
+        raise JobError(f"no readable image among the inputs; nothing written to {target.file}")
+    if finished:
+        write_from_shards(target.file, target.root, stats, job.embedding, _file_metadata(job, manifest, stats))
+        where = f"wrote {target.file} ({rows} rows)"
+    say(f"{rate}; {where}")
+    _similarities(target.root, stats, say)
+    if finished:
+        shutil.rmtree(target.root, ignore_errors=True)
+    _summary(checked, stats, encoded, say)
 
 
-def _encode_shard(job: Any, args: argparse.Namespace, spec: sources.ShardSpec, progress: str, shard_count: int, say: GroupSay) -> int:
-    """Encode one shard with the job's batch loop; the group's rank 0 commits it. Returns the rows encoded."""
-    rows = sources.list_rows(spec)
-    output = ShardOutput(args.output, spec, job.embedding, shard_count, say) if job.dealing.rank == 0 else None
-    start = time.perf_counter()
-    try:
-        encoded, _ = job.encode(rows, output, opener=open_row, report=False)
-        if output is not None:
-            seconds = time.perf_counter() - start
-            stats = output.commit(seconds)
-            rate = encoded / seconds if seconds > 0 else 0.0
-            say(f"shard {spec.name} ({sources.describe(spec)}): {encoded} rows, {len(output.skipped)} skipped, "
-                    f"{rate:.1f} images/s; this group's shards done: {progress}")
-            logger.info("shard %s committed: %s", spec.name, stats)
-    except BaseException:
-        if output is not None:
-            output.abort()
-        raise
-    return encoded
+def _file_metadata(job: Any, manifest: dict, stats: list[dict]) -> dict[str, str]:
+    metadata = {
+        "format": "pt", "model": manifest["model"], "dtype": job.dtype_name, "world_size": str(_world_size()),
+        "tp": str(job.dealing.tp), "embedding": job.embedding, "normalized": json.dumps(manifest["normalized"]),
+        "output_dtype": manifest["output_dtype"], "tp_siglip_version": __version__,
+        "paths": json.dumps([key for entry in stats for key in entry["keys"]]),
+        "skipped": json.dumps([item for entry in stats for item in entry["skipped"]]), "complete": "true",
+        "manifest": json.dumps(manifest),
+    }  # fmt: skip
+    if job.max_num_patches is not None:
+        metadata["max_num_patches"] = str(job.max_num_patches)
+    return metadata
 
 
-def _summary(root: Path, checked: CorpusInputs, encoded: int, seconds: float, say: Any) -> None:
-    complete = embeddings_dir.completed_shards(root)
-    rate = encoded / seconds if seconds > 0 else 0.0
-    rows = sum(int(stats.get("rows", 0)) for stats in complete.values())
-    say(f"{encoded} images in {seconds:.2f} s: {rate:.1f} images/s; {root}: {len(complete)}/{len(checked.shards)} shards complete, {rows} rows")
+def _similarities(root: Path, stats: list[dict], say: Any) -> None:
+    """The cosine similarities of the first images (their keys' stems as names, or their row numbers)."""
+    vectors: list[np.ndarray] = []
+    names: list[str] = []
+    for entry in (entry for entry in stats if entry["rows"]):
+        rows = np.load(root / entry["files"][embeddings_dir.EMBEDDING_FOLDER], mmap_mode="r")[: SIMILARITY_ROWS - len(vectors)]
+        keys = entry.get("keys") or [str(len(names) + i) for i in range(len(rows))]
+        vectors += [np.array(row, dtype=np.float32) for row in rows]
+        names += [Path(key).stem for key in keys[: len(rows)]]
+        if len(vectors) == SIMILARITY_ROWS:
+            break
+    if vectors:
+        print_similarities(torch.from_numpy(np.stack(vectors)), names, say)
+
+
+def _summary(checked: Shards, stats: list[dict], encoded: int, say: Any) -> None:
     reasons: Counter = Counter()
-    for index in sorted(complete):
-        skipped = complete[index].get("skipped", [])
-        if skipped:
-            name = next(s.name for s in checked.shards if s.index == index)
-            counted = Counter(reason for _, reason in skipped)
-            say(f"skipped in shard {name}: " + "; ".join(f"{n} x {why}" for why, n in counted.most_common()))
-            reasons.update(counted)
-    say(f"summary: {encoded} encoded this run, {sum(reasons.values())} skipped (unreadable or missing) in the complete shards, "
-        f"{sum(checked.ignored.values())} ignored by extension, {checked.hidden} hidden file(s) ignored")
-    if len(complete) < len(checked.shards):
-        console.write_line(f"{len(checked.shards) - len(complete)} shard(s) incomplete: run again with --resume", sys.stderr)
+    for entry in stats:
+        counted = Counter(reason for _, reason in entry.get("skipped", []))
+        if counted and len(checked.shards) > 1:
+            say(f"skipped in shard {entry['name']}: " + "; ".join(f"{n} x {why}" for why, n in counted.most_common()))
+        reasons.update(counted)
+    ignored = sum(checked.ignored.values())
+    say(f"summary: {encoded} encoded, {sum(reasons.values())} skipped (unreadable or missing), {ignored} ignored by extension"
+        + (f" ({_counts(checked.ignored)})" if ignored else "") + f", {checked.hidden} hidden file(s) ignored")
+    missing = len(checked.shards) - (len(checked.shards) if checked.finished else len(stats))
+    if missing:
+        console.write_line(f"{missing} shard(s) incomplete: run again with --resume", sys.stderr)
+
+
+def print_similarities(vectors: torch.Tensor, names: list[str], say: Any = print) -> None:
+    """Cosine similarity of every pair, as a small table with short names."""
+    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    similarity = unit @ unit.T
+    names = [n if len(n) <= 10 else n[:9] + "~" for n in names]
+    say(f"cosine similarity of the first {len(names)} images")
+    say(" " * 10 + "".join(f"{n:>11}" for n in names))
+    for name, row in zip(names, similarity.tolist()):
+        say(f"{name:<10}" + "".join(f"{v:>11.3f}" for v in row))

@@ -5,12 +5,12 @@ Each rank decodes only its share of a batch (`tp_siglip.pipeline`); the group th
 so every rank sees the same batch by construction, whatever any single rank could read. A few collectives
 on the group do this, each returning the same answer on every rank:
 
-* :func:`agree_on_files`, once before the first batch: the ranks compare a hash of their file lists (a
-  mismatch raises :class:`RanksDisagree` on every rank), rank 0 says whether it can resume, and rank 0's
-  "already in the output" flags are broadcast (only rank 0 reads the earlier output).
+* :func:`agree_on_plan`, once before the first batch: the ranks compare a hash of their shard plans (a
+  mismatch raises :class:`RanksDisagree` on every rank); then :func:`broadcast_from_rank0` gives every rank
+  rank 0's resume decision (only rank 0 reads the earlier output).
 * :func:`broadcast_int_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
   default from its own copy of the checkpoint; different copies must not mean different grids).
-* :func:`gather_shares`: one all-gather of a byte buffer holding each rank's status (a dead decode worker
+* :func:`collect_rows`: one all-gather of a byte buffer holding each rank's status (a dead decode worker
   is a status, so no rank is left waiting) and rows: per batch, the stored outputs of each rank's images
   with their ``ok`` flags (which images the rank that decoded them could read: that rank alone decides);
   in tensor mode, before the forward, the ``ok`` flags alone, so every rank knows the row counts of the
@@ -32,7 +32,6 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,15 +41,15 @@ from tp_siglip.parallel import all_gather_bytes, side_group
 from tp_siglip.parallel.exchange import read_status, status_row
 
 __all__ = [
+    "CollectedRows",
     "RanksDisagree",
-    "Shares",
-    "agree_on_files",
     "agree_on_max",
+    "agree_on_plan",
     "broadcast_from_rank0",
     "broadcast_int_from_rank0",
+    "collect_rows",
     "form_groups",
     "gather_reasons",
-    "gather_shares",
 ]
 
 #: bytes of a share's status: a flag, then UTF-8 text (what failed)
@@ -75,31 +74,22 @@ def _digest(data: Any) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
 
 
-def agree_on_files(
-    files: Sequence[Path], done: Optional[list[bool]], problem: bool, rank: int, world_size: int
-) -> tuple[list[bool], bool]:
-    """Check that every rank lists the same ``files``; share rank 0's ``done`` flags and ``problem``.
-
-    ``done`` (which files an earlier output already holds) and ``problem`` (rank 0 cannot resume) are read
-    from rank 0 only. Returns ``(done, problem)`` as rank 0 sees them, on every rank.
+def agree_on_plan(plan: Sequence[Any]) -> None:
+    """Check that every rank planned the same shards (``plan``: JSON-able, one entry per shard).
 
     Raises:
-        RanksDisagree: on every rank, when the ranks' file lists differ.
+        RanksDisagree: on every rank, when the ranks' plans differ.
     """
-    if not _distributed(world_size):
-        return (done or [False] * len(files)), problem
-    side = _world_side()
-    listing = _digest("\n".join(map(str, files)).encode())
-    flags = torch.tensor([listing, -listing, int(problem and rank == 0)], dtype=torch.int64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=side)
-    highest, negated, refused = flags.tolist()
+    if not _distributed(dist.get_world_size() if dist.is_initialized() else 1):
+        return
+    listing = _digest(json.dumps(list(plan)).encode())
+    flags = torch.tensor([listing, -listing], dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_world_side())
+    highest, negated = flags.tolist()
     if highest != -negated:
         raise RanksDisagree(
             "the ranks list different image files; every rank must see the same files (same inputs, same working directory)"
         )
-    mask = torch.tensor(done if (rank == 0 and done) else [False] * len(files), dtype=torch.uint8)
-    dist.broadcast(mask, src=0, group=side)
-    return [bool(v) for v in mask.tolist()], bool(refused)
 
 
 def broadcast_int_from_rank0(value: int, world_size: int) -> int:
@@ -112,8 +102,8 @@ def broadcast_int_from_rank0(value: int, world_size: int) -> int:
 
 
 @dataclass
-class Shares:
-    """What :func:`gather_shares` returns: every rank's rows, in group-rank order, and each rank's failure.
+class CollectedRows:
+    """What :func:`collect_rows` returns: every rank's rows, in group-rank order, and each rank's failure.
 
     ``parts[name][r]`` is rank ``r``'s rows of ``name``. Over a same-host CPU group they are views of the
     exchange's shared memory: read them before the next collective on the group (`rows` copies them).
@@ -133,13 +123,13 @@ def _section_bytes(row_shape: Sequence[int], dtype: torch.dtype, rows: int) -> i
     return size + (-size % 8)
 
 
-def gather_shares(
+def collect_rows(
     rows: Optional[Mapping[str, torch.Tensor]],
     specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     sizes: Sequence[int],
     failure: Optional[str],
     group: Any,
-) -> Shares:
+) -> CollectedRows:
     """All-gather each rank's share of a batch over ``group`` in one collective.
 
     Args:
@@ -154,7 +144,7 @@ def gather_shares(
         failed rank), ``failures[r]`` is rank ``r``'s failure text or ``None``.
     """
     if group is None or dist.get_world_size(group) == 1:
-        return Shares({name: [rows[name]] for name in specs} if rows is not None else {}, [failure])
+        return CollectedRows({name: [rows[name]] for name in specs} if rows is not None else {}, [failure])
     cap, own = max(sizes), sizes[dist.get_rank(group)]
     width = STATUS_BYTES + sum(_section_bytes(shape, dtype, cap) for shape, dtype in specs.values())
 
@@ -177,7 +167,7 @@ def gather_shares(
     for name, (shape, dtype) in specs.items():
         parts[name] = [_section(buffer, offset, shape, dtype, cap)[:size] for buffer, size in zip(everyone, sizes)]
         offset += _section_bytes(shape, dtype, cap)
-    return Shares(parts, failures)
+    return CollectedRows(parts, failures)
 
 
 def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: torch.dtype, rows: int) -> torch.Tensor:
