@@ -93,7 +93,7 @@ def baseline_rate(paths: list[Path], image_size: int) -> float:
 
 
 def parallel_decode_rate(paths: list[Path], image_size: int) -> float:
-    """Images/s of the job's decode workers alone (`pipeline.decoded_shares`, one worker per core, batches of
+    """Images/s of the job's decode workers alone (`pipeline.decoded_portions`, one worker per core, batches of
     32, nothing else running): what this machine's cores decode in parallel, the ceiling of a job whose
     forward is free."""
     import functools
@@ -101,9 +101,9 @@ def parallel_decode_rate(paths: list[Path], image_size: int) -> float:
     from tp_siglip import pipeline
 
     batches = [paths[first : first + 32] for first in range(0, len(paths), 32)]
-    decoder = pipeline.ShareDecoder(batches, 0, 1, functools.partial(pipeline.decode_fixed, image_size=image_size))
+    decoder = pipeline.PortionDecoder(batches, 0, 1, functools.partial(pipeline.decode_fixed, image_size=image_size))
     start = time.perf_counter()
-    for _ in pipeline.decoded_shares(decoder, pipeline.default_workers(), borrowed=True):
+    for _ in pipeline.decoded_portions(decoder, pipeline.default_workers()):
         pass
     return len(paths) / (time.perf_counter() - start)
 

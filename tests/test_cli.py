@@ -580,20 +580,20 @@ def test_two_ranks_stay_in_lockstep(setup, tmp_path):
 def _worker_dies_on_rank_3(rank: int, world_size: int, argv: list[str]) -> tuple:
     from tp_siglip import pipeline
 
-    real = pipeline.decoded_shares
+    real = pipeline.decoded_portions
     if rank == 3:
 
         def failing(decoder, workers, **kwargs):
-            for index, share in enumerate(real(decoder, workers, **kwargs)):
+            for index, portion in enumerate(real(decoder, workers, **kwargs)):
                 if index == 1:
                     raise pipeline.DecodeWorkerDied("a decode worker died (test)")
-                yield share
+                yield portion
 
-        pipeline.decoded_shares = failing
+        pipeline.decoded_portions = failing
     try:
         return encode_main_captured(argv)
     finally:
-        pipeline.decoded_shares = real
+        pipeline.decoded_portions = real
 
 
 def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):

@@ -1,8 +1,8 @@
-"""The encode job's input pipeline: uint8 decoding in worker processes, the per-batch share exchange, and
+"""The encode job's input pipeline: uint8 decoding in worker processes, the per-batch exchange of each rank's portion, and
 normalisation on the model's device giving exactly what transformers' processors give.
 
 Speed is measured in ``benchmarks/pipeline.py``, not here; these tests check what can be wrong: values,
-order, shares, reasons, and what happens when a worker dies.
+order, portions, reasons, and what happens when a worker dies.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def corpus(tmp_path_factory):
 
 
 @given(count=st.integers(0, 70), parts=st.integers(1, 8))
-def test_share_bounds_cut_a_batch_into_contiguous_near_equal_shares(count, parts):
-    bounds = [pipeline.share_bounds(count, parts, r) for r in range(parts)]
+def test_portion_bounds_cut_a_batch_into_contiguous_near_equal_portions(count, parts):
+    bounds = [pipeline.portion_bounds(count, parts, r) for r in range(parts)]
     assert bounds[0][0] == 0 and bounds[-1][1] == count
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = [stop - start for start, stop in bounds]
@@ -92,14 +92,14 @@ def test_workers_give_what_the_main_process_gives_in_order_with_reasons(corpus):
     folder, files = corpus
     batches = [files[i : i + 3] for i in range(0, len(files), 3)]
     for rank in (0, 1):
-        decoder = pipeline.ShareDecoder(batches, rank, 2, functools.partial(pipeline.decode_fixed, image_size=32))
-        inline = list(pipeline.decoded_shares(decoder, 0))
-        parallel = list(pipeline.decoded_shares(decoder, 2))
+        decoder = pipeline.PortionDecoder(batches, rank, 2, functools.partial(pipeline.decode_fixed, image_size=32))
+        inline = list(pipeline.decoded_portions(decoder, 0))
+        parallel = list(pipeline.decoded_portions(decoder, 2))
         assert [d.batch for d in parallel] == list(range(len(batches)))
         for a, b in zip(inline, parallel):
             assert torch.equal(a.levels, b.levels) and a.reasons == b.reasons
-            assert a.count == len(decoder.share(a.batch))
-        reasons = {str(f): r for d in parallel for f, r in zip(decoder.share(d.batch), d.reasons)}
+            assert a.count == len(decoder.portion(a.batch))
+        reasons = {str(f): r for d in parallel for f, r in zip(decoder.portion(d.batch), d.reasons)}
         for path, reason in reasons.items():
             name = Path(path).relative_to(folder).as_posix()
             assert (reason is None) == (name in GOOD), (name, reason)
@@ -107,12 +107,12 @@ def test_workers_give_what_the_main_process_gives_in_order_with_reasons(corpus):
                 assert BAD[name] in reason.lower()
 
 
-def test_a_rank_with_nothing_to_decode_gets_empty_shares_with_workers(corpus):
-    """More ranks than images in a batch (3 images over 4 ranks): rank 3's shares are empty, workers or not."""
+def test_a_rank_with_nothing_to_decode_gets_empty_portions_with_workers(corpus):
+    """More ranks than images in a batch (3 images over 4 ranks): rank 3's portions are empty, workers or not."""
     _, files = corpus
-    decoder = pipeline.ShareDecoder([files[:3], files[3:6]], 3, 4, functools.partial(pipeline.decode_fixed, image_size=32))
-    shares = list(pipeline.decoded_shares(decoder, 1))
-    assert [(d.batch, d.count) for d in shares] == [(0, 0), (1, 0)]
+    decoder = pipeline.PortionDecoder([files[:3], files[3:6]], 3, 4, functools.partial(pipeline.decode_fixed, image_size=32))
+    portions = list(pipeline.decoded_portions(decoder, 1))
+    assert [(d.batch, d.count) for d in portions] == [(0, 0), (1, 0)]
 
 
 def _dies_on(target: str, sources, image_size, out=None):
@@ -124,11 +124,11 @@ def _dies_on(target: str, sources, image_size, out=None):
 def test_a_dead_worker_is_an_error_naming_the_batch(corpus):
     _, files = corpus
     batches = [[f] for f in files[:4]]
-    decoder = pipeline.ShareDecoder(batches, 0, 1, functools.partial(_dies_on, str(files[2]), image_size=16))
+    decoder = pipeline.PortionDecoder(batches, 0, 1, functools.partial(_dies_on, str(files[2]), image_size=16))
     got = []
     with pytest.raises(pipeline.DecodeWorkerDied, match=r"batch (\d) of 4 never arrived: .*(exited unexpectedly|killed by signal)") as caught:
-        for share in pipeline.decoded_shares(decoder, 1):
-            got.append(share.batch)
+        for portion in pipeline.decoded_portions(decoder, 1):
+            got.append(portion.batch)
     missing = int(caught.value.args[0].split("batch ")[1].split()[0])
     assert got == list(range(missing - 1)) and 1 <= missing <= 3  # batches in order, up to the one the dead worker owed
 
@@ -151,7 +151,7 @@ def test_the_job_stops_after_writing_what_it_encoded_when_a_worker_dies(tmp_path
 
 
 def _exchange(rank: int, world_size: int) -> tuple:
-    """Uneven shares (3 + 2 rows) of two dtypes; rank 1 says it failed in a second exchange."""
+    """Uneven portions (3 + 2 rows) of two dtypes; rank 1 says it failed in a second exchange."""
     sizes = [3, 2]
     rows = {"pixels": torch.full((sizes[rank], 2, 2), rank + 1, dtype=torch.uint8),
             "grid": torch.arange(sizes[rank] * 2, dtype=torch.int64).view(-1, 2) + 100 * rank}

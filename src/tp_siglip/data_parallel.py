@@ -1,7 +1,7 @@
-"""Data-parallel mode: every rank holds the whole tower and encodes its share of the batch.
+"""Data-parallel mode: every rank holds the whole tower and encodes its portion of the batch.
 
 `DataParallelEncoder` wraps a single-rank `SiglipVisionTransformer` (weights replicated, no tensor
-parallelism inside): it splits each batch over the ranks of its group, runs the local model on its share
+parallelism inside): it splits each batch over the ranks of its group, runs the local model on its portion
 and all-gathers the outputs, so every rank returns the full result, like tensor mode. The model itself
 knows nothing about it.
 
@@ -13,7 +13,7 @@ Choices:
   otherwise hang the gather or mix images of different batches.
 * **Shares are balanced by cost, not by count** (`balance_by_cost`): a NaFlex image costs its valid
   patches, and each rank trims the padding none of its images needs, so one big image and many small
-  ones spread evenly; images of one fixed size cost the same and get contiguous, near-equal shares
+  ones spread evenly; images of one fixed size cost the same and get contiguous, near-equal portions
   (`split_by_count`). Outputs are put back in input order. Greedy longest-processing-time is within 4/3
   of the best split (Graham's bound) and deterministic, so ranks agree on it without talking.
 * **A rank with nothing to do** (fewer images than ranks) encodes one image to learn the shapes of the
@@ -89,7 +89,7 @@ def split_by_count(costs: Sequence[int], parts: int) -> list[list[int]]:
 
 
 class DataParallelEncoder(nn.Module):
-    """Runs ``module`` on this rank's share of each batch and gathers every rank's outputs.
+    """Runs ``module`` on this rank's portion of each batch and gathers every rank's outputs.
 
     ``module`` must be an unsharded model (built without a process group); ``group`` is the set of
     ranks the batch is split over (``None``: one rank, the wrapper is a pass-through).
@@ -147,9 +147,9 @@ class DataParallelEncoder(nn.Module):
         mask = bound.arguments.get("pixel_attention_mask")
         naflex = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, tokens)
         costs = [int(c) for c in mask.sum(1).tolist()] if naflex else [1] * batch
-        shares = balance_by_cost(costs, size) if len(set(costs)) > 1 else split_by_count(costs, size)
+        portions = balance_by_cost(costs, size) if len(set(costs)) > 1 else split_by_count(costs, size)
         # an idle rank (fewer images than ranks) encodes the cheapest image to learn the output shapes, sends none
-        mine = shares[group_rank(self.group)] or [min(range(batch), key=lambda i: (costs[i], i))]
+        mine = portions[group_rank(self.group)] or [min(range(batch), key=lambda i: (costs[i], i))]
         keep = max(costs[i] for i in mine) if naflex else None
         for name, value in bound.arguments.items():
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
@@ -158,7 +158,7 @@ class DataParallelEncoder(nn.Module):
                     value = value[:, :keep]
                 bound.arguments[name] = value
         local = self.module(*bound.args, **bound.kwargs)
-        return gather_outputs(local, [len(share) for share in shares], shares, self.comm, tokens)
+        return gather_outputs(local, [len(portion) for portion in portions], portions, self.comm, tokens)
 
     def _check_inputs(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if kwargs.get("batch_sizes") is not None:
@@ -170,13 +170,13 @@ class DataParallelEncoder(nn.Module):
 
 
 def gather_outputs(
-    local: SiglipVisionOutput, sizes: list[int], shares: list[list[int]], comm: Communicator, tokens: int
+    local: SiglipVisionOutput, sizes: list[int], portions: list[list[int]], comm: Communicator, tokens: int
 ) -> SiglipVisionOutput:
     """All-gather each output through ``comm`` (rank ``r`` sends its first ``sizes[r]`` rows) in input order.
 
     Token outputs shorter than ``tokens`` (a rank that dropped padding) are padded back with zeros.
     """
-    flat = [i for share in shares for i in share]
+    flat = [i for portion in portions for i in portion]
     order = None if flat == sorted(flat) else torch.tensor(flat).argsort()
     mine = sizes[comm.rank]
 

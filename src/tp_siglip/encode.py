@@ -69,7 +69,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: transformers' ``Siglip2ImageProcessor`` default, used when the checkpoint does not say
 DEFAULT_MAX_NUM_PATCHES = 256
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-#: the share of a GPU's memory the tower's weights may take before the default --tp groups GPUs
+#: the fraction of a GPU's memory the tower's weights may take before the default --tp groups GPUs
 GPU_WEIGHT_FRACTION = 0.5
 #: ``--output-dtype`` choices
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default=None,
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
     add("--workers", type=_non_negative_int, default=None, metavar="N",
-        help="decode worker processes per rank, decoding ahead of the model (default: this rank's share of the CPU "
+        help="decode worker processes per rank, decoding ahead of the model (default: this rank's part of the CPU "
              f"cores, 1 to {pipeline.MAX_DEFAULT_WORKERS}; 0: decode in the main process)")
     add("--strict", action="store_true", help="stop at the first unreadable file (exit 1) instead of skipping it")
     add("--resume", action="store_true",
@@ -576,7 +576,7 @@ class Job:
         self.naflex = model.config.variant == "naflex"
         if not self.naflex and args.max_num_patches is not None:
             raise _not_naflex(args)
-        self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, shared in run()
+        self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, agreed in start()
         self.group = dealing.group  # the ranks that deal out each batch
         self.workers = pipeline.default_workers() if args.workers is None else args.workers
         self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
@@ -600,9 +600,8 @@ class Job:
         """
         size = self.args.batch_size
         batches = [items[first : first + size] for first in range(0, len(items), size)]
-        decoder = pipeline.ShareDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function(opener))
-        # borrowed: a share's levels are read once, within its batch (normalised) and let go
-        shares = pipeline.decoded_shares(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
+        decoder = pipeline.PortionDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function(opener))
+        portions = pipeline.decoded_portions(decoder, self.workers, pin_memory=self.model.device.type == "cuda")
         encoded = 0
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
         bar = self.say.progress(len(items))
@@ -610,13 +609,13 @@ class Job:
             with torch.inference_mode():
                 for batch in batches:
                     decoding = self.times["decode"]
-                    encoded += self._encode_batch(batch, shares, sink, self.times)
+                    encoded += self._encode_batch(batch, portions, sink, self.times)
                     threads.update(self.times["decode"] - decoding)
                     bar.update(len(batch))
         finally:
             bar.close()
             self.say.bar = None
-            shares.close()
+            portions.close()
             threads.restore()
         return encoded
 
@@ -645,34 +644,34 @@ class Job:
         library = {} if config.preprocessing is None else {"preprocessing": config.preprocessing}  # timm / open_clip
         return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=opener, **library)
 
-    def _encode_batch(self, batch: list[Path], shares: Iterator[pipeline.Decoded], output: Optional[Sink], times: Counter) -> int:
-        """Take this rank's decoded share, run and store one batch; returns how many images were encoded."""
+    def _encode_batch(self, batch: list[Path], portions: Iterator[pipeline.Decoded], output: Optional[Sink], times: Counter) -> int:
+        """Take this rank's decoded portion, run and store one batch; returns how many images were encoded."""
         clock = time.perf_counter()
-        share, failure = self._next_share(shares)
+        portion, failure = self._next_portion(portions)
         times["wait"] += time.perf_counter() - clock
-        if share is not None:
-            times["decode"] += share.seconds
-            times["decoded"] += share.count
-        sizes = [stop - begin for begin, stop in (pipeline.share_bounds(len(batch), self.dealing.size, r) for r in range(self.dealing.size))]
+        if portion is not None:
+            times["decode"] += portion.seconds
+            times["decoded"] += portion.count
+        sizes = [stop - begin for begin, stop in (pipeline.portion_bounds(len(batch), self.dealing.size, r) for r in range(self.dealing.size))]
         if self.dealing.tp > 1:
-            return self._tensor_batch(batch, share, failure, sizes, output, times)
-        return self._data_batch(batch, share, failure, sizes, output, times)
+            return self._tensor_batch(batch, portion, failure, sizes, output, times)
+        return self._data_batch(batch, portion, failure, sizes, output, times)
 
-    def _next_share(self, shares: Iterator[pipeline.Decoded]) -> tuple[Optional[pipeline.Decoded], Optional[str]]:
+    def _next_portion(self, portions: Iterator[pipeline.Decoded]) -> tuple[Optional[pipeline.Decoded], Optional[str]]:
         try:
-            return next(shares), None
+            return next(portions), None
         except pipeline.DecodeFailed as err:
             return None, str(err)
 
     def _tensor_batch(
-        self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
+        self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
         output: Optional[Sink], times: Counter,
     ) -> int:
         """Tensor mode: the group runs the batch split by rows (`parallel.split_batch`): each rank feeds the
         tower the images it decoded and gets their outputs back. First the ranks tell each other which of
-        their images they could read (and whether they have a share at all), so all know the row counts."""
+        their images they could read (and whether they have a portion at all), so all know the row counts."""
         clock = time.perf_counter()
-        ok = None if share is None else {"ok": _readable(share).to(torch.uint8)}
+        ok = None if portion is None else {"ok": _readable(portion).to(torch.uint8)}
         first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
         flags = collect_rows(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
         failed = next((text for text in flags.failures if text is not None), None)
@@ -682,24 +681,24 @@ class Job:
         self._raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
-        return self._data_batch(batch, share, None, sizes, output, times, batch_sizes=counts)
+        return self._data_batch(batch, portion, None, sizes, output, times, batch_sizes=counts)
 
     def _data_batch(
-        self, batch: list[Path], share: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
+        self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
         output: Optional[Sink], times: Counter, batch_sizes: Optional[list[int]] = None,
     ) -> int:
-        """Data mode: every rank runs its own share on its replica; the group gathers the stored rows. With
+        """Data mode: every rank runs its own portion on its replica; the group gathers the stored rows. With
         ``batch_sizes`` (tensor mode: every rank's readable images) the ranks run the tower together instead,
         each with its own rows, and every rank takes part even with none of its own."""
         clock = time.perf_counter()
         specs = self.rows.specs()
         local = None
-        if share is not None:
-            ok = _readable(share)
-            local = {name: torch.zeros(share.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
+        if portion is not None:
+            ok = _readable(portion)
+            local = {name: torch.zeros(portion.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
             local["ok"] = ok.to(torch.uint8)
             if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
-                rows = _share_rows(share)
+                rows = _portion_rows(portion)
                 inputs = self.rows.model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
                 if batch_sizes is None:
                     out = self.model(*inputs.values())
@@ -716,7 +715,7 @@ class Job:
         # copied out before the group's next collective (the reasons' exchange, the next batch's)
         rows = {name: gathered.rows(name)[chosen].cpu() for name in specs} if output is not None and len(chosen) else None
         times["exchange"] += time.perf_counter() - clock
-        self._report_skips(batch, keep, share, output)
+        self._report_skips(batch, keep, portion, output)
         if rows is not None:
             clock = time.perf_counter()
             output.add([batch[i] for i in chosen.tolist()], rows)
@@ -729,11 +728,11 @@ class Job:
             where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
 
-    def _report_skips(self, batch: list[Path], keep: torch.Tensor, share: Optional[pipeline.Decoded], output: Optional[Sink]) -> None:
+    def _report_skips(self, batch: list[Path], keep: torch.Tensor, portion: Optional[pipeline.Decoded], output: Optional[Sink]) -> None:
         """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
         if bool(keep.all()):
             return
-        why = gather_reasons(share.reasons if share is not None else [], self.group)
+        why = gather_reasons(portion.reasons if portion is not None else [], self.group)
         for i, path in enumerate(batch):
             if keep[i]:
                 continue
@@ -747,12 +746,12 @@ class Job:
 def _agree_on_max_num_patches(checked: Checked) -> int:
     """Rank 0's ``max_num_patches``, on every rank (NaFlex only); an unusable one stops the run."""
     own = checked.max_num_patches
-    shared = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
-    if shared == 0:
+    agreed = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
+    if agreed == 0:
         raise UsageError(checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
-    if own is not None and own != shared:
-        logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, checked.patches_from, shared)
-    return shared
+    if own is not None and own != agreed:
+        logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, checked.patches_from, agreed)
+    return agreed
 
 
 def _label(item: Any) -> str:
@@ -760,20 +759,20 @@ def _label(item: Any) -> str:
     return str(getattr(item, "key", item))
 
 
-def _share_rows(share: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:
-    """A decoded share as the rows `collect_rows` exchanges (``ok``: the decoding rank could read the image)."""
-    if share is None:
+def _portion_rows(portion: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:
+    """A decoded portion as the rows `collect_rows` exchanges (``ok``: the decoding rank could read the image)."""
+    if portion is None:
         return None
-    rows = {"levels": share.levels}
-    if share.spatial_shapes is not None:
-        rows["spatial_shapes"] = share.spatial_shapes
-    rows["ok"] = _readable(share).to(torch.uint8)
+    rows = {"levels": portion.levels}
+    if portion.spatial_shapes is not None:
+        rows["spatial_shapes"] = portion.spatial_shapes
+    rows["ok"] = _readable(portion).to(torch.uint8)
     return rows
 
 
-def _readable(share: pipeline.Decoded) -> torch.Tensor:
-    """Which images of the share the rank that decoded them could read (bool, one per image)."""
-    return torch.tensor([reason is None for reason in share.reasons], dtype=torch.bool)
+def _readable(portion: pipeline.Decoded) -> torch.Tensor:
+    """Which images of the portion the rank that decoded them could read (bool, one per image)."""
+    return torch.tensor([reason is None for reason in portion.reasons], dtype=torch.bool)
 
 
 if __name__ == "__main__":

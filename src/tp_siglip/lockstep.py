@@ -1,7 +1,7 @@
 """How the ranks of ``tp-siglip encode`` stay in lockstep: the same files, the same batches, one decode per image.
 
-Every rank of a group (the ranks that share each batch) lists the same files and walks the same batches.
-Each rank decodes only its share of a batch (`tp_siglip.pipeline`); the group then exchanges what it needs,
+Every rank that deals out a batch lists the same shards and walks the same batches.
+Each rank decodes only its portion of a batch (`tp_siglip.pipeline`); the group then exchanges what it needs,
 so every rank sees the same batch by construction, whatever any single rank could read. A few collectives
 on the group do this, each returning the same answer on every rank:
 
@@ -17,7 +17,7 @@ on the group do this, each returning the same answer on every rank:
   split batch (`parallel.split_batch`).
 * :func:`gather_reasons`, only for a batch with unreadable images: their one-line reasons, for the writer.
 
-Choices made: one fixed-size buffer per batch (every rank knows every share's size and row shapes, so no
+Choices made: one fixed-size buffer per batch (every rank knows every portion's size and row shapes, so no
 size exchange is needed), sections aligned to 8 bytes so each can be viewed in its own dtype; no pickling
 (the rare reasons and rank 0's resume decision travel as JSON). Without a process group (one process)
 nothing is exchanged. Every exchange runs on the CPU side group of its group (`parallel.side_group`:
@@ -52,7 +52,7 @@ __all__ = [
     "gather_reasons",
 ]
 
-#: bytes of a share's status: a flag, then UTF-8 text (what failed)
+#: bytes of a portion's status: a flag, then UTF-8 text (what failed)
 STATUS_BYTES = 512
 
 
@@ -130,14 +130,14 @@ def collect_rows(
     failure: Optional[str],
     group: Any,
 ) -> CollectedRows:
-    """All-gather each rank's share of a batch over ``group`` in one collective.
+    """All-gather each rank's portion of a batch over ``group`` in one collective.
 
     Args:
         rows: This rank's tensors, ``sizes[rank]`` rows each, named as in ``specs`` (``None`` after a failure).
         specs: Per name, the shape of one row and the dtype: the same on every rank.
         sizes: Every rank's row count (the same list on every rank).
-        failure: Why this rank has no share (e.g. a dead decode worker), else ``None``.
-        group: The ranks that share the batch; ``None`` for one process.
+        failure: Why this rank has no portion (e.g. a dead decode worker), else ``None``.
+        group: The ranks that deal out the batch; ``None`` for one process.
 
     Returns:
         :class:`Shares`: ``parts[name][r]`` holds ``sizes[r]`` rows in host memory (zeros from a
@@ -184,7 +184,7 @@ def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[st
     """Every rank's per-image reasons, concatenated in group-rank order (call only when some image failed)."""
     if group is None or dist.get_world_size(group) == 1:
         return list(reasons)
-    return [reason for share in _gather_json(list(reasons), group) for reason in share]
+    return [reason for portion in _gather_json(list(reasons), group) for reason in portion]
 
 
 def _gather_json(value: Any, group: Any) -> list[Any]:

@@ -64,7 +64,7 @@ def agree_on_inputs(
 
     ``check()`` validates this rank's inputs (raising ``TypeError``/``ValueError`` as usual) and returns
     them by name, normalised (``output_hidden_states=None`` -> ``False``). Its error is not raised at once:
-    one fixed-size all-gather (`exchange_status`) shares every rank's verdict and an inputs signature
+    one fixed-size all-gather (`exchange_status`) gives every rank every rank's verdict and an inputs signature
     (each tensor's shape and dtype, every other value's ``repr``; with ``mode="checksum"`` also a checksum
     of each tensor's bytes, see `tensor_checksum`). Then, if any rank failed its check, that rank raises its
     own error and every other rank a ``ValueError`` naming it; if the signatures differ, every rank raises

@@ -8,7 +8,7 @@ Pure bookkeeping: no collective runs here (a plan asks `groups` for its group's 
 * **Shards follow attention heads and may be uneven.** ``H`` heads over ``W`` ranks give the first
   ``H % W`` ranks one extra head (16 over 3 = 6/5/5). Row-parallel sums are exact whatever the shard sizes.
 * **The MLP width is split as evenly as possible** (4304 over 3 = 1435/1435/1434), independently of the
-  heads: any split is correct, and an even one keeps the slowest rank's share of the largest GEMMs small.
+  heads: any split is correct, and an even one keeps the slowest rank's part of the largest GEMMs small.
 """
 
 from __future__ import annotations
