@@ -7,12 +7,14 @@
 The pieces, each switched off in the job's own processes (this script is also the rank entry point: it
 applies the switches, then runs ``tp_siglip.encode.main``):
 
-* ``main_threads``: `pipeline.MainThreads` replaced by nothing (the model keeps torch's thread count).
+* ``main_threads``: `pipeline.MainThreads` replaced by nothing (the model keeps torch's thread count);
+* ``decode_ring``: the decode workers hand back whole portions through DataLoader's own transport (tensors
+  pickled into shared memory by torch's reductions; ``pin_memory`` for a CUDA model), one portion per worker,
+  instead of writing their pieces of every portion into `decode_ring.DecodeRing` (`plain_decoded_portions`).
 
 The pieces this script measured and that were then removed (the named-pipe barrier, ``gc.freeze()``
-around starting the workers, the one-core branch of the default ``--workers``, the shared-memory ring the
-workers decoded into): see ``benchmarks/results/2026-12-07-encode-machinery-ab.md``, which says how each
-was switched off.
+around starting the workers, the one-core branch of the default ``--workers``): see
+``benchmarks/results/2026-12-07-encode-machinery-ab.md``, which says how each was switched off.
 
 Configurations a user runs: 1 rank and 2 data-parallel ranks (the default ``--tp 1``), with the near-free
 stand-in tower (decode-bound: the machinery's best case) and base-224 fp32 (model-bound, random weights).
@@ -36,7 +38,7 @@ if __package__ in (None, ""):
 from benchmarks.common import Geometry
 from benchmarks.pipeline import RATE, ROOT, TINY, make_checkpoint, make_jpegs
 
-PIECES = ("main_threads",)
+PIECES = ("main_threads", "decode_ring")
 PAYS = 1.05
 
 
@@ -53,12 +55,29 @@ class _NoThreads:
         pass
 
 
+def plain_decoded_portions(decoder: Any, workers: int, *, pin_memory: bool = False, borrowed: bool = False) -> Any:
+    """`pipeline.decoded_portions` without the ring: DataLoader's own transport, one whole portion per item."""
+    import torch
+
+    from tp_siglip import pipeline
+
+    if workers == 0 or not len(decoder):
+        yield from (decoder[index] for index in range(len(decoder)))
+        return
+    loader = torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                         prefetch_factor=pipeline.PREFETCH_PER_WORKER, worker_init_fn=pipeline._worker_init,
+                                         collate_fn=lambda item: item)  # fmt: skip
+    yield from loader
+
+
 def run_as_job(off: list[str], argv: list[str]) -> int:
     """Rank entry point: switch ``off`` the named pieces in this process, then run the job."""
     from tp_siglip import encode, pipeline
 
     if "main_threads" in off:
         pipeline.MainThreads = _NoThreads
+    if "decode_ring" in off:
+        pipeline.decoded_portions = plain_decoded_portions
     return encode.main(argv)
 
 

@@ -228,7 +228,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["parallel-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+    ["parallel-is-gone", "save-every-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
      "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
@@ -241,6 +241,7 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         "output-is-folder": ("--output", tmp_path / "dir.safetensors"),  # a .safetensors name that is a folder
         "output-folder-is-file": ("--output", tmp_path / "file"),  # any other name is a folder of shards
         "parallel-is-gone": ("--parallel", "data"),  # one knob now: --tp
+        "save-every-is-gone": ("--save-every", "60"),  # commits are per shard now: --shard-size
         "output-npy": ("--output", tmp_path / "emb.npy"),  # a file suffix the job does not write: refused
         "output-image-name": ("--output", tmp_path / "emb.PNG"),
         "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
@@ -271,6 +272,8 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         assert "--device cpu" in errors[0]
     if case == "parallel-is-gone":
         assert "--tp N" in errors[0] and "--tp 1" in errors[0]
+    if case == "save-every-is-gone":
+        assert "--shard-size" in errors[0]
     if case in ("output-npy", "output-image-name"):
         assert not value.exists()  # no folder named emb.npy
         assert "emb.safetensors" in errors[0] and "folder without a file suffix" in errors[0]

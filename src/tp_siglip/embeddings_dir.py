@@ -296,6 +296,73 @@ class _Spooled:
         shutil.copyfileobj(self.file, target, _CHUNK)
 
 
+class _MetadataSpool:
+    """A shard's keys and metadata: one JSON line per batch in a spool file, each column's kind noted as rows
+    come (see the module docstring), then written as parquet in row groups, or read back as the keys."""
+
+    def __init__(self, path: Path, name: str, source: str) -> None:
+        self.name, self.source = name, source
+        self.file = open(path, "w+", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.kinds: dict[str, str] = {}
+
+    def add(self, keys: Sequence[str], metas: Sequence[dict]) -> None:
+        fixed = {"key": "", "shard": self.name, "source": self.source}
+        for key, meta in zip(keys, metas):
+            if not isinstance(meta, dict):
+                raise TypeError(f"shard {self.name!r}: the meta of key {key!r} is {type(meta).__name__}, not a dict")
+            fixed["key"] = key
+            for field, value in meta.items():
+                column = _column_name(str(field), value, fixed)
+                if column is not None:
+                    self.kinds[column] = _merge_kind(self.kinds.get(column, "null"), _kind_of(value))
+        self.file.write(json.dumps([list(keys), list(metas)], default=str, separators=(",", ":")) + "\n")
+
+    def _lines(self) -> Iterator[tuple[list[str], list[dict]]]:
+        self.file.flush()
+        self.file.seek(0)
+        for line in self.file:
+            keys, metas = json.loads(line)
+            yield keys, metas
+
+    def keys(self) -> list[str]:
+        return [key for keys, _ in self._lines() for key in keys]
+
+    def write_parquet(self, target: BinaryIO) -> None:
+        pa, pq = require_pyarrow()
+        types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string(), "null": pa.string()}
+        schema = pa.schema([(name, pa.string()) for name in _META_COLUMNS] + [(name, types[kind]) for name, kind in self.kinds.items()])
+        keys: list[str] = []
+        metas: list[dict] = []
+        with pq.ParquetWriter(target, schema) as writer:
+            for batch_keys, batch_metas in self._lines():
+                keys.extend(batch_keys)
+                metas.extend(batch_metas)
+                while len(keys) >= _ROW_GROUP:
+                    writer.write_table(self._table(pa, schema, keys[:_ROW_GROUP], metas[:_ROW_GROUP]))
+                    del keys[:_ROW_GROUP], metas[:_ROW_GROUP]
+            if keys:
+                writer.write_table(self._table(pa, schema, keys, metas))
+
+    def _table(self, pa: Any, schema: Any, keys: list[str], metas: list[dict]) -> Any:
+        columns: dict[str, list[Any]] = {name: [None] * len(keys) for name in self.kinds}
+        fixed = {"key": "", "shard": self.name, "source": self.source}
+        for row, (key, meta) in enumerate(zip(keys, metas)):
+            fixed["key"] = key
+            for field, value in meta.items():
+                column = _column_name(str(field), value, fixed)
+                if column is not None:
+                    columns[column][row] = value
+        for name, kind in self.kinds.items():
+            if kind == "json":
+                columns[name] = [None if value is None else json.dumps(value, sort_keys=True) for value in columns[name]]
+        arrays = [pa.array(keys, pa.string()), pa.array([self.name] * len(keys), pa.string()), pa.array([self.source] * len(keys), pa.string())]
+        arrays += [pa.array(columns[name], schema.field(name).type) for name in self.kinds]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardWriter:
     """Writes one shard of the folder (one writer per shard, in one process). See the module docstring.
 
@@ -330,8 +397,7 @@ class ShardWriter:
         self.spool = self.root / f".spool-{self.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.spool.mkdir(parents=True)
         self._arrays: dict[str, _Spooled] = {}
-        self._meta = open(self.spool / "meta.jsonl", "w+", encoding="utf-8")  # noqa: SIM115 - closed in _close
-        self._kinds: dict[str, str] = {}
+        self._meta = _MetadataSpool(self.spool / "meta.jsonl", name, source)
         self._closed = False
 
     def add(self, keys: Sequence[str], metas: Sequence[dict], tensors: dict[str, Union[np.ndarray, torch.Tensor]]) -> None:
@@ -344,8 +410,7 @@ class ShardWriter:
             self._open_arrays(arrays)
         for name, array in arrays.items():
             self._arrays[name].file.write(array.tobytes())
-        self._note_kinds(keys, metas)
-        self._meta.write(json.dumps([list(keys), list(metas)], default=str, separators=(",", ":")) + "\n")
+        self._meta.add(keys, metas)
         self.rows += len(keys)
 
     def _check_rows(self, keys: Sequence[str], metas: Sequence[dict], arrays: dict[str, np.ndarray]) -> None:
@@ -370,17 +435,6 @@ class ShardWriter:
         for number, (name, array) in enumerate(arrays.items()):
             self._arrays[name] = _Spooled(self.spool / f"{number}.raw", array.dtype, tuple(array.shape[1:]))
 
-    def _note_kinds(self, keys: Sequence[str], metas: Sequence[dict]) -> None:
-        fixed = {"key": "", "shard": self.name, "source": self.source}
-        for key, meta in zip(keys, metas):
-            if not isinstance(meta, dict):
-                raise TypeError(f"shard {self.name!r}: the meta of key {key!r} is {type(meta).__name__}, not a dict")
-            fixed["key"] = key
-            for field, value in meta.items():
-                column = _column_name(str(field), value, fixed)
-                if column is not None:
-                    self._kinds[column] = _merge_kind(self._kinds.get(column, "null"), _kind_of(value))
-
     def _path(self, folder: str, suffix: str) -> Path:
         return self.root / folder / f"{folder}_{self.stem}{suffix}"
 
@@ -400,7 +454,7 @@ class ShardWriter:
                 "seconds": round(float(seconds), 3), "files": files, "shapes": shapes, "done": True,
             }  # fmt: skip
             if not self.metadata:
-                stats["keys"] = self._keys()
+                stats["keys"] = self._meta.keys()
             _write_json(stats_path, stats)
         except BaseException:
             for path in written:
@@ -427,51 +481,11 @@ class ShardWriter:
         if not self.metadata:
             return files, shapes
         path = self._path("metadata", ".parquet")
-        write_atomically(path, self._write_metadata)
+        write_atomically(path, self._meta.write_parquet)
         written.append(path)
         files["metadata"] = path.relative_to(self.root).as_posix()
         shapes["metadata"] = [self.rows]
         return files, shapes
-
-    def _keys(self) -> list[str]:
-        self._meta.flush()
-        self._meta.seek(0)
-        return [key for line in self._meta for key in json.loads(line)[0]]
-
-    def _write_metadata(self, target: BinaryIO) -> None:
-        pa, pq = require_pyarrow()
-        types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string(), "null": pa.string()}
-        schema = pa.schema([(name, pa.string()) for name in _META_COLUMNS] + [(name, types[kind]) for name, kind in self._kinds.items()])
-        self._meta.flush()
-        self._meta.seek(0)
-        keys: list[str] = []
-        metas: list[dict] = []
-        with pq.ParquetWriter(target, schema) as writer:
-            for line in self._meta:
-                batch_keys, batch_metas = json.loads(line)
-                keys.extend(batch_keys)
-                metas.extend(batch_metas)
-                while len(keys) >= _ROW_GROUP:
-                    writer.write_table(self._metadata_table(pa, schema, keys[:_ROW_GROUP], metas[:_ROW_GROUP]))
-                    del keys[:_ROW_GROUP], metas[:_ROW_GROUP]
-            if keys:
-                writer.write_table(self._metadata_table(pa, schema, keys, metas))
-
-    def _metadata_table(self, pa: Any, schema: Any, keys: list[str], metas: list[dict]) -> Any:
-        columns: dict[str, list[Any]] = {name: [None] * len(keys) for name in self._kinds}
-        fixed = {"key": "", "shard": self.name, "source": self.source}
-        for row, (key, meta) in enumerate(zip(keys, metas)):
-            fixed["key"] = key
-            for field, value in meta.items():
-                column = _column_name(str(field), value, fixed)
-                if column is not None:
-                    columns[column][row] = value
-        for name, kind in self._kinds.items():
-            if kind == "json":
-                columns[name] = [None if value is None else json.dumps(value, sort_keys=True) for value in columns[name]]
-        arrays = [pa.array(keys, pa.string()), pa.array([self.name] * len(keys), pa.string()), pa.array([self.source] * len(keys), pa.string())]
-        arrays += [pa.array(columns[name], schema.field(name).type) for name in self._kinds]
-        return pa.Table.from_arrays(arrays, schema=schema)
 
     def abort(self) -> None:
         """Drop the spooled rows; nothing of this writer remains that could look complete."""

@@ -175,10 +175,10 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
 
 @dataclass
 class Checked:
-    """What the checks found: the shards and the output (`encode_corpus.Shards`), the device, the ranks per
+    """What the checks found: the shards and the output (`encode_corpus.Corpus`), the device, the ranks per
     group, and the NaFlex grid size."""
 
-    shards: encode_corpus.Shards
+    corpus: encode_corpus.Corpus
     device: Optional[str] = None
     #: ranks per group (``--tp``, or what :func:`_tp_for_memory` chose)
     tp: int = 1
@@ -201,7 +201,8 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
             f"data parallel (what --parallel data did); --parallel tensor on {world_size} rank(s) is --tp {world_size}"
         )
     if args.save_every is not None:
-        raise UsageError("--save-every is gone: the output is committed shard by shard; --shard-size ROWS sets how often")
+        raise UsageError(f"--save-every {args.save_every} is gone: the output is committed shard by shard, so --shard-size "
+                         "ROWS sets how often")
     try:
         encode_corpus.check_output_name(args.output)
     except ValueError as err:
@@ -212,7 +213,7 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
     _check_model(args.model)
     tp = args.tp or _tp_for_memory(args, device, world_size)
     groups = 1 if encode_corpus.Target.of(args.output).file else world_size // tp  # a file: the world deals every shard
-    checked = Checked(encode_corpus.check_shards(args, rank, groups, UsageError), device, tp)
+    checked = Checked(encode_corpus.check_corpus(args, rank, groups, UsageError), device, tp)
     _check_naflex_option(args)
     if args.max_num_patches is not None:
         checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         group, group_index, groups = form_groups(tp)
         model = _load_model(args, checked.device, tp, group)
         tp_group = group if tp > 1 else None
-        if checked.shards.target.file is not None:  # one file: the world deals out each batch, rank 0 writes
+        if checked.corpus.target.file is not None:  # one file: the world deals out each batch, rank 0 writes
             dealing, group_index, groups = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group), 0, 1
         else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
             dealing = Dealing(rank % tp, tp, tp_group, tp, tp_group)
@@ -396,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         with _sigterm_as_interrupt():
             job.start()
             writer_say = encode_corpus.GroupSay(Printer(dealing.rank, world_size), group_index, groups)
-            encode_corpus.run_shards(job, args, checked.shards, group_index, groups, say, writer_say, UsageError)
+            encode_corpus.run_shards(job, args, checked.corpus, group_index, groups, say, writer_say, UsageError)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
@@ -596,12 +597,13 @@ class Job:
 
         ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`). Every
         rank of the dealing calls it with the same items. Returns the images encoded; the time each step took
-        adds up in ``self.times`` (:meth:`report_times`).
+        adds up in ``self.times``.
         """
         size = self.args.batch_size
         batches = [items[first : first + size] for first in range(0, len(items), size)]
         decoder = pipeline.PortionDecoder(batches, self.dealing.rank, self.dealing.size, self._decode_function(opener))
-        portions = pipeline.decoded_portions(decoder, self.workers, pin_memory=self.model.device.type == "cuda")
+        # borrowed: a portion's levels are read once, within its batch (normalised) and let go
+        portions = pipeline.decoded_portions(decoder, self.workers, pin_memory=self.model.device.type == "cuda", borrowed=True)
         encoded = 0
         threads = pipeline.MainThreads(self.model.device.type == "cpu" and self.workers > 0)
         bar = self.say.progress(len(items))
@@ -618,22 +620,6 @@ class Job:
             portions.close()
             threads.restore()
         return encoded
-
-    def describe_naflex(self) -> str:
-        """``, NaFlex max_num_patches N (from ...)`` for a NaFlex tower, else nothing (the run's first line)."""
-        return f", NaFlex max_num_patches {self.max_num_patches} (from {self.checked.patches_from})" if self.naflex else ""
-
-    def report_times(self, seconds: float, say: Any) -> None:
-        """Where the time went, and how many images each rank of the dealing decoded (one small collective)."""
-        times, ranks = self.times, self.dealing.size
-        counts = collect_rows({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * ranks, None, self.group)
-        decoded = "/".join(str(n) for n in counts.rows("n").tolist())
-        how = f"{self.workers} decode worker(s) per rank" if self.workers else "decoding in the main process"
-        say(
-            f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
-            f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
-            f"{how}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
-        )
 
     def _decode_function(self, opener: Any) -> Any:
         config = self.model.config

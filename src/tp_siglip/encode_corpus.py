@@ -40,7 +40,7 @@ from tp_siglip import __version__, console, embeddings_dir, processing, sources
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
 from tp_siglip.lockstep import agree_on_plan, broadcast_from_rank0, collect_rows
 
-__all__ = ["Target", "check_output_name", "check_shards", "run_shards"]
+__all__ = ["Corpus", "Target", "check_corpus", "check_output_name", "run_shards"]
 
 #: ``--output`` suffixes of files the job does not write: refused rather than made into a folder of that name
 FILE_SUFFIXES = frozenset({".npy", ".npz", ".parquet", ".json", ".jsonl", ".pt", ".pth", ".bin", ".pkl", ".h5", ".hdf5",
@@ -75,8 +75,9 @@ def check_output_name(output: Path) -> None:
 
 
 @dataclass
-class Shards:
-    """What the checks found: the shards, what folders left out, and (rank 0) the earlier run's manifest."""
+class Corpus:
+    """The run's inputs as shards and its output, as the checks found them: what folders left out, and (rank 0)
+    the earlier run's manifest."""
 
     target: Target
     shards: list[sources.ShardSpec]
@@ -87,7 +88,7 @@ class Shards:
     finished: bool = False
 
 
-def check_shards(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> Shards:
+def check_corpus(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> Corpus:
     """The checks that need no model; raises ``usage_error`` with a one-line message. Plain files are cut into
     at least ``groups`` shards, so that every group has work."""
     target = Target.of(args.output)
@@ -99,14 +100,14 @@ def check_shards(args: argparse.Namespace, rank: int, groups: int, usage_error: 
     if not plan.shards:
         left_out = f" (ignored by extension: {_counts(plan.ignored)})" if plan.ignored else ""
         raise usage_error(f"no images or shards found in {', '.join(inputs)}{left_out}")
-    checked = Shards(target, plan.shards, plan.ignored, plan.hidden)
+    corpus = Corpus(target, plan.shards, plan.ignored, plan.hidden)
     if rank == 0:
         try:
             _check_writable(target, args.output)
-            checked.earlier, checked.finished = _earlier_run(target, args.output, args.resume)
+            corpus.earlier, corpus.finished = _earlier_run(target, args.output, args.resume)
         except ValueError as err:
             raise usage_error(str(err)) from None
-    return checked
+    return corpus
 
 
 def _check_writable(target: Target, output: Path) -> None:
@@ -151,10 +152,10 @@ def _counts(counter: Counter) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
 
 
-def manifest_for(job: Any, args: argparse.Namespace, checked: Shards) -> dict:
+def manifest_for(job: Any, args: argparse.Namespace, corpus: Corpus) -> dict:
     """The manifest of this run: what the rows are (model, dtype, embedding, tower, setup) and the planned shards."""
     return embeddings_dir.make_manifest(
-        checked.shards, model=str(args.model), dtype=job.dtype_name, embedding=job.embedding,
+        corpus.shards, model=str(args.model), dtype=job.dtype_name, embedding=job.embedding,
         hidden_size=job.model.config.hidden_size, config=job.model.config.to_dict(), tokens=bool(args.tokens),
         normalized=bool(args.normalize), output_dtype=args.output_dtype, max_num_patches=job.max_num_patches,
         shard_size=args.shard_size,
@@ -171,12 +172,12 @@ _SETUP = {
 }
 
 
-def _resume_decision(checked: Shards, manifest: dict) -> tuple[Optional[str], list[int]]:
+def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], list[int]]:
     """Rank 0: ``(why this run cannot continue the output, or None; the shards already complete)``. Writes the
     manifest of a fresh run before any shard writer needs it; leftovers of killed writers go."""
-    root, earlier = checked.target.root, checked.earlier
+    root, earlier = corpus.target.root, corpus.earlier
     if earlier is None:
-        if checked.target.file is not None:
+        if corpus.target.file is not None:
             shutil.rmtree(root, ignore_errors=True)
         root.mkdir(exist_ok=True)
         embeddings_dir.write_manifest(root, manifest)
@@ -187,38 +188,56 @@ def _resume_decision(checked: Shards, manifest: dict) -> tuple[Optional[str], li
             old = earlier.get(key)
             problem = f"the output was written with {key} {old}, this run uses {manifest[key]}: pass {fix(old)} or use another --output"
     if problem is not None:
-        return f"--resume: {checked.target.file or root}: {problem}", []
-    if checked.finished:
+        return f"--resume: {corpus.target.file or root}: {problem}", []
+    if corpus.finished:
         return None, [shard["index"] for shard in manifest["shards"]]
     embeddings_dir.remove_incomplete(root)
     return None, sorted(embeddings_dir.completed_shards(root))
 
 
-def run_shards(job: Any, args: argparse.Namespace, checked: Shards, group_index: int, groups: int, say: Any,
+def run_shards(job: Any, args: argparse.Namespace, corpus: Corpus, group_index: int, groups: int, say: Any,
                group_say: Any, usage_error: type[Exception]) -> None:  # fmt: skip
     """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0, ``group_say``
     on the group's rank 0 (the writer)."""
     world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    agree_on_plan([(s.name, s.kind, s.source, s.files) for s in checked.shards])
-    manifest = manifest_for(job, args, checked)
-    problem, done = broadcast_from_rank0(_resume_decision(checked, manifest) if world_rank == 0 else None)
+    agree_on_plan([(s.name, s.kind, s.source, s.files) for s in corpus.shards])
+    manifest = manifest_for(job, args, corpus)
+    problem, done = broadcast_from_rank0(_resume_decision(corpus, manifest) if world_rank == 0 else None)
     if problem is not None:
         raise usage_error(problem)
-    mine = [s for s in checked.shards if s.index % groups == group_index and s.index not in set(done)]
-    say(f"{args.model}: {len(checked.shards)} shard(s) ({len(done)} already complete), {_world_size() // job.dealing.tp} "
-        f"group(s) of {job.dealing.tp} rank(s), {job.dtype_name}{job.describe_naflex()}; writing {args.output}")  # fmt: skip
+    mine = [s for s in corpus.shards if s.index % groups == group_index and s.index not in set(done)]
+    say(f"{args.model}: {len(corpus.shards)} shard(s) ({len(done)} already complete), {_world_size() // job.dealing.tp} "
+        f"group(s) of {job.dealing.tp} rank(s), {job.dtype_name}{_naflex(job)}; writing {args.output}")  # fmt: skip
     if not job.model.use_head:
         patches = "each image's valid patches" if job.naflex else "patches"
         say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
     start, encoded = time.perf_counter(), 0
     for number, spec in enumerate(mine, 1):
-        encoded += _encode_shard(job, args, checked.target, spec, f"{number}/{len(mine)}", len(checked.shards), group_say)
+        encoded += _encode_shard(job, args, corpus.target, spec, f"{number}/{len(mine)}", len(corpus.shards), group_say)
     seconds = time.perf_counter() - start
-    job.report_times(seconds, group_say)
+    _report_times(job, seconds, group_say)
     counts = collect_rows({"n": torch.tensor([encoded if job.dealing.rank == 0 else 0])}, {"n": ((), torch.int64)},
                          [1] * _world_size(), None, dist.group.WORLD if _world_size() > 1 else None)  # fmt: skip
     if world_rank == 0:
-        _finish(checked, manifest, job, int(counts.rows("n").sum()), seconds, say)
+        _finish(corpus, manifest, job, int(counts.rows("n").sum()), seconds, say)
+
+
+def _report_times(job: Any, seconds: float, say: Any) -> None:
+    """Where ``job``'s time went, and how many images each rank of its dealing decoded (one small collective)."""
+    times, ranks = job.times, job.dealing.size
+    counts = collect_rows({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * ranks, None, job.group)
+    decoded = "/".join(str(n) for n in counts.rows("n").tolist())
+    how = f"{job.workers} decode worker(s) per rank" if job.workers else "decoding in the main process"
+    say(
+        f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
+        f"{times['model']:.2f} s in the model, {times['write']:.2f} s writing, of {seconds:.2f} s; "
+        f"{how}; images decoded per rank: {decoded} ({times['decode']:.2f} s of decoding on rank 0)"
+    )
+
+
+def _naflex(job: Any) -> str:
+    """``, NaFlex max_num_patches N (from ...)`` for a NaFlex tower, else nothing (the run's first line)."""
+    return f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
 
 
 def _world_size() -> int:
@@ -296,21 +315,21 @@ class JobError(Exception):
     """The job cannot go on (a ``--strict`` bad file, a failed rank, nothing readable): exit status 1."""
 
 
-def _finish(checked: Shards, manifest: dict, job: Any, encoded: int, seconds: float, say: Any) -> None:
+def _finish(corpus: Corpus, manifest: dict, job: Any, encoded: int, seconds: float, say: Any) -> None:
     """Global rank 0: write a ``.safetensors`` output from its complete work folder; the throughput, the
     similarities of the first images and the summary."""
-    target, names = checked.target, {s.index: s.name for s in checked.shards}
+    target, names = corpus.target, {s.index: s.name for s in corpus.shards}
     rate = f"{encoded} images in {seconds:.2f} s: {encoded / seconds if seconds > 0 else 0.0:.1f} images/s"
-    if checked.finished:
+    if corpus.finished:
         earlier = EarlierOutput.read(target.file)
         say(f"{rate}; {target.file} is complete ({earlier.rows} rows)")
-        _summary(checked, [{"rows": earlier.rows, "skipped": json.loads(earlier.metadata.get("skipped", "[]"))}], encoded, say)
+        _summary(corpus, [{"rows": earlier.rows, "skipped": json.loads(earlier.metadata.get("skipped", "[]"))}], encoded, say)
         return
     complete = embeddings_dir.completed_shards(target.root)
     stats = [{**complete[i], "name": names[i]} for i in sorted(complete)]
     rows = sum(int(entry["rows"]) for entry in stats)
-    where = f"{target.root}: {len(complete)}/{len(checked.shards)} shards complete, {rows} rows"
-    finished = target.file is not None and len(complete) == len(checked.shards)
+    where = f"{target.root}: {len(complete)}/{len(corpus.shards)} shards complete, {rows} rows"
+    finished = target.file is not None and len(complete) == len(corpus.shards)
     if finished and not rows:
         shutil.rmtree(target.root, ignore_errors=True)
         raise JobError(f"no readable image among the inputs; nothing written to {target.file}")
@@ -321,7 +340,7 @@ def _finish(checked: Shards, manifest: dict, job: Any, encoded: int, seconds: fl
     _similarities(target.root, stats, say)
     if finished:
         shutil.rmtree(target.root, ignore_errors=True)
-    _summary(checked, stats, encoded, say)
+    _summary(corpus, stats, encoded, say)
 
 
 def _file_metadata(job: Any, manifest: dict, stats: list[dict]) -> dict[str, str]:
@@ -353,17 +372,17 @@ def _similarities(root: Path, stats: list[dict], say: Any) -> None:
         print_similarities(torch.from_numpy(np.stack(vectors)), names, say)
 
 
-def _summary(checked: Shards, stats: list[dict], encoded: int, say: Any) -> None:
+def _summary(corpus: Corpus, stats: list[dict], encoded: int, say: Any) -> None:
     reasons: Counter = Counter()
     for entry in stats:
         counted = Counter(reason for _, reason in entry.get("skipped", []))
-        if counted and len(checked.shards) > 1:
+        if counted and len(corpus.shards) > 1:
             say(f"skipped in shard {entry['name']}: " + "; ".join(f"{n} x {why}" for why, n in counted.most_common()))
         reasons.update(counted)
-    ignored = sum(checked.ignored.values())
+    ignored = sum(corpus.ignored.values())
     say(f"summary: {encoded} encoded, {sum(reasons.values())} skipped (unreadable or missing), {ignored} ignored by extension"
-        + (f" ({_counts(checked.ignored)})" if ignored else "") + f", {checked.hidden} hidden file(s) ignored")
-    missing = len(checked.shards) - (len(checked.shards) if checked.finished else len(stats))
+        + (f" ({_counts(corpus.ignored)})" if ignored else "") + f", {corpus.hidden} hidden file(s) ignored")
+    missing = len(corpus.shards) - (len(corpus.shards) if corpus.finished else len(stats))
     if missing:
         console.write_line(f"{missing} shard(s) incomplete: run again with --resume", sys.stderr)
 

@@ -2,21 +2,25 @@
 
 The job walks its images in batches; every rank that deals out a batch walks the same batches. Rank ``r``
 of ``G`` decodes only its portion of each batch (`portion_bounds`: contiguous, near-equal slices), so each
-image is decoded once. What a worker hands back is uint8: the resized ``(n, 3, H, W)`` levels of a
-fixed-resolution tower, or a NaFlex tower's ``(n, N, 3*p*p)`` patches and ``(n, 2)`` grids, plus one reason
-per unreadable image. Normalising to the model's dtype happens later, on the model's device
-(`processing.to_pixel_values`), by the rank that decoded the images: in a tensor group too, as the group
-runs each batch split by rows (`parallel.split_batch`).
+image is decoded once. What a worker hands back is uint8: the
+resized ``(n, 3, H, W)`` levels of a fixed-resolution tower, or a NaFlex tower's ``(n, N, 3*p*p)`` patches
+and ``(n, 2)`` grids, plus one reason per unreadable image. Normalising to the model's dtype happens
+later, on the model's device (`processing.to_pixel_values`), by the rank that decoded the images: in
+tensor mode too, as the group runs each batch split by rows (`parallel.split_batch`).
 
 Choices made:
 
 * **torch's own machinery**: a ``torch.utils.data.DataLoader`` with ``num_workers`` processes (PIL holds
-  the GIL between its calls, so threads alone would not decode in parallel), each decoding whole portions,
-  ``prefetch_factor`` of them queued per worker (a bounded queue: memory stays flat), sent back through
-  torch's shared-memory transport (into pinned memory for a CUDA model). Each worker runs one intra-op
-  thread. ``workers=0`` decodes in the main process, batch by batch, as a plain generator. (A ring of
-  shared buffers that the workers decoded into did not pay 5 % on a quiet machine:
-  ``benchmarks/results/2026-12-07-encode-machinery-ab.md``.)
+  the GIL between its calls, so threads alone would not decode in parallel), ``prefetch_factor`` items
+  queued per worker (a bounded queue: memory stays flat). An item is one worker's piece of a portion (the
+  workers split every portion, `_Pieces`), so the queue fills in a piece's time and all workers are busy
+  until the last batch. Each worker runs one intra-op thread. ``workers=0`` decodes in the main process,
+  batch by batch, as a plain generator.
+* **Pieces decoded into shared memory, not sent** (`decode_ring`): a worker writes its piece straight into
+  the portion's rows of a ring of buffers that the main process made before the workers started, so no
+  shared segment is made, faulted in and mapped per piece, and the portion is one tensor where it lies.
+  The encode job reads it there (``borrowed``); anyone else gets a copy, as does CUDA (pinned memory).
+  It pays 4-6 % over DataLoader's own transport of whole portions (docs/benchmarks.md).
 * **A bad image is a reason, never a dead worker**: decoding goes through `processing.read_files`,
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
@@ -29,7 +33,6 @@ Choices made:
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -40,7 +43,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
+
+from tp_siglip.decode_ring import DecodeRing, SharedMemoryTooSmall, SlotOverwritten, slots_needed
 
 __all__ = [
     "MAX_DEFAULT_WORKERS",
@@ -105,10 +111,6 @@ class Decoded:
     def count(self) -> int:
         return len(self.reasons)
 
-    def pin_memory(self) -> Decoded:
-        """The levels in page-locked memory (what DataLoader's ``pin_memory`` thread calls, for a CUDA model)."""
-        return dataclasses.replace(self, levels=self.levels.pin_memory())
-
 
 class PortionDecoder(torch.utils.data.Dataset):
     """Item ``b`` = this rank's portion of batch ``b``, decoded (a map-style dataset over batch indices).
@@ -116,8 +118,9 @@ class PortionDecoder(torch.utils.data.Dataset):
     Args:
         batches: Each batch's sources (paths, or whatever ``opener`` opens), the same on every rank.
         rank, group_size: This rank's place among the ranks that deal out each batch.
-        decode: ``decode(sources) -> (levels, spatial_shapes or None, reasons)``; must be picklable (a
-            module-level function or a ``functools.partial`` of one) when workers are used.
+        decode: ``decode(sources, out=None) -> (levels, spatial_shapes or None, reasons)``, writing the
+            levels into ``out`` (uint8, one row per source) when given; must be picklable (a module-level
+            function or a ``functools.partial`` of one) when workers are used.
     """
 
     def __init__(self, batches: Sequence[Sequence[Any]], rank: int, group_size: int, decode: Callable[..., Any]) -> None:
@@ -132,10 +135,54 @@ class PortionDecoder(torch.utils.data.Dataset):
         return batch[start:stop]
 
     def __getitem__(self, index: int) -> Decoded:
-        """This rank's portion of batch ``index``, decoded and timed."""
+        return self.decode_sources(index, self.portion(index))
+
+    def decode_sources(self, index: int, sources: Sequence[Any], out: Optional[torch.Tensor] = None) -> Decoded:
+        """Decode ``sources`` (batch ``index``'s portion, or a piece of it, into ``out`` if given), timed."""
         start = time.perf_counter()
-        levels, shapes, reasons = self.decode(self.portion(index))
+        levels, shapes, reasons = self.decode(sources, out=out)
         return Decoded(index, levels, shapes, reasons, time.perf_counter() - start)
+
+
+@dataclass
+class _Piece:
+    """What a worker sends back for one item; its levels are in the item's rows of the `DecodeRing`."""
+
+    spatial_shapes: Optional[np.ndarray]  # NaFlex grids as numpy: pickled inline, no shared segment of their own
+    reasons: list[Optional[str]]
+    seconds: float
+
+
+class _Pieces(torch.utils.data.Dataset):
+    """Item ``i`` = piece ``i % parts`` of portion ``i // parts`` (contiguous, near-equal): the workers split
+    every portion between them, so they all start on the first batch at once (the queue fills in a piece's
+    time, not a portion's) and none sits idle while another decodes the last batch alone. A worker decodes
+    its piece straight into the portion's rows of ``ring`` and returns a `_Piece`."""
+
+    def __init__(self, decoder: PortionDecoder, parts: int, ring: DecodeRing) -> None:
+        self.decoder, self.parts, self.ring = decoder, parts, ring
+
+    def __len__(self) -> int:
+        return len(self.decoder) * self.parts
+
+    def __getitem__(self, item: int) -> _Piece:
+        index, part = divmod(item, self.parts)
+        sources = self.decoder.portion(index)
+        start, stop = portion_bounds(len(sources), self.parts, part)
+        decoded = self.decoder.decode_sources(index, sources[start:stop], out=self.ring.piece(index, part, start, stop))
+        shapes = None if decoded.spatial_shapes is None else decoded.spatial_shapes.numpy()
+        return _Piece(shapes, decoded.reasons, decoded.seconds)
+
+
+def _assemble(index: int, count: int, pieces: list[_Piece], ring: DecodeRing, copy: bool, pin_memory: bool) -> Decoded:
+    """Portion ``index`` (``count`` rows) from its pieces: its rows where they lie in ``ring``, or copied out
+    (into page-locked memory when ``pin_memory``) when ``copy``; the caller checks the ring after."""
+    levels = ring.portion(index, count)
+    if copy:
+        levels = levels.clone() if not pin_memory else torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True).copy_(levels)
+    shapes = None if pieces[0].spatial_shapes is None else torch.from_numpy(np.concatenate([p.spatial_shapes for p in pieces]))
+    reasons = [reason for piece in pieces for reason in piece.reasons]
+    return Decoded(index, levels, shapes, reasons, sum(piece.seconds for piece in pieces))
 
 
 class MainThreads:
@@ -181,34 +228,79 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers together already use every core this rank has
 
 
-def decoded_portions(decoder: PortionDecoder, workers: int, *, pin_memory: bool = False) -> Iterator[Decoded]:
-    """Yield :class:`Decoded` portions in batch order; ``workers`` processes decode ahead (0: in this process),
-    into page-locked memory when ``pin_memory``.
+def decoded_portions(decoder: PortionDecoder, workers: int, *, pin_memory: bool = False, borrowed: bool = False) -> Iterator[Decoded]:
+    """Yield :class:`Decoded` portions in batch order; ``workers`` processes decode ahead (0: in this process).
+
+    With workers, each portion's levels are decoded into a `decode_ring.DecodeRing` in shared memory. They are
+    copied out of it (into page-locked memory when ``pin_memory``), unless ``borrowed``: then a portion's
+    ``levels`` are a view into the ring, valid until the next portion is asked for (the encode job reads a
+    portion once; ``borrowed`` saves it a copy into fresh pages per batch). ``pin_memory`` always copies.
 
     Raises:
         DecodeWorkerDied: a worker process died; names the first batch that did not arrive (a worker may
             die while decoding a later one: what it had finished but not yet sent is lost with it).
+        DecodeFailed: ``/dev/shm`` is too small for the ring (the message says what to change).
     """
     if workers and multiprocessing.current_process().daemon:
         raise ValueError(f"workers={workers}: this is a daemonic process, which cannot start decode workers; use 0")
-    if workers == 0 or not any(decoder.portion(index) for index in range(len(decoder))):
-        for index in range(len(decoder)):  # no workers, or nothing for this rank to decode (more ranks than images)
+    largest = max((len(decoder.portion(index)) for index in range(len(decoder))), default=0)
+    if workers == 0 or largest == 0:  # no workers, or nothing for this rank to decode (more ranks than images)
+        for index in range(len(decoder)):
             yield decoder[index]
         return
-    loader = torch.utils.data.DataLoader(
-        decoder, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=PREFETCH_PER_WORKER,
-        pin_memory=pin_memory, worker_init_fn=_worker_init, collate_fn=_as_is,
-    )  # fmt: skip
-    iterator = _iterate_without_sigchld_handler(loader)
+    parts = max(1, min(workers, largest))
+    try:
+        ring = _ring_for(decoder, workers, parts, largest)
+    except SharedMemoryTooSmall as err:
+        raise DecodeFailed(str(err)) from None
+    iterator = _iterate_without_sigchld_handler(_loader(_Pieces(decoder, parts, ring), workers))
+    copy = pin_memory or not borrowed
     try:
         for index in range(len(decoder)):
+            if borrowed and index:
+                _check(ring, index - 1)  # the portion the caller has just given back was intact while it read it
             try:
-                yield next(iterator)
+                pieces = [next(iterator) for _ in range(parts)]
             except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
                 text = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
+            portion = _assemble(index, len(decoder.portion(index)), pieces, ring, copy, pin_memory)
+            _check(ring, index)  # no worker began on this buffer before its rows were read (or copied)
+            yield portion
+        if borrowed and len(decoder):
+            _check(ring, len(decoder) - 1)
     finally:
         del iterator  # stops the workers now, not whenever the garbage collector gets to it
+
+
+def _check(ring: DecodeRing, index: int) -> None:
+    """`DecodeRing.check`, its error as the pipeline's `DecodeFailed` (so the job stops every rank cleanly)."""
+    try:
+        ring.check(index)
+    except SlotOverwritten as err:
+        raise DecodeFailed(str(err)) from None
+
+
+def _loader(pieces: _Pieces, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        pieces,
+        batch_size=None,  # items are pieces of portions already
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=PREFETCH_PER_WORKER,
+        persistent_workers=False,
+        pin_memory=False,  # _assemble pins the whole portion, in one copy
+        worker_init_fn=_worker_init,
+        collate_fn=_as_is,
+    )
+
+
+def _ring_for(decoder: PortionDecoder, workers: int, parts: int, largest: int) -> DecodeRing:
+    """The ring for ``workers`` splitting portions of up to ``largest`` items in ``parts`` (see `decode_ring`
+    for its size). An item's shape and dtype are those of the decode function's answer for no sources."""
+    empty = decoder.decode([])[0]
+    slots = slots_needed(PREFETCH_PER_WORKER * workers, parts)
+    return DecodeRing(slots, largest, parts, tuple(empty.shape[1:]), empty.dtype)
 
 
 def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Iterator[Any]:

@@ -1,0 +1,105 @@
+"""A ring of portion buffers in shared memory, which the decode workers write their pieces into directly.
+
+A tensor that a ``DataLoader`` worker returns travels in a shared-memory segment made for it alone: the
+worker creates the segment and faults in every page of it, sends its descriptor, and the main process maps
+it, faults the pages in again and unmaps it when the tensor dies; the main process then joined the pieces
+into fresh pages of its own: every page is faulted in several times per batch. (The A/B against
+DataLoader's own transport is in docs/benchmarks.md and benchmarks/results/.)
+
+So the main process makes ``slots`` portion buffers in shared memory once, before the workers start (they
+inherit them, every page already in place). A worker decodes its piece of portion ``j`` straight into rows
+of buffer ``j % slots``, and only the piece's reasons (and NaFlex grids) go through the loader's queue.
+The portion's rows are then one contiguous tensor, read where they lie.
+
+Why a buffer is free when a worker comes back to it. The loader numbers its items ``i = portion * parts +
+part`` and keeps at most ``ahead = prefetch_factor * num_workers`` of them in flight beyond those it has
+returned: item ``k`` goes to a worker only once item ``k - ahead`` has been returned. Portion ``j``'s buffer
+is next written by item ``(j + slots) * parts``, so by then every item up to ``(j + slots) * parts - ahead``
+has been returned. The reader gives portion ``j`` up (copies it out, or is done with it) before it takes
+the item after portion ``j``'s last, ``(j + 1) * parts``. Both hold when ``slots * parts - ahead >= parts``:
+``slots = 1 + ceil(ahead / parts)`` (3 with the job's defaults). `DecodeRing.check` verifies it anyway:
+a worker stamps its part of a buffer with the portion's number before writing, and a reader that finds
+another number there raises instead of handing on mixed pixels.
+
+The buffers live in ``/dev/shm``, like every tensor a ``DataLoader`` worker returns; a container's
+``/dev/shm`` is often small (64 MB is Docker's default), so the ring is checked against its free space
+first, with an error that says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["DecodeRing", "SharedMemoryTooSmall", "SlotOverwritten", "slots_needed"]
+
+_SHM = "/dev/shm"
+
+
+class SharedMemoryTooSmall(RuntimeError):
+    """``/dev/shm`` has less free space than the ring needs."""
+
+
+class SlotOverwritten(RuntimeError):
+    """A worker began writing into a buffer whose portion was still being read (a bug, never expected)."""
+
+
+def slots_needed(ahead: int, parts: int) -> int:
+    """Buffers a ring needs when the loader runs ``ahead`` items ahead and a portion has ``parts`` pieces."""
+    return 1 + -(-ahead // parts)
+
+
+def _free_shared_memory() -> int | None:
+    """Free bytes in ``/dev/shm``, or None where there is none to measure (not Linux)."""
+    if not sys.platform.startswith("linux") or not os.path.isdir(_SHM):
+        return None
+    stats = os.statvfs(_SHM)
+    return stats.f_bavail * stats.f_frsize
+
+
+class DecodeRing:
+    """``slots`` buffers of ``rows`` items of ``item_shape``, each portion written in ``parts`` pieces.
+
+    Raises:
+        SharedMemoryTooSmall: ``/dev/shm`` has less room than the buffers need (the message gives both sizes).
+    """
+
+    def __init__(self, slots: int, rows: int, parts: int, item_shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> None:
+        if min(slots, rows, parts) < 1:
+            raise ValueError(f"slots, rows and parts must be >= 1, got {slots}, {rows}, {parts}")
+        shape = (slots, rows, *item_shape)
+        needed = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        free = _free_shared_memory()
+        if free is not None and needed > free:
+            raise SharedMemoryTooSmall(
+                f"the decode workers need {needed / 2**20:.0f} MiB of shared memory ({slots} batches of {rows} "
+                f"images) but {_SHM} has {free / 2**20:.0f} MiB free; give it more (docker run --shm-size=1g) or "
+                "lower --batch-size (--workers 0 needs none)"
+            )
+        self.slots = slots
+        self.data = torch.zeros(shape, dtype=dtype).share_memory_()  # every page faulted in now, in this process
+        self.stamps = torch.full((slots, parts), -1, dtype=torch.int64).share_memory_()
+
+    def piece(self, portion: int, part: int, start: int, stop: int) -> torch.Tensor:
+        """In a worker: rows ``start:stop`` of portion ``portion``'s buffer, to write into (stamped first)."""
+        slot = portion % self.slots
+        if stop > self.data.shape[1]:
+            raise ValueError(f"portion {portion} needs rows up to {stop}; a buffer holds {self.data.shape[1]}")
+        self.stamps[slot, part] = portion
+        return self.data[slot, start:stop]
+
+    def portion(self, portion: int, rows: int) -> torch.Tensor:
+        """Portion ``portion``'s first ``rows`` rows, where they lie (valid while `check` passes)."""
+        return self.data[portion % self.slots, :rows]
+
+    def check(self, portion: int) -> None:
+        """Raise if a worker has begun writing another portion into portion ``portion``'s buffer."""
+        stamps = self.stamps[portion % self.slots]
+        if not bool((stamps == portion).all()):
+            raise SlotOverwritten(
+                f"decode buffer {portion % self.slots} holds parts of portions {sorted(set(stamps.tolist()))}, expected "
+                f"{portion}, before its pixels were read; this is a bug in tp_siglip's pipeline, please report it"
+            )
