@@ -156,7 +156,7 @@ def _job_exchanges(rank, world_size):
 
     world = dist.group.WORLD
     with CollectiveLog() as log:
-        lockstep.agree_on_plan([["a", "files", "", ["a.png"]], ["b", "tar", "b.tar", []]])
+        lockstep.agree_on_shards([["a", "files", "", ["a.png"]], ["b", "tar", "b.tar", []]])
         limit = lockstep.broadcast_int_from_rank0(7 + rank, world_size)
         top = lockstep.agree_on_max(rank)
         rows = {"v": torch.full((2, 3), float(rank))}
@@ -170,7 +170,7 @@ def _job_exchanges(rank, world_size):
 
 
 def test_the_encode_jobs_exchanges_ride_the_side_group_without_pickling(tmp_path):
-    """Every exchange of the encode job's ranks (the shard plan's agreement, rank 0's values, the batch rows, the reasons,
+    """Every exchange of the encode job's ranks (the shard list's agreement, rank 0's values, the batch rows, the reasons,
     the resume decision) runs on the CPU side group, none on the device group, and none pickles."""
     for got in run_ranks(2, tmp_path, _job_exchanges):
         limit, top, rows, reasons, decision = got

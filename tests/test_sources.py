@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tp_siglip import sources
-from tp_siglip.sources import ImageRef, ShardSpec, describe, expand_braces, list_rows, plan_shards, read_bytes
+from tp_siglip.sources import ImageRef, ShardSpec, describe, expand_braces, find_shards, list_rows, read_bytes
 
 
 def image_bytes(seed: int, fmt: str = "PNG", size: int = 8) -> bytes:
@@ -90,12 +90,12 @@ def test_plan_orders_shards_as_given_and_names_them(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
     make_tar(tmp_path / "other" / "00001.tar", 1)
     make_parquet(tmp_path / "00000.parquet", 2)
-    plan = plan_shards([str(tmp_path / "{00000..00002}.tar"), tmp_path / "other/00001.tar", tmp_path / "00000.parquet"])
+    plan = find_shards([str(tmp_path / "{00000..00002}.tar"), tmp_path / "other/00001.tar", tmp_path / "00000.parquet"])
     assert [(s.index, s.name, s.kind) for s in plan.shards] == [
         (0, "00000", "tar"), (1, "00001", "tar"), (2, "00002", "tar"), (3, "00001-2", "tar"), (4, "00000-2", "parquet"),
     ]  # fmt: skip
     assert plan.shards[3].source == str(tmp_path / "other/00001.tar")
-    again = plan_shards([str(tmp_path / "{00000..00002}.tar"), tmp_path / "other/00001.tar", tmp_path / "00000.parquet"])
+    again = find_shards([str(tmp_path / "{00000..00002}.tar"), tmp_path / "other/00001.tar", tmp_path / "00000.parquet"])
     assert again == plan  # deterministic
     assert pickle.loads(pickle.dumps(plan.shards)) == plan.shards
 
@@ -104,14 +104,14 @@ def test_missing_shard_in_a_pattern_is_named(tmp_path: Path) -> None:
     make_tar(tmp_path / "00000.tar", 1)
     make_tar(tmp_path / "00002.tar", 1)
     with pytest.raises(FileNotFoundError, match=r"3 path\(s\), 1 of them missing: '.*00001\.tar'"):
-        plan_shards([str(tmp_path / "{00000..00002}.tar")])
+        find_shards([str(tmp_path / "{00000..00002}.tar")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        plan_shards([tmp_path / "nope.tar"])
+        find_shards([tmp_path / "nope.tar"])
     (tmp_path / "x.tar.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="compressed tar"):
-        plan_shards([tmp_path / "x.tar.gz"])
+        find_shards([tmp_path / "x.tar.gz"])
     with pytest.raises(ValueError, match="no inputs"):
-        plan_shards([])
+        find_shards([])
 
 
 def test_plain_files_from_args_folders_and_lists_are_chunked(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_plain_files_from_args_folders_and_lists_are_chunked(tmp_path: Path) -> 
     listing = tmp_path / "lists" / "more.txt"
     listing.parent.mkdir()
     listing.write_text("# comment\n\n  ../photos/a.jpg  \n/abs/x.jpg\nrel/y.png\n../00000.tar\n")
-    plan = plan_shards([tmp_path / "00000.tar", photos, listing, photos / "b.png"], rows_per_file_shard=2)
+    plan = find_shards([tmp_path / "00000.tar", photos, listing, photos / "b.png"], rows_per_file_shard=2)
     kinds = [(s.name, s.kind) for s in plan.shards]
     assert kinds == [("00000", "tar"), ("files-00000", "files"), ("files-00001", "files"), ("files-00002", "files")]
     files = [file for s in plan.shards for file in s.files]
@@ -137,17 +137,17 @@ def test_plain_files_are_cut_into_at_least_one_shard_per_group(tmp_path: Path) -
     for name in "abcde":
         (tmp_path / f"{name}.png").write_bytes(image_bytes(0))
     sizes = lambda plan: [len(s.files) for s in plan.shards]  # noqa: E731
-    assert sizes(plan_shards([tmp_path], rows_per_file_shard=10, min_file_shards=2)) == [2, 3]
-    assert sizes(plan_shards([tmp_path], rows_per_file_shard=10, min_file_shards=8)) == [1] * 5  # no empty shards
-    assert sizes(plan_shards([tmp_path], rows_per_file_shard=2, min_file_shards=2)) == [2, 2, 1]  # already enough
+    assert sizes(find_shards([tmp_path], rows_per_file_shard=10, min_file_shards=2)) == [2, 3]
+    assert sizes(find_shards([tmp_path], rows_per_file_shard=10, min_file_shards=8)) == [1] * 5  # no empty shards
+    assert sizes(find_shards([tmp_path], rows_per_file_shard=2, min_file_shards=2)) == [2, 2, 1]  # already enough
     with pytest.raises(ValueError, match="min_file_shards"):
-        plan_shards([tmp_path], min_file_shards=0)
+        find_shards([tmp_path], min_file_shards=0)
 
 
 def test_files_chunk_takes_the_place_of_the_first_plain_input(tmp_path: Path) -> None:
     make_tar(tmp_path / "00000.tar", 1)
     (tmp_path / "a.png").write_bytes(image_bytes(0))
-    plan = plan_shards([tmp_path / "a.png", tmp_path / "00000.tar"])
+    plan = find_shards([tmp_path / "a.png", tmp_path / "00000.tar"])
     assert [s.name for s in plan.shards] == ["files-00000", "00000"]
     rows = list_rows(plan.shards[0])
     assert rows == [sources.Row(str(tmp_path / "a.png"), ImageRef("file", str(tmp_path / "a.png")), {})]
@@ -158,26 +158,26 @@ def test_bad_list_file_lines(tmp_path: Path) -> None:
     nested = tmp_path / "outer.txt"
     nested.write_text("a.jpg\ninner.txt\n")
     with pytest.raises(ValueError, match=r"outer\.txt' line 2: 'inner\.txt' is another \.txt list"):
-        plan_shards([nested])
+        find_shards([nested])
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"a.jpg\n\xff\xfe\n")
     with pytest.raises(ValueError, match="not UTF-8"):
-        plan_shards([binary])
+        find_shards([binary])
     nul = tmp_path / "nul.txt"
     nul.write_text("a\x00b.jpg\n")
     with pytest.raises(ValueError, match="line 1: contains a NUL"):
-        plan_shards([nul])
+        find_shards([nul])
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
-    assert plan_shards([empty]).shards == []
+    assert find_shards([empty]).shards == []
     with pytest.raises(ValueError, match="rows_per_file_shard"):
-        plan_shards([empty], rows_per_file_shard=0)
+        find_shards([empty], rows_per_file_shard=0)
 
 
 def test_listed_missing_file_fails_at_read_time_with_file_not_found(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text("gone.jpg\n")
-    (row,) = list_rows(plan_shards([listing]).shards[0])
+    (row,) = list_rows(find_shards([listing]).shards[0])
     with pytest.raises(FileNotFoundError):
         read_bytes(row.ref)
 
@@ -187,7 +187,7 @@ def test_listed_missing_file_fails_at_read_time_with_file_not_found(tmp_path: Pa
 
 def test_tar_rows_from_headers_exact_bytes_and_meta(tmp_path: Path) -> None:
     images = make_tar(tmp_path / "00000.tar", 5)
-    spec = plan_shards([tmp_path / "00000.tar"]).shards[0]
+    spec = find_shards([tmp_path / "00000.tar"]).shards[0]
     rows = list_rows(spec)
     assert [row.key for row in rows] == sorted(images)
     for row in rows:
@@ -299,7 +299,7 @@ def test_tar_read_detects_short_member(tmp_path: Path) -> None:
 
 def test_parquet_rows_meta_status_and_exact_bytes(tmp_path: Path) -> None:
     images = make_parquet(tmp_path / "00000.parquet", 7, row_group_size=3, failed=(4,))
-    rows = list_rows(plan_shards([tmp_path / "00000.parquet"]).shards[0])
+    rows = list_rows(find_shards([tmp_path / "00000.parquet"]).shards[0])
     assert [row.key for row in rows] == sorted(images)
     assert [(row.ref.offset, row.ref.size) for row in rows if row.ref] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0)]
     assert rows[4].ref is None and rows[4].problem == "img2dataset status 'failed_to_download': 404"
@@ -355,7 +355,7 @@ def test_tar_and_parquet_take_every_image_suffix_a_folder_takes(tmp_path: Path) 
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     ignored: Counter = Counter()
-    rows = list_rows(plan_shards([tmp_path / "00000.tar"]).shards[0], ignored)
+    rows = list_rows(find_shards([tmp_path / "00000.tar"]).shards[0], ignored)
     assert [read_bytes(row.ref) for row in rows] == list(members.values()) and not ignored  # a .gif is an image member
     data = image_bytes(9, "GIF")
     pq.write_table(pa.table({"key": ["a"], "gif": [data]}), tmp_path / "gif.parquet")

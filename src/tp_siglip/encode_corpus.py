@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from tp_siglip import __version__, console, embeddings_dir, processing, sources
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
-from tp_siglip.lockstep import agree_on_plan, broadcast_from_rank0, collect_rows
+from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows
 
 __all__ = ["Corpus", "Target", "check_corpus", "check_output_name", "run_shards"]
 
@@ -94,13 +94,13 @@ def check_corpus(args: argparse.Namespace, rank: int, groups: int, usage_error: 
     target = Target.of(args.output)
     inputs = [str(p) for p in args.inputs]
     try:
-        plan = sources.plan_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
+        found = sources.find_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
     except (OSError, ValueError, ImportError) as err:
         raise usage_error(str(err)) from None
-    if not plan.shards:
-        left_out = f" (ignored by extension: {_counts(plan.ignored)})" if plan.ignored else ""
+    if not found.shards:
+        left_out = f" (ignored by extension: {_counts(found.ignored)})" if found.ignored else ""
         raise usage_error(f"no images or shards found in {', '.join(inputs)}{left_out}")
-    corpus = Corpus(target, plan.shards, plan.ignored, plan.hidden)
+    corpus = Corpus(target, found.shards, found.ignored, found.hidden)
     if rank == 0:
         try:
             _check_writable(target, args.output)
@@ -200,7 +200,7 @@ def run_shards(job: Any, args: argparse.Namespace, corpus: Corpus, group_index: 
     """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0, ``group_say``
     on the group's rank 0 (the writer)."""
     world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    agree_on_plan([(s.name, s.kind, s.source, s.files) for s in corpus.shards])
+    agree_on_shards([(s.name, s.kind, s.source, s.files) for s in corpus.shards])
     manifest = manifest_for(job, args, corpus)
     problem, done = broadcast_from_rank0(_resume_decision(corpus, manifest) if world_rank == 0 else None)
     if problem is not None:

@@ -309,7 +309,7 @@ def expected_tensors(layout: Layout) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass
-class LoadPlan:
+class KeyMap:
     """Which checkpoint key feeds which tower tensor, and which keys are deliberately skipped."""
 
     prefix: str
@@ -383,7 +383,7 @@ def match_tensors(
     return report
 
 
-def plan_load(
+def map_keys(
     available: Mapping[str, tuple[int, ...]],
     layout: Layout,
     prefix: str,
@@ -391,13 +391,13 @@ def plan_load(
     num_layers: int,
     use_head: bool,
     where: str,
-) -> LoadPlan:
+) -> KeyMap:
     """Match checkpoint keys (name -> full shape) to the model's tensors, strictly."""
     report = match_tensors(available, expected_tensors(layout), prefix, num_layers=num_layers, use_head=use_head)
     problems = report.problems()
     if problems:
         raise CheckpointError(f"{where} does not match the config's vision tower: " + "; ".join(problems))
-    return LoadPlan(prefix, {name: prefix + name for name in report.loaded}, report.skipped)
+    return KeyMap(prefix, {name: prefix + name for name in report.loaded}, report.skipped)
 
 
 def _short(items: list[str], limit: int = 8) -> str:
@@ -422,7 +422,7 @@ def open_safetensors(info: TensorInfo) -> Iterator[Any]:
 def read_tensors(
     params: Mapping[str, torch.Tensor],
     layout: Layout,
-    plan: LoadPlan,
+    key_map: KeyMap,
     infos: Mapping[str, TensorInfo],
     opener: Opener = open_safetensors,
 ) -> None:
@@ -432,9 +432,9 @@ def read_tensors(
     the pieces this rank keeps, and copied into memory the parameter owns (no view of the mapped file survives).
     """
     feeds = feeds_by_source(layout, dict(params))
-    order = sorted(feeds, key=lambda name: (infos[plan.keys[name]].file, infos[plan.keys[name]].start))
+    order = sorted(feeds, key=lambda name: (infos[key_map.keys[name]].file, infos[key_map.keys[name]].start))
     for name in order:
-        info = infos[plan.keys[name]]
+        info = infos[key_map.keys[name]]
         try:
             with opener(info) as source:
                 for view, piece in feeds[name]:

@@ -5,7 +5,7 @@ Each rank decodes only its portion of a batch (`tp_siglip.pipeline`); the group 
 so every rank sees the same batch by construction, whatever any single rank could read. A few collectives
 on the group do this, each returning the same answer on every rank:
 
-* :func:`agree_on_plan`, once before the first batch: the ranks compare a hash of their shard plans (a
+* :func:`agree_on_shards`, once before the first batch: the ranks compare a hash of their shard lists (a
   mismatch raises :class:`RanksDisagree` on every rank); then :func:`broadcast_from_rank0` gives every rank
   rank 0's resume decision (only rank 0 reads the earlier output).
 * :func:`broadcast_int_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
@@ -44,7 +44,7 @@ __all__ = [
     "CollectedRows",
     "RanksDisagree",
     "agree_on_max",
-    "agree_on_plan",
+    "agree_on_shards",
     "broadcast_from_rank0",
     "broadcast_int_from_rank0",
     "collect_rows",
@@ -74,15 +74,15 @@ def _digest(data: Any) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
 
 
-def agree_on_plan(plan: Sequence[Any]) -> None:
-    """Check that every rank planned the same shards (``plan``: JSON-able, one entry per shard).
+def agree_on_shards(shards: Sequence[Any]) -> None:
+    """Check that every rank found the same shards (``shards``: JSON-able, one entry per shard).
 
     Raises:
-        RanksDisagree: on every rank, when the ranks' plans differ.
+        RanksDisagree: on every rank, when the ranks' shard lists differ.
     """
     if not _distributed(dist.get_world_size() if dist.is_initialized() else 1):
         return
-    listing = _digest(json.dumps(list(plan)).encode())
+    listing = _digest(json.dumps(list(shards)).encode())
     flags = torch.tensor([listing, -listing], dtype=torch.int64)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_world_side())
     highest, negated = flags.tolist()

@@ -192,7 +192,7 @@ def load_checkpoint(
         cls = Siglip2VisionTransformer
     model = cls(config, group, attn_implementation=attn_implementation, device="meta", dtype=dtype)
     layout = model.checkpoint_layout()
-    plan = loader.plan_load(
+    key_map = loader.map_keys(
         checkpoint.shapes(),
         layout,
         checkpoint.prefix,
@@ -201,10 +201,10 @@ def load_checkpoint(
         where=str(checkpoint.directory),
     )
     model.to_empty(device=device)
-    loader.read_tensors(dict(model.named_parameters()), layout, plan, checkpoint.tensors, checkpoint.opener)
+    loader.read_tensors(dict(model.named_parameters()), layout, key_map, checkpoint.tensors, checkpoint.opener)
     model._weights_ready = True
     model.eval()
-    _log_loaded(model, checkpoint, plan, device, dtype)
+    _log_loaded(model, checkpoint, key_map, device, dtype)
     warn_if_emulated_half(device, dtype)  # bf16/fp16 on a CPU without them: ~7x slower than fp32, said once
     return model
 
@@ -236,15 +236,15 @@ def _effective_config(
 
 
 def _log_loaded(
-    model: SiglipVisionTransformer, checkpoint: loader.Checkpoint, plan: loader.LoadPlan, device: torch.device, dtype: torch.dtype
+    model: SiglipVisionTransformer, checkpoint: loader.Checkpoint, key_map: loader.KeyMap, device: torch.device, dtype: torch.dtype
 ) -> None:
     local = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
         "loaded %d tensors of %s (prefix %r, %d skipped) as rank %d of %d: %.1f MB on %s in %s",
-        len(plan.keys),
+        len(key_map.keys),
         Path(checkpoint.directory),
         checkpoint.prefix,
-        len(plan.skipped),
+        len(key_map.skipped),
         model.rank,
         model.world_size,
         local / 1e6,

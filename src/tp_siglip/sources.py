@@ -1,8 +1,8 @@
-"""Where a corpus's images come from: inputs planned into shards, each shard listed into rows, rows read as bytes.
+"""Where a corpus's images come from: inputs found as shards, each shard listed into rows, rows read as bytes.
 
 Three steps, each cheap enough for its place in a multi-node job:
 
-* :func:`plan_shards` (every rank, at start): turns the command line's inputs into a deterministic list of
+* :func:`find_shards` (every rank, at start): turns the command line's inputs into a deterministic list of
   :class:`ShardSpec`. It only looks at paths (``stat``), never inside a shard.
 * :func:`list_rows` (the rank that owns a shard): the shard's :class:`Row` objects -- one per image key,
   with its metadata and an :class:`ImageRef` saying where the bytes are. Tar shards are listed from their
@@ -30,7 +30,7 @@ Inputs, classified in this order:
   unreadable is skipped later with a reason, when its bytes are read. Listed paths are normalised
   (``os.path.normpath``: ``a/../b`` is ``b``). Lists do not nest;
 * a folder: searched recursively exactly as :func:`tp_siglip.processing.scan_images` does (it is reused;
-  its ignored/hidden counts go to :class:`ShardPlan`);
+  its ignored/hidden counts go to :class:`ShardList`);
 * any other file: an image file, whatever its extension.
 
 Choices made:
@@ -81,12 +81,12 @@ __all__ = [
     "IMAGE_MEMBER_SUFFIXES",
     "ImageRef",
     "Row",
-    "ShardPlan",
+    "ShardList",
     "ShardSpec",
     "describe",
     "expand_braces",
+    "find_shards",
     "list_rows",
-    "plan_shards",
     "read_bytes",
     "require_pyarrow",
 ]
@@ -140,7 +140,7 @@ class Row:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One shard of the plan. ``index``: its position in the plan; ``name``: unique, stable, filename-safe;
+    """One shard of the inputs. ``index``: its position in the shard list; ``name``: unique, stable, filename-safe;
     ``kind``: ``"files"``, ``"tar"`` or ``"parquet"``; ``source``: the tar/parquet path (``""`` for files);
     ``files``: the plain files of a ``files`` chunk."""
 
@@ -152,7 +152,7 @@ class ShardSpec:
 
 
 @dataclass
-class ShardPlan:
+class ShardList:
     """The shards, and what folder scans left out (counted as :func:`~tp_siglip.processing.scan_images` does)."""
 
     shards: list[ShardSpec]
@@ -169,7 +169,7 @@ def describe(spec: ShardSpec) -> str:
     return f"shard {spec.index} '{spec.name}' ({spec.kind} {spec.source})"
 
 
-# ---------------------------------------------------------------------------------------------------- planning
+# ---------------------------------------------------------------------------------------------------- finding shards
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -216,7 +216,7 @@ def _classify(path: Path) -> str:
 
 
 class _Collector:
-    """Accumulates shards and plain files while inputs are walked (see :func:`plan_shards`)."""
+    """Accumulates shards and plain files while inputs are walked (see :func:`find_shards`)."""
 
     def __init__(self) -> None:
         self.entries: list[Union[tuple[str, str], None]] = []  # (kind, path); None marks where file chunks go
@@ -243,10 +243,10 @@ class _Collector:
         self.entries.append((kind, path))
 
 
-def plan_shards(
+def find_shards(
     inputs: Sequence[Union[str, os.PathLike]], rows_per_file_shard: int = 10_000, min_file_shards: int = 1
-) -> ShardPlan:
-    """The deterministic shard plan for ``inputs`` (see the module docstring for what each input may be).
+) -> ShardList:
+    """The deterministic list of shards for ``inputs`` (see the module docstring for what each input may be).
 
     Plain files are cut into chunks of at most ``rows_per_file_shard`` rows, and into at least
     ``min_file_shards`` chunks when there are that many files (the encode job passes its number of groups,
@@ -269,9 +269,9 @@ def plan_shards(
     for raw in inputs:
         for path in _expand_input(raw):
             _add_input(collector, path)
-    plan = _build_plan(collector, _file_chunks(len(collector.files), rows_per_file_shard, min_file_shards))
-    logger.debug("plan_shards: %d shard(s), %d plain file(s)", len(plan.shards), len(collector.files))
-    return plan
+    found = _build_list(collector, _file_chunks(len(collector.files), rows_per_file_shard, min_file_shards))
+    logger.debug("find_shards: %d shard(s), %d plain file(s)", len(found.shards), len(collector.files))
+    return found
 
 
 def _expand_input(raw: Union[str, os.PathLike]) -> list[Path]:
@@ -350,7 +350,7 @@ def _file_chunks(count: int, rows_per_file_shard: int, min_file_shards: int) -> 
     return list(itertools.pairwise(bounds))
 
 
-def _build_plan(collector: _Collector, chunks: list[tuple[int, int]]) -> ShardPlan:
+def _build_list(collector: _Collector, chunks: list[tuple[int, int]]) -> ShardList:
     pending: list[tuple[str, str, str, tuple[str, ...]]] = []  # (wanted name, kind, source, files)
     for entry in collector.entries:
         if entry is None:
@@ -368,7 +368,7 @@ def _build_plan(collector: _Collector, chunks: list[tuple[int, int]]) -> ShardPl
             name, suffix = f"{wanted}-{suffix}", suffix + 1
         used.add(name)
         shards.append(ShardSpec(index, name, kind, source, files))
-    return ShardPlan(shards, collector.ignored, collector.hidden)
+    return ShardList(shards, collector.ignored, collector.hidden)
 
 
 # ---------------------------------------------------------------------------------------------------- listing

@@ -155,7 +155,7 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
         raise CheckpointError(f"{remote.where}: {config_name} is not valid JSON ({err})") from None
     chosen, auto, order = _tower_tensors(remote, prefix)
     metadata = {"format": "pt", "source": f"{meta['endpoint']}/{remote.repo_id}", "commit": remote.sha, "prefix": chosen}
-    raw, runs, tower_bytes = _plan(order, metadata)
+    raw, runs, tower_bytes = _layout(order, metadata)
     file_size, chunk = 8 + len(raw) + tower_bytes, min(MAX_CHUNK, max(MIN_CHUNK, tower_bytes // CHUNKS_PER_TOWER))
     snapshots.mkdir(parents=True, exist_ok=True)
     for stale in snapshots.glob(".tmp-*"):  # the caller holds the repo lock: these belong to a dead process
@@ -197,7 +197,7 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
     return final
 
 
-def _plan(order: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[list[Any]], int]:
+def _layout(order: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[list[Any]], int]:
     """The new file's JSON header (tensors packed in ``order``), the runs to read, the tower's bytes. A run is
     ``[file, start, end, pieces]``, pieces = its tensors' ``(source start, source end, offset in the new data)``."""
     entries, runs, offset = {}, [], 0
