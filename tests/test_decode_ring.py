@@ -108,9 +108,21 @@ def test_a_ring_too_small_is_caught_not_read(corpus, monkeypatch):
     batches = [files[i : i + 2] for i in range(0, 12, 2)]
     decoder = pipeline.PortionDecoder(batches, 0, 1, functools.partial(pipeline.decode_fixed, image_size=16))
     monkeypatch.setattr(pipeline, "slots_needed", lambda ahead, parts: 1)
+    rings = []
+    real = pipeline._ring_for
+    monkeypatch.setattr(pipeline, "_ring_for", lambda *args: rings.append(real(*args)) or rings[-1])
     with pytest.raises(pipeline.DecodeFailed, match="bug in tp_siglip's pipeline"):
-        for _ in pipeline.decoded_portions(decoder, 2, borrowed=True):
-            time.sleep(0.3)  # the workers, ahead by 4 items, decode the next portion into this one's buffer
+        for portion in pipeline.decoded_portions(decoder, 2, borrowed=True):
+            # the workers, ahead by 4 items, begin the next portion in this one's (only) buffer: wait for that
+            _wait_until(lambda batch=portion.batch: not bool((rings[0].stamps[0] == batch).all()))
+
+
+def _wait_until(condition, seconds: float = 60.0) -> None:
+    """Poll ``condition`` until it holds (the test's outcome is the condition's, not the time's)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.001)
 
 
 def test_decoding_into_a_used_buffer_leaves_nothing_of_it(corpus):

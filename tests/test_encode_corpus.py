@@ -158,7 +158,25 @@ def _rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
+#: on rank 1 only (a ``sitecustomize`` on the ranks' path): its second shard commit blocks until the rank is killed
+STALL_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import threading
+    from tp_siglip import embeddings_dir
+    commit, calls = embeddings_dir.ShardWriter.commit, []
+    def stalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            threading.Event().wait()
+        return commit(self, *args, **kwargs)
+    embeddings_dir.ShardWriter.commit = stalled
+"""
+
+
 def test_a_rank_killed_mid_run_leaves_nothing_that_looks_complete_and_resume_finishes_it(setup, two_groups, tmp_path):
+    """2 groups over 8 tar shards (group 0: shards 0, 2, 4, 6; group 1: 1, 3, 5, 7). Rank 1 stalls in the commit
+    of its second shard (a deterministic point, not a time); once group 0 is done, rank 1 gets SIGKILL."""
     root, checkpoint, inputs, _ = setup
     many = tmp_path / "many"
     many.mkdir()
@@ -166,21 +184,25 @@ def test_a_rank_killed_mid_run_leaves_nothing_that_looks_complete_and_resume_fin
         make_tar(many / f"{shard:05d}.tar", shard, 12)
     output = tmp_path / "killed"
     args = [str(many / "{00000..00007}.tar"), "--model", str(checkpoint), "--output", str(output), "--tp", "1", "--batch-size", "1", "--workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_SIGLIP_PG_TIMEOUT_S": "60"}
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(STALL_RANK_1)
+    path = os.pathsep.join([str(tmp_path / "hook"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_SIGLIP_PG_TIMEOUT_S": "60", "PYTHONPATH": path}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "tp_siglip.encode"]
     proc = subprocess.Popen([*launcher, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (output.exists() and embeddings_dir.completed_shards(output)):
-        time.sleep(0.02)
+    while time.monotonic() < deadline and proc.poll() is None and not (output.exists() and len(embeddings_dir.completed_shards(output)) == 5):
+        time.sleep(0.02)  # polls a condition: group 0's four shards and rank 1's first
     pids = _rank_pids(proc.pid)
     assert 1 in pids, "rank 1 not found"
     os.kill(pids[1], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     complete = embeddings_dir.completed_shards(output)
-    assert 0 < len(complete) < 8, complete  # killed mid-run: some shards done, not all
+    assert sorted(complete) == [0, 1, 2, 4, 6], complete  # shard 3's commit never began: its rows are only in a spool
     for index, stats in complete.items():  # what looks complete is complete
         assert np.load(output / "img_emb" / f"img_emb_{index:05d}.npy", mmap_mode="r").shape[0] == stats["rows"] == 12
+    assert [p.name for p in output.iterdir() if p.name.startswith(".spool-")], "rank 1's spool of shard 3 is left"
 
     _ok(_run([*args, "--resume"]))
     clean = tmp_path / "clean"
