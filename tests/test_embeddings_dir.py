@@ -22,11 +22,11 @@ from tp_siglip.embeddings_dir import (
     check_same_run,
     completed_shards,
     make_manifest,
-    open_embeddings,
     read_manifest,
     remove_incomplete,
     write_manifest,
 )
+from tp_siglip.embeddings_reader import open_embeddings
 from tp_siglip.sources import ShardSpec
 
 SRC = str(Path(ed.__file__).resolve().parents[1])

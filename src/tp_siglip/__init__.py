@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
-from tp_siglip.embeddings_dir import open_embeddings
+from tp_siglip.embeddings_reader import open_embeddings
 from tp_siglip.model import Siglip2VisionTransformer, SiglipVisionOutput, SiglipVisionTransformer
 from tp_siglip.processing import load_image, preprocess
 from tp_siglip.processing_naflex import preprocess_naflex

@@ -6,7 +6,7 @@ pass: a temporary file in the output's own folder (same file system), the 8-byte
 header, each tensor's rows copied from the shards' memory-mapped ``.npy`` files in chunks, ``fsync``, then
 ``os.replace`` onto the output (`embeddings_dir.write_atomically`). A reader sees the earlier file or the
 new one, never a half-written one. :class:`EarlierOutput` reads a file's header: for ``--resume`` and for
-`embeddings_dir.open_embeddings`.
+`embeddings_reader.open_embeddings`.
 
 The safetensors layout is written by hand (little-endian u64 header size, JSON header padded with spaces to
 8 bytes, tensors back to back in header order) because ``safetensors.torch.save_file`` needs every tensor in
