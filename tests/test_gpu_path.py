@@ -157,7 +157,7 @@ def _job_exchanges(rank, world_size):
     world = dist.group.WORLD
     with CollectiveLog() as log:
         lockstep.agree_on_shards([["a", "files", "", ["a.png"]], ["b", "tar", "b.tar", []]])
-        limit = lockstep.broadcast_int_from_rank0(7 + rank, world_size)
+        limit = lockstep.broadcast_from_rank0(7 + rank)
         top = lockstep.agree_on_max(rank)
         rows = {"v": torch.full((2, 3), float(rank))}
         shares = lockstep.collect_rows(rows, {"v": ((3,), torch.float32)}, [2] * world_size, None, world)

@@ -51,7 +51,7 @@ from tp_siglip.formats import OPEN_CLIP_CONFIG
 from tp_siglip.lockstep import (
     RanksDisagree,
     agree_on_max,
-    broadcast_int_from_rank0,
+    broadcast_from_rank0,
     collect_rows,
     form_groups,
     gather_reasons,
@@ -514,7 +514,7 @@ class StoredRows:
                 tensors["last_hidden_state"] = out.last_hidden_state.float()
             return self.on_host(tensors)
         mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
-        # padding rows zeroed: what a tower computes there differs between tensor and data mode, and means nothing
+        # padding rows zeroed: what a tower computes there differs between a tensor group and one rank, and means nothing
         tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
         vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
         tensors = {self.embedding: self._unit(vectors)}
@@ -653,7 +653,7 @@ class Job:
         self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
         output: Optional[Sink], times: Counter,
     ) -> int:
-        """Tensor mode: the group runs the batch split by rows (`parallel.split_batch`): each rank feeds the
+        """A tensor group: it runs the batch split by rows (`parallel.split_batch`): each rank feeds the
         tower the images it decoded and gets their outputs back. First the ranks tell each other which of
         their images they could read (and whether they have a portion at all), so all know the row counts."""
         clock = time.perf_counter()
@@ -673,8 +673,8 @@ class Job:
         self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
         output: Optional[Sink], times: Counter, batch_sizes: Optional[list[int]] = None,
     ) -> int:
-        """Data mode: every rank runs its own portion on its replica; the group gathers the stored rows. With
-        ``batch_sizes`` (tensor mode: every rank's readable images) the ranks run the tower together instead,
+        """Data parallel: every rank runs its own portion on its replica; the group gathers the stored rows. With
+        ``batch_sizes`` (a tensor group: every rank's readable images) the ranks run the tower together instead,
         each with its own rows, and every rank takes part even with none of its own."""
         clock = time.perf_counter()
         specs = self.rows.specs()
@@ -732,7 +732,7 @@ class Job:
 def _agree_on_max_num_patches(checked: Checked) -> int:
     """Rank 0's ``max_num_patches``, on every rank (NaFlex only); an unusable one stops the run."""
     own = checked.max_num_patches
-    agreed = broadcast_int_from_rank0(own or 0, _rank_and_world()[1])
+    agreed = broadcast_from_rank0(own or 0)
     if agreed == 0:
         raise UsageError(checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
     if own is not None and own != agreed:

@@ -8,12 +8,12 @@ on the group do this, each returning the same answer on every rank:
 * :func:`agree_on_shards`, once before the first batch: the ranks compare a hash of their shard lists (a
   mismatch raises :class:`RanksDisagree` on every rank); then :func:`broadcast_from_rank0` gives every rank
   rank 0's resume decision (only rank 0 reads the earlier output).
-* :func:`broadcast_int_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
+* :func:`broadcast_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
   default from its own copy of the checkpoint; different copies must not mean different grids).
 * :func:`collect_rows`: one all-gather of a byte buffer holding each rank's status (a dead decode worker
   is a status, so no rank is left waiting) and rows: per batch, the stored outputs of each rank's images
   with their ``ok`` flags (which images the rank that decoded them could read: that rank alone decides);
-  in tensor mode, before the forward, the ``ok`` flags alone, so every rank knows the row counts of the
+  in a tensor group, before the forward, the ``ok`` flags alone, so every rank knows the row counts of the
   split batch (`parallel.split_batch`).
 * :func:`gather_reasons`, only for a batch with unreadable images: their one-line reasons, for the writer.
 
@@ -46,7 +46,6 @@ __all__ = [
     "agree_on_max",
     "agree_on_shards",
     "broadcast_from_rank0",
-    "broadcast_int_from_rank0",
     "collect_rows",
     "form_groups",
     "gather_reasons",
@@ -90,15 +89,6 @@ def agree_on_shards(shards: Sequence[Any]) -> None:
         raise RanksDisagree(
             "the ranks list different image files; every rank must see the same files (same inputs, same working directory)"
         )
-
-
-def broadcast_int_from_rank0(value: int, world_size: int) -> int:
-    """Rank 0's ``value`` on every rank (one broadcast of one int64); ``value`` itself without a process group."""
-    if not _distributed(world_size):
-        return value
-    shared = torch.tensor([value], dtype=torch.int64)
-    dist.broadcast(shared, src=0, group=_world_side())
-    return int(shared.tolist()[0])
 
 
 @dataclass

@@ -6,7 +6,7 @@ image is decoded once. What a worker hands back is uint8: the
 resized ``(n, 3, H, W)`` levels of a fixed-resolution tower, or a NaFlex tower's ``(n, N, 3*p*p)`` patches
 and ``(n, 2)`` grids, plus one reason per unreadable image. Normalising to the model's dtype happens
 later, on the model's device (`processing.to_pixel_values`), by the rank that decoded the images: in
-tensor mode too, as the group runs each batch split by rows (`parallel.split_batch`).
+a tensor group too, as the group runs each batch split by rows (`parallel.split_batch`).
 
 Choices made:
 
