@@ -363,10 +363,6 @@ def _check_naflex_option(args: argparse.Namespace) -> None:
         raise _not_naflex(args)
 
 
-def _counts(counter: Counter) -> str:
-    return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
-
-
 # ----------------------------------------------------------------------------- the run
 
 
