@@ -614,3 +614,41 @@ def test_a_failure_in_one_tensor_group_stops_every_group(setup, tmp_path):
     assert [code for code, _, _ in results] == [encode.EXIT_FAILED] * 4, results
     assert "rank 3: a decode worker died (test)" in results[0][2], results[0][2]
     assert not output.exists()
+
+
+def _commit_fails_on_rank_0(rank: int, world_size: int, argv: list[str]) -> tuple:
+    from tp_siglip import embeddings_dir
+
+    real = embeddings_dir.ShardWriter.commit
+    if rank == 0:
+
+        def second_commit_fails(self, *args, **kwargs):
+            if self.index == 1:
+                self.abort()
+                raise OSError(28, "No space left on device")
+            return real(self, *args, **kwargs)
+
+        embeddings_dir.ShardWriter.commit = second_commit_fails
+    try:
+        return encode_main_captured(argv)
+    finally:
+        embeddings_dir.ShardWriter.commit = real
+
+
+def test_a_failed_commit_stops_every_rank_at_once(setup, tmp_path):
+    """2 ranks, one file in shards of 2 images: rank 0 (the writer) cannot commit the second shard. Every rank
+    learns of it at the end of that shard and exits 1 (none waits in the next shard's first batch); the first
+    shard stays committed for --resume."""
+    _, checkpoint, corpus, _ = setup
+    output = tmp_path / "full.safetensors"
+    argv = [str(corpus), "--model", str(checkpoint), "--output", str(output), "--batch-size", "2", "--shard-size", "2"]
+    pool = RankPool(2, tmp_path)
+    try:
+        results = pool.run(_commit_fails_on_rank_0, argv, timeout=90)  # far below the process groups' timeout
+    finally:
+        pool.close()
+    assert [code for code, _, _ in results] == [encode.EXIT_FAILED] * 2, results
+    for _, _, err in results:
+        assert "cannot commit shard 1 'files-00001'" in err and "No space left on device" in err, err
+    assert not output.exists() and list(embeddings_dir.completed_shards(_work_folder(output))) == [0]
+

@@ -48,6 +48,11 @@ FILE_SUFFIXES = frozenset({".npy", ".npz", ".parquet", ".json", ".jsonl", ".pt",
 SIMILARITY_ROWS = 5
 
 
+class JobError(Exception):
+    """The job cannot go on (a ``--strict`` bad file, a failed rank, nothing readable): exit status 1."""
+
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a run's shards go: ``root``, the output folder, or the work folder of the ``.safetensors`` ``file``."""
@@ -251,20 +256,33 @@ def _encode_shard(job: Any, args: argparse.Namespace, target: Target, spec: sour
     writer = None
     if job.dealing.rank == 0:
         writer = ShardSink(target.root, spec, job.embedding, shard_count, target.file is None, say)
-    start = time.perf_counter()
+    start, failure = time.perf_counter(), None
     try:
         encoded = job.encode(rows, writer, opener=open_row)
         if writer is not None:
-            seconds = time.perf_counter() - start
-            writer.commit(seconds)
-            rate = encoded / seconds if seconds > 0 else 0.0
-            say(f"{sources.describe(spec)}: {encoded} rows, {len(writer.skipped)} skipped, "
-                f"{rate:.1f} img/s; shards done here: {progress}")  # fmt: skip
+            try:
+                writer.commit(time.perf_counter() - start)
+            except OSError as err:  # the writer has dropped the shard's spool; the other ranks learn of it below
+                failure = f"cannot commit {sources.describe(spec)}: {type(err).__name__}: {err}"
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    _stop_on_failure(job, failure)
+    if writer is not None:
+        seconds = time.perf_counter() - start
+        say(f"{sources.describe(spec)}: {encoded} rows, {len(writer.skipped)} skipped, "
+            f"{encoded / seconds if seconds > 0 else 0.0:.1f} img/s; shards done here: {progress}")  # fmt: skip
     return encoded
+
+
+def _stop_on_failure(job: Any, failure: Optional[str]) -> None:
+    """Every rank of the dealing learns whether the writer could commit (one small exchange): a failed commit
+    stops them all at once, instead of leaving them waiting in the next shard's first batch."""
+    failures = collect_rows(None, {}, [0] * job.dealing.size, failure, job.group).failures
+    failed = next((text for text in failures if text is not None), None)
+    if failed is not None:
+        raise JobError(failed)
 
 
 class ShardSink:
@@ -309,10 +327,6 @@ class GroupSay:
 
     def __call__(self, text: str) -> None:
         self.printer(self.prefix + text)
-
-
-class JobError(Exception):
-    """The job cannot go on (a ``--strict`` bad file, a failed rank, nothing readable): exit status 1."""
 
 
 def _finish(corpus: Corpus, manifest: dict, job: Any, encoded: int, seconds: float, say: Any) -> None:

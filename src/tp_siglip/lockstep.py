@@ -130,7 +130,7 @@ def collect_rows(
         group: The ranks that deal out the batch; ``None`` for one process.
 
     Returns:
-        :class:`Shares`: ``parts[name][r]`` holds ``sizes[r]`` rows in host memory (zeros from a
+        :class:`CollectedRows`: ``parts[name][r]`` holds ``sizes[r]`` rows in host memory (zeros from a
         failed rank), ``failures[r]`` is rank ``r``'s failure text or ``None``.
     """
     if group is None or dist.get_world_size(group) == 1:
@@ -150,7 +150,7 @@ def collect_rows(
                 section.copy_(rows[name], non_blocking=True)
             offset += _section_bytes(shape, dtype, cap)
 
-    # same-host CPU ranks: each writes its share into shared memory and reads the others' where they lie
+    # same-host CPU ranks: each writes its portion into shared memory and reads the others' where they lie
     everyone = all_gather_bytes(width, fill, group, shared_memory=True)  # on the group's CPU side group
     failures = [_status_text(buffer[:STATUS_BYTES]) for buffer in everyone]
     parts, offset = {}, STATUS_BYTES
