@@ -660,7 +660,7 @@ class Job:
         if failed is not None and self.dealing.size > self.dealing.tp:
             # no forward; the other tensor groups learn of it at the gather of the batch's rows (no rank waits)
             return self._data_batch(batch, None, failure or f"a rank of this tensor group: {failed}", sizes, output, times)
-        self._raise_failures(flags.failures, batch)
+        _raise_failures(flags.failures, batch)
         counts = [int(part.sum()) for part in flags.parts["ok"]]
         times["exchange"] += time.perf_counter() - clock
         return self._data_batch(batch, portion, None, sizes, output, times, batch_sizes=counts)
@@ -691,38 +691,43 @@ class Job:
         times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
         gathered = collect_rows(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
-        self._raise_failures(gathered.failures, batch)
+        _raise_failures(gathered.failures, batch)
         keep = gathered.rows("ok").bool().cpu()
         chosen = keep.nonzero().flatten()
         # copied out before the group's next collective (the reasons' exchange, the next batch's)
         rows = {name: gathered.rows(name)[chosen].cpu() for name in specs} if output is not None and len(chosen) else None
         times["exchange"] += time.perf_counter() - clock
-        self._report_skips(batch, keep, portion, output)
+        _report_skips(batch, keep, portion, output, self.args.strict, self.group)
         if rows is not None:
             clock = time.perf_counter()
             output.add([batch[i] for i in chosen.tolist()], rows)
             times["write"] += time.perf_counter() - clock
         return len(chosen)
 
-    def _raise_failures(self, failures: list[Optional[str]], batch: list[Path]) -> None:
-        failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
-        if failed:
-            where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
-            raise JobError(f"cannot go on: {where} (files {batch[0]} .. {batch[-1]})")
 
-    def _report_skips(self, batch: list[Path], keep: torch.Tensor, portion: Optional[pipeline.Decoded], output: Optional[Sink]) -> None:
-        """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
-        if bool(keep.all()):
-            return
-        why = gather_reasons(portion.reasons if portion is not None else [], self.group)
-        for i, path in enumerate(batch):
-            if keep[i]:
-                continue
-            reason = why[i] or "unreadable"
-            if self.args.strict:
-                raise JobError(f"--strict: cannot use {_label(path)}: {reason}")
-            if output is not None:
-                output.skip(path, reason)
+def _raise_failures(failures: list[Optional[str]], batch: list[Any]) -> None:
+    """Stop every rank when any rank of the dealing failed (each rank gets the same list)."""
+    failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+    if failed:
+        where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+        raise JobError(f"cannot go on: {where} (items {_label(batch[0])} .. {_label(batch[-1])})")
+
+
+def _report_skips(
+    batch: list[Any], keep: torch.Tensor, portion: Optional[pipeline.Decoded], sink: Optional[Sink], strict: bool, group: Any
+) -> None:
+    """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
+    if bool(keep.all()):
+        return
+    why = gather_reasons(portion.reasons if portion is not None else [], group)
+    for i, item in enumerate(batch):
+        if keep[i]:
+            continue
+        reason = why[i] or "unreadable"
+        if strict:
+            raise JobError(f"--strict: cannot use {_label(item)}: {reason}")
+        if sink is not None:
+            sink.skip(item, reason)
 
 
 def _agree_on_max_num_patches(checked: Checked) -> int:
