@@ -73,7 +73,7 @@ def write_from_shards(path: Path, root: Path, stats: list[dict], embedding: str,
             for part in parts:
                 flat = part.reshape(len(part), -1)
                 for start in range(0, len(flat), _CHUNK_ROWS):
-                    target.write(np.ascontiguousarray(flat[start : start + _CHUNK_ROWS]).tobytes())
+                    target.write(np.ascontiguousarray(flat[start : start + _CHUNK_ROWS]).data)  # no extra copy
 
     write_atomically(path, fill)
     return rows

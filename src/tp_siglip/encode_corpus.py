@@ -301,7 +301,7 @@ class ShardSink:
         self.say(f"skipped {row.key}: {reason}")
 
     def commit(self, seconds: float) -> dict:
-        return self.writer.commit([(key, reason) for key, reason in self.skipped], seconds)
+        return self.writer.commit(self.skipped, seconds)
 
     def abort(self) -> None:
         self.writer.abort()

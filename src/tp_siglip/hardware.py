@@ -1,8 +1,8 @@
 """What the CPU does natively, and one warning when half precision would run emulated on it.
 
 bfloat16 or float16 on a CPU without instructions for them makes PyTorch convert every element to float32 and
-back around each operation: measured on an AVX2-only AMD EPYC, a SigLIP tower ran at 0.49 images/s in bf16
-against 3.3 images/s in fp32, about 7x slower. :func:`warn_if_emulated_half` logs that once per process.
+back around each operation, several times slower than float32 (measured: docs/benchmarks.md).
+:func:`warn_if_emulated_half` logs that once per process.
 
 Choices made:
 

@@ -59,10 +59,6 @@ class RanksDisagree(RuntimeError):
     """The ranks do not see the same files."""
 
 
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
 def _world_side() -> Any:
     """The default group's CPU side group: where the job's world-wide bookkeeping runs (never on NCCL)."""
     return side_group(dist.group.WORLD)
@@ -79,7 +75,7 @@ def agree_on_shards(shards: Sequence[Any]) -> None:
     Raises:
         RanksDisagree: on every rank, when the ranks' shard lists differ.
     """
-    if not _distributed(dist.get_world_size() if dist.is_initialized() else 1):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     listing = _digest(json.dumps(list(shards)).encode())
     flags = torch.tensor([listing, -listing], dtype=torch.int64)

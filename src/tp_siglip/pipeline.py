@@ -20,7 +20,7 @@ Choices made:
   the portion's rows of a ring of buffers that the main process made before the workers started, so no
   shared segment is made, faulted in and mapped per piece, and the portion is one tensor where it lies.
   The encode job reads it there (``borrowed``); anyone else gets a copy, as does CUDA (pinned memory).
-  It pays 4-6 % over DataLoader's own transport of whole portions (docs/benchmarks.md).
+  It pays over DataLoader's own transport of whole portions (measured: docs/benchmarks.md).
 * **A bad image is a reason, never a dead worker**: decoding goes through `processing.read_files`,
   which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
   memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job

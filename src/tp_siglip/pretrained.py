@@ -12,7 +12,7 @@ Choices:
 * **Nothing half-loaded.** The model is built on the meta device (no random init), materialised on the
   target device and filled from the checkpoint; only a model whose every tensor was read is returned.
 * **Half precision on a CPU without native support is warned about** (once per process, naming the
-  cost and the fix: float32), not silently ~7x slower; see ``hardware.py``.
+  cost and the fix: float32), not silently several times slower; see ``hardware.py``.
 
 Arguments of ``from_pretrained`` / `load_pretrained`:
 

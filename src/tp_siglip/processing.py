@@ -630,7 +630,7 @@ def to_pixel_values(
     The values are those of the 256-entry table of :func:`preprocess` (transformers' rescale + normalize,
     float32), cast to ``dtype``: bit-identical to :func:`preprocess`'s for the same levels, on any device. On
     the CPU they are computed as ``level / 127.5 - 1`` in float32, which equals the table at every level
-    (checked on first use; the table otherwise), ~3x faster than a lookup; elsewhere ``torch.take``.
+    (checked on first use; the table otherwise), faster than a lookup; elsewhere ``torch.take``.
 
     Args:
         levels: uint8 tensor of any shape.
