@@ -495,12 +495,6 @@ class ShardWriter:
                 spooled.file.close()
         shutil.rmtree(self.spool, ignore_errors=True)
 
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
 
 # ---------------------------------------------------------------------------------------------------- completeness
 
