@@ -10,11 +10,51 @@ position table is resized to its grid, as transformers does): pass it as a CPU t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from tp_siglip.config import SiglipVisionConfig
+
+#: transformers-style forward keywords accepted (and ignored) so the model drops into transformers code
+_IGNORED_FORWARD_KWARGS = ("return_dict", "output_attentions", "use_cache")
+
+
+def check_ready(weights_ready: bool, kwargs: dict[str, Any]) -> None:
+    """Refuse to run a tower whose weights are not ready, or ``forward`` keywords it does not know."""
+    if not weights_ready:
+        raise RuntimeError(
+            "this model's weights are not loaded (built on the meta device, or a load failed); call "
+            "load_weights(...) or build it with SiglipVisionTransformer.from_pretrained(...)"
+        )
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True is not supported: attention weights are never materialised")
+
+
+def check_batch_sizes(batch_sizes: object, rows: int, world_size: int, rank: int) -> Optional[tuple[int, ...]]:
+    """``batch_sizes`` as a tuple (``None`` stays ``None``): one count per rank, ``rank``'s count = ``rows``."""
+    if batch_sizes is None:
+        return None
+    if torch.compiler.is_compiling():
+        raise ValueError("batch_sizes is not supported under torch.compile; pass the whole batch on every rank")
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
+        raise TypeError(f"batch_sizes must be a sequence of ints (one per rank), got {type(batch_sizes).__name__}")
+    sizes = tuple(batch_sizes)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
+        raise ValueError(f"batch_sizes must hold non-negative ints, got {list(sizes)}")
+    if len(sizes) != world_size:
+        raise ValueError(f"batch_sizes must give one row count per rank ({world_size}), got {list(sizes)}")
+    if not sum(sizes):
+        raise ValueError(f"batch_sizes {list(sizes)} holds no image; pass at least one")
+    if sizes[rank] != rows:
+        raise ValueError(
+            f"batch_sizes[{rank}] is {sizes[rank]} but this rank passed {rows} image(s); pass this "
+            f"rank's own rows of the batch"
+        )
+    return sizes
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

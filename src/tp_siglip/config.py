@@ -119,23 +119,7 @@ class SiglipVisionConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _variant_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = {k: v for k, v in data.items() if v is not None}
-        variant = data.get("variant", "siglip")
-        if variant == "naflex":
-            data.setdefault("num_patches", 256)
-            data["image_size"] = None
-        else:
-            data.setdefault("image_size", 224)
-            size, patch = data["image_size"], data.get("patch_size", 16)
-            if isinstance(size, int) and isinstance(patch, int) and 0 < patch <= size:
-                data.setdefault("num_patches", (size // patch) ** 2)
-        if variant == "idefics3":
-            data["vision_use_head"] = False  # these towers have no pooling head
-        if data.get("global_pool") == "avg":
-            data.setdefault("vision_use_head", False)  # a GAP tower pools without a head
-        return data
+        return _fill_variant_defaults(data)
 
     @field_validator("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                      "image_size", "patch_size", "num_patches")
@@ -167,36 +151,8 @@ class SiglipVisionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SiglipVisionConfig:
-        self._check_pooling()
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}; every head must have the same width"
-            )
-        if self.variant == "naflex":
-            assert self.num_patches is not None
-            if math.isqrt(self.num_patches) ** 2 != self.num_patches:
-                raise ValueError(f"num_patches {self.num_patches} must be a square (a G x G position grid) for NaFlex")
-            return self
-        assert self.image_size is not None
-        if self.patch_size > self.image_size:
-            raise ValueError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
-        grid = (self.image_size // self.patch_size) ** 2
-        if self.num_patches != grid:
-            raise ValueError(
-                f"num_patches {self.num_patches} does not match image_size {self.image_size} // patch_size "
-                f"{self.patch_size} squared ({grid})"
-            )
+        _check_consistent(self)
         return self
-
-    def _check_pooling(self) -> None:
-        if self.global_pool == "avg" and (self.vision_use_head or self.variant != "siglip"):
-            raise ValueError(
-                f"global_pool='avg' (mean of the tokens, timm's GAP towers) needs a SigLIP tower without a head; got "
-                f"variant {self.variant!r}, vision_use_head {self.vision_use_head}: drop global_pool or vision_use_head"
-            )
-        if self.global_pool == "map" and self.vision_use_head is False:
-            raise ValueError("global_pool='map' needs the pooling head but vision_use_head is False; drop one of them")
 
     @property
     def head_dim(self) -> int:
@@ -248,6 +204,63 @@ class SiglipVisionConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (what ``SiglipVisionConfig(**d)`` reads back)."""
         return self.model_dump()
+
+
+def _fill_variant_defaults(data: Any) -> Any:
+    """The defaults that depend on other fields (``variant``'s, ``num_patches`` from the image grid, no head for
+    Idefics3 and GAP towers), filled into a raw field dict before validation; ``None`` values count as unset."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: v for k, v in data.items() if v is not None}
+    variant = data.get("variant", "siglip")
+    if variant == "naflex":
+        data.setdefault("num_patches", 256)
+        data["image_size"] = None
+    else:
+        data.setdefault("image_size", 224)
+        size, patch = data["image_size"], data.get("patch_size", 16)
+        if isinstance(size, int) and isinstance(patch, int) and 0 < patch <= size:
+            data.setdefault("num_patches", (size // patch) ** 2)
+    if variant == "idefics3":
+        data["vision_use_head"] = False  # these towers have no pooling head
+    if data.get("global_pool") == "avg":
+        data.setdefault("vision_use_head", False)  # a GAP tower pools without a head
+    return data
+
+
+def _check_consistent(config: SiglipVisionConfig) -> None:
+    """Reject field values that contradict each other: pooling, head width, the position grid."""
+    _check_pooling(config)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            f"{config.num_attention_heads}; every head must have the same width"
+        )
+    if config.variant == "naflex":
+        assert config.num_patches is not None
+        if math.isqrt(config.num_patches) ** 2 != config.num_patches:
+            raise ValueError(f"num_patches {config.num_patches} must be a square (a G x G position grid) for NaFlex")
+        return
+    assert config.image_size is not None
+    if config.patch_size > config.image_size:
+        raise ValueError(f"patch_size {config.patch_size} is larger than image_size {config.image_size}")
+    grid = (config.image_size // config.patch_size) ** 2
+    if config.num_patches != grid:
+        raise ValueError(
+            f"num_patches {config.num_patches} does not match image_size {config.image_size} // patch_size "
+            f"{config.patch_size} squared ({grid})"
+        )
+
+
+def _check_pooling(config: SiglipVisionConfig) -> None:
+    """``global_pool`` against ``vision_use_head`` and ``variant``."""
+    if config.global_pool == "avg" and (config.vision_use_head or config.variant != "siglip"):
+        raise ValueError(
+            f"global_pool='avg' (mean of the tokens, timm's GAP towers) needs a SigLIP tower without a head; got "
+            f"variant {config.variant!r}, vision_use_head {config.vision_use_head}: drop global_pool or vision_use_head"
+        )
+    if config.global_pool == "map" and config.vision_use_head is False:
+        raise ValueError("global_pool='map' needs the pooling head but vision_use_head is False; drop one of them")
 
 
 def _vision_type(data: dict[str, Any], parent_type: Optional[str]) -> str:

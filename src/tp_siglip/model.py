@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_siglip.activations import get_activation
-from tp_siglip.checks import check_choice, check_naflex_inputs, check_pixel_values
+from tp_siglip.checks import check_batch_sizes, check_choice, check_naflex_inputs, check_pixel_values, check_ready
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.embeddings import NaFlexEmbeddings, SiglipVisionEmbeddings
 from tp_siglip.initialization import default_flax_embed_init, lecun_normal_
@@ -58,8 +58,6 @@ if TYPE_CHECKING:  # the loading layers sit above this file; imported lazily by 
 
 DeviceLike = Union[torch.device, str, int, None]
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-#: transformers-style forward keywords accepted (and ignored) so the model drops into transformers code
-_IGNORED_FORWARD_KWARGS = ("return_dict", "output_attentions", "use_cache")
 
 
 @dataclass
@@ -307,55 +305,16 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         return pooled[:, 0]
 
 
-class SiglipVisionTransformer(nn.Module):
-    """SigLIP vision encoder, tensor-parallel over ``process_group`` (or a single rank without one).
-
-    Build it with `from_pretrained` to load a checkpoint. ``SiglipVisionTransformer(config)`` gives a
-    randomly initialised model (transformers' init; the same numbers at every world size for a given
-    ``seed``); ``device="meta"`` gives an unallocated skeleton to fill with `load_weights`.
+class _PretrainedTower(nn.Module):
+    """What both tower classes have besides their layers and ``forward``: where they run (group, rank, device,
+    dtype), how their weights come (random init, the checkpoint layout, the two loading entry points) and the
+    checks of ``forward`` arguments they share. The subclass's ``__init__`` sets the attributes below.
     """
 
-    #: how the model splits work over its group (``DataParallelEncoder`` says ``"data"``)
-    parallel = "tensor"
-
-    def __init__(
-        self,
-        config: SiglipVisionConfig,
-        process_group: Optional[ProcessGroup] = None,
-        *,
-        attn_implementation: str = "sdpa",
-        device: DeviceLike = None,
-        dtype: Optional[torch.dtype] = None,
-        seed: int = 0,
-    ):
-        super().__init__()
-        if not isinstance(config, SiglipVisionConfig):
-            raise TypeError(f"config must be a SiglipVisionConfig, got {type(config).__name__}")
-        check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
-        self.config = config
-        self.process_group = process_group
-        #: read input values to refuse NaN/inf pixels and malformed masks: ``None`` (default) for inputs on the
-        #: CPU only (free there; on a GPU it would be a device sync per forward), ``True`` always, ``False`` never
-        self.check_finite: Optional[bool] = None
-        #: what ranks compare before each forward (on the CPU side group): "shapes" (shapes, dtypes, flags;
-        #: no tensor data read), "checksum" (also the bytes: a device sync) or "off"
-        self.check_inputs_agree = "shapes"
-        self.plan = TensorParallelPlan.for_group(
-            process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
-        )
-        kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        parts: dict[str, Any] = {"attn_implementation": attn_implementation, **kw}
-        self.embeddings = self._make_embeddings(config, **kw)
-        self.encoder = SiglipEncoder(config, self.plan, **parts)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
-        self.use_head = config.use_head
-        self.head = SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
-        self._weights_ready = False
-        self._register_load_state_dict_pre_hook(join_blocks, with_module=True)  # checkpoint names in
-        if not self.is_meta:
-            self.init_weights(seed)
-
-    # ------------------------------------------------------------------ properties
+    config: SiglipVisionConfig
+    plan: TensorParallelPlan
+    embeddings: nn.Module
+    _weights_ready: bool
 
     @property
     def world_size(self) -> int:
@@ -390,8 +349,6 @@ class SiglipVisionTransformer(nn.Module):
     def checkpoint_layout(self) -> Layout:
         """For every parameter, the pieces of checkpoint tensors (names relative to the tower) it holds."""
         return checkpoint_layout(self)
-
-    # ------------------------------------------------------------------ weights
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -441,26 +398,11 @@ class SiglipVisionTransformer(nn.Module):
         from tp_siglip.pretrained import load_pretrained  # the loading layers sit above the modules
 
         return load_pretrained(
-            cls,
-            repo_or_dir,
-            world_size=world_size,
-            process_group=process_group,
-            dtype=dtype,
-            device=device,
-            prefix=prefix,
-            num_hidden_layers=num_hidden_layers,
-            use_head=use_head,
-            attn_implementation=attn_implementation,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            download=download,
-            parallel=parallel,
-            config=config,
-            hidden_act=hidden_act,
-            global_pool=global_pool,
-        )
+            cls, repo_or_dir, world_size=world_size, process_group=process_group, dtype=dtype, device=device,
+            prefix=prefix, num_hidden_layers=num_hidden_layers, use_head=use_head, attn_implementation=attn_implementation,
+            revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only, download=download,
+            parallel=parallel, config=config, hidden_act=hidden_act, global_pool=global_pool,
+        )  # fmt: skip
 
     def load_weights(
         self,
@@ -482,26 +424,69 @@ class SiglipVisionTransformer(nn.Module):
 
         return load_pairs_into(self, weights, prefix=prefix, device=device, strict=strict)
 
-    # ------------------------------------------------------------------ forward
+    def _check_ready(self, kwargs: dict[str, Any]) -> None:
+        """Refuse to run unloaded weights or unknown keywords (`check_ready`)."""
+        check_ready(self._weights_ready, kwargs)
+
+    def _check_batch_sizes(self, batch_sizes: object, rows: int) -> Optional[tuple[int, ...]]:
+        """``batch_sizes`` as a tuple (``None`` stays ``None``): one count per rank, this rank's = ``rows``."""
+        return check_batch_sizes(batch_sizes, rows, self.world_size, self.rank)
+
+
+class SiglipVisionTransformer(_PretrainedTower):
+    """SigLIP vision encoder, tensor-parallel over ``process_group`` (or a single rank without one).
+
+    Build it with `from_pretrained` to load a checkpoint. ``SiglipVisionTransformer(config)`` gives a
+    randomly initialised model (transformers' init; the same numbers at every world size for a given
+    ``seed``); ``device="meta"`` gives an unallocated skeleton to fill with `load_weights`. Its properties,
+    random init and loading entry points are shared with the NaFlex sibling (`_PretrainedTower`).
+    """
+
+    #: how the model splits work over its group (``DataParallelEncoder`` says ``"data"``)
+    parallel = "tensor"
+
+    def __init__(
+        self,
+        config: SiglipVisionConfig,
+        process_group: Optional[ProcessGroup] = None,
+        *,
+        attn_implementation: str = "sdpa",
+        device: DeviceLike = None,
+        dtype: Optional[torch.dtype] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(config, SiglipVisionConfig):
+            raise TypeError(f"config must be a SiglipVisionConfig, got {type(config).__name__}")
+        check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+        self.config = config
+        self.process_group = process_group
+        #: read input values to refuse NaN/inf pixels and malformed masks: ``None`` (default) for inputs on the
+        #: CPU only (free there; on a GPU it would be a device sync per forward), ``True`` always, ``False`` never
+        self.check_finite: Optional[bool] = None
+        #: what ranks compare before each forward (on the CPU side group): "shapes" (shapes, dtypes, flags;
+        #: no tensor data read), "checksum" (also the bytes: a device sync) or "off"
+        self.check_inputs_agree = "shapes"
+        self.plan = TensorParallelPlan.for_group(
+            process_group, config.num_attention_heads, config.head_dim, config.intermediate_size
+        )
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        parts: dict[str, Any] = {"attn_implementation": attn_implementation, **kw}
+        self.embeddings = self._make_embeddings(config, **kw)
+        self.encoder = SiglipEncoder(config, self.plan, **parts)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
+        self.use_head = config.use_head
+        self.head = SiglipMultiheadAttentionPoolingHead(config, self.plan, **parts) if self.use_head else None
+        self._weights_ready = False
+        self._register_load_state_dict_pre_hook(join_blocks, with_module=True)  # checkpoint names in
+        if not self.is_meta:
+            self.init_weights(seed)
 
     @staticmethod
     def _make_embeddings(config: SiglipVisionConfig, **kw: Any) -> nn.Module:
         if config.variant == "naflex":
             raise ValueError("this config is a SigLIP2 NaFlex tower (variant='naflex'): build a Siglip2VisionTransformer")
         return SiglipVisionEmbeddings(config, **kw)
-
-    def _check_ready(self, kwargs: dict[str, Any]) -> None:
-        """Refuse to run unloaded weights or unknown keywords."""
-        if not self._weights_ready:
-            raise RuntimeError(
-                "this model's weights are not loaded (built on the meta device, or a load failed); call "
-                "load_weights(...) or build it with SiglipVisionTransformer.from_pretrained(...)"
-            )
-        unknown = sorted(k for k in kwargs if k not in _IGNORED_FORWARD_KWARGS)
-        if unknown:
-            raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions=True is not supported: attention weights are never materialised")
 
     def forward(
         self,
@@ -572,28 +557,6 @@ class SiglipVisionTransformer(nn.Module):
             "interpolate_pos_encoding": interpolate_pos_encoding,
             "batch_sizes": self._check_batch_sizes(batch_sizes, len(pixel_values)),
         }
-
-    def _check_batch_sizes(self, batch_sizes: object, rows: int) -> Optional[tuple[int, ...]]:
-        """``batch_sizes`` as a tuple (``None`` stays ``None``): one count per rank, this rank's = ``rows``."""
-        if batch_sizes is None:
-            return None
-        if torch.compiler.is_compiling():
-            raise ValueError("batch_sizes is not supported under torch.compile; pass the whole batch on every rank")
-        if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
-            raise TypeError(f"batch_sizes must be a sequence of ints (one per rank), got {type(batch_sizes).__name__}")
-        sizes = tuple(batch_sizes)
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
-            raise ValueError(f"batch_sizes must hold non-negative ints, got {list(sizes)}")
-        if len(sizes) != self.world_size:
-            raise ValueError(f"batch_sizes must give one row count per rank ({self.world_size}), got {list(sizes)}")
-        if not sum(sizes):
-            raise ValueError(f"batch_sizes {list(sizes)} holds no image; pass at least one")
-        if sizes[self.rank] != rows:
-            raise ValueError(
-                f"batch_sizes[{self.rank}] is {sizes[self.rank]} but this rank passed {rows} image(s); pass this "
-                f"rank's own rows of the batch"
-            )
-        return sizes
 
     def _encode(
         self, embeddings: torch.Tensor, key_mask: Optional[torch.Tensor], output_hidden_states: bool
