@@ -1,29 +1,8 @@
 """A ring of portion buffers in shared memory, which the decode workers write their pieces into directly.
 
-A tensor that a ``DataLoader`` worker returns travels in a shared-memory segment made for it alone: the
-worker creates the segment and faults in every page of it, sends its descriptor, and the main process maps
-it, faults the pages in again and unmaps it when the tensor dies; the main process then joined the pieces
-into fresh pages of its own: every page is faulted in several times per batch. (The A/B against
-DataLoader's own transport is in docs/benchmarks.md and benchmarks/results/.)
-
-So the main process makes ``slots`` portion buffers in shared memory once, before the workers start (they
-inherit them, every page already in place). A worker decodes its piece of portion ``j`` straight into rows
-of buffer ``j % slots``, and only the piece's reasons (and NaFlex grids) go through the loader's queue.
-The portion's rows are then one contiguous tensor, read where they lie.
-
-Why a buffer is free when a worker comes back to it. The loader numbers its items ``i = portion * parts +
-part`` and keeps at most ``ahead = prefetch_factor * num_workers`` of them in flight beyond those it has
-returned: item ``k`` goes to a worker only once item ``k - ahead`` has been returned. Portion ``j``'s buffer
-is next written by item ``(j + slots) * parts``, so by then every item up to ``(j + slots) * parts - ahead``
-has been returned. The reader gives portion ``j`` up (copies it out, or is done with it) before it takes
-the item after portion ``j``'s last, ``(j + 1) * parts``. Both hold when ``slots * parts - ahead >= parts``:
-``slots = 1 + ceil(ahead / parts)`` (3 with the job's defaults). `DecodeRing.check` verifies it anyway:
-a worker stamps its part of a buffer with the portion's number before writing, and a reader that finds
-another number there raises instead of handing on mixed pixels.
-
-The buffers live in ``/dev/shm``, like every tensor a ``DataLoader`` worker returns; a container's
-``/dev/shm`` is often small (64 MB is Docker's default), so the ring is checked against its free space
-first, with an error that says what to change.
+The main process makes the buffers once, before the workers start, so no shared segment is made, faulted
+in and mapped per piece. Why ``slots_needed`` buffers are enough, and the stamp that checks it anyway:
+docs/encode-design.md#decoding-ahead-of-the-model.
 """
 
 from __future__ import annotations

@@ -1,54 +1,9 @@
-"""The sharded output folder of a corpus run, laid out as clip-retrieval writes it, and its reader.
+"""The sharded output folder of a run, laid out as clip-retrieval writes it (so autofaiss reads it as it is).
 
-Layout (``NNNNN`` is the shard's plan index, zero-padded to ``max(5, digits of the shard count)`` so that
-file names sort in shard order)::
-
-    DIR/manifest.json                       the run: format version, model, dtype, embedding name, hidden
-                                            size, tower config, tp_siglip version, the planned shards
-    DIR/img_emb/img_emb_NNNNN.npy           float32 or float16 (rows, hidden), numpy .npy (np.load(..., mmap_mode="r"))
-    DIR/metadata/metadata_NNNNN.parquet     one row per embedding row, same order: key, shard, source, meta...
-    DIR/<name>/<name>_NNNNN.npy             optional extra per-row arrays (e.g. tokens, pixel_attention_mask)
-    DIR/stats/stats_NNNNN.json              rows, skipped [[key, reason], ...], seconds, done: true, files
-
-What other tools read, and why the layout follows it (checked against their sources):
-
-* clip-retrieval's ``clip-retrieval inference`` writes ``img_emb/img_emb_{i}.npy`` and
-  ``metadata/metadata_{i}.parquet`` with ``i`` zero-padded to the digits of its partition count
-  (``clip_retrieval/clip_inference/writer.py``), and its ``index`` step hands ``img_emb/`` to autofaiss.
-* autofaiss reads embeddings through ``embedding_reader``: every ``*.npy`` found recursively under the
-  folder it is given (``**/*.npy``), **sorted as strings** ("the data will be read in the lexicographical
-  order of the filenames", autofaiss's getting-started notebook). Hence the zero padding. It parses each
-  header from the first 300 bytes with a regex that needs a 2-D shape and a ``<f4``-style dtype: so point
-  it at ``DIR/img_emb`` (never ``DIR``: the 3-D token arrays would break it). With metadata
-  (``file_format="parquet_npy"``) it pairs the sorted ``.npy`` files with the sorted ``.parquet`` files
-  one to one, **after dropping .npy files with 0 rows**; so a shard with no rows (every image skipped)
-  writes no ``.npy`` and no ``.parquet`` at all, only its stats file, and the pairing stays aligned.
-
-Choices made:
-
-* A shard is complete iff ``stats/stats_NNNNN.json`` exists, says ``done: true``, and every file it lists
-  exists with the row count it records (``.npy`` headers and the parquet footer are read, nothing else).
-  :class:`ShardWriter` spools rows to raw files in a hidden folder ``DIR/.spool-NNNNN-PID-RAND/`` (memory
-  stays flat), and :meth:`ShardWriter.commit` first removes the shard's earlier stats file, then writes each
-  final file as a hidden temporary in its folder, ``fsync``s it, ``os.replace``s it into place, and writes
-  the stats file last the same way. A process killed at any point leaves temporaries (hidden names that no
-  reader or glob for ``*.npy``/``*.parquet`` picks up) or final files without a stats file: never a shard
-  that looks complete. :func:`remove_incomplete` clears either. Files written for the same rows are
-  byte-identical, so a rerun gives the same folder.
-* Before a run finishes, ``img_emb/`` may hold files of shards still being committed: run autofaiss on a
-  finished folder (every planned shard complete), or after :func:`remove_incomplete`.
-* The embedding is stored (n, hidden) in the dtype given (float32 or float16: what the job's
-  ``--output-dtype`` makes); every array keeps its dtype except bfloat16 and float64, stored float32 (bf16 has
-  no numpy dtype). Whether the rows are L2-normalised is the manifest's ``normalized``. Their names must match ``[a-z][a-z0-9_]*``.
-* Metadata columns: ``key``, ``shard`` (the shard's name), ``source`` (the tar/parquet path; ``""`` for
-  plain files, whose key is their path), then each meta key in order of first appearance. A meta key that collides with
-  those three is stored as ``meta_<key>`` unless its value equals the column's (img2dataset's ``key``).
-  A column whose values are all bool, all int, all numbers (int and float: float64) or all str gets that
-  type (missing values are nulls); any other column (dicts, lists, mixed types, ints past int64) holds
-  JSON strings. Metadata is spooled as one JSON line per :meth:`ShardWriter.add` call and written in row
-  groups of 65,536 rows, so even millions of rows never sit in memory as Python objects.
-* pyarrow is imported lazily (the metadata needs it); without it the ImportError says
-  ``pip install "tp-siglip[corpus]"``. The reader (`open_embeddings`) is `tp_siglip.embeddings_reader`.
+One `ShardWriter` per shard spools its rows to disk and commits them atomically, stats file last, so that
+a killed run never leaves a shard that looks complete; `completed_shards` says which are, and
+`remove_incomplete` clears what killed writers left. The manifest describes the run, for ``--resume``. The
+layout and the reasons for it: docs/encode-design.md#the-folder-of-shards.
 """
 
 from __future__ import annotations
@@ -59,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Union
 
@@ -292,13 +247,14 @@ class _Spooled:
         shutil.copyfileobj(self.file, target, _CHUNK)
 
 
-class _MetadataSpool:
-    """A shard's keys and metadata: one JSON line per batch in a spool file, each column's kind noted as rows
-    come (see the module docstring), then written as parquet in row groups, or read back as the keys."""
+class _Metadata:
+    """A shard's keys and metadata, each column's kind noted as rows come (see docs/encode-design.md), written
+    as parquet at commit. Held in memory: the shard's listing already holds as much."""
 
-    def __init__(self, path: Path, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str) -> None:
         self.name, self.source = name, source
-        self.file = open(path, "w+", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.keys: list[str] = []
+        self.rows: list[dict[str, Any]] = []  # column -> value, per row
         self.kinds: dict[str, str] = {}
 
     def add(self, keys: Sequence[str], metas: Sequence[dict]) -> None:
@@ -306,57 +262,27 @@ class _MetadataSpool:
         for key, meta in zip(keys, metas):
             if not isinstance(meta, dict):
                 raise TypeError(f"shard {self.name!r}: the meta of key {key!r} is {type(meta).__name__}, not a dict")
-            fixed["key"] = key
+            fixed["key"], row = key, {}
             for field, value in meta.items():
                 column = _column_name(str(field), value, fixed)
                 if column is not None:
+                    row[column] = value
                     self.kinds[column] = _merge_kind(self.kinds.get(column, "null"), _kind_of(value))
-        self.file.write(json.dumps([list(keys), list(metas)], default=str, separators=(",", ":")) + "\n")
-
-    def _lines(self) -> Iterator[tuple[list[str], list[dict]]]:
-        self.file.flush()
-        self.file.seek(0)
-        for line in self.file:
-            keys, metas = json.loads(line)
-            yield keys, metas
-
-    def keys(self) -> list[str]:
-        return [key for keys, _ in self._lines() for key in keys]
+            self.keys.append(str(key))
+            self.rows.append(row)
 
     def write_parquet(self, target: BinaryIO) -> None:
         pa, pq = require_pyarrow()
         types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string(), "null": pa.string()}
-        schema = pa.schema([(name, pa.string()) for name in _META_COLUMNS] + [(name, types[kind]) for name, kind in self.kinds.items()])
-        keys: list[str] = []
-        metas: list[dict] = []
-        with pq.ParquetWriter(target, schema) as writer:
-            for batch_keys, batch_metas in self._lines():
-                keys.extend(batch_keys)
-                metas.extend(batch_metas)
-                while len(keys) >= _ROW_GROUP:
-                    writer.write_table(self._table(pa, schema, keys[:_ROW_GROUP], metas[:_ROW_GROUP]))
-                    del keys[:_ROW_GROUP], metas[:_ROW_GROUP]
-            if keys:
-                writer.write_table(self._table(pa, schema, keys, metas))
-
-    def _table(self, pa: Any, schema: Any, keys: list[str], metas: list[dict]) -> Any:
-        columns: dict[str, list[Any]] = {name: [None] * len(keys) for name in self.kinds}
-        fixed = {"key": "", "shard": self.name, "source": self.source}
-        for row, (key, meta) in enumerate(zip(keys, metas)):
-            fixed["key"] = key
-            for field, value in meta.items():
-                column = _column_name(str(field), value, fixed)
-                if column is not None:
-                    columns[column][row] = value
+        count = len(self.keys)
+        columns = {"key": pa.array(self.keys, pa.string()), "shard": pa.array([self.name] * count, pa.string()),
+                   "source": pa.array([self.source] * count, pa.string())}  # fmt: skip
         for name, kind in self.kinds.items():
+            values = [row.get(name) for row in self.rows]
             if kind == "json":
-                columns[name] = [None if value is None else json.dumps(value, sort_keys=True) for value in columns[name]]
-        arrays = [pa.array(keys, pa.string()), pa.array([self.name] * len(keys), pa.string()), pa.array([self.source] * len(keys), pa.string())]
-        arrays += [pa.array(columns[name], schema.field(name).type) for name in self.kinds]
-        return pa.Table.from_arrays(arrays, schema=schema)
-
-    def close(self) -> None:
-        self.file.close()
+                values = [None if value is None else json.dumps(value, sort_keys=True, default=str) for value in values]
+            columns[name] = pa.array(values, types[kind])
+        pq.write_table(pa.table(columns), target, row_group_size=_ROW_GROUP)
 
 
 class ShardWriter:
@@ -393,7 +319,7 @@ class ShardWriter:
         self.spool = self.root / f".spool-{self.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.spool.mkdir(parents=True)
         self._arrays: dict[str, _Spooled] = {}
-        self._meta = _MetadataSpool(self.spool / "meta.jsonl", name, source)
+        self._meta = _Metadata(name, source)
         self._closed = False
 
     def add(self, keys: Sequence[str], metas: Sequence[dict], tensors: dict[str, Union[np.ndarray, torch.Tensor]]) -> None:
@@ -450,7 +376,7 @@ class ShardWriter:
                 "seconds": round(float(seconds), 3), "files": files, "shapes": shapes, "done": True,
             }  # fmt: skip
             if not self.metadata:
-                stats["keys"] = self._meta.keys()
+                stats["keys"] = self._meta.keys
             _write_json(stats_path, stats)
         except BaseException:
             for path in written:
@@ -490,7 +416,6 @@ class ShardWriter:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._meta.close()
             for spooled in self._arrays.values():
                 spooled.file.close()
         shutil.rmtree(self.spool, ignore_errors=True)

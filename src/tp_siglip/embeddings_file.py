@@ -1,16 +1,8 @@
 """The job's ``.safetensors`` output: written from the committed shards of its work folder, and read back.
 
-A ``.safetensors`` output is encoded as a folder of shards first (`embeddings_dir`, in the hidden work
-folder ``.NAME.parts`` beside it: the unit of resume, as for a folder output), then written here in one
-pass: a temporary file in the output's own folder (same file system), the 8-byte header length, the JSON
-header, each tensor's rows copied from the shards' memory-mapped ``.npy`` files in chunks, ``fsync``, then
-``os.replace`` onto the output (`embeddings_dir.write_atomically`). A reader sees the earlier file or the
-new one, never a half-written one. :class:`EarlierOutput` reads a file's header: for ``--resume`` and for
-`embeddings_reader.open_embeddings`.
-
-The safetensors layout is written by hand (little-endian u64 header size, JSON header padded with spaces to
-8 bytes, tensors back to back in header order) because ``safetensors.torch.save_file`` needs every tensor in
-memory at once. Only float32 and float16 tensors are written or accepted (``--output-dtype``).
+`write_from_shards` writes it in one pass, atomically, copying each tensor's rows from the shards'
+memory-mapped ``.npy`` files (``safetensors.torch.save_file`` would need every tensor in memory at once);
+`EarlierOutput` reads a file's header, for ``--resume`` and `open_embeddings`. Only float32 and float16.
 """
 
 from __future__ import annotations

@@ -3,25 +3,11 @@
     tp-siglip encode [INPUTS...] [--model M] [--output F]            # one process
     torchrun --nproc-per-node 2 -m tp_siglip.encode [INPUTS...] ...  # 2 ranks (data parallel; --tp 2: one tensor group)
 
-This module holds what is the same for every run: the arguments and the checks made before the model loads
-(a bad one prints one line and exits 2), the model load, and the batch loop (`Job`: decode -> forward ->
-collect -> a `Sink`). The run over shards, resume and commits are `tp_siglip.encode_corpus`'s; what goes into
-a batch and how the ranks stay in lockstep, `tp_siglip.pipeline` and `tp_siglip.lockstep`. docs/encode.md
-is the user's guide: the options, the stored tensors and their metadata, NaFlex, and the figures.
-
-* **The stored rows** (`StoredRows`): ``pooler_output``, or for a tower without a head ``mean_pooled`` (the
-  mean of ``last_hidden_state`` over the image's valid patches), L2-normalised unless ``--no-normalize``, in
-  ``--output-dtype``; with ``--tokens`` also ``last_hidden_state`` (NaFlex: padding rows zero, plus
-  ``pixel_attention_mask`` and ``spatial_shapes``). Computed on the model's device, brought to the host in
-  one copy per batch.
-* **Lockstep on bad files**: the rank that decoded an image decides whether it is usable; a tensor group
-  first exchanges those flags (so every rank knows the row counts of the split batch), then the ranks that
-  dealt the batch collect the stored rows with the flags to their rank 0, the writer. Rank 0's NaFlex grid
-  size is every rank's.
-* **Prints**: results on stdout (rank 0 only), errors on stderr (every rank, prefixed ``[rank N]`` under
-  torchrun), diagnostics through ``logging``.
-* **Exit status**: 0 done; 1 failed while running (model load, ``--strict`` bad file, no readable image,
-  ranks disagree, a dead decode worker); 2 bad arguments; 130 interrupted (the committed shards are kept).
+This module holds what every run does alike: the arguments and the checks made before the model loads (a
+bad one prints one line and exits 2), the model load, and the batch loop (`Job`: decode -> forward ->
+collect -> a `Sink`). The run over shards is `encode_corpus`'s. The user's guide is docs/encode.md; how
+the parts fit, docs/encode-design.md. Exit status: 0 done, 1 failed while running, 2 bad arguments, 130
+interrupted (the committed shards are kept).
 """
 
 from __future__ import annotations
@@ -39,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -92,24 +78,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -392,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         job = Job(args, checked, model, dealing, say)
         with _sigterm_as_interrupt():
             job.start()
-            writer_say = encode_corpus.GroupSay(Printer(dealing.rank, world_size), group_index, groups)
+            writer_say = encode_corpus.group_printer(Printer(dealing.rank, world_size), group_index, groups)
             encode_corpus.run_shards(job, args, checked.corpus, group_index, groups, say, writer_say, UsageError)
     except UsageError as err:
         say.error(str(err))

@@ -1,21 +1,9 @@
-"""``tp-siglip encode``'s run over shards: what every run does, whichever its output (see docs/encode.md).
+"""``tp-siglip encode``'s run over shards, whichever the output: resume, commits, summary (docs/encode.md).
 
-    torchrun --nnodes 2 --nproc-per-node 8 ... -m tp_siglip.encode 'shards/{00000..00999}.tar' --output emb/
-
-* **Inputs are shards** (`tp_siglip.sources`): img2dataset webdataset tars and parquet files, one shard
-  each; plain files, folders and ``.txt`` lists of paths are cut into shards of ``--shard-size`` rows. A
-  row is ``(shard, key)`` (the path for plain files).
-* **Outputs are folders of shards** (`tp_siglip.embeddings_dir`): the folder given, or for a ``.safetensors``
-  output the hidden work folder ``.NAME.parts`` beside it, which rank 0 writes into the one file when every
-  shard is complete (`embeddings_file.write_from_shards`) and then removes. A shard is the unit of commit
-  and of resume for both: ``--resume`` skips the complete shards, redoes the others, and refuses an output
-  written with another model, dtype or setup; without ``--resume`` an output holding a run (a folder's
-  manifest, a file's work folder) is refused, and a finished ``.safetensors`` file is replaced.
-* **Dealing**: a folder output gives shard ``i`` to group ``i % groups`` (``--tp N`` cuts torchrun's world
-  into groups of ``N`` ranks, `lockstep.form_groups`), whose rank 0 writes it; a ``.safetensors`` output
-  deals every shard's batches to the whole world and rank 0 writes, so other nodes need not see it.
-* **Progress**: the writer prints one line per committed shard; global rank 0 prints the throughput (every
-  group's images over the wall time, load excluded), the summary and the first images' similarities.
+Inputs are shards (`sources`); the output is a folder of shards (`embeddings_dir`): the folder given, or
+for a ``.safetensors`` output the hidden work folder ``.NAME.parts`` beside it, which rank 0 writes into
+the one file once every shard is complete. A shard is the unit of commit and of ``--resume`` for both. A
+folder output gives shard ``i`` to group ``i % groups``; a file's shards are dealt to the whole world.
 """
 
 from __future__ import annotations
@@ -30,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -38,7 +26,7 @@ import torch.distributed as dist
 
 from tp_siglip import __version__, console, embeddings_dir, processing, sources
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
-from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows
+from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
 
 __all__ = ["Corpus", "Target", "check_corpus", "check_output_name", "run_shards"]
 
@@ -221,17 +209,15 @@ def run_shards(job: Any, args: argparse.Namespace, corpus: Corpus, group_index: 
         encoded += _encode_shard(job, args, corpus.target, spec, f"{number}/{len(mine)}", len(corpus.shards), group_say)
     seconds = time.perf_counter() - start
     _report_times(job, seconds, group_say)
-    counts = collect_rows({"n": torch.tensor([encoded if job.dealing.rank == 0 else 0])}, {"n": ((), torch.int64)},
-                         [1] * _world_size(), None, dist.group.WORLD if _world_size() > 1 else None)  # fmt: skip
+    counts = gather_counts(encoded if job.dealing.rank == 0 else 0, dist.group.WORLD if _world_size() > 1 else None)
     if world_rank == 0:
-        _finish(corpus, manifest, job, int(counts.rows("n").sum()), seconds, say)
+        _finish(corpus, manifest, job, sum(counts), seconds, say)
 
 
 def _report_times(job: Any, seconds: float, say: Any) -> None:
     """Where ``job``'s time went, and how many images each rank of its dealing decoded (one small collective)."""
-    times, ranks = job.times, job.dealing.size
-    counts = collect_rows({"n": torch.tensor([int(times["decoded"])])}, {"n": ((), torch.int64)}, [1] * ranks, None, job.group)
-    decoded = "/".join(str(n) for n in counts.rows("n").tolist())
+    times = job.times
+    decoded = "/".join(str(n) for n in gather_counts(int(times["decoded"]), job.group))
     how = f"{job.workers} decode worker(s) per rank" if job.workers else "decoding in the main process"
     say(
         f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
@@ -319,14 +305,10 @@ def open_row(row: sources.Row) -> Any:
     return processing.load_image_data(sources.read_bytes(row.ref))
 
 
-class GroupSay:
+def group_printer(printer: Any, group_index: int, groups: int) -> Callable[[str], None]:
     """What a group's rank 0 prints: results prefixed with the group when there are several."""
-
-    def __init__(self, printer: Any, group_index: int, groups: int) -> None:
-        self.printer, self.prefix = printer, (f"[group {group_index}] " if groups > 1 else "")
-
-    def __call__(self, text: str) -> None:
-        self.printer(self.prefix + text)
+    prefix = f"[group {group_index}] " if groups > 1 else ""
+    return lambda text: printer(prefix + text)
 
 
 def _finish(corpus: Corpus, manifest: dict, job: Any, encoded: int, seconds: float, say: Any) -> None:

@@ -1,28 +1,8 @@
-"""How the ranks of ``tp-siglip encode`` stay in lockstep: the same files, the same batches, one decode per image.
+"""How the ranks of ``tp-siglip encode`` stay in lockstep: the same shards, the same batches, one decode per image.
 
-Every rank that deals out a batch lists the same shards and walks the same batches.
-Each rank decodes only its portion of a batch (`tp_siglip.pipeline`); the group then exchanges what it needs,
-so every rank sees the same batch by construction, whatever any single rank could read. A few collectives
-on the group do this, each returning the same answer on every rank:
-
-* :func:`agree_on_shards`, once before the first batch: the ranks compare a hash of their shard lists (a
-  mismatch raises :class:`RanksDisagree` on every rank); then :func:`broadcast_from_rank0` gives every rank
-  rank 0's resume decision (only rank 0 reads the earlier output).
-* :func:`broadcast_from_rank0`, once for a NaFlex tower: rank 0's ``max_num_patches`` (each rank reads the
-  default from its own copy of the checkpoint; different copies must not mean different grids).
-* :func:`collect_rows`: one all-gather of a byte buffer holding each rank's status (a dead decode worker
-  is a status, so no rank is left waiting) and rows: per batch, the stored outputs of each rank's images
-  with their ``ok`` flags (which images the rank that decoded them could read: that rank alone decides);
-  in a tensor group, before the forward, the ``ok`` flags alone, so every rank knows the row counts of the
-  split batch (`parallel.split_batch`).
-* :func:`gather_reasons`, only for a batch with unreadable images: their one-line reasons, for the writer.
-
-Choices made: one fixed-size buffer per batch (every rank knows every portion's size and row shapes, so no
-size exchange is needed), sections aligned to 8 bytes so each can be viewed in its own dtype; no pickling
-(the rare reasons and rank 0's resume decision travel as JSON). Without a process group (one process)
-nothing is exchanged. Every exchange runs on the CPU side group of its group (`parallel.side_group`:
-gloo, or shared memory on one host), never on an NCCL group: the stored rows arrive in host memory in one
-copy per batch, and nothing the job exchanges makes a GPU wait.
+A few collectives, each giving the same answer on every rank, all on the CPU side group (never NCCL):
+`agree_on_shards`, `broadcast_from_rank0`, `collect_rows` (one all-gather per batch of every rank's status
+and stored rows) and `gather_reasons`. Why: docs/encode-design.md#lockstep.
 """
 
 from __future__ import annotations
@@ -48,6 +28,7 @@ __all__ = [
     "broadcast_from_rank0",
     "collect_rows",
     "form_groups",
+    "gather_counts",
     "gather_reasons",
 ]
 
@@ -164,6 +145,12 @@ def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: tor
 def _status_text(status: torch.Tensor) -> Optional[str]:
     failed, text = read_status(status.numpy().tobytes())
     return text if failed else None
+
+
+def gather_counts(count: int, group: Any) -> list[int]:
+    """Every rank's ``count``, in group-rank order (one small all-gather; ``[count]`` without a group)."""
+    size = 1 if group is None else dist.get_world_size(group)
+    return collect_rows({"n": torch.tensor([count])}, {"n": ((), torch.int64)}, [1] * size, None, group).rows("n").tolist()
 
 
 def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[str]]:

@@ -1,34 +1,8 @@
 """The encode job's input pipeline: images decoded in worker processes, ahead of the forward that needs them.
 
-The job walks its images in batches; every rank that deals out a batch walks the same batches. Rank ``r``
-of ``G`` decodes only its portion of each batch (`portion_bounds`: contiguous, near-equal slices), so each
-image is decoded once. What a worker hands back is uint8: the
-resized ``(n, 3, H, W)`` levels of a fixed-resolution tower, or a NaFlex tower's ``(n, N, 3*p*p)`` patches
-and ``(n, 2)`` grids, plus one reason per unreadable image. Normalising to the model's dtype happens
-later, on the model's device (`processing.to_pixel_values`), by the rank that decoded the images: in
-a tensor group too, as the group runs each batch split by rows (`parallel.split_batch`).
-
-Choices made:
-
-* **torch's own machinery**: a ``torch.utils.data.DataLoader`` with ``num_workers`` processes (PIL holds
-  the GIL between its calls, so threads alone would not decode in parallel), ``prefetch_factor`` items
-  queued per worker (a bounded queue: memory stays flat). An item is one worker's piece of a portion (the
-  workers split every portion, `_Pieces`), so the queue fills in a piece's time and all workers are busy
-  until the last batch. Each worker runs one intra-op thread. ``workers=0`` decodes in the main process,
-  batch by batch, as a plain generator.
-* **Pieces decoded into shared memory, not sent** (`decode_ring`): a worker writes its piece straight into
-  the portion's rows of a ring of buffers that the main process made before the workers started, so no
-  shared segment is made, faulted in and mapped per piece, and the portion is one tensor where it lies.
-  The encode job reads it there (``borrowed``); anyone else gets a copy, as does CUDA (pinned memory).
-  It pays over DataLoader's own transport of whole portions (measured: docs/benchmarks.md).
-* **A bad image is a reason, never a dead worker**: decoding goes through `processing.read_files`,
-  which turns every per-file failure into a one-line reason. A worker that dies anyway (killed for
-  memory, a crash inside a decoder) surfaces as :class:`DecodeWorkerDied` naming the batch, so the job
-  can stop every rank cleanly.
-* **Threads of a CPU model** (`MainThreads`): the cores the decode workers leave free (measured from
-  their own decode seconds), at least one, so workers and model do not fight over the same cores.
-* **Default worker count** (`default_workers`): the CPU cores this process may use, divided by the ranks
-  on this node (``LOCAL_WORLD_SIZE``), 1 to 16; none in a daemonic process (it may not have children).
+Each rank decodes only its portion of each batch (`portion_bounds`), to uint8, in DataLoader workers that
+write straight into a ring of shared buffers (`decode_ring`); a bad image is a reason, a dead worker an
+error naming the batch. Why each choice: docs/encode-design.md#decoding-ahead-of-the-model.
 """
 
 from __future__ import annotations

@@ -1,64 +1,9 @@
 """Where a corpus's images come from: inputs found as shards, each shard listed into rows, rows read as bytes.
 
-Three steps, each cheap enough for its place in a multi-node job:
-
-* :func:`find_shards` (every rank, at start): turns the command line's inputs into a deterministic list of
-  :class:`ShardSpec`. It only looks at paths (``stat``), never inside a shard.
-* :func:`list_rows` (the rank that owns a shard): the shard's :class:`Row` objects -- one per image key,
-  with its metadata and an :class:`ImageRef` saying where the bytes are. Tar shards are listed from their
-  member headers (plus the small ``.json``/``.txt`` sidecars); image bytes are not read.
-* :func:`read_bytes` (DataLoader worker processes): the bytes of one :class:`ImageRef`. Decoding them is
-  the caller's job (``processing.read_files`` with an opener).
-
-Inputs, classified in this order:
-
-* a string with ``{...}`` that is not an existing path: a brace pattern. ``{00000..00099}`` expands to
-  numbers with the zero padding of the wider end kept (``{0..10..2}`` takes a step; a range may count
-  down); ``{a,b,c}`` is a list. Several groups expand left to right (the last varies fastest). Every
-  expanded path must exist, else :class:`FileNotFoundError` names the missing ones and the pattern;
-* ``.tar``: a webdataset shard as img2dataset writes it (``KEY.jpg`` + ``KEY.json`` + optional ``KEY.txt``
-  caption); an image member may have any suffix a folder accepts (``.jpg .jpeg .png .bmp .gif .webp .tif
-  .tiff``, any case). ``.tar.gz``/``.tgz`` are refused: a compressed tar cannot
-  be read at an offset;
-* ``.parquet``: an img2dataset parquet shard (``key`` column, a binary image column named after one of those
-  suffixes (``jpg``, ``png``, ``webp``, ...) or ``image``/``img``, or a Hugging Face ``image`` struct with a
-  ``bytes`` field, other columns are metadata);
-* ``.txt``: a list of paths, one per line. Blank lines and lines starting with ``#`` are skipped; a
-  relative path is resolved against **the list file's folder** (so a list travels with its corpus and
-  means the same from any working directory). Listed paths are not ``stat``-ed (a list may hold millions):
-  a ``.tar``/``.parquet`` line is a shard, any other line is an image file, and one that is missing or
-  unreadable is skipped later with a reason, when its bytes are read. Listed paths are normalised
-  (``os.path.normpath``: ``a/../b`` is ``b``). Lists do not nest;
-* a folder: searched recursively exactly as :func:`tp_siglip.processing.scan_images` does (it is reused;
-  its ignored/hidden counts go to :class:`ShardList`);
-* any other file: an image file, whatever its extension.
-
-Choices made:
-
-* Shard order is the input order (brace patterns in expansion order). All plain files (from arguments,
-  folders and lists) are gathered in order, a file seen twice is kept once, and they are cut into chunks of
-  ``rows_per_file_shard`` (fewer when ``min_file_shards`` asks for more chunks) named ``files-00000``,
-  ``files-00001``, ...; the chunks take the place of the
-  first input that gave plain files. The same tar/parquet path given twice is kept once (paths are compared
-  by ``os.path.abspath``).
-* Shard names are the file stem (``00000`` for ``00000.tar``), with characters outside ``[A-Za-z0-9._-]``
-  replaced by ``_``; a name already taken gets ``-2``, ``-3``, ... in shard order.
-* Tar keys are member names without their last extension, the path inside the tar kept
-  (``sub/000000001.jpg`` -> ``sub/000000001``); rows are sorted by key. A key with more than one image
-  member uses the first (the others are counted as ignored). Members that are not images/json/txt, and
-  hidden members (a ``.`` name), are ignored and counted into the optional ``ignored`` counter.
-* A **truncated tar** (cut mid-member, or ending in a broken header) does not raise: :func:`list_rows`
-  returns the rows it could read completely; a key whose image member was cut gets a row without an image
-  (``problem`` says so); when the cut is elsewhere (a sidecar, a member header) a final row with key
-  ``"(end of tar)"`` and no image says where the tar broke off. A shard that cannot be read at all (not a tar, not a parquet file, no image column, gone)
-  raises :class:`ValueError` naming it.
-* Parquet rows keep the file's order (not sorted by key: reading rows in order keeps each row group read
-  once). A row whose ``status`` column is not ``"success"`` has no image. :func:`read_bytes` reads a row
-  group's image column whole and caches the last one per process: give a worker consecutive rows.
-* Tar bytes are read with ``os.pread`` on a cached descriptor keyed by process id, so forked DataLoader
-  workers never share a file offset.
-* pyarrow is needed only for parquet, imported lazily; without it the ImportError says
-  ``pip install "tp-siglip[corpus]"``.
+`find_shards` (every rank, at start) turns the command line's inputs into a deterministic list of shards,
+looking only at paths; `list_rows` (the rank that owns a shard) lists its rows, each with its metadata and
+where its image is; `read_bytes` (decode workers) reads one image's bytes. What each input may be, and the
+choices made (shard order and names, tar keys, truncated tars, parquet columns): docs/encode-design.md#inputs.
 """
 
 from __future__ import annotations
