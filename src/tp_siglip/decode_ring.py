@@ -13,16 +13,20 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["DecodeRing", "SharedMemoryTooSmall", "SlotOverwritten", "slots_needed"]
+__all__ = ["DecodeFailed", "DecodeRing", "SharedMemoryTooSmall", "SlotOverwritten", "slots_needed"]
 
 _SHM = "/dev/shm"
 
 
-class SharedMemoryTooSmall(RuntimeError):
+class DecodeFailed(RuntimeError):
+    """The decode workers cannot deliver a portion (a bad image is never this: it is a reason)."""
+
+
+class SharedMemoryTooSmall(DecodeFailed):
     """``/dev/shm`` has less free space than the ring needs."""
 
 
-class SlotOverwritten(RuntimeError):
+class SlotOverwritten(DecodeFailed):
     """A worker began writing into a buffer whose portion was still being read (a bug, never expected)."""
 
 

@@ -200,8 +200,10 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
     tp = args.tp or _tp_for_memory(args, device, world_size)
     groups = 1 if encode_corpus.Target.of(args.output).file else world_size // tp  # a file: the world deals every shard
     checked = Checked(encode_corpus.check_corpus(args, rank, groups, UsageError), device, tp)
-    _check_naflex_option(args)
     if args.max_num_patches is not None:
+        config = _config_on_disk(args.model)
+        if config is not None and config.variant != "naflex":  # else refused once loaded
+            raise _not_naflex(args)
         checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
     else:
         checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
@@ -232,21 +234,27 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
     return str(chosen)
 
 
-def _tower_bytes(model: str, dtype: str) -> Optional[int]:
-    """About how many bytes the tower's weights take, from ``config.json`` when it is on disk (else None)."""
+def _config_on_disk(model: str) -> Any:
+    """The tower config in ``config.json`` of ``--model`` when it is on this machine and readable, else None."""
     found = _file_on_disk(model, "config.json")
     if found is None:
         return None
     from tp_siglip.config import SiglipVisionConfig
 
     try:
-        config = SiglipVisionConfig.from_json_file(found)
+        return SiglipVisionConfig.from_json_file(found)
     except (OSError, ValueError, TypeError):
         return None  # the loader reports a bad config
-    hidden, inner = config.hidden_size, config.intermediate_size
-    layers = config.num_hidden_layers + 1  # the pooling head is about one more layer
-    patches = config.num_patches or (config.image_size // config.patch_size) ** 2
-    parameters = layers * (4 * hidden * hidden + 2 * hidden * inner) + (config.num_channels * config.patch_size**2 + patches) * hidden
+
+
+def _tower_bytes(model: str, dtype: str) -> Optional[int]:
+    """How many bytes the tower's weights take, from ``config.json`` when it is on disk (else None)."""
+    config = _config_on_disk(model)
+    if config is None:
+        return None
+    from tp_siglip import SiglipVisionTransformer
+
+    parameters = sum(p.numel() for p in SiglipVisionTransformer(config, device="meta").parameters())
     return parameters * (4 if dtype in ("auto", "float32") else 2)
 
 
@@ -330,23 +338,6 @@ def _not_naflex(args: argparse.Namespace) -> UsageError:
         f"--max-num-patches {args.max_num_patches}: --model {args.model} is a fixed-resolution tower, not a SigLIP2 "
         "NaFlex one (its images are resized to its image_size); drop --max-num-patches"
     )
-
-
-def _check_naflex_option(args: argparse.Namespace) -> None:
-    """Refuse ``--max-num-patches`` for a fixed-resolution tower whose config is on disk (else after loading)."""
-    if args.max_num_patches is None:
-        return
-    config = _file_on_disk(args.model, "config.json")
-    if config is None:
-        return
-    from tp_siglip.config import SiglipVisionConfig
-
-    try:
-        variant = SiglipVisionConfig.from_json_file(config).variant
-    except (OSError, ValueError, TypeError):
-        return  # the loader reports a bad config
-    if variant != "naflex":
-        raise _not_naflex(args)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -614,8 +605,11 @@ class Job:
 
     def _encode_batch(self, batch: list[Path], portions: Iterator[pipeline.Decoded], output: Optional[Sink], times: Counter) -> int:
         """Take this rank's decoded portion, run and store one batch; returns how many images were encoded."""
-        clock = time.perf_counter()
-        portion, failure = self._next_portion(portions)
+        clock, portion, failure = time.perf_counter(), None, None
+        try:
+            portion = next(portions)
+        except pipeline.DecodeFailed as err:
+            failure = str(err)
         times["wait"] += time.perf_counter() - clock
         if portion is not None:
             times["decode"] += portion.seconds
@@ -624,12 +618,6 @@ class Job:
         if self.dealing.tp > 1:
             return self._tensor_batch(batch, portion, failure, sizes, output, times)
         return self._data_batch(batch, portion, failure, sizes, output, times)
-
-    def _next_portion(self, portions: Iterator[pipeline.Decoded]) -> tuple[Optional[pipeline.Decoded], Optional[str]]:
-        try:
-            return next(portions), None
-        except pipeline.DecodeFailed as err:
-            return None, str(err)
 
     def _tensor_batch(
         self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
@@ -666,7 +654,9 @@ class Job:
             local = {name: torch.zeros(portion.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
             local["ok"] = ok.to(torch.uint8)
             if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
-                rows = _portion_rows(portion)
+                rows = {"levels": portion.levels}
+                if portion.spatial_shapes is not None:
+                    rows["spatial_shapes"] = portion.spatial_shapes
                 inputs = self.rows.model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
                 if batch_sizes is None:
                     out = self.model(*inputs.values())
@@ -730,17 +720,6 @@ def _agree_on_max_num_patches(checked: Checked) -> int:
 def _label(item: Any) -> str:
     """How a batch item is named in messages: a file's path, or a shard row's ``key``."""
     return str(getattr(item, "key", item))
-
-
-def _portion_rows(portion: Optional[pipeline.Decoded]) -> Optional[dict[str, torch.Tensor]]:
-    """A decoded portion as the rows `collect_rows` exchanges (``ok``: the decoding rank could read the image)."""
-    if portion is None:
-        return None
-    rows = {"levels": portion.levels}
-    if portion.spatial_shapes is not None:
-        rows["spatial_shapes"] = portion.spatial_shapes
-    rows["ok"] = _readable(portion).to(torch.uint8)
-    return rows
 
 
 def _readable(portion: pipeline.Decoded) -> torch.Tensor:

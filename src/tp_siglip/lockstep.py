@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip.parallel import all_gather_bytes, side_group
+from tp_siglip.parallel import all_gather_bytes
 from tp_siglip.parallel.exchange import read_status, status_row
 
 __all__ = [
@@ -40,14 +40,9 @@ class RanksDisagree(RuntimeError):
     """The ranks do not see the same files."""
 
 
-def _world_side() -> Any:
-    """The default group's CPU side group: where the job's world-wide bookkeeping runs (never on NCCL)."""
-    return side_group(dist.group.WORLD)
-
-
-def _digest(data: Any) -> int:
-    """A 62-bit hash (fits an int64 and its negation) of bytes or a C-contiguous buffer."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
+def _distributed() -> bool:
+    """Whether there is a default group of several ranks to agree with."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def agree_on_shards(shards: Sequence[Any]) -> None:
@@ -56,13 +51,10 @@ def agree_on_shards(shards: Sequence[Any]) -> None:
     Raises:
         RanksDisagree: on every rank, when the ranks' shard lists differ.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
-    listing = _digest(json.dumps(list(shards)).encode())
-    flags = torch.tensor([listing, -listing], dtype=torch.int64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_world_side())
-    highest, negated = flags.tolist()
-    if highest != -negated:
+    digest = hashlib.blake2b(json.dumps(list(shards)).encode(), digest_size=16).hexdigest()
+    if len(set(_gather_json(digest, dist.group.WORLD))) > 1:
         raise RanksDisagree(
             "the ranks list different image files; every rank must see the same files (same inputs, same working directory)"
         )
@@ -177,12 +169,8 @@ def _gather_json(value: Any, group: Any) -> list[Any]:
 
 
 def agree_on_max(value: int) -> int:
-    """The largest ``value`` of all ranks of the default group (one all-reduce); ``value`` without one."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_world_side())
-    return int(box.tolist()[0])
+    """The largest ``value`` of all ranks of the default group; ``value`` without one."""
+    return max(_gather_json(value, dist.group.WORLD)) if _distributed() else value
 
 
 def form_groups(ranks_per_group: int) -> tuple[Any, int, int]:
@@ -209,6 +197,4 @@ def form_groups(ranks_per_group: int) -> tuple[Any, int, int]:
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` (JSON: strings, numbers, lists, None; a tuple comes back as a list) on every rank of
     the default group, through its side group; ``value`` without one. No pickling."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    return _gather_json(value if dist.get_rank() == 0 else None, dist.group.WORLD)[0]
+    return _gather_json(value if dist.get_rank() == 0 else None, dist.group.WORLD)[0] if _distributed() else value

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from tp_siglip.decode_ring import DecodeRing, SharedMemoryTooSmall, SlotOverwritten, slots_needed
+from tp_siglip.decode_ring import DecodeFailed, DecodeRing, slots_needed
 
 __all__ = [
     "MAX_DEFAULT_WORKERS",
@@ -40,10 +40,6 @@ __all__ = [
 MAX_DEFAULT_WORKERS = 16
 #: batches each worker decodes ahead of the forward
 PREFETCH_PER_WORKER = 2
-
-
-class DecodeFailed(RuntimeError):
-    """The decode workers cannot deliver a portion (a bad image is never this: it is a reason)."""
 
 
 class DecodeWorkerDied(DecodeFailed):
@@ -223,36 +219,25 @@ def decoded_portions(decoder: PortionDecoder, workers: int, *, pin_memory: bool 
             yield decoder[index]
         return
     parts = max(1, min(workers, largest))
-    try:
-        ring = _ring_for(decoder, workers, parts, largest)
-    except SharedMemoryTooSmall as err:
-        raise DecodeFailed(str(err)) from None
+    ring = _ring_for(decoder, workers, parts, largest)
     iterator = _iterate_without_sigchld_handler(_loader(_Pieces(decoder, parts, ring), workers))
     copy = pin_memory or not borrowed
     try:
         for index in range(len(decoder)):
             if borrowed and index:
-                _check(ring, index - 1)  # the portion the caller has just given back was intact while it read it
+                ring.check(index - 1)  # the portion the caller has just given back was intact while it read it
             try:
                 pieces = [next(iterator) for _ in range(parts)]
             except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
                 text = " ".join(f"{type(err).__name__}: {err}".split())
                 raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
             portion = _assemble(index, len(decoder.portion(index)), pieces, ring, copy, pin_memory)
-            _check(ring, index)  # no worker began on this buffer before its rows were read (or copied)
+            ring.check(index)  # no worker began on this buffer before its rows were read (or copied)
             yield portion
         if borrowed and len(decoder):
-            _check(ring, len(decoder) - 1)
+            ring.check(len(decoder) - 1)
     finally:
         del iterator  # stops the workers now, not whenever the garbage collector gets to it
-
-
-def _check(ring: DecodeRing, index: int) -> None:
-    """`DecodeRing.check`, its error as the pipeline's `DecodeFailed` (so the job stops every rank cleanly)."""
-    try:
-        ring.check(index)
-    except SlotOverwritten as err:
-        raise DecodeFailed(str(err)) from None
 
 
 def _loader(pieces: _Pieces, workers: int) -> torch.utils.data.DataLoader:
