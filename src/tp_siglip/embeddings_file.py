@@ -8,6 +8,7 @@ memory-mapped ``.npy`` files (``safetensors.torch.save_file`` would need every t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
 
 from tp_siglip.embeddings_dir import EMBEDDING_FOLDER, write_atomically
 
@@ -23,8 +23,7 @@ __all__ = ["EarlierOutput", "OutputFileError", "write_from_shards"]
 
 _CHUNK_ROWS = 4096  # rows copied per write
 #: the dtypes the file stores, by their safetensors names
-DTYPES = {"F32": torch.float32, "F16": torch.float16}
-_CODES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
 _MAX_HEADER = 1 << 30  # refuse absurd header sizes when reading an earlier output
 
 
@@ -32,28 +31,20 @@ class OutputFileError(ValueError):
     """An earlier output cannot be read or resumed from (the message says why)."""
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def write_from_shards(path: Path, root: Path, stats: list[dict], embedding: str, metadata: dict[str, str]) -> int:
-    """Write the rows of the complete shards ``stats`` (in order) of the work folder ``root`` to ``path`` as one
-    safetensors file, atomically (see the module doc): the embedding (stored in ``img_emb/``) as ``embedding``,
-    each other array under its folder's name, ``metadata`` as the header's. Returns the rows written."""
+    """Write the complete shards ``stats`` of the work folder ``root`` to ``path`` (the embedding as ``embedding``,
+    each other array under its folder's name, ``metadata`` in the header); returns the rows written."""
     rows = sum(int(entry["rows"]) for entry in stats)
     with_rows = [entry for entry in stats if entry["rows"]]
     folders = list(with_rows[0]["files"]) if with_rows else []
     arrays = {folder: [np.load(root / entry["files"][folder], mmap_mode="r") for entry in with_rows] for folder in folders}
+    codes = {dtype: code for code, dtype in DTYPES.items()}
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for folder, parts in arrays.items():
-        dtype, row_shape = parts[0].dtype, tuple(parts[0].shape[1:])
-        size = rows * dtype.itemsize * _numel(row_shape)
-        name = embedding if folder == EMBEDDING_FOLDER else folder
-        header[name] = {"dtype": _CODES[np.dtype(dtype)], "shape": [rows, *row_shape], "data_offsets": [offset, offset + size]}
+        size = rows * parts[0].dtype.itemsize * math.prod(parts[0].shape[1:])
+        entry = {"dtype": codes[parts[0].dtype], "shape": [rows, *parts[0].shape[1:]], "data_offsets": [offset, offset + size]}
+        header[embedding if folder == EMBEDDING_FOLDER else folder] = entry
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
@@ -61,11 +52,10 @@ def write_from_shards(path: Path, root: Path, stats: list[dict], embedding: str,
     def fill(target: BinaryIO) -> None:
         target.write(struct.pack("<Q", len(encoded)))
         target.write(encoded)
-        for parts in arrays.values():
-            for part in parts:
-                flat = part.reshape(len(part), -1)
-                for start in range(0, len(flat), _CHUNK_ROWS):
-                    target.write(np.ascontiguousarray(flat[start : start + _CHUNK_ROWS]).data)  # no extra copy
+        for part in (part for parts in arrays.values() for part in parts):
+            flat = part.reshape(len(part), -1)
+            for start in range(0, len(flat), _CHUNK_ROWS):
+                target.write(np.ascontiguousarray(flat[start : start + _CHUNK_ROWS]).data)  # no extra copy
 
     write_atomically(path, fill)
     return rows
@@ -74,9 +64,8 @@ def write_from_shards(path: Path, root: Path, stats: list[dict], embedding: str,
 @dataclass(frozen=True)
 class _Entry:
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: np.dtype
     start: int  # absolute offset in the file
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -97,8 +86,7 @@ class EarlierOutput:
         """Read and check the header of ``path``; raises :class:`OutputFileError` saying what is wrong."""
         try:
             with open(path, "rb") as file:
-                size_bytes = file.read(8)
-                file_size = os.fstat(file.fileno()).st_size
+                size_bytes, file_size = file.read(8), os.fstat(file.fileno()).st_size
                 if len(size_bytes) < 8:
                     raise OutputFileError(f"{path} is not a safetensors file (too short)")
                 (header_size,) = struct.unpack("<Q", size_bytes)
@@ -109,10 +97,6 @@ class EarlierOutput:
             raise OutputFileError(f"cannot read {path}: {err}") from None
         if not isinstance(header, dict):
             raise OutputFileError(f"{path} is not a safetensors file (its header is not a JSON object)")
-        return cls._from_header(path, header, 8 + header_size, file_size)
-
-    @classmethod
-    def _from_header(cls, path: Path, header: dict, data_start: int, file_size: int) -> EarlierOutput:
         metadata = header.pop("__metadata__", None) or {}
         try:
             paths = json.loads(metadata["paths"])
@@ -127,10 +111,9 @@ class EarlierOutput:
             except (KeyError, TypeError, ValueError):
                 raise OutputFileError(f"{path}: tensor {name!r} has a malformed header entry") from None
             if dtype not in DTYPES or not shape or shape[0] != len(paths):
-                raise OutputFileError(
-                    f"{path}: tensor {name!r} is {dtype}{list(shape)}; expected F32 or F16 with {len(paths)} rows (one per path)"
-                )
-            if end - begin != DTYPES[dtype].itemsize * _numel(shape) or data_start + end > file_size:
+                expected = f"expected F32 or F16 with {len(paths)} rows (one per path)"
+                raise OutputFileError(f"{path}: tensor {name!r} is {dtype}{list(shape)}; {expected}")
+            if end - begin != DTYPES[dtype].itemsize * math.prod(shape) or 8 + header_size + end > file_size:
                 raise OutputFileError(f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)")
-            tensors[name] = _Entry(shape, DTYPES[dtype], data_start + begin, end - begin)
+            tensors[name] = _Entry(shape, DTYPES[dtype], 8 + header_size + begin)
         return cls(path, {str(k): str(v) for k, v in metadata.items()}, [str(p) for p in paths], tensors)

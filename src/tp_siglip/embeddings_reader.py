@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import torch
 
 from tp_siglip.embeddings_dir import _META_COLUMNS, EMBEDDING_FOLDER, completed_shards, read_manifest
 from tp_siglip.embeddings_file import EarlierOutput
@@ -45,22 +44,15 @@ class ShardedArray:
     def __getitem__(self, item: Any) -> np.ndarray:
         if isinstance(item, tuple):
             rows = self[item[0]]
-            return rows[item[1:]] if np.ndim(item[0]) == 0 and not isinstance(item[0], slice) else rows[(slice(None), *item[1:])]
+            return rows[item[1:]] if isinstance(item[0], (int, np.integer)) else rows[(slice(None), *item[1:])]
         if isinstance(item, (int, np.integer)):
-            return self._take_one(int(item))
+            return self._take(np.array([int(item)]))[0]
         if isinstance(item, slice):
             start, stop, step = item.indices(len(self))
             if step == 1:
                 return self._take_range(start, max(start, stop))
-            return self._take(np.arange(start, stop, step))
+            item = np.arange(start, stop, step)
         return self._take(np.asarray(item))
-
-    def _take_one(self, index: int) -> np.ndarray:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"row {index} is out of range for {len(self)} rows of {self.name}")
-        index %= max(len(self), 1)
-        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return np.array(self.shards[shard][index - self.offsets[shard]])
 
     def _take_range(self, start: int, stop: int) -> np.ndarray:
         parts = []
@@ -76,11 +68,12 @@ class ShardedArray:
                 raise IndexError(f"a boolean mask must have {len(self)} entries, got shape {indices.shape}")
             indices = np.flatnonzero(indices)
         if indices.dtype.kind not in "iu" or indices.ndim != 1:
-            raise IndexError(f"rows must be an int, a slice, a 1-D int array or a bool mask, got {indices.dtype}{list(indices.shape)}")
-        indices = indices.astype(np.int64)
+            got = f"{indices.dtype}{list(indices.shape)}"
+            raise IndexError(f"rows must be an int, a slice, a 1-D int array or a bool mask, got {got}")
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"row indices must lie in [-{len(self)}, {len(self)}), got {indices.min()}..{indices.max()}")
-        indices = np.where(indices < 0, indices + len(self), indices)
+            got = f"{indices.min()}..{indices.max()}"
+            raise IndexError(f"row indices must lie in [-{len(self)}, {len(self)}) for the rows of {self.name}, got {got}")
+        indices = indices.astype(np.int64) % max(len(self), 1)
         out = np.empty((len(indices), *self.row_shape), self.dtype)
         owner = np.searchsorted(self.offsets, indices, side="right") - 1
         for shard in np.unique(owner):
@@ -103,19 +96,18 @@ class Embeddings(ShardedArray):
     def __init__(self, root: Path, manifest: dict, stats: list[dict]) -> None:
         self.root, self.manifest, self.stats = root, manifest, stats
         self.missing = [s["index"] for s in manifest["shards"] if s["index"] not in {entry["index"] for entry in stats}]
+        self._with_rows = [entry for entry in stats if entry["rows"]]
         super().__init__(self._load(EMBEDDING_FOLDER), manifest["embedding"])
         self.dim = self.row_shape[0] if self.row_shape else int(manifest.get("hidden_size", 0))
 
     def _load(self, folder: str) -> list[np.ndarray]:
-        with_rows = [entry for entry in self.stats if entry["rows"]]
-        if any(folder not in entry["files"] for entry in with_rows):
+        if any(folder not in entry["files"] for entry in self._with_rows):
             raise KeyError(f"{self.root} has no array {folder!r} in every shard; it has {self.array_names()}")
-        return [np.load(self.root / entry["files"][folder], mmap_mode="r") for entry in with_rows]
+        return [np.load(self.root / entry["files"][folder], mmap_mode="r") for entry in self._with_rows]
 
     def array_names(self) -> list[str]:
         """The extra per-row arrays stored besides the embedding (e.g. ``tokens``)."""
-        names = {name for entry in self.stats for name in entry["files"]} - {EMBEDDING_FOLDER, "metadata"}
-        return sorted(names)
+        return sorted({name for entry in self.stats for name in entry["files"]} - {EMBEDDING_FOLDER, "metadata"})
 
     def array(self, name: str) -> ShardedArray:
         """An extra per-row array (e.g. ``tokens``), indexed like the embeddings."""
@@ -124,52 +116,39 @@ class Embeddings(ShardedArray):
     def metadata(self, columns: Optional[Sequence[str]] = None) -> Any:
         """The metadata of every row, as one ``pyarrow.Table`` in row order (only ``columns`` when given)."""
         pa, pq = require_pyarrow()
-        tables = []
-        for entry in (entry for entry in self.stats if entry["rows"]):
-            path = self.root / entry["files"]["metadata"]
-            names = pq.ParquetFile(path).schema_arrow.names
-            table = pq.read_table(path, columns=[c for c in columns if c in names] if columns is not None else None)
-            tables.append(table)
-        if not tables:
+        if not self._with_rows:
             return pa.table({name: pa.array([], pa.string()) for name in (columns or _META_COLUMNS)})
+        tables = []
+        for path in (self.root / entry["files"]["metadata"] for entry in self._with_rows):
+            names = pq.read_schema(path).names
+            tables.append(pq.read_table(path, columns=None if columns is None else [c for c in columns if c in names]))
         table = _concat(pa, tables)
-        if columns is not None:
-            absent = [c for c in columns if c not in table.column_names]
-            if absent:
-                raise KeyError(f"no metadata column(s) {absent} in {self.root}; the columns are {table.column_names}")
-            table = table.select(list(columns))
-        return table
+        absent = [c for c in columns or () if c not in table.column_names]
+        if absent:
+            raise KeyError(f"no metadata column(s) {absent} in {self.root}; the columns are {table.column_names}")
+        return table if columns is None else table.select(list(columns))
 
     def keys(self) -> list[str]:
         """Every row's key, in row order."""
         return self.metadata(["key"]).column("key").to_pylist()
 
     def __repr__(self) -> str:
-        return f"Embeddings({str(self.root)!r}: {len(self)} rows x {self.dim}, {len(self.stats)} shard(s), {len(self.missing)} missing)"
+        shards = f"{len(self.stats)} shard(s), {len(self.missing)} missing"
+        return f"Embeddings({str(self.root)!r}: {len(self)} rows x {self.dim}, {shards})"
 
 
 def _concat(pa: Any, tables: list[Any]) -> Any:
-    """Concatenate shard tables whose columns or types may differ: missing columns become nulls, int with float
-    becomes float64, other type clashes become strings."""
-    types: dict[str, Any] = {}
-    for table in tables:
-        for field in table.schema:
-            old = types.get(field.name)
-            if old is None or old == field.type or pa.types.is_null(field.type):
-                types.setdefault(field.name, field.type)
-            elif pa.types.is_null(old):
-                types[field.name] = field.type
-            elif {str(old), str(field.type)} == {"int64", "double"}:
-                types[field.name] = pa.float64()
-            else:
-                types[field.name] = pa.string()
-    unified = []
-    for table in tables:
-        for position, field in enumerate(table.schema):
-            if field.type != types[field.name]:
-                table = table.set_column(position, field.name, table.column(position).cast(types[field.name]))
-        unified.append(table)
-    return pa.concat_tables(unified, promote_options="default")
+    """The shards' metadata tables as one: pyarrow's permissive promotion gives nulls for missing columns and
+    float64 for int with float; columns whose types clash otherwise become strings first."""
+    types: dict[str, set] = {}
+    for field in (field for table in tables for field in table.schema if field.type != pa.null()):
+        types.setdefault(field.name, set()).add(field.type)
+    clashes = {name for name, found in types.items() if len(found) > 1 and found != {pa.int64(), pa.float64()}}
+    for number, table in enumerate(tables):
+        for name in clashes.intersection(table.column_names):
+            table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(pa.string()))
+        tables[number] = table
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 class EmbeddingsFile(ShardedArray):
@@ -183,10 +162,9 @@ class EmbeddingsFile(ShardedArray):
         if name not in earlier.tensors:
             raise ValueError(f"{path} has no embedding tensor {name!r}: it was not written by tp-siglip encode")
         entry = earlier.tensors[name]
-        dtype = np.float16 if entry.dtype == torch.float16 else np.float32
-        rows = [np.memmap(path, dtype=dtype, mode="r", offset=entry.start, shape=entry.shape)] if entry.shape[0] else []
+        rows = [np.memmap(path, dtype=entry.dtype, mode="r", offset=entry.start, shape=entry.shape)] if entry.shape[0] else []
         super().__init__(rows, name)
-        self.dtype, self.row_shape, self.dim = np.dtype(dtype), tuple(entry.shape[1:]), int(entry.shape[1])
+        self.dtype, self.row_shape, self.dim = entry.dtype, entry.shape[1:], int(entry.shape[1])
 
     def keys(self) -> list[str]:
         """Every row's path, in row order."""
@@ -194,13 +172,8 @@ class EmbeddingsFile(ShardedArray):
 
 
 def open_embeddings(root: Union[str, Path]) -> Union[Embeddings, EmbeddingsFile]:
-    """Open the job's output for reading: a corpus folder (only complete shards are included; a warning names
-    how many planned shards are not), or a ``.safetensors`` file. Nothing is loaded until asked for; rows are
-    float32 or float16, as stored.
-
-    Raises:
-        ValueError: ``root`` has no readable manifest, or is not a file the job wrote.
-    """
+    """Open the job's output, a corpus folder (its complete shards; a warning names how many planned shards are
+    not) or a ``.safetensors`` file, loading nothing until asked for; :class:`ValueError` if it is neither."""
     root = Path(root)
     if root.is_file():
         try:
@@ -211,6 +184,6 @@ def open_embeddings(root: Union[str, Path]) -> Union[Embeddings, EmbeddingsFile]
     stats = list(completed_shards(root).values())
     embeddings = Embeddings(root, manifest, stats)
     if embeddings.missing:
-        logger.warning("%s: %d of %d planned shard(s) are not complete (first: %s); reading the other %d",
-                       root, len(embeddings.missing), len(manifest["shards"]), embeddings.missing[0], len(stats))  # fmt: skip
+        missing = f"{len(embeddings.missing)} of {len(manifest['shards'])} planned shard(s) are not complete"
+        logger.warning("%s: %s (first: %s); reading the other %d", root, missing, embeddings.missing[0], len(stats))
     return embeddings
