@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 IMAGE_MEMBER_SUFFIXES = tuple(sorted(IMAGE_SUFFIXES))
 _PARQUET_IMAGE_COLUMNS = (*(suffix[1:] for suffix in IMAGE_MEMBER_SUFFIXES), "image", "img")
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
-_PYARROW_HINT = 'pip install "tp-siglip[corpus]"'
-_END_OF_TAR = "(end of tar)"
 
 
 def require_pyarrow() -> tuple[Any, Any]:
@@ -52,17 +50,16 @@ def require_pyarrow() -> tuple[Any, Any]:
         import pyarrow
         import pyarrow.parquet
     except ImportError as err:
-        raise ImportError(f"reading or writing parquet needs pyarrow, which is not installed: {_PYARROW_HINT}") from err
+        hint = 'pip install "tp-siglip[corpus]"'
+        raise ImportError(f"reading or writing parquet needs pyarrow, which is not installed: {hint}") from err
     return pyarrow, pyarrow.parquet
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image's bytes are. Small and picklable: it travels to DataLoader worker processes.
+    """Where one image's bytes are; picklable, for DataLoader workers. ``kind``: ``"file"``, ``"tar"`` or ``"parquet"``.
 
-    ``kind`` is ``"file"``, ``"tar"`` or ``"parquet"``; ``path`` the image file, the ``.tar`` or the
-    ``.parquet``. Tar: ``offset`` is the byte offset of the member's data, ``size`` its byte count.
-    Parquet: ``offset`` is the row group index, ``size`` the row inside that row group.
+    Tar: ``offset``/``size`` are the member data's byte offset and count; parquet: the row group and the row in it.
     """
 
     kind: str
@@ -73,9 +70,7 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Row:
-    """One key of a shard: its image (``ref``, ``None`` when there is none, ``problem`` then says why) and its
-    JSON-able metadata (the ``.json`` sidecar + ``caption`` from ``.txt``, or the parquet metadata columns;
-    ``{}`` for plain files)."""
+    """One key of a shard: its image (``ref``; ``None`` with a ``problem`` saying why) and its JSON-able metadata."""
 
     key: str
     ref: Optional[ImageRef]
@@ -85,9 +80,8 @@ class Row:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One shard of the inputs. ``index``: its position in the shard list; ``name``: unique, stable, filename-safe;
-    ``kind``: ``"files"``, ``"tar"`` or ``"parquet"``; ``source``: the tar/parquet path (``""`` for files);
-    ``files``: the plain files of a ``files`` chunk."""
+    """One shard: its position, a unique filename-safe name, its kind (``"files"``, ``"tar"``, ``"parquet"``),
+    the tar/parquet path (``""`` for files) and the plain files of a ``files`` chunk."""
 
     index: int
     name: str
@@ -144,78 +138,46 @@ def _range_choices(body: str, pattern: str) -> list[str]:
     return [str(number).zfill(width) for number in numbers]
 
 
-def _classify(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(_COMPRESSED_TAR):
-        raise ValueError(
-            f"'{path}' is a compressed tar: shards are read at byte offsets, which needs an uncompressed .tar "
-            f"(decompress it, e.g. `gunzip`, or write the shards uncompressed)"
-        )
-    if name.endswith(".tar"):
-        return "tar"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".txt"):
-        return "list"
-    return "file"
-
-
-class _Collector:
-    """Accumulates shards and plain files while inputs are walked (see :func:`find_shards`)."""
-
-    def __init__(self) -> None:
-        self.entries: list[Union[tuple[str, str], None]] = []  # (kind, path); None marks where file chunks go
-        self.files: list[str] = []
-        self._seen_files: set[str] = set()
-        self._seen_shards: set[str] = set()
-        self.ignored: Counter = Counter()
-        self.hidden = 0
-
-    def add_file(self, path: str) -> None:
-        if not self.files and None not in self.entries:
-            self.entries.append(None)
-        identity = os.path.abspath(path)
-        if identity not in self._seen_files:
-            self._seen_files.add(identity)
-            self.files.append(path)
-
-    def add_shard(self, kind: str, path: str) -> None:
-        identity = os.path.abspath(path)
-        if identity in self._seen_shards:
-            logger.warning("shard '%s' is given more than once; it is used once", path)
-            return
-        self._seen_shards.add(identity)
-        self.entries.append((kind, path))
-
-
 def find_shards(
     inputs: Sequence[Union[str, os.PathLike]], rows_per_file_shard: int = 10_000, min_file_shards: int = 1
 ) -> ShardList:
-    """The deterministic list of shards for ``inputs`` (see the module docstring for what each input may be).
+    """The deterministic list of shards for ``inputs`` (docs/encode-design.md#inputs).
 
-    Plain files are cut into chunks of at most ``rows_per_file_shard`` rows, and into at least
-    ``min_file_shards`` chunks when there are that many files (the encode job passes its number of groups,
-    so that every group gets work).
-
-    Raises:
-        FileNotFoundError: an input (or a path a brace pattern expands to) does not exist.
-        ValueError: no inputs, a bad brace pattern, a compressed tar, a bad list file line, or a
-            ``rows_per_file_shard`` below 1.
+    Plain files are cut into chunks of at most ``rows_per_file_shard`` rows, and into at least ``min_file_shards``
+    chunks when there are that many files (the encode job passes its number of groups, so that every group gets work).
+    Raises FileNotFoundError for a missing input, ValueError for a bad input or argument.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    if not isinstance(rows_per_file_shard, int) or rows_per_file_shard < 1:
-        raise ValueError(f"rows_per_file_shard must be a positive int, got {rows_per_file_shard!r}")
-    if not isinstance(min_file_shards, int) or min_file_shards < 1:
-        raise ValueError(f"min_file_shards must be a positive int, got {min_file_shards!r}")
+    for name, value in (("rows_per_file_shard", rows_per_file_shard), ("min_file_shards", min_file_shards)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not inputs:
         raise ValueError("no inputs: give image files, folders, .txt path lists, .tar or .parquet shards, or brace patterns")
-    collector = _Collector()
+    found = ShardList([])
+    entries: dict[str, tuple[str, str]] = {}  # absolute path -> (kind, path); "" -> where the plain-file chunks go
+    files: dict[str, str] = {}  # absolute path -> path: each plain file once, in order
     for raw in inputs:
         for path in _expand_input(raw):
-            _add_input(collector, path)
-    found = _build_list(collector, _file_chunks(len(collector.files), rows_per_file_shard, min_file_shards))
-    logger.debug("find_shards: %d shard(s), %d plain file(s)", len(found.shards), len(collector.files))
+            for kind, item in _input_items(path, found):
+                identity = os.path.abspath(item)
+                if kind == "file":
+                    entries.setdefault("", ("files", ""))
+                    files.setdefault(identity, item)
+                elif identity in entries:
+                    logger.warning("shard '%s' is given more than once; it is used once", item)
+                else:
+                    entries[identity] = (kind, item)
+    paths = list(files.values())
+    used: set[str] = set()
+    for kind, source in entries.values():
+        if kind == "files":
+            for number, (start, stop) in enumerate(_file_chunks(len(paths), rows_per_file_shard, min_file_shards)):
+                _add_shard(found, used, f"files-{number:05d}", kind, "", tuple(paths[start:stop]))
+        else:
+            stem = Path(source).name[: -len(kind) - 1]
+            _add_shard(found, used, re.sub(r"[^A-Za-z0-9._-]", "_", stem) or kind, kind, source)
+    logger.debug("find_shards: %d shard(s), %d plain file(s)", len(found.shards), len(paths))
     return found
 
 
@@ -236,33 +198,27 @@ def _expand_input(raw: Union[str, os.PathLike]) -> list[Path]:
     return [Path(path) for path in expanded]
 
 
-def _add_input(collector: _Collector, path: Path) -> None:
+def _input_items(path: Path, found: ShardList) -> Iterator[tuple[str, str]]:
+    """``(kind, path)`` of what one input gives: a folder's images, a list's lines, or the input itself."""
     if path.is_dir():
         scan = scan_images(path)
-        collector.ignored.update(scan.ignored)
-        collector.hidden += scan.hidden
-        for file in scan.files:
-            collector.add_file(str(file))
+        found.ignored.update(scan.ignored)
+        found.hidden += scan.hidden
+        yield from (("file", str(file)) for file in scan.files)
         return
     if not path.exists():
         raise FileNotFoundError(f"input path does not exist: '{path}'")
     if not path.is_file():
         raise ValueError(f"input path '{path}' is neither a regular file nor a folder")
     kind = _classify(path)
-    if kind == "list":
-        _add_list_file(collector, path)
-    elif kind == "file":
-        collector.add_file(str(path))
-    else:
-        collector.add_shard(kind, str(path))
+    yield from _list_file_items(path) if kind == "list" else [(kind, str(path))]
 
 
-def _add_list_file(collector: _Collector, list_path: Path) -> None:
+def _list_file_items(list_path: Path) -> Iterator[tuple[str, str]]:
     try:
         text = list_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"path list '{list_path}' is not UTF-8 text ({err}); write one path per line, UTF-8") from None
-    base = list_path.parent
     count = 0
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.strip()
@@ -271,177 +227,139 @@ def _add_list_file(collector: _Collector, list_path: Path) -> None:
         where = f"path list '{list_path}' line {number}"
         if "\x00" in entry:
             raise ValueError(f"{where}: contains a NUL character; one path per line")
-        path = Path(os.path.normpath(entry if os.path.isabs(entry) else base / entry))
+        path = Path(os.path.normpath(list_path.parent / entry))  # an absolute entry replaces the folder
         kind = _classify(path)
         if kind == "list":
             raise ValueError(f"{where}: '{entry}' is another .txt list; lists do not nest, give it as its own input")
-        if kind == "file":
-            collector.add_file(str(path))
-        else:
-            collector.add_shard(kind, str(path))
         count += 1
+        yield kind, str(path)
     if not count:
         logger.warning("path list '%s' lists no paths (only blank or # lines)", list_path)
 
 
+def _classify(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(_COMPRESSED_TAR):
+        raise ValueError(
+            f"'{path}' is a compressed tar: shards are read at byte offsets, which needs an uncompressed .tar "
+            f"(decompress it, e.g. `gunzip`, or write the shards uncompressed)"
+        )
+    kinds = {".tar": "tar", ".parquet": "parquet", ".txt": "list"}
+    return next((kind for suffix, kind in kinds.items() if name.endswith(suffix)), "file")
+
+
 def _file_chunks(count: int, rows_per_file_shard: int, min_file_shards: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each plain-file chunk: ``rows_per_file_shard`` rows each (the last shorter), or, when
-    that makes fewer than ``min_file_shards`` chunks, ``min(min_file_shards, count)`` near-equal ones."""
-    starts = range(0, count, rows_per_file_shard)
-    if len(starts) >= min(min_file_shards, count):
-        return [(start, min(start + rows_per_file_shard, count)) for start in starts]
+    """``(start, stop)`` of each plain-file chunk: ``rows_per_file_shard`` rows each, or, when that makes fewer
+    than ``min_file_shards`` chunks, ``min(min_file_shards, count)`` near-equal ones."""
     parts = min(min_file_shards, count)
-    bounds = [count * part // parts for part in range(parts + 1)]
-    return list(itertools.pairwise(bounds))
+    starts = range(0, count, rows_per_file_shard)
+    if len(starts) >= parts:
+        return [(start, min(start + rows_per_file_shard, count)) for start in starts]
+    return list(itertools.pairwise(count * part // parts for part in range(parts + 1)))
 
 
-def _build_list(collector: _Collector, chunks: list[tuple[int, int]]) -> ShardList:
-    pending: list[tuple[str, str, str, tuple[str, ...]]] = []  # (wanted name, kind, source, files)
-    for entry in collector.entries:
-        if entry is None:
-            for chunk_index, (start, stop) in enumerate(chunks):
-                pending.append((f"files-{chunk_index:05d}", "files", "", tuple(collector.files[start:stop])))
-        else:
-            kind, source = entry
-            stem = Path(source).name[: -len(f".{kind}")]
-            pending.append((re.sub(r"[^A-Za-z0-9._-]", "_", stem) or kind, kind, source, ()))
-    used: set[str] = set()
-    shards = []
-    for index, (wanted, kind, source, files) in enumerate(pending):
-        name, suffix = wanted, 2
-        while name in used:
-            name, suffix = f"{wanted}-{suffix}", suffix + 1
-        used.add(name)
-        shards.append(ShardSpec(index, name, kind, source, files))
-    return ShardList(shards, collector.ignored, collector.hidden)
+def _add_shard(found: ShardList, used: set[str], wanted: str, kind: str, source: str, files: tuple[str, ...] = ()) -> None:
+    """Append a shard named ``wanted``, or ``wanted-2``, ``wanted-3``, ... when that name is taken."""
+    name, suffix = wanted, 2
+    while name in used:
+        name, suffix = f"{wanted}-{suffix}", suffix + 1
+    used.add(name)
+    found.shards.append(ShardSpec(len(found.shards), name, kind, source, files))
 
 
 # ---------------------------------------------------------------------------------------------------- listing
 
 
 def list_rows(spec: ShardSpec, ignored: Optional[Counter] = None) -> list[Row]:
-    """The rows of one shard (see the module docstring). Members or columns left out are counted into
-    ``ignored`` (by lower-case suffix, ``"(hidden)"``, ``"(duplicate image)"``) when given.
-
-    Raises:
-        ValueError: the shard cannot be read at all (the message names it).
-        ImportError: a parquet shard without pyarrow installed.
-    """
-    ignored = Counter() if ignored is None else ignored
+    """The rows of one shard. Members or columns left out are counted into ``ignored`` when given (by lower-case
+    suffix, ``"(hidden)"``, ``"(duplicate image)"``). Raises ValueError naming a shard that cannot be read at all,
+    ImportError for a parquet shard without pyarrow."""
     if spec.kind == "files":
         return [Row(path, ImageRef("file", path), {}) for path in spec.files]
     if spec.kind == "tar":
-        return _list_tar(spec, ignored)
+        return _list_tar(spec, Counter() if ignored is None else ignored)
     if spec.kind == "parquet":
         return _list_parquet(spec)
     raise ValueError(f"{describe(spec)}: unknown shard kind {spec.kind!r} (expected 'files', 'tar' or 'parquet')")
 
 
-@dataclass
-class _Group:
-    image: Optional[tarfile.TarInfo] = None
-    json: Optional[tarfile.TarInfo] = None
-    text: Optional[tarfile.TarInfo] = None
-    cut: Optional[str] = None  # the image member that was cut off by the end of the file
-
-
 def _list_tar(spec: ShardSpec, ignored: Counter) -> list[Row]:
-    path = spec.source
     try:
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            groups, end_problem = _scan_tar(handle, file_size, ignored, spec)
-            rows = [_tar_row(handle, path, key, group) for key, group in sorted(groups.items())]
+        file_size = os.path.getsize(spec.source)
+        with open(spec.source, "rb") as handle:
+            groups, broke_off = _scan_tar(handle, file_size, ignored, spec)
+            rows = [_tar_row(handle, spec.source, key, group) for key, group in sorted(groups.items())]
     except (OSError, tarfile.TarError) as err:
         raise ValueError(f"cannot read {describe(spec)}: {type(err).__name__}: {err}; is it a tar file?") from None
-    if end_problem is not None:
-        logger.warning("%s: %s", describe(spec), end_problem)
-        rows.append(Row(_END_OF_TAR, None, {}, end_problem))
+    if broke_off is not None:
+        problem = f"truncated tar: {broke_off}; rows before it are kept"
+        logger.warning("%s: %s", describe(spec), problem)
+        rows.append(Row("(end of tar)", None, {}, problem))
     return rows
 
 
-def _scan_tar(handle: Any, file_size: int, ignored: Counter, spec: ShardSpec) -> tuple[dict[str, _Group], Optional[str]]:
-    """Member headers -> groups by key; and why the tar ended early (``None`` if it ended properly)."""
-    groups: dict[str, _Group] = {}
+def _scan_tar(handle: Any, file_size: int, ignored: Counter, spec: ShardSpec) -> tuple[dict[str, dict], Optional[str]]:
+    """Member headers -> groups by key (slot -> member); and where the tar broke off (``None`` if it did not)."""
+    groups: dict[str, dict] = {}
     archive = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 - the caller owns handle; raises ReadError if not a tar
     end = 0
-    problem = None
     while True:
         try:
             member = archive.next()
         except tarfile.ReadError as err:
-            problem = f"truncated tar: {err} after byte {end} (the file has {file_size} bytes); rows before it are kept"
-            break
+            return groups, f"{err} after byte {end} (the file has {file_size} bytes)"
         if member is None:
             break
+        key, slot, suffix = _member_slot(member, ignored)
+        group = groups.setdefault(key, {}) if slot else {}
         if member.offset_data + member.size > file_size:
             logger.warning("%s: truncated tar: member '%s' is cut off at byte %d", describe(spec), member.name, file_size)
-            if not _add_member(groups, member, ignored, cut=True):  # its key's row does not say so: an end row does
-                problem = f"truncated tar: member '{member.name}' is cut off at byte {file_size}; rows before it are kept"
-            return groups, problem
+            if slot == "image" and "image" not in group:
+                group["cut"] = member.name  # its key's row says so
+                return groups, None
+            return groups, f"member '{member.name}' is cut off at byte {file_size}"
         end = member.offset_data + member.size
-        _add_member(groups, member, ignored, cut=False)
-    if problem is None:
-        problem = _check_tar_end(handle, end, file_size)
-    if not groups and problem is None:
-        logger.warning("%s holds no members", describe(spec))
-    return groups, problem
-
-
-def _check_tar_end(handle: Any, end: int, file_size: int) -> Optional[str]:
-    """A proper tar ends in zero blocks after its last member; anything else means a broken header."""
-    start = end + (-end % 512)
+        if slot and group.setdefault(slot, member) is not member:
+            ignored["(duplicate image)" if slot == "image" else f"(duplicate {suffix})"] += 1
+    start = end + (-end % 512)  # a proper tar ends in zero blocks after its last member
     handle.seek(start)
-    rest = handle.read(min(file_size - start, 1 << 16))
-    if rest.strip(b"\x00"):
-        return f"truncated tar: a broken member header at byte {start} (the file has {file_size} bytes); rows before it are kept"
-    return None
+    if handle.read(min(file_size - start, 1 << 16)).strip(b"\x00"):
+        return groups, f"a broken member header at byte {start} (the file has {file_size} bytes)"
+    if not groups:
+        logger.warning("%s holds no members", describe(spec))
+    return groups, None
 
 
-def _add_member(groups: dict[str, _Group], member: tarfile.TarInfo, ignored: Counter, cut: bool) -> bool:
-    """Put a member in its key's group; for a ``cut`` member, whether its key's row will say it was cut."""
+def _member_slot(member: tarfile.TarInfo, ignored: Counter) -> tuple[str, Optional[str], str]:
+    """``(key, slot, suffix)`` of a member; slot ``None`` for one that is not an image, json or txt (counted)."""
     if not member.isfile():
-        return False
-    base = member.name.rsplit("/", 1)[-1]
-    if base.startswith("."):
+        return "", None, ""
+    if member.name.rsplit("/", 1)[-1].startswith("."):
         ignored["(hidden)"] += 1
-        return False
+        return "", None, ""
     stem, dot, suffix = member.name.rpartition(".")
     suffix = f".{suffix.lower()}" if dot and "/" not in suffix else ""
-    key = stem if suffix else member.name
     slot = "image" if suffix in IMAGE_MEMBER_SUFFIXES else {".json": "json", ".txt": "text"}.get(suffix)
     if slot is None:
         ignored[suffix or "(none)"] += 1
-        return False
-    group = groups.setdefault(key, _Group())
-    if cut:
-        if slot == "image" and group.image is None:
-            group.cut = member.name
-            return True
-        return False
-    if getattr(group, slot) is not None:
-        ignored["(duplicate image)" if slot == "image" else f"(duplicate {suffix})"] += 1
-        return False
-    setattr(group, slot, member)
-    return False
+    return stem, slot, suffix
 
 
-def _tar_row(handle: Any, path: str, key: str, group: _Group) -> Row:
+def _tar_row(handle: Any, path: str, key: str, group: dict) -> Row:
     meta: dict = {}
-    if group.json is not None:
-        raw = _read_member(handle, group.json)
+    if "json" in group:
         try:
-            loaded = json.loads(raw)
+            loaded = json.loads(_read_member(handle, group["json"]))
             meta = loaded if isinstance(loaded, dict) else {"json": loaded}
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            meta = {"meta_error": f"{group.json.name} is not valid JSON: {err}"}
-    if group.text is not None:
-        meta["caption"] = _read_member(handle, group.text).decode("utf-8", errors="replace")
-    if group.image is not None:
-        return Row(key, ImageRef("tar", path, group.image.offset_data, group.image.size), meta)
-    if group.cut is not None:
-        return Row(key, None, meta, f"image member {group.cut} is cut off (truncated tar)")
-    present = " + ".join(member.name.rsplit("/", 1)[-1] for member in (group.json, group.text) if member is not None)
+            meta = {"meta_error": f"{group['json'].name} is not valid JSON: {err}"}
+    if "text" in group:
+        meta["caption"] = _read_member(handle, group["text"]).decode("utf-8", errors="replace")
+    if "image" in group:
+        return Row(key, ImageRef("tar", path, group["image"].offset_data, group["image"].size), meta)
+    if "cut" in group:
+        return Row(key, None, meta, f"image member {group['cut']} is cut off (truncated tar)")
+    present = " + ".join(group[slot].name.rsplit("/", 1)[-1] for slot in ("json", "text") if slot in group)
     return Row(key, None, meta, f"no image member ({present} only)")
 
 
@@ -450,17 +368,20 @@ def _read_member(handle: Any, member: tarfile.TarInfo) -> bytes:
     return handle.read(member.size)
 
 
-def _parquet_image_column(schema: Any, pa: Any) -> tuple[str, bool]:
-    """``(name, is_struct)`` of the image column: a binary column, or a struct with a binary ``bytes`` field."""
+def _open_parquet(path: str) -> tuple[Any, str, bool]:
+    """``(ParquetFile, image column, whether it is a struct)``: a binary column, or a struct with a binary ``bytes``."""
+    pa, pq = require_pyarrow()
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
     for name in _PARQUET_IMAGE_COLUMNS:
         index = schema.get_field_index(name)
         if index < 0:
             continue
         kind = schema.field(index).type
         if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-            return name, False
+            return parquet, name, False
         if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-            return name, True
+            return parquet, name, True
     raise ValueError(
         f"no image column: expected a binary column named one of {', '.join(_PARQUET_IMAGE_COLUMNS)} (img2dataset's "
         f"parquet output) or an image struct with a 'bytes' field; the columns are {', '.join(schema.names)}. "
@@ -469,46 +390,40 @@ def _parquet_image_column(schema: Any, pa: Any) -> tuple[str, bool]:
 
 
 def _json_able(value: Any) -> Any:
-    """Parquet values as JSON-able Python: bytes are dropped (None), dates/times become ISO strings."""
+    """A parquet value as JSON-able Python: bytes are dropped (None), dates and times become ISO strings."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return None
     if isinstance(value, dict):
         return {str(k): _json_able(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_able(v) for v in value]
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if value is not None and not isinstance(value, (str, int, float, bool)):
-        return str(value)
-    return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def _list_parquet(spec: ShardSpec) -> list[Row]:
-    pa, pq = require_pyarrow()
+    pa, _ = require_pyarrow()
     try:
-        parquet = pq.ParquetFile(spec.source)
-        image_column, _ = _parquet_image_column(parquet.schema_arrow, pa)
+        parquet, image_column, _ = _open_parquet(spec.source)
         columns = [name for name in parquet.schema_arrow.names if name != image_column]
-        row_groups = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
-        table = parquet.read(columns=columns)
+        sizes = [parquet.metadata.row_group(group).num_rows for group in range(parquet.metadata.num_row_groups)]
+        records = parquet.read(columns=columns).to_pylist()
     except (OSError, pa.ArrowException, ValueError) as err:
         raise ValueError(f"cannot read {describe(spec)}: {err}") from None
-    records = table.to_pylist()
     if "key" not in columns:
         logger.warning("%s has no 'key' column: rows are keyed by their row number", describe(spec))
-    places = itertools.chain.from_iterable(((group, row) for row in range(count)) for group, count in enumerate(row_groups))
+    places = [(group, row) for group, size in enumerate(sizes) for row in range(size)]
     rows = []
-    for position, (group, row) in enumerate(places):
-        meta = {name: _json_able(value) for name, value in records[position].items()}
-        key_value = meta.pop("key", None)
-        key = str(key_value) if key_value is not None else f"{position:09d}"
-        status = meta.get("status")
-        if status is not None and status != "success":
-            reason = meta.get("error_message")
-            problem = f"img2dataset status {status!r}" + (f": {reason}" if reason else "")
-            rows.append(Row(key, None, meta, problem))
-        else:
+    for position, (record, (group, row)) in enumerate(zip(records, places)):
+        meta = {name: _json_able(value) for name, value in record.items()}
+        key = meta.pop("key", None)
+        key = f"{position:09d}" if key is None else str(key)
+        status, reason = meta.get("status"), meta.get("error_message")
+        if status is None or status == "success":
             rows.append(Row(key, ImageRef("parquet", spec.source, group, row), meta))
+        else:
+            rows.append(Row(key, None, meta, f"img2dataset status {status!r}" + (f": {reason}" if reason else "")))
     return rows
 
 
@@ -520,15 +435,10 @@ _ROW_GROUPS: dict[tuple[int, str, int], Any] = {}  # (pid, path, row group) -> i
 
 
 def read_bytes(ref: ImageRef) -> bytes:
-    """The bytes of one image (not decoded).
-
-    Raises:
-        OSError: the file or shard cannot be read (``FileNotFoundError``, ``PermissionError``, ...).
-        ValueError: a tar member ends early, a parquet row has no image bytes, or an unknown ``ref.kind``.
-    """
+    """The bytes of one image (not decoded). Raises OSError if the file or shard cannot be read, ValueError for a
+    tar member that ends early, a parquet row without image bytes, or an unknown ``ref.kind``."""
     if ref.kind == "file":
-        with open(ref.path, "rb") as handle:
-            return handle.read()
+        return Path(ref.path).read_bytes()
     if ref.kind == "tar":
         return _read_tar(ref)
     if ref.kind == "parquet":
@@ -538,16 +448,16 @@ def read_bytes(ref: ImageRef) -> bytes:
 
 def _read_tar(ref: ImageRef) -> bytes:
     slot = (os.getpid(), ref.path)
-    descriptor = _TAR_DESCRIPTORS.get(slot)
-    if descriptor is None:
-        for old_slot in list(_TAR_DESCRIPTORS):
-            old = _TAR_DESCRIPTORS.pop(old_slot)
-            if old_slot[0] == slot[0]:  # a descriptor inherited from a parent process is left to the parent
+    if slot not in _TAR_DESCRIPTORS:
+        for (pid, _), old in _TAR_DESCRIPTORS.items():
+            if pid == slot[0]:  # a descriptor inherited from a parent process is left to the parent
                 os.close(old)
-        descriptor = _TAR_DESCRIPTORS[slot] = os.open(ref.path, os.O_RDONLY)
-    data = os.pread(descriptor, ref.size, ref.offset)
+        _TAR_DESCRIPTORS.clear()
+        _TAR_DESCRIPTORS[slot] = os.open(ref.path, os.O_RDONLY)
+    data = os.pread(_TAR_DESCRIPTORS[slot], ref.size, ref.offset)
     if len(data) != ref.size:
-        raise ValueError(f"tar member at byte {ref.offset} of {ref.path} ends {ref.size - len(data)} bytes early (truncated shard)")
+        short = ref.size - len(data)
+        raise ValueError(f"tar member at byte {ref.offset} of {ref.path} ends {short} bytes early (truncated shard)")
     return data
 
 
@@ -555,14 +465,10 @@ def _read_parquet(ref: ImageRef) -> bytes:
     slot = (os.getpid(), ref.path, ref.offset)
     column = _ROW_GROUPS.get(slot)
     if column is None:
-        pa, pq = require_pyarrow()
         _ROW_GROUPS.clear()
-        parquet = pq.ParquetFile(ref.path)
-        name, is_struct = _parquet_image_column(parquet.schema_arrow, pa)
+        parquet, name, is_struct = _open_parquet(ref.path)
         column = parquet.read_row_group(ref.offset, columns=[name]).column(name).combine_chunks()
-        if is_struct:
-            column = column.field("bytes")
-        _ROW_GROUPS[slot] = column
+        _ROW_GROUPS[slot] = column = column.field("bytes") if is_struct else column
     if not 0 <= ref.size < len(column):
         raise ValueError(f"{ref.path} row group {ref.offset} has {len(column)} rows; row {ref.size} does not exist")
     value = column[ref.size].as_py()
