@@ -32,16 +32,9 @@ import torch.distributed as dist
 
 from tp_siglip import encode_corpus, hardware, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
-from tp_siglip.encode_corpus import JobError
+from tp_siglip.encode_corpus import JobError, UsageError
 from tp_siglip.formats import OPEN_CLIP_CONFIG
-from tp_siglip.lockstep import (
-    RanksDisagree,
-    agree_on_max,
-    broadcast_from_rank0,
-    collect_rows,
-    form_groups,
-    gather_reasons,
-)
+from tp_siglip.lockstep import RanksDisagree, agree_on_max, broadcast_from_rank0, collect_rows, form_groups, gather_reasons
 from tp_siglip.parallel import init_default_group
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
@@ -61,10 +54,6 @@ GPU_WEIGHT_FRACTION = 0.5
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-class UsageError(Exception):
-    """A bad argument, found before any real work (exit status 2)."""
-
-
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -80,17 +69,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def _int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low``."""
-
     wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return value
+        with contextlib.suppress(ValueError):
+            if int(text) >= low:
+                return int(text)
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
 
     return parse
 
@@ -144,6 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``-m tp_siglip.encode`` parser."""
     parser = argparse.ArgumentParser(
         prog=prog, description="Encode images with a (tensor-parallel) SigLIP vision tower.", formatter_class=HelpFormatter
     )
@@ -161,17 +147,14 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
 
 @dataclass
 class Checked:
-    """What the checks found: the shards and the output (`encode_corpus.Corpus`), the device, the ranks per
-    group, and the NaFlex grid size."""
+    """What the checks found; ``tp`` is ``--tp`` or what :func:`_tp_for_memory` chose, ``max_num_patches`` None
+    when the checkpoint's value is unusable (``patches_from`` then says why)."""
 
     corpus: encode_corpus.Corpus
-    device: Optional[str] = None
-    #: ranks per group (``--tp``, or what :func:`_tp_for_memory` chose)
-    tp: int = 1
-    #: NaFlex patches per image; None when the checkpoint's preprocessor config is unusable (see patches_from)
-    max_num_patches: Optional[int] = DEFAULT_MAX_NUM_PATCHES
-    #: where max_num_patches came from, or what is wrong with the checkpoint's value
-    patches_from: str = "transformers' default"
+    device: Optional[str]
+    tp: int
+    max_num_patches: Optional[int]
+    patches_from: str
 
 
 def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Checked:
@@ -189,25 +172,20 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
     if args.save_every is not None:
         raise UsageError(f"--save-every {args.save_every} is gone: the output is committed shard by shard, so --shard-size "
                          "ROWS sets how often")
-    try:
-        encode_corpus.check_output_name(args.output)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    encode_corpus.check_output_name(args.output)
     if args.tp is not None and world_size % args.tp:
         raise UsageError(f"--tp {args.tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
     device = _check_device(args.device, world_size)
     _check_model(args.model)
     tp = args.tp or _tp_for_memory(args, device, world_size)
     groups = 1 if encode_corpus.Target.of(args.output).file else world_size // tp  # a file: the world deals every shard
-    checked = Checked(encode_corpus.check_corpus(args, rank, groups, UsageError), device, tp)
-    if args.max_num_patches is not None:
-        config = _config_on_disk(args.model)
-        if config is not None and config.variant != "naflex":  # else refused once loaded
-            raise _not_naflex(args)
-        checked.max_num_patches, checked.patches_from = args.max_num_patches, "--max-num-patches"
-    else:
-        checked.max_num_patches, checked.patches_from = _checkpoint_max_num_patches(args.model)
-    return checked
+    corpus = encode_corpus.check_corpus(args, rank, groups)
+    if args.max_num_patches is None:
+        return Checked(corpus, device, tp, *_checkpoint_max_num_patches(args.model))
+    config = _config_on_disk(args.model)
+    if config is not None and config.variant != "naflex":  # else refused once loaded
+        raise _not_naflex(args)
+    return Checked(corpus, device, tp, args.max_num_patches, "--max-num-patches")
 
 
 def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
@@ -219,12 +197,11 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
         raise UsageError(f"--device {device!r} is not a device name (expected e.g. cpu, cuda, cuda:1)") from None
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            why = (
-                f"this torch ({torch.__version__}) is built without CUDA"
-                if torch.version.cuda is None
-                else "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
-            )
-            raise UsageError(f"--device {device}: CUDA is not available: {why}; use --device cpu, or install a CUDA build of torch")
+            why = "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+            if torch.version.cuda is None:
+                why = f"this torch ({torch.__version__}) is built without CUDA"
+            raise UsageError(f"--device {device}: CUDA is not available: {why}; use --device cpu, or install a CUDA "
+                             "build of torch")
         if chosen.index is None and world_size > 1:
             chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
@@ -259,19 +236,19 @@ def _tower_bytes(model: str, dtype: str) -> Optional[int]:
 
 
 def _tp_for_memory(args: argparse.Namespace, device: Optional[str], world_size: int) -> int:
-    """The default ``--tp``: 1 (data parallel), unless the model runs on GPUs too small to hold the tower's weights
-    in half their memory; then the smallest group of GPUs on one node (a divisor of the world) that holds them.
-    Decided from ``config.json`` (when on disk) and each rank's GPU size; ranks then agree on the largest choice."""
+    """The default ``--tp``: 1, unless the tower's weights take more than half of this rank's GPU; then the
+    smallest divisor of the world, within one node, whose slices fit (ranks then agree on the largest)."""
     on_gpu = device.startswith("cuda") if device is not None else torch.cuda.is_available()
     weights = _tower_bytes(args.model, args.dtype) if on_gpu else None
     if weights is None:
         return 1
     memory = torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    fits = [tp for tp in range(1, local + 1) if world_size % tp == 0 and weights / tp <= memory * GPU_WEIGHT_FRACTION]
-    tp = fits[0] if fits else max(tp for tp in range(1, local + 1) if world_size % tp == 0)
+    divisors = [tp for tp in range(1, local + 1) if world_size % tp == 0]
+    tp = next((tp for tp in divisors if weights / tp <= memory * GPU_WEIGHT_FRACTION), divisors[-1])
     if tp > 1:
-        logger.warning("the tower's weights (~%.1f GB) need more than half of a %.1f GB GPU: --tp %d", weights / 1e9, memory / 1e9, tp)
+        logger.warning("the tower's weights (~%.1f GB) need more than half of a %.1f GB GPU: --tp %d",
+                       weights / 1e9, memory / 1e9, tp)
     return tp
 
 
@@ -281,18 +258,19 @@ def _check_model(model: str) -> None:
         if path.is_file() and path.suffix == ".npz":  # a big_vision checkpoint
             return
         if not path.is_dir():
-            raise UsageError(f"--model {model}: not a folder; expected a folder with config.json and *.safetensors, or a Hub repo id")
+            raise UsageError(f"--model {model}: not a folder; expected a folder with config.json and *.safetensors, "
+                             "or a Hub repo id")
         if not any((path / name).is_file() for name in ("config.json", OPEN_CLIP_CONFIG)) and not any(path.glob("*.npz")):
-            raise UsageError(f"--model {model}: this folder has no config.json; expected a checkpoint folder (config.json, *.safetensors)")
+            raise UsageError(f"--model {model}: this folder has no config.json; expected a checkpoint folder "
+                             "(config.json, *.safetensors)")
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(model)
     except HFValidationError:
-        raise UsageError(
-            f"--model {model!r}: no such folder, and not a valid Hub repo id (expected e.g. {DEFAULT_MODEL})"
-        ) from None
+        raise UsageError(f"--model {model!r}: no such folder, and not a valid Hub repo id (expected e.g. "
+                         f"{DEFAULT_MODEL})") from None
 
 
 def _file_on_disk(model: str, name: str) -> Optional[Path]:
@@ -313,21 +291,19 @@ def _file_on_disk(model: str, name: str) -> Optional[Path]:
 
 
 def _checkpoint_max_num_patches(model: str) -> tuple[Optional[int], str]:
-    """``(max_num_patches, where it came from)`` for ``--model``; ``(None, the problem)`` for a bad config file.
-
-    A problem only matters for a NaFlex tower (checked once loaded): a fixed-resolution checkpoint's
-    preprocessor config is not read for anything else.
-    """
+    """``(max_num_patches, where it came from)`` for ``--model``; ``(None, the problem)`` for a bad config file
+    (which only matters for a NaFlex tower, checked once loaded)."""
     found = _file_on_disk(model, PREPROCESSOR_CONFIG)
+    default = DEFAULT_MAX_NUM_PATCHES, "transformers' default"
     if found is None:
-        return DEFAULT_MAX_NUM_PATCHES, "transformers' default"
+        return default
     try:
         data = json.loads(found.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return None, f"cannot read {found}: {err}; fix it or pass --max-num-patches"
     value = data.get("max_num_patches") if isinstance(data, dict) else None
     if value is None:
-        return DEFAULT_MAX_NUM_PATCHES, "transformers' default"
+        return default
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         return None, f"{found}: max_num_patches must be a positive integer, got {value!r}; fix it or pass --max-num-patches"
     return value, str(found)
@@ -343,15 +319,12 @@ def _not_naflex(args: argparse.Namespace) -> UsageError:
 # ----------------------------------------------------------------------------- the run
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the job described by parsed ``args``; returns the exit status. Every rank calls this."""
-    rank, world_size = _rank_and_world()
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging(rank, world_size)
     say = Printer(rank, world_size)
     try:
@@ -363,14 +336,15 @@ def run(args: argparse.Namespace) -> int:
         model = _load_model(args, checked.device, tp, group)
         tp_group = group if tp > 1 else None
         if checked.corpus.target.file is not None:  # one file: the world deals out each batch, rank 0 writes
-            dealing, group_index, groups = Dealing(rank, world_size, dist.group.WORLD if world_size > 1 else None, tp, tp_group), 0, 1
+            world = dist.group.WORLD if world_size > 1 else None
+            dealing, group_index, groups = Dealing(rank, world_size, world, tp, tp_group), 0, 1
         else:  # a folder: each group deals out its own shards' batches, its rank 0 writes
             dealing = Dealing(rank % tp, tp, tp_group, tp, tp_group)
         job = Job(args, checked, model, dealing, say)
         with _sigterm_as_interrupt():
             job.start()
             writer_say = encode_corpus.group_printer(Printer(dealing.rank, world_size), group_index, groups)
-            encode_corpus.run_shards(job, args, checked.corpus, group_index, groups, say, writer_say, UsageError)
+            encode_corpus.run_shards(job, args, checked.corpus, group_index, groups, say, writer_say)
     except UsageError as err:
         say.error(str(err))
         return EXIT_USAGE
@@ -395,14 +369,11 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
         )
     except Exception as err:
         text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
-        if len(text) > 1000:
-            text = text[:997] + "..."
+        text = text if len(text) <= 1000 else text[:997] + "..."
         hint = ""
         if not Path(args.model).exists():
-            hint = (
-                " To run without the network, pass --model <local folder> (config.json and *.safetensors, e.g. a "
-                "Hub snapshot copied from a machine with network access)"
-            )
+            hint = (" To run without the network, pass --model <local folder> (config.json and *.safetensors, e.g. a "
+                    "Hub snapshot copied from a machine with network access)")
             if not os.environ.get("HF_HUB_OFFLINE"):
                 hint += "; to use a copy already in the Hugging Face cache, set HF_HUB_OFFLINE=1"
             hint += "."
@@ -415,21 +386,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 class Sink(Protocol):
     """Where `Job.encode` puts each batch's results (on the dealing's rank 0): rows of the readable items and
-    a reason for each skipped one. (What is already done, and committing, are the caller's: see
-    `encode_corpus`, where a shard is the unit of both.)"""
+    a reason for each skipped one. (What is already done, and committing, are the caller's: `encode_corpus`.)"""
 
     def add(self, items: list[Any], tensors: dict[str, torch.Tensor]) -> None: ...
 
@@ -438,16 +404,16 @@ class Sink(Protocol):
 
 class StoredRows:
     """What the job stores for each image: the model's inputs made from decoded uint8 rows, and the stored
-    tensors made from the model's outputs (see the module doc)."""
+    tensors made from the model's outputs."""
 
     def __init__(self, model: Any, args: argparse.Namespace, embedding: str, max_num_patches: Optional[int]) -> None:
         self.model, self.args, self.embedding, self.max_num_patches = model, args, embedding, max_num_patches
         self.naflex = max_num_patches is not None
-        self._pixels: Optional[torch.Tensor] = None  # see _pixel_buffer
-        self._host: Optional[torch.Tensor] = None  # see on_host
+        self._pixels: Optional[torch.Tensor] = None  # the CPU pixel buffer, see model_inputs
+        self._host: Optional[torch.Tensor] = None  # the pinned host buffer, see on_host
 
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Row shapes of what the output stores (all float32), as :meth:`stored` makes them."""
+        """Row shapes and dtypes of what the output stores, as :meth:`stored` makes them."""
         config, hidden = self.model.config, self.model.config.hidden_size
         dtype = OUTPUT_DTYPES[self.args.output_dtype]
         specs = {self.embedding: ((hidden,), dtype)}
@@ -460,48 +426,44 @@ class StoredRows:
         return specs
 
     def model_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values)."""
+        """uint8 rows -> the model's inputs in its dtype, normalised on its device (the 256-entry table's values).
+        On the CPU the pixels go to a buffer kept from batch to batch: new pages each batch cost more than the
+        normalisation itself (on a GPU the caching allocator already reuses memory)."""
         levels = rows["levels"].to(self.model.device, non_blocking=True)
-        if not self.naflex:
-            buffer = self._pixel_buffer(len(levels), levels.shape[1:]) if levels.device.type == "cpu" else None
-            preprocessing = self.model.config.preprocessing  # a timm / open_clip checkpoint's normalisation
-            return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer, preprocessing=preprocessing)}
-        shapes = rows["spatial_shapes"].to(self.model.device)
-        return processing_naflex.naflex_inputs(levels, shapes, self.model.dtype)
-
-    def _pixel_buffer(self, rows: int, row_shape: torch.Size) -> torch.Tensor:
-        """``rows`` rows of a CPU pixel buffer kept from batch to batch (a batch's pixels are done with before the
-        next batch's are made): a fresh buffer each batch costs more in new pages than the normalisation itself.
-        (On a GPU the caching allocator already reuses memory.)"""
-        if self._pixels is None or len(self._pixels) < rows or self._pixels.shape[1:] != row_shape:
-            self._pixels = torch.empty((max(rows, self.args.batch_size), *row_shape), dtype=self.model.dtype)
-        return self._pixels[:rows]
+        if self.naflex:
+            return processing_naflex.naflex_inputs(levels, rows["spatial_shapes"].to(self.model.device), self.model.dtype)
+        buffer = None
+        if levels.device.type == "cpu":
+            if self._pixels is None or len(self._pixels) < len(levels) or self._pixels.shape[1:] != levels.shape[1:]:
+                self._pixels = torch.empty((max(len(levels), self.args.batch_size), *levels.shape[1:]), dtype=self.model.dtype)
+            buffer = self._pixels[: len(levels)]
+        preprocessing = self.model.config.preprocessing  # a timm / open_clip checkpoint's normalisation
+        return {"pixel_values": processing.to_pixel_values(levels, self.model.dtype, out=buffer, preprocessing=preprocessing)}
 
     def stored(self, out: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the output stores for these images, float32 on the host, before the cast to ``--output-dtype``
-        (see the module doc). Computed on the model's device, then brought over in one copy (`on_host`)."""
-        if not self.naflex:
-            vectors = out.pooler_output if self.model.use_head else out.last_hidden_state.mean(dim=1)
-            tensors = {self.embedding: self._unit(vectors.float())}
-            if self.args.tokens:
-                tensors["last_hidden_state"] = out.last_hidden_state.float()
-            return self.on_host(tensors)
-        mask = inputs["pixel_attention_mask"].to(out.last_hidden_state.device).bool()
-        # padding rows zeroed: what a tower computes there differs between a tensor group and one rank, and means nothing
-        tokens = out.last_hidden_state.float().masked_fill(~mask[..., None], 0.0)
-        vectors = out.pooler_output.float() if self.model.use_head else tokens.sum(1) / mask.sum(1, keepdim=True)
-        tensors = {self.embedding: self._unit(vectors)}
+        """What the output stores for these images, float32 on the host, before the cast to ``--output-dtype``:
+        the embedding (L2-normalised unless ``--no-normalize``) and, with ``--tokens``, the token rows."""
+        tokens = out.last_hidden_state
+        if self.naflex:
+            mask = inputs["pixel_attention_mask"].to(tokens.device).bool()
+            # padding rows zeroed: what a tower computes there differs between a tensor group and one rank, and means nothing
+            tokens = tokens.float().masked_fill(~mask[..., None], 0.0)
+        if self.model.use_head:
+            vectors = out.pooler_output.float()
+        else:
+            vectors = tokens.sum(1) / mask.sum(1, keepdim=True) if self.naflex else tokens.mean(dim=1).float()
+        tensors = {self.embedding: torch.nn.functional.normalize(vectors, dim=-1) if self.args.normalize else vectors}
         if self.args.tokens:
-            tensors["last_hidden_state"] = tokens
-            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float()
-            tensors["spatial_shapes"] = inputs["spatial_shapes"].float()
+            tensors["last_hidden_state"] = tokens.float()
+            if self.naflex:
+                tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].float()
+                tensors["spatial_shapes"] = inputs["spatial_shapes"].float()
         return self.on_host(tensors)
 
     def on_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``tensors`` (float32) on the host. From a GPU: packed into one buffer there, then one non-blocking copy
-        per batch into pinned host memory kept from batch to batch, and one wait on that copy's event: no
-        tensor-by-tensor ``.cpu()``, and nothing goes back to the device (the exchanges run on the CPU side
-        group). CPU tensors are returned as they are."""
+        """``tensors`` (float32) on the host: from a GPU packed into one buffer, copied once per batch into pinned
+        memory kept from batch to batch, with one wait (no tensor-by-tensor ``.cpu()``; nothing goes back to the
+        device: the exchanges run on the CPU side group). CPU tensors are returned as they are."""
         if all(t.device.type == "cpu" for t in tensors.values()):
             return tensors
         device = next(t.device for t in tensors.values() if t.device.type != "cpu")
@@ -510,8 +472,8 @@ class StoredRows:
             self._host = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=device.type == "cuda")
         host = self._host[: flat.numel()]
         host.copy_(flat, non_blocking=True)
-        done = torch.cuda.Event() if device.type == "cuda" else None
-        if done is not None:
+        if device.type == "cuda":
+            done = torch.cuda.Event()
             done.record()
             done.synchronize()  # the one wait per batch: the rows are read on the host next
         views, offset = {}, 0
@@ -520,17 +482,12 @@ class StoredRows:
             offset += tensor.numel()
         return views
 
-    def _unit(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The stored embedding: L2-normalised float32 rows (an inner product is then the cosine), or as computed
-        with ``--no-normalize``."""
-        return torch.nn.functional.normalize(vectors, dim=-1) if self.args.normalize else vectors
-
 
 @dataclass(frozen=True)
 class Dealing:
-    """Which ranks deal out each batch (``group``: ``size`` ranks, this one ``rank``; every rank decodes its part
-    and the rows are gathered to the dealing's rank 0, the writer), and the tensor-parallel groups of ``tp``
-    consecutive ranks among them that run a forward together (``tp_group``: this rank's, None for ``tp`` 1)."""
+    """Which ranks deal out each batch (``group``: ``size`` ranks, this one ``rank``; each decodes its part and
+    the rows are gathered to the dealing's rank 0, the writer), and this rank's tensor-parallel group of ``tp``
+    consecutive ranks among them that run a forward together (``tp_group``: None for ``tp`` 1)."""
 
     rank: int
     size: int
@@ -543,34 +500,39 @@ class Job:
     """One run of the job on one rank, once the arguments are checked and the model is loaded."""
 
     def __init__(self, args: argparse.Namespace, checked: Checked, model: Any, dealing: Dealing, say: Printer) -> None:
-        self.args, self.checked, self.model, self.dealing = args, checked, model, dealing
-        self.say = say
+        self.args, self.checked, self.model, self.dealing, self.say = args, checked, model, dealing, say
         self.embedding = "pooler_output" if model.use_head else "mean_pooled"
         self.dtype_name = str(model.dtype).removeprefix("torch.")
         self.naflex = model.config.variant == "naflex"
         if not self.naflex and args.max_num_patches is not None:
             raise _not_naflex(args)
         self.max_num_patches: Optional[int] = None  # NaFlex: rank 0's value, agreed in start()
-        self.group = dealing.group  # the ranks that deal out each batch
         self.workers = pipeline.default_workers() if args.workers is None else args.workers
         self.rows = StoredRows(model, args, self.embedding, None)  # NaFlex: remade in start() with the grid size
         self.times: Counter = Counter()  # seconds per step, over every encode() call
         model.check_finite = False  # the job's pixels come from uint8 levels through the table: finite by construction
 
     def start(self) -> None:
-        """What every run does first: the emulated-half warning, every rank on rank 0's NaFlex grid size."""
+        """What every run does first: the emulated-half warning, every rank on rank 0's NaFlex grid size (an
+        unusable one stops the run)."""
         if self.dealing.rank == 0:
             hardware.warn_if_emulated_half(self.model.device, self.model.dtype)
-        if self.naflex:
-            self.max_num_patches = _agree_on_max_num_patches(self.checked)
-            self.rows = StoredRows(self.model, self.args, self.embedding, self.max_num_patches)
+        if not self.naflex:
+            return
+        own, found = self.checked.max_num_patches, self.checked.patches_from
+        agreed = broadcast_from_rank0(own or 0)
+        if agreed == 0:
+            raise UsageError(found if own is None else "rank 0 has no usable max_num_patches (see its error)")
+        if own is not None and own != agreed:
+            logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, found, agreed)
+        self.max_num_patches = agreed
+        self.rows = StoredRows(self.model, self.args, self.embedding, agreed)
 
     def encode(self, items: list[Any], sink: Optional[Sink], opener: Any = None) -> int:
         """The batch loop: decode, forward, collect, and (the dealing's rank 0) hand each batch to ``sink``.
 
-        ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`). Every
-        rank of the dealing calls it with the same items. Returns the images encoded; the time each step took
-        adds up in ``self.times``.
+        ``items`` are file paths, or anything ``opener`` turns into an image (`processing.read_files`); every
+        rank of the dealing passes the same. Returns the images encoded; each step's seconds add up in ``times``.
         """
         size = self.args.batch_size
         batches = [items[first : first + size] for first in range(0, len(items), size)]
@@ -584,7 +546,7 @@ class Job:
             with torch.inference_mode():
                 for batch in batches:
                     decoding = self.times["decode"]
-                    encoded += self._encode_batch(batch, portions, sink, self.times)
+                    encoded += self._encode_batch(batch, portions, sink)
                     threads.update(self.times["decode"] - decoding)
                     bar.update(len(batch))
         finally:
@@ -603,49 +565,44 @@ class Job:
         library = {} if config.preprocessing is None else {"preprocessing": config.preprocessing}  # timm / open_clip
         return functools.partial(pipeline.decode_fixed, image_size=config.image_size, opener=opener, **library)
 
-    def _encode_batch(self, batch: list[Path], portions: Iterator[pipeline.Decoded], output: Optional[Sink], times: Counter) -> int:
-        """Take this rank's decoded portion, run and store one batch; returns how many images were encoded."""
+    def _encode_batch(self, batch: list[Any], portions: Iterator[pipeline.Decoded], sink: Optional[Sink]) -> int:
+        """Take this rank's decoded portion, run and store one batch; returns how many images were encoded.
+
+        A tensor group runs the batch split by rows (`parallel.split_batch`), each rank feeding the tower the
+        images it decoded: first its ranks tell each other which of them they could read (and whether they have
+        a portion at all), so that all know the row counts."""
         clock, portion, failure = time.perf_counter(), None, None
         try:
             portion = next(portions)
         except pipeline.DecodeFailed as err:
             failure = str(err)
-        times["wait"] += time.perf_counter() - clock
+        self.times["wait"] += time.perf_counter() - clock
         if portion is not None:
-            times["decode"] += portion.seconds
-            times["decoded"] += portion.count
-        sizes = [stop - begin for begin, stop in (pipeline.portion_bounds(len(batch), self.dealing.size, r) for r in range(self.dealing.size))]
-        if self.dealing.tp > 1:
-            return self._tensor_batch(batch, portion, failure, sizes, output, times)
-        return self._data_batch(batch, portion, failure, sizes, output, times)
-
-    def _tensor_batch(
-        self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
-        output: Optional[Sink], times: Counter,
-    ) -> int:
-        """A tensor group: it runs the batch split by rows (`parallel.split_batch`): each rank feeds the
-        tower the images it decoded and gets their outputs back. First the ranks tell each other which of
-        their images they could read (and whether they have a portion at all), so all know the row counts."""
+            self.times["decode"] += portion.seconds
+            self.times["decoded"] += portion.count
+        rank, size, tp = self.dealing.rank, self.dealing.size, self.dealing.tp
+        sizes = [stop - begin for begin, stop in (pipeline.portion_bounds(len(batch), size, r) for r in range(size))]
+        if tp == 1:
+            return self._data_batch(batch, portion, failure, sizes, sink)
         clock = time.perf_counter()
         ok = None if portion is None else {"ok": _readable(portion).to(torch.uint8)}
-        first = self.dealing.rank - self.dealing.rank % self.dealing.tp  # this tensor-parallel group's first rank among the dealt ranks
-        flags = collect_rows(ok, {"ok": ((), torch.uint8)}, sizes[first : first + self.dealing.tp], failure, self.dealing.tp_group)
+        first = rank - rank % tp  # this tensor group's first rank among the dealt ranks
+        flags = collect_rows(ok, {"ok": ((), torch.uint8)}, sizes[first : first + tp], failure, self.dealing.tp_group)
         failed = next((text for text in flags.failures if text is not None), None)
-        if failed is not None and self.dealing.size > self.dealing.tp:
+        if failed is not None and size > tp:
             # no forward; the other tensor groups learn of it at the gather of the batch's rows (no rank waits)
-            return self._data_batch(batch, None, failure or f"a rank of this tensor group: {failed}", sizes, output, times)
+            return self._data_batch(batch, None, failure or f"a rank of this tensor group: {failed}", sizes, sink)
         _raise_failures(flags.failures, batch)
-        counts = [int(part.sum()) for part in flags.parts["ok"]]
-        times["exchange"] += time.perf_counter() - clock
-        return self._data_batch(batch, portion, None, sizes, output, times, batch_sizes=counts)
+        self.times["exchange"] += time.perf_counter() - clock
+        return self._data_batch(batch, portion, None, sizes, sink, [int(part.sum()) for part in flags.parts["ok"]])
 
     def _data_batch(
-        self, batch: list[Path], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
-        output: Optional[Sink], times: Counter, batch_sizes: Optional[list[int]] = None,
+        self, batch: list[Any], portion: Optional[pipeline.Decoded], failure: Optional[str], sizes: list[int],
+        sink: Optional[Sink], batch_sizes: Optional[list[int]] = None,
     ) -> int:
-        """Data parallel: every rank runs its own portion on its replica; the group gathers the stored rows. With
-        ``batch_sizes`` (a tensor group: every rank's readable images) the ranks run the tower together instead,
-        each with its own rows, and every rank takes part even with none of its own."""
+        """Every rank runs its own portion on its replica (with ``batch_sizes``, every rank's readable images:
+        the tensor group's ranks run it together, each with its own rows, even with none); the group gathers
+        the stored rows."""
         clock = time.perf_counter()
         specs = self.rows.specs()
         local = None
@@ -654,30 +611,34 @@ class Job:
             local = {name: torch.zeros(portion.count, *shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
             local["ok"] = ok.to(torch.uint8)
             if bool(ok.any()) if batch_sizes is None else sum(batch_sizes) > 0:
-                rows = {"levels": portion.levels}
+                decoded = {"levels": portion.levels}
                 if portion.spatial_shapes is not None:
-                    rows["spatial_shapes"] = portion.spatial_shapes
-                inputs = self.rows.model_inputs(rows if ok.all() else {name: tensor[ok] for name, tensor in rows.items()})
-                if batch_sizes is None:
-                    out = self.model(*inputs.values())
-                else:
-                    out = self.model(*inputs.values(), batch_sizes=batch_sizes)
+                    decoded["spatial_shapes"] = portion.spatial_shapes
+                inputs = self.rows.model_inputs(decoded if ok.all() else {name: tensor[ok] for name, tensor in decoded.items()})
+                out = self.model(*inputs.values(), batch_sizes=batch_sizes)
                 for name, tensor in self.rows.stored(out, inputs).items():
                     local[name][ok] = tensor.to(local[name].dtype)
-        times["model"] += time.perf_counter() - clock
+        self.times["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        gathered = collect_rows(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.group)
+        gathered = collect_rows(local, {**specs, "ok": ((), torch.uint8)}, sizes, failure, self.dealing.group)
         _raise_failures(gathered.failures, batch)
         keep = gathered.rows("ok").bool().cpu()
         chosen = keep.nonzero().flatten()
         # copied out before the group's next collective (the reasons' exchange, the next batch's)
-        rows = {name: gathered.rows(name)[chosen].cpu() for name in specs} if output is not None and len(chosen) else None
-        times["exchange"] += time.perf_counter() - clock
-        _report_skips(batch, keep, portion, output, self.args.strict, self.group)
+        rows = {name: gathered.rows(name)[chosen].cpu() for name in specs} if sink is not None and len(chosen) else None
+        self.times["exchange"] += time.perf_counter() - clock
+        if not bool(keep.all()):  # why images are skipped: the rank that decoded an image decided; --strict stops
+            why = gather_reasons(portion.reasons if portion is not None else [], self.dealing.group)
+            for i in (~keep).nonzero().flatten().tolist():
+                reason = why[i] or "unreadable"
+                if self.args.strict:
+                    raise JobError(f"--strict: cannot use {_label(batch[i])}: {reason}")
+                if sink is not None:
+                    sink.skip(batch[i], reason)
         if rows is not None:
             clock = time.perf_counter()
-            output.add([batch[i] for i in chosen.tolist()], rows)
-            times["write"] += time.perf_counter() - clock
+            sink.add([batch[i] for i in chosen.tolist()], rows)
+            self.times["write"] += time.perf_counter() - clock
         return len(chosen)
 
 
@@ -687,34 +648,6 @@ def _raise_failures(failures: list[Optional[str]], batch: list[Any]) -> None:
     if failed:
         where = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
         raise JobError(f"cannot go on: {where} (items {_label(batch[0])} .. {_label(batch[-1])})")
-
-
-def _report_skips(
-    batch: list[Any], keep: torch.Tensor, portion: Optional[pipeline.Decoded], sink: Optional[Sink], strict: bool, group: Any
-) -> None:
-    """Say why images of the batch are skipped (the rank that decoded an image decided); ``--strict`` stops."""
-    if bool(keep.all()):
-        return
-    why = gather_reasons(portion.reasons if portion is not None else [], group)
-    for i, item in enumerate(batch):
-        if keep[i]:
-            continue
-        reason = why[i] or "unreadable"
-        if strict:
-            raise JobError(f"--strict: cannot use {_label(item)}: {reason}")
-        if sink is not None:
-            sink.skip(item, reason)
-
-
-def _agree_on_max_num_patches(checked: Checked) -> int:
-    """Rank 0's ``max_num_patches``, on every rank (NaFlex only); an unusable one stops the run."""
-    own = checked.max_num_patches
-    agreed = broadcast_from_rank0(own or 0)
-    if agreed == 0:
-        raise UsageError(checked.patches_from if own is None else "rank 0 has no usable max_num_patches (see its error)")
-    if own is not None and own != agreed:
-        logger.warning("max_num_patches: this rank found %d (from %s), rank 0 uses %d: using rank 0's", own, checked.patches_from, agreed)
-    return agreed
 
 
 def _label(item: Any) -> str:

@@ -28,7 +28,7 @@ from tp_siglip import __version__, console, embeddings_dir, processing, sources
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
 from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
 
-__all__ = ["Corpus", "Target", "check_corpus", "check_output_name", "run_shards"]
+__all__ = ["Corpus", "JobError", "Target", "UsageError", "check_corpus", "check_output_name", "run_shards"]
 
 #: ``--output`` suffixes of files the job does not write: refused rather than made into a folder of that name
 FILE_SUFFIXES = frozenset({".npy", ".npz", ".parquet", ".json", ".jsonl", ".pt", ".pth", ".bin", ".pkl", ".h5", ".hdf5",
@@ -36,9 +36,12 @@ FILE_SUFFIXES = frozenset({".npy", ".npz", ".parquet", ".json", ".jsonl", ".pt",
 SIMILARITY_ROWS = 5
 
 
+class UsageError(Exception):
+    """A bad argument, found before any real work (exit status 2)."""
+
+
 class JobError(Exception):
     """The job cannot go on (a ``--strict`` bad file, a failed rank, nothing readable): exit status 1."""
-
 
 
 @dataclass(frozen=True)
@@ -50,17 +53,17 @@ class Target:
 
     @classmethod
     def of(cls, output: Path) -> Target:
-        if output.suffix.lower() != ".safetensors":
-            return cls(output)
-        return cls(output.parent / f".{output.name}.parts", output)
+        """The target of ``--output``: a ``.safetensors`` name is a file, any other a folder."""
+        file = output.suffix.lower() == ".safetensors"
+        return cls(output.parent / f".{output.name}.parts", output) if file else cls(output)
 
 
 def check_output_name(output: Path) -> None:
     """Refuse an ``--output`` named like a file the job does not write (``emb.npy``: a folder by that name
-    would surprise); :class:`ValueError` naming the two outputs there are."""
+    would surprise) with a :class:`UsageError` naming the two outputs there are."""
     suffix = output.suffix.lower()
     if suffix in FILE_SUFFIXES:
-        raise ValueError(
+        raise UsageError(
             f"--output {output}: the job does not write {suffix} files; name a .safetensors file for one file "
             f"(--output {output.with_suffix('.safetensors')}) or a folder without a file suffix for shards "
             f"(--output {output.with_suffix('')}/: .npy embeddings + parquet metadata per shard)"
@@ -81,25 +84,25 @@ class Corpus:
     finished: bool = False
 
 
-def check_corpus(args: argparse.Namespace, rank: int, groups: int, usage_error: type[Exception]) -> Corpus:
-    """The checks that need no model; raises ``usage_error`` with a one-line message. Plain files are cut into
-    at least ``groups`` shards, so that every group has work."""
+def check_corpus(args: argparse.Namespace, rank: int, groups: int) -> Corpus:
+    """The checks that need no model; raises :class:`UsageError` with a one-line message. Plain files are cut
+    into at least ``groups`` shards, so that every group has work."""
     target = Target.of(args.output)
     inputs = [str(p) for p in args.inputs]
     try:
         found = sources.find_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
     except (OSError, ValueError, ImportError) as err:
-        raise usage_error(str(err)) from None
+        raise UsageError(str(err)) from None
     if not found.shards:
         left_out = f" (ignored by extension: {_counts(found.ignored)})" if found.ignored else ""
-        raise usage_error(f"no images or shards found in {', '.join(inputs)}{left_out}")
+        raise UsageError(f"no images or shards found in {', '.join(inputs)}{left_out}")
     corpus = Corpus(target, found.shards, found.ignored, found.hidden)
     if rank == 0:
         try:
             _check_writable(target, args.output)
             corpus.earlier, corpus.finished = _earlier_run(target, args.output, args.resume)
         except ValueError as err:
-            raise usage_error(str(err)) from None
+            raise UsageError(str(err)) from None
     return corpus
 
 
@@ -127,7 +130,9 @@ def _earlier_run(target: Target, output: Path, resume: bool) -> tuple[Optional[d
     """Rank 0: the manifest of the run ``output`` holds (None: none), and whether it is a finished file's."""
     if (target.root / "manifest.json").exists():
         if not resume:
-            holder = f"its work folder {target.root} holds an interrupted run" if target.file else "already holds a run (manifest.json)"
+            holder = "already holds a run (manifest.json)"
+            if target.file is not None:
+                holder = f"its work folder {target.root} holds an interrupted run"
             raise ValueError(f"--output {output} {holder}; pass --resume to continue it, or another --output")
         return embeddings_dir.read_manifest(target.root), False
     if target.file is None or not resume or not output.exists():
@@ -143,16 +148,6 @@ def _earlier_run(target: Target, output: Path, resume: bool) -> tuple[Optional[d
 
 def _counts(counter: Counter) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
-
-
-def manifest_for(job: Any, args: argparse.Namespace, corpus: Corpus) -> dict:
-    """The manifest of this run: what the rows are (model, dtype, embedding, tower, setup) and the planned shards."""
-    return embeddings_dir.make_manifest(
-        corpus.shards, model=str(args.model), dtype=job.dtype_name, embedding=job.embedding,
-        hidden_size=job.model.config.hidden_size, config=job.model.config.to_dict(), tokens=bool(args.tokens),
-        normalized=bool(args.normalize), output_dtype=args.output_dtype, max_num_patches=job.max_num_patches,
-        shard_size=args.shard_size,
-    )  # fmt: skip
 
 
 #: the manifest's setup keys, each with how to ask for the value an earlier run used
@@ -176,10 +171,11 @@ def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], lis
         embeddings_dir.write_manifest(root, manifest)
         return None, []
     problem = embeddings_dir.check_same_run(earlier, manifest)
-    for key, fix in _SETUP.items():
-        if problem is None and earlier.get(key) != manifest[key]:
-            old = earlier.get(key)
-            problem = f"the output was written with {key} {old}, this run uses {manifest[key]}: pass {fix(old)} or use another --output"
+    key = next((key for key in _SETUP if earlier.get(key) != manifest[key]), None)
+    if problem is None and key is not None:
+        old = earlier.get(key)
+        problem = (f"the output was written with {key} {old}, this run uses {manifest[key]}: pass {_SETUP[key](old)} "
+                   "or use another --output")
     if problem is not None:
         return f"--resume: {corpus.target.file or root}: {problem}", []
     if corpus.finished:
@@ -188,19 +184,27 @@ def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], lis
     return None, sorted(embeddings_dir.completed_shards(root))
 
 
-def run_shards(job: Any, args: argparse.Namespace, corpus: Corpus, group_index: int, groups: int, say: Any,
-               group_say: Any, usage_error: type[Exception]) -> None:  # fmt: skip
+def run_shards(
+    job: Any, args: argparse.Namespace, corpus: Corpus, group_index: int, groups: int, say: Any, group_say: Any
+) -> None:
     """Every rank: encode this group's shards (see the module doc); ``say`` prints on global rank 0, ``group_say``
     on the group's rank 0 (the writer)."""
     world_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     agree_on_shards([(s.name, s.kind, s.source, s.files) for s in corpus.shards])
-    manifest = manifest_for(job, args, corpus)
+    manifest = embeddings_dir.make_manifest(
+        corpus.shards, model=str(args.model), dtype=job.dtype_name, embedding=job.embedding,
+        hidden_size=job.model.config.hidden_size, config=job.model.config.to_dict(), tokens=bool(args.tokens),
+        normalized=bool(args.normalize), output_dtype=args.output_dtype, max_num_patches=job.max_num_patches,
+        shard_size=args.shard_size,
+    )
     problem, done = broadcast_from_rank0(_resume_decision(corpus, manifest) if world_rank == 0 else None)
     if problem is not None:
-        raise usage_error(problem)
-    mine = [s for s in corpus.shards if s.index % groups == group_index and s.index not in set(done)]
+        raise UsageError(problem)
+    complete = set(done)
+    mine = [s for s in corpus.shards if s.index % groups == group_index and s.index not in complete]
+    naflex = f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
     say(f"{args.model}: {len(corpus.shards)} shard(s) ({len(done)} already complete), {_world_size() // job.dealing.tp} "
-        f"group(s) of {job.dealing.tp} rank(s), {job.dtype_name}{_naflex(job)}; writing {args.output}")  # fmt: skip
+        f"group(s) of {job.dealing.tp} rank(s), {job.dtype_name}{naflex}; writing {args.output}")
     if not job.model.use_head:
         patches = "each image's valid patches" if job.naflex else "patches"
         say(f"this tower has no pooling head: storing the mean of last_hidden_state over {patches} as mean_pooled")
@@ -217,7 +221,7 @@ def run_shards(job: Any, args: argparse.Namespace, corpus: Corpus, group_index: 
 def _report_times(job: Any, seconds: float, say: Any) -> None:
     """Where ``job``'s time went, and how many images each rank of its dealing decoded (one small collective)."""
     times = job.times
-    decoded = "/".join(str(n) for n in gather_counts(int(times["decoded"]), job.group))
+    decoded = "/".join(str(n) for n in gather_counts(int(times["decoded"]), job.dealing.group))
     how = f"{job.workers} decode worker(s) per rank" if job.workers else "decoding in the main process"
     say(
         f"time: {times['wait']:.2f} s waiting for decoded images, {times['exchange']:.2f} s exchanging, "
@@ -226,58 +230,49 @@ def _report_times(job: Any, seconds: float, say: Any) -> None:
     )
 
 
-def _naflex(job: Any) -> str:
-    """``, NaFlex max_num_patches N (from ...)`` for a NaFlex tower, else nothing (the run's first line)."""
-    return f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
-
-
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _encode_shard(job: Any, args: argparse.Namespace, target: Target, spec: sources.ShardSpec, progress: str,
-                  shard_count: int, say: Any) -> int:  # fmt: skip
+def _encode_shard(
+    job: Any, args: argparse.Namespace, target: Target, spec: sources.ShardSpec, progress: str, shard_count: int, say: Any
+) -> int:
     """Encode one shard with the job's batch loop; the writer commits it. Returns the rows encoded."""
     rows = sources.list_rows(spec)
-    writer = None
-    if job.dealing.rank == 0:
-        writer = ShardSink(target.root, spec, job.embedding, shard_count, target.file is None, say)
+    sink = ShardSink(target.root, spec, job.embedding, shard_count, target.file is None, say) if job.dealing.rank == 0 else None
     start, failure = time.perf_counter(), None
     try:
-        encoded = job.encode(rows, writer, opener=open_row)
-        if writer is not None:
+        encoded = job.encode(rows, sink, opener=open_row)
+        if sink is not None:
             try:
-                writer.commit(time.perf_counter() - start)
+                sink.writer.commit(sink.skipped, time.perf_counter() - start)
             except OSError as err:  # the writer has dropped the shard's spool; the other ranks learn of it below
                 failure = f"cannot commit {sources.describe(spec)}: {type(err).__name__}: {err}"
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if sink is not None:
+            sink.writer.abort()
         raise
-    _stop_on_failure(job, failure)
-    if writer is not None:
-        seconds = time.perf_counter() - start
-        say(f"{sources.describe(spec)}: {encoded} rows, {len(writer.skipped)} skipped, "
-            f"{encoded / seconds if seconds > 0 else 0.0:.1f} img/s; shards done here: {progress}")  # fmt: skip
-    return encoded
-
-
-def _stop_on_failure(job: Any, failure: Optional[str]) -> None:
-    """Every rank of the dealing learns whether the writer could commit (one small exchange): a failed commit
-    stops them all at once, instead of leaving them waiting in the next shard's first batch."""
-    failures = collect_rows(None, {}, [0] * job.dealing.size, failure, job.group).failures
+    # every rank of the dealing learns whether the writer could commit: a failed commit stops them all at once,
+    # instead of leaving them waiting in the next shard's first batch
+    failures = collect_rows(None, {}, [0] * job.dealing.size, failure, job.dealing.group).failures
     failed = next((text for text in failures if text is not None), None)
     if failed is not None:
         raise JobError(failed)
+    if sink is not None:
+        seconds = time.perf_counter() - start
+        say(f"{sources.describe(spec)}: {encoded} rows, {len(sink.skipped)} skipped, "
+            f"{encoded / seconds if seconds > 0 else 0.0:.1f} img/s; shards done here: {progress}")
+    return encoded
 
 
 class ShardSink:
-    """The `tp_siglip.encode.Sink` of one shard being written (the writer rank)."""
+    """The `tp_siglip.encode.Sink` of one shard (on the writer rank): rows go to ``writer``, reasons to ``skipped``."""
 
     def __init__(self, root: Path, spec: sources.ShardSpec, embedding: str, shard_count: int, metadata: bool, say: Any) -> None:
         self.say, self.skipped = say, []
-        self.writer = embeddings_dir.ShardWriter(root, spec.index, spec.name, embedding, source=spec.source,
-                                                 shard_count=shard_count, metadata=metadata)  # fmt: skip
+        self.writer = embeddings_dir.ShardWriter(
+            root, spec.index, spec.name, embedding, source=spec.source, shard_count=shard_count, metadata=metadata
+        )
 
     def add(self, rows: list[sources.Row], tensors: dict[str, torch.Tensor]) -> None:
         self.writer.add([row.key for row in rows], [dict(row.meta) for row in rows], tensors)
@@ -285,12 +280,6 @@ class ShardSink:
     def skip(self, row: sources.Row, reason: str) -> None:
         self.skipped.append([row.key, reason])
         self.say(f"skipped {row.key}: {reason}")
-
-    def commit(self, seconds: float) -> dict:
-        return self.writer.commit(self.skipped, seconds)
-
-    def abort(self) -> None:
-        self.writer.abort()
 
 
 def open_row(row: sources.Row) -> Any:
@@ -347,14 +336,15 @@ def _file_metadata(job: Any, manifest: dict, stats: list[dict]) -> dict[str, str
         "paths": json.dumps([key for entry in stats for key in entry["keys"]]),
         "skipped": json.dumps([item for entry in stats for item in entry["skipped"]]), "complete": "true",
         "manifest": json.dumps(manifest),
-    }  # fmt: skip
+    }
     if job.max_num_patches is not None:
         metadata["max_num_patches"] = str(job.max_num_patches)
     return metadata
 
 
 def _similarities(root: Path, stats: list[dict], say: Any) -> None:
-    """The cosine similarities of the first images (their keys' stems as names, or their row numbers)."""
+    """The cosine similarity of every pair of the first images (their keys' stems as names, shortened, or their
+    row numbers), as a small table."""
     vectors: list[np.ndarray] = []
     names: list[str] = []
     for entry in (entry for entry in stats if entry["rows"]):
@@ -364,8 +354,14 @@ def _similarities(root: Path, stats: list[dict], say: Any) -> None:
         names += [Path(key).stem for key in keys[: len(rows)]]
         if len(vectors) == SIMILARITY_ROWS:
             break
-    if vectors:
-        print_similarities(torch.from_numpy(np.stack(vectors)), names, say)
+    if not vectors:
+        return
+    unit = torch.nn.functional.normalize(torch.from_numpy(np.stack(vectors)), dim=-1)
+    names = [n if len(n) <= 10 else n[:9] + "~" for n in names]
+    say(f"cosine similarity of the first {len(names)} images")
+    say(" " * 10 + "".join(f"{n:>11}" for n in names))
+    for name, row in zip(names, (unit @ unit.T).tolist()):
+        say(f"{name:<10}" + "".join(f"{v:>11.3f}" for v in row))
 
 
 def _summary(corpus: Corpus, stats: list[dict], encoded: int, say: Any) -> None:
@@ -381,14 +377,3 @@ def _summary(corpus: Corpus, stats: list[dict], encoded: int, say: Any) -> None:
     missing = len(corpus.shards) - (len(corpus.shards) if corpus.finished else len(stats))
     if missing:
         console.write_line(f"{missing} shard(s) incomplete: run again with --resume", sys.stderr)
-
-
-def print_similarities(vectors: torch.Tensor, names: list[str], say: Any = print) -> None:
-    """Cosine similarity of every pair, as a small table with short names."""
-    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
-    similarity = unit @ unit.T
-    names = [n if len(n) <= 10 else n[:9] + "~" for n in names]
-    say(f"cosine similarity of the first {len(names)} images")
-    say(" " * 10 + "".join(f"{n:>11}" for n in names))
-    for name, row in zip(names, similarity.tolist()):
-        say(f"{name:<10}" + "".join(f"{v:>11.3f}" for v in row))
