@@ -366,6 +366,10 @@ def test_bad_files_are_skipped_with_reasons(setup, tmp_path, capsys):
     assert meta["complete"] == "true" and json.loads(meta["manifest"])["shard_size"] == 3
     assert out.count("shards done here") == -(-len(LISTED) // 3)  # one commit per shard
     assert sorted(p.name for p in output.parent.iterdir()) == ["emb.safetensors"]  # no work folder or temporary left
+    # --resume on the finished file (several shards, some skips): nothing to do, the file's skips in the summary
+    code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--batch-size", "2", "--shard-size", "3",
+                           "--resume"], capsys)  # fmt: skip
+    assert code == 0 and f"summary: 0 encoded, {len(BAD)} skipped" in out and f"is complete ({len(GOOD)} rows)" in out, err
 
 
 def _work_folder(output: Path) -> Path:
