@@ -44,17 +44,14 @@ def _free_shared_memory() -> int | None:
 
 
 class DecodeRing:
-    """``slots`` buffers of ``rows`` items of ``item_shape``, each portion written in ``parts`` pieces.
-
-    Raises:
-        SharedMemoryTooSmall: ``/dev/shm`` has less room than the buffers need (the message gives both sizes).
-    """
+    """``slots`` buffers of ``rows`` items of ``item_shape``, each portion written in ``parts`` pieces; raises
+    `SharedMemoryTooSmall` when ``/dev/shm`` has less room than they need (the message gives both sizes)."""
 
     def __init__(self, slots: int, rows: int, parts: int, item_shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> None:
         if min(slots, rows, parts) < 1:
             raise ValueError(f"slots, rows and parts must be >= 1, got {slots}, {rows}, {parts}")
         shape = (slots, rows, *item_shape)
-        needed = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        needed = torch.Size(shape).numel() * dtype.itemsize
         free = _free_shared_memory()
         if free is not None and needed > free:
             raise SharedMemoryTooSmall(

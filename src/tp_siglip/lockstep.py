@@ -46,11 +46,8 @@ def _distributed() -> bool:
 
 
 def agree_on_shards(shards: Sequence[Any]) -> None:
-    """Check that every rank found the same shards (``shards``: JSON-able, one entry per shard).
-
-    Raises:
-        RanksDisagree: on every rank, when the ranks' shard lists differ.
-    """
+    """Check that every rank found the same shards (``shards``: JSON-able, one entry per shard); raise
+    `RanksDisagree` on every rank when they differ."""
     if not _distributed():
         return
     digest = hashlib.blake2b(json.dumps(list(shards)).encode(), digest_size=16).hexdigest()
@@ -77,11 +74,6 @@ class CollectedRows:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _section_bytes(row_shape: Sequence[int], dtype: torch.dtype, rows: int) -> int:
-    size = rows * math.prod(row_shape) * dtype.itemsize
-    return size + (-size % 8)
-
-
 def collect_rows(
     rows: Optional[Mapping[str, torch.Tensor]],
     specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
@@ -89,54 +81,37 @@ def collect_rows(
     failure: Optional[str],
     group: Any,
 ) -> CollectedRows:
-    """All-gather each rank's portion of a batch over ``group`` in one collective.
-
-    Args:
-        rows: This rank's tensors, ``sizes[rank]`` rows each, named as in ``specs`` (``None`` after a failure).
-        specs: Per name, the shape of one row and the dtype: the same on every rank.
-        sizes: Every rank's row count (the same list on every rank).
-        failure: Why this rank has no portion (e.g. a dead decode worker), else ``None``.
-        group: The ranks that deal out the batch; ``None`` for one process.
-
-    Returns:
-        :class:`CollectedRows`: ``parts[name][r]`` holds ``sizes[r]`` rows in host memory (zeros from a
-        failed rank), ``failures[r]`` is rank ``r``'s failure text or ``None``.
-    """
+    """All-gather each rank's portion of a batch over ``group`` (the ranks that deal it out; ``None`` for one
+    process) in one collective: its status (``failure``: why it has no portion, e.g. a dead decode worker) and
+    its ``rows`` (``None`` after a failure: zeros), ``sizes[rank]`` of each name in ``specs`` (one row's shape
+    and dtype). ``specs`` and ``sizes`` (every rank's row count) are the same on every rank."""
     if group is None or dist.get_world_size(group) == 1:
         return CollectedRows({name: [rows[name]] for name in specs} if rows is not None else {}, [failure])
     cap, own = max(sizes), sizes[dist.get_rank(group)]
-    width = STATUS_BYTES + sum(_section_bytes(shape, dtype, cap) for shape, dtype in specs.values())
+    offsets, width = {}, STATUS_BYTES  # each section 8-byte aligned, so that it can be viewed in its dtype
+    for name, (shape, dtype) in specs.items():
+        size = cap * math.prod(shape) * dtype.itemsize
+        offsets[name], width = width, width + size + (-size % 8)
+
+    def section(buffer: torch.Tensor, name: str) -> torch.Tensor:
+        shape, dtype = specs[name]
+        start = offsets[name]
+        return buffer[start : start + cap * math.prod(shape) * dtype.itemsize].view(dtype).view(cap, *shape)
 
     def fill(mine: torch.Tensor) -> None:  # every byte that any rank reads: the status and this rank's rows
         status = status_row(failure is not None, failure or "", STATUS_BYTES)
         mine[:STATUS_BYTES] = torch.frombuffer(bytearray(status), dtype=torch.uint8)
-        offset = STATUS_BYTES
-        for name, (shape, dtype) in specs.items():
-            section = _section(mine, offset, shape, dtype, cap)[:own]
+        for name in specs:
             if rows is None:
-                section.zero_()
+                section(mine, name)[:own].zero_()
             else:
-                section.copy_(rows[name], non_blocking=True)
-            offset += _section_bytes(shape, dtype, cap)
+                section(mine, name)[:own].copy_(rows[name], non_blocking=True)
 
     # same-host CPU ranks: each writes its portion into shared memory and reads the others' where they lie
     everyone = all_gather_bytes(width, fill, group, shared_memory=True)  # on the group's CPU side group
-    failures = [_status_text(buffer[:STATUS_BYTES]) for buffer in everyone]
-    parts, offset = {}, STATUS_BYTES
-    for name, (shape, dtype) in specs.items():
-        parts[name] = [_section(buffer, offset, shape, dtype, cap)[:size] for buffer, size in zip(everyone, sizes)]
-        offset += _section_bytes(shape, dtype, cap)
-    return CollectedRows(parts, failures)
-
-
-def _section(buffer: torch.Tensor, offset: int, shape: Sequence[int], dtype: torch.dtype, rows: int) -> torch.Tensor:
-    size = rows * math.prod(shape) * dtype.itemsize
-    return buffer[offset : offset + size].view(dtype).view(rows, *shape)
-
-
-def _status_text(status: torch.Tensor) -> Optional[str]:
-    failed, text = read_status(status.numpy().tobytes())
-    return text if failed else None
+    statuses = [read_status(buffer[:STATUS_BYTES].numpy().tobytes()) for buffer in everyone]
+    parts = {name: [section(buffer, name)[:size] for buffer, size in zip(everyone, sizes)] for name in specs}
+    return CollectedRows(parts, [text if failed else None for failed, text in statuses])
 
 
 def gather_counts(count: int, group: Any) -> list[int]:
@@ -155,16 +130,11 @@ def gather_reasons(reasons: list[Optional[str]], group: Any) -> list[Optional[st
 def _gather_json(value: Any, group: Any) -> list[Any]:
     """Every rank's ``value`` (JSON: strings, numbers, lists, None) in group-rank order, on the group's side
     group: the lengths first, then the UTF-8 texts. No pickling."""
-    data = json.dumps(value).encode()
-    lengths = all_gather_bytes(8, lambda raw: raw.copy_(torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)), group)
-    sizes = [int.from_bytes(part.numpy().tobytes(), "little") for part in lengths]
-
-    def fill(raw: torch.Tensor) -> None:
-        raw.zero_()
-        if data:
-            raw[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    texts = all_gather_bytes(max(sizes), fill, group)
+    data = json.dumps(value).encode()  # never empty
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    lengths = all_gather_bytes(8, lambda raw: raw.view(torch.int64).fill_(len(data)), group)
+    sizes = [int(part.view(torch.int64)) for part in lengths]
+    texts = all_gather_bytes(max(sizes), lambda raw: raw.zero_()[: len(data)].copy_(payload), group)
     return [json.loads(part[:n].numpy().tobytes()) for part, n in zip(texts, sizes)]
 
 
@@ -178,9 +148,6 @@ def form_groups(ranks_per_group: int) -> tuple[Any, int, int]:
 
     Returns ``(this rank's group, its index, the number of groups)``; ``(None, 0, 1)`` without a default group.
     Groups of one rank are real groups too, so a model built on one never falls back to the default group.
-
-    Raises:
-        ValueError: ``ranks_per_group`` does not divide the world size.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None, 0, 1

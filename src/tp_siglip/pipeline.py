@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from tp_siglip import processing, processing_naflex
 from tp_siglip.decode_ring import DecodeFailed, DecodeRing, slots_needed
 
 __all__ = [
@@ -51,10 +52,7 @@ def default_workers() -> int:
     daemonic process (e.g. a ``multiprocessing`` pool's worker), which may not start processes."""
     if multiprocessing.current_process().daemon:
         return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # not Linux
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(MAX_DEFAULT_WORKERS, cores // local_ranks))
 
@@ -69,7 +67,7 @@ def portion_bounds(count: int, parts: int, index: int) -> tuple[int, int]:
 
 @dataclass
 class Decoded:
-    """One rank's decoded portion of one batch (what a worker returns)."""
+    """One rank's decoded portion of one batch."""
 
     batch: int
     levels: torch.Tensor  # uint8: (n, 3, H, W), or NaFlex (n, N, 3*p*p)
@@ -83,14 +81,11 @@ class Decoded:
 
 
 class PortionDecoder(torch.utils.data.Dataset):
-    """Item ``b`` = this rank's portion of batch ``b``, decoded (a map-style dataset over batch indices).
+    """Item ``b`` = this rank (``rank`` of ``group_size``)'s portion of batch ``b``, decoded.
 
-    Args:
-        batches: Each batch's sources (paths, or whatever ``opener`` opens), the same on every rank.
-        rank, group_size: This rank's place among the ranks that deal out each batch.
-        decode: ``decode(sources, out=None) -> (levels, spatial_shapes or None, reasons)``, writing the
-            levels into ``out`` (uint8, one row per source) when given; must be picklable (a module-level
-            function or a ``functools.partial`` of one) when workers are used.
+    ``batches``: each batch's sources, the same on every rank. ``decode(sources, out=None) -> (levels,
+    spatial_shapes or None, reasons)`` writes the levels into ``out`` (uint8, one row per source) when given;
+    with workers it must be picklable (a module-level function or a ``functools.partial`` of one).
     """
 
     def __init__(self, batches: Sequence[Sequence[Any]], rank: int, group_size: int, decode: Callable[..., Any]) -> None:
@@ -114,20 +109,12 @@ class PortionDecoder(torch.utils.data.Dataset):
         return Decoded(index, levels, shapes, reasons, time.perf_counter() - start)
 
 
-@dataclass
-class _Piece:
-    """What a worker sends back for one item; its levels are in the item's rows of the `DecodeRing`."""
-
-    spatial_shapes: Optional[np.ndarray]  # NaFlex grids as numpy: pickled inline, no shared segment of their own
-    reasons: list[Optional[str]]
-    seconds: float
-
-
 class _Pieces(torch.utils.data.Dataset):
     """Item ``i`` = piece ``i % parts`` of portion ``i // parts`` (contiguous, near-equal): the workers split
     every portion between them, so they all start on the first batch at once (the queue fills in a piece's
     time, not a portion's) and none sits idle while another decodes the last batch alone. A worker decodes
-    its piece straight into the portion's rows of ``ring`` and returns a `_Piece`."""
+    its piece straight into the portion's rows of ``ring`` and sends back only its grids (numpy: pickled
+    inline, no shared segment of their own), reasons and seconds."""
 
     def __init__(self, decoder: PortionDecoder, parts: int, ring: DecodeRing) -> None:
         self.decoder, self.parts, self.ring = decoder, parts, ring
@@ -135,35 +122,21 @@ class _Pieces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.decoder) * self.parts
 
-    def __getitem__(self, item: int) -> _Piece:
+    def __getitem__(self, item: int) -> tuple[Optional[np.ndarray], list[Optional[str]], float]:
         index, part = divmod(item, self.parts)
         sources = self.decoder.portion(index)
         start, stop = portion_bounds(len(sources), self.parts, part)
         decoded = self.decoder.decode_sources(index, sources[start:stop], out=self.ring.piece(index, part, start, stop))
         shapes = None if decoded.spatial_shapes is None else decoded.spatial_shapes.numpy()
-        return _Piece(shapes, decoded.reasons, decoded.seconds)
-
-
-def _assemble(index: int, count: int, pieces: list[_Piece], ring: DecodeRing, copy: bool, pin_memory: bool) -> Decoded:
-    """Portion ``index`` (``count`` rows) from its pieces: its rows where they lie in ``ring``, or copied out
-    (into page-locked memory when ``pin_memory``) when ``copy``; the caller checks the ring after."""
-    levels = ring.portion(index, count)
-    if copy:
-        levels = levels.clone() if not pin_memory else torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True).copy_(levels)
-    shapes = None if pieces[0].spatial_shapes is None else torch.from_numpy(np.concatenate([p.spatial_shapes for p in pieces]))
-    reasons = [reason for piece in pieces for reason in piece.reasons]
-    return Decoded(index, levels, shapes, reasons, sum(piece.seconds for piece in pieces))
+        return shapes, decoded.reasons, decoded.seconds
 
 
 class MainThreads:
     """The main process's intra-op threads while decode workers share its CPU cores with a model on the CPU.
 
-    The model gets the cores the workers leave free: one thread while the workers keep the cores busy (a
-    decode-bound job), every thread it had while they mostly sit on a full queue (a model-bound job). An
-    OpenMP region whose second thread sits behind a busy worker costs several times its work, and a
-    model slowed that way looks model-bound by its waits alone, so the measure is the workers' own: the
-    seconds they spent decoding over the wall-clock seconds of the last ``WINDOW`` batches is the number
-    of cores they occupy. The first batch (workers starting, queue empty) is not counted.
+    The model gets the cores the workers leave free, measured by the workers' own decode seconds over the
+    wall-clock seconds of the last ``WINDOW`` batches, not by the model's waits: an OpenMP region with a
+    thread behind a busy worker costs several times its work, so a model slowed that way looks model-bound.
     """
 
     WINDOW = 8
@@ -171,22 +144,19 @@ class MainThreads:
     def __init__(self, active: bool) -> None:
         self.full = torch.get_num_threads()
         self.active = active and self.full > 1
-        self.batches = 0
-        self.clock = time.perf_counter()
+        self.clock: Optional[float] = None  # when the last batch ended
         self.recent: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)
 
     def update(self, decode_seconds: float) -> None:
         """Count one batch (``decode_seconds``: the workers' time decoding it); set the thread count."""
         now = time.perf_counter()
-        wall, self.clock = now - self.clock, now
-        self.batches += 1
-        if not self.active or self.batches == 1:
-            return
-        self.recent.append((decode_seconds, wall))
-        busy = sum(d for d, _ in self.recent) / max(sum(w for _, w in self.recent), 1e-9)
-        wanted = int(min(self.full, max(1, round(self.full - busy))))
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
+        if self.active and self.clock is not None:  # the first batch (workers starting, queue empty) is not counted
+            self.recent.append((decode_seconds, now - self.clock))
+            busy = sum(d for d, _ in self.recent) / max(sum(w for _, w in self.recent), 1e-9)  # the cores they occupy
+            wanted = int(min(self.full, max(1, round(self.full - busy))))
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
+        self.clock = now
 
     def restore(self) -> None:
         """Give the model back the threads it had before the job."""
@@ -194,17 +164,14 @@ class MainThreads:
             torch.set_num_threads(self.full)
 
 
-def _worker_init(worker_id: int) -> None:
-    torch.set_num_threads(1)  # the workers together already use every core this rank has
-
-
-def decoded_portions(decoder: PortionDecoder, workers: int, *, pin_memory: bool = False, borrowed: bool = False) -> Iterator[Decoded]:
+def decoded_portions(
+    decoder: PortionDecoder, workers: int, *, pin_memory: bool = False, borrowed: bool = False
+) -> Iterator[Decoded]:
     """Yield :class:`Decoded` portions in batch order; ``workers`` processes decode ahead (0: in this process).
 
-    With workers, each portion's levels are decoded into a `decode_ring.DecodeRing` in shared memory. They are
-    copied out of it (into page-locked memory when ``pin_memory``), unless ``borrowed``: then a portion's
-    ``levels`` are a view into the ring, valid until the next portion is asked for (the encode job reads a
-    portion once; ``borrowed`` saves it a copy into fresh pages per batch). ``pin_memory`` always copies.
+    With workers, levels are decoded into a `decode_ring.DecodeRing` in shared memory and copied out of it
+    (into page-locked memory when ``pin_memory``), unless ``borrowed`` and not ``pin_memory``: then they are
+    a view into the ring, valid until the next portion is asked for (saving a copy per batch).
 
     Raises:
         DecodeWorkerDied: a worker process died; names the first batch that did not arrive (a worker may
@@ -215,60 +182,50 @@ def decoded_portions(decoder: PortionDecoder, workers: int, *, pin_memory: bool 
         raise ValueError(f"workers={workers}: this is a daemonic process, which cannot start decode workers; use 0")
     largest = max((len(decoder.portion(index)) for index in range(len(decoder))), default=0)
     if workers == 0 or largest == 0:  # no workers, or nothing for this rank to decode (more ranks than images)
-        for index in range(len(decoder)):
-            yield decoder[index]
+        yield from (decoder[index] for index in range(len(decoder)))
         return
     parts = max(1, min(workers, largest))
     ring = _ring_for(decoder, workers, parts, largest)
-    iterator = _iterate_without_sigchld_handler(_loader(_Pieces(decoder, parts, ring), workers))
-    copy = pin_memory or not borrowed
+    loader = torch.utils.data.DataLoader(  # items are pieces already; a portion is pinned below, in one copy
+        _Pieces(decoder, parts, ring), batch_size=None, num_workers=workers, prefetch_factor=PREFETCH_PER_WORKER,
+        worker_init_fn=_worker_init, collate_fn=_as_is,
+    )
+    iterator = _iterate_without_sigchld_handler(loader)
     try:
         for index in range(len(decoder)):
             if borrowed and index:
                 ring.check(index - 1)  # the portion the caller has just given back was intact while it read it
             try:
-                pieces = [next(iterator) for _ in range(parts)]
+                shapes, reasons, seconds = zip(*[next(iterator) for _ in range(parts)])
             except (RuntimeError, OSError, EOFError) as err:  # "worker (pid N) exited unexpectedly", a pipe cut mid-item
                 text = " ".join(f"{type(err).__name__}: {err}".split())
-                raise DecodeWorkerDied(f"a decode worker died; batch {index + 1} of {len(decoder)} never arrived: {text}") from None
-            portion = _assemble(index, len(decoder.portion(index)), pieces, ring, copy, pin_memory)
+                lost = f"batch {index + 1} of {len(decoder)} never arrived"
+                raise DecodeWorkerDied(f"a decode worker died; {lost}: {text}") from None
+            levels = ring.portion(index, len(decoder.portion(index)))
+            if pin_memory:
+                levels = torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True).copy_(levels)
+            elif not borrowed:
+                levels = levels.clone()
             ring.check(index)  # no worker began on this buffer before its rows were read (or copied)
-            yield portion
-        if borrowed and len(decoder):
+            grids = None if shapes[0] is None else torch.from_numpy(np.concatenate(shapes))
+            yield Decoded(index, levels, grids, [reason for piece in reasons for reason in piece], sum(seconds))
+        if borrowed:
             ring.check(len(decoder) - 1)
     finally:
         del iterator  # stops the workers now, not whenever the garbage collector gets to it
 
 
-def _loader(pieces: _Pieces, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        pieces,
-        batch_size=None,  # items are pieces of portions already
-        shuffle=False,
-        num_workers=workers,
-        prefetch_factor=PREFETCH_PER_WORKER,
-        persistent_workers=False,
-        pin_memory=False,  # _assemble pins the whole portion, in one copy
-        worker_init_fn=_worker_init,
-        collate_fn=_as_is,
-    )
-
-
 def _ring_for(decoder: PortionDecoder, workers: int, parts: int, largest: int) -> DecodeRing:
-    """The ring for ``workers`` splitting portions of up to ``largest`` items in ``parts`` (see `decode_ring`
-    for its size). An item's shape and dtype are those of the decode function's answer for no sources."""
+    """The ring for ``decoder``'s portions; an item's shape and dtype: those of its answer for no sources."""
     empty = decoder.decode([])[0]
-    slots = slots_needed(PREFETCH_PER_WORKER * workers, parts)
-    return DecodeRing(slots, largest, parts, tuple(empty.shape[1:]), empty.dtype)
+    return DecodeRing(slots_needed(PREFETCH_PER_WORKER * workers, parts), largest, parts, tuple(empty.shape[1:]), empty.dtype)
 
 
 def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
-    """``iter(loader)``, with the SIGCHLD handler that torch installs for it taken away again.
-
-    That handler raises in the main thread wherever it happens to be (in the middle of a collective, say);
-    without it a dead worker is noticed inside ``next()`` (the DataLoader polls its workers every few
-    seconds while it waits), where the job turns it into an orderly stop that the other ranks learn of.
-    """
+    """``iter(loader)``, without the SIGCHLD handler that torch installs for it: that handler raises in the main
+    thread wherever it is (in the middle of a collective, say); without it a dead worker is noticed inside
+    ``next()`` (the DataLoader polls its workers while it waits), where the job stops in order and the other
+    ranks learn of it."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGCHLD) if main and hasattr(signal, "SIGCHLD") else None
     iterator = iter(loader)
@@ -277,13 +234,19 @@ def _iterate_without_sigchld_handler(loader: torch.utils.data.DataLoader) -> Ite
     return iterator
 
 
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers together already use every core this rank has
+
+
+def _as_is(item: Any) -> Any:
+    return item  # not the default collate, which would turn a piece's numpy grids into a tensor in shared memory
+
+
 def decode_fixed(
     sources: Sequence[Any], image_size: int, opener: Any = None, out: Optional[torch.Tensor] = None, preprocessing: Any = None
 ) -> tuple[torch.Tensor, None, list[Optional[str]]]:
     """A fixed-resolution tower's portion: uint8 ``(n, 3, S, S)`` levels (`processing.decode_files`; ``preprocessing``:
     a timm / open_clip checkpoint's own resize and crop)."""
-    from tp_siglip import processing
-
     levels, reasons = processing.decode_files(sources, image_size, opener=opener, out=out, preprocessing=preprocessing)
     return levels, None, reasons
 
@@ -292,12 +255,6 @@ def decode_naflex(
     sources: Sequence[Any], patch_size: int, max_num_patches: int, opener: Any = None, out: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[Optional[str]]]:
     """A NaFlex tower's portion: uint8 patches and grids (`processing_naflex.decode_naflex_files`)."""
-    from tp_siglip import processing_naflex
-
     return processing_naflex.decode_naflex_files(
         sources, patch_size=patch_size, max_num_patches=max_num_patches, opener=opener, out=out
     )
-
-
-def _as_is(item: Decoded) -> Decoded:
-    return item
