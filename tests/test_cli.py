@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_dir, embeddings_file, encode, hardware
+from tp_siglip import SiglipVisionTransformer, __version__, cli, embeddings_dir, embeddings_file, encode, encode_checks, hardware
 
 from checkpoints import TINY, save_layout, transformers_outputs, vision_model
 from corpus import BAD, GOOD, HIDDEN, IGNORED, LISTED, make_corpus
@@ -297,8 +297,8 @@ def test_default_tp_is_data_parallel_unless_the_gpu_is_too_small(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: type("Gpu", (), {"total_memory": gpu_bytes}))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     args = Namespace(model=str(tmp_path), dtype="auto")
-    assert 1.5e9 < encode._tower_bytes(str(tmp_path), "auto") < 1.9e9
-    assert encode._tp_for_memory(args, device, 16) == expected
+    assert 1.5e9 < encode_checks._tower_bytes(str(tmp_path), "auto") < 1.9e9
+    assert encode_checks._tp_for_memory(args, device, 16) == expected
 
 
 def _can_create_in(folder: str) -> bool:

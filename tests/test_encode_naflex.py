@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tp_siglip import encode
+from tp_siglip import encode, encode_checks
 from tp_siglip.processing_naflex import preprocess_naflex, preprocess_naflex_files
 
 import towers
@@ -231,7 +231,7 @@ def test_max_num_patches_refused_for_fixed_resolution_tower(tiny_checkpoint, set
     (line,) = _errors(err)
     assert "--max-num-patches 64" in line and "fixed-resolution" in line and "drop --max-num-patches" in line
     monkeypatch.setattr(encode, "_load_model", real_load)
-    monkeypatch.setattr(encode, "_file_on_disk", lambda model, name: None)  # as for a Hub repo not cached yet
+    monkeypatch.setattr(encode_checks, "_file_on_disk", lambda model, name: None)  # as for a Hub repo not cached yet
     code, _, err = _main(argv, capsys)  # refused once loaded
     assert code == 2 and len(_errors(err)) == 1 and "fixed-resolution" in err
     assert not (tmp_path / "o.safetensors").exists()
@@ -240,14 +240,14 @@ def test_max_num_patches_refused_for_fixed_resolution_tower(tiny_checkpoint, set
 def test_default_from_hub_cache_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert encode._checkpoint_max_num_patches("test-org/naflex") == (256, "transformers' default")
+    assert encode_checks._checkpoint_max_num_patches("test-org/naflex") == (256, "transformers' default")
     repo = tmp_path / "cache" / "models--test-org--naflex"
     sha = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(sha)
     (repo / "snapshots" / sha).mkdir(parents=True)
     (repo / "snapshots" / sha / "preprocessor_config.json").write_text('{"max_num_patches": 729}')
-    value, source = encode._checkpoint_max_num_patches("test-org/naflex")
+    value, source = encode_checks._checkpoint_max_num_patches("test-org/naflex")
     assert value == 729 and source.endswith("preprocessor_config.json")
 
 
