@@ -368,7 +368,7 @@ def _summary(corpus: Corpus, stats: list[dict], encoded: int, say: Any) -> None:
     reasons: Counter = Counter()
     for entry in stats:
         counted = Counter(reason for _, reason in entry.get("skipped", []))
-        if counted and len(corpus.shards) > 1 and "name" in entry:  # a finished file's skips come as one entry
+        if counted and len(corpus.shards) > 1 and not corpus.finished:  # a finished file keeps its skips as one list
             say(f"skipped in shard {entry['name']}: " + "; ".join(f"{n} x {why}" for why, n in counted.most_common()))
         reasons.update(counted)
     ignored = sum(corpus.ignored.values())

@@ -205,7 +205,7 @@ def load_checkpoint(
     model._weights_ready = True
     model.eval()
     _log_loaded(model, checkpoint, key_map, device, dtype)
-    warn_if_emulated_half(device, dtype)  # bf16/fp16 on a CPU without them: ~7x slower than fp32, said once
+    warn_if_emulated_half(device, dtype)  # bf16/fp16 on a CPU without them (slow: docs/benchmarks.md), said once
     return model
 
 
