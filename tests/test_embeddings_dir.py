@@ -19,7 +19,6 @@ import torch
 from tp_siglip import embeddings_dir as ed
 from tp_siglip.embeddings_dir import (
     ShardWriter,
-    check_same_run,
     completed_shards,
     make_manifest,
     read_manifest,
@@ -43,6 +42,10 @@ def manifest_for(count: int, hidden: int = 4, **changes: object) -> dict:
     return make_manifest(specs(count), **fields)
 
 
+def shard_writer(root: Path, index: int) -> ShardWriter:
+    return ShardWriter(root, index, f"{index:05d}", "pooler_output", source=f"/data/{index:05d}.tar", shard_count=12)
+
+
 def rows_for(index: int, count: int, hidden: int = 4) -> tuple[list[str], list[dict], np.ndarray]:
     keys = [f"{index:04d}{n:05d}" for n in range(count)]
     metas = [{"url": f"https://x/{k}", "caption": f"c{k}", "key": k, "width": n, "status": "success"} for n, k in enumerate(keys)]
@@ -52,7 +55,7 @@ def rows_for(index: int, count: int, hidden: int = 4) -> tuple[list[str], list[d
 
 def write_shard(root: Path, index: int, count: int, hidden: int = 4, batch: int = 3) -> dict:
     keys, metas, embedding = rows_for(index, count, hidden)
-    writer = ShardWriter(root, index, f"{index:05d}", "pooler_output")
+    writer = shard_writer(root, index)
     for start in range(0, count, batch):
         stop = start + batch
         writer.add(keys[start:stop], metas[start:stop], {"pooler_output": embedding[start:stop]})
@@ -63,7 +66,7 @@ def test_shard_round_trip_with_numpy_and_pyarrow(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     write_manifest(tmp_path, manifest_for(2))
-    writer = ShardWriter(tmp_path, 1, "00001", "pooler_output")
+    writer = shard_writer(tmp_path, 1)
     keys = ["000000001", "000000002", "000000003"]
     metas = [{"url": "u1", "key": "000000001", "width": 3, "score": 1, "exif": {"a": 1}, "mixed": 1},
              {"url": "u2", "key": "other", "width": 4, "score": 0.5, "exif": None, "mixed": "x", "new": True},
@@ -94,7 +97,7 @@ def test_shard_round_trip_with_numpy_and_pyarrow(tmp_path: Path) -> None:
 
 def test_zero_row_shard_writes_only_stats(tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest_for(1))
-    stats = ShardWriter(tmp_path, 0, "00000", "pooler_output").commit([("a", "empty file (0 bytes)")], 0.1)
+    stats = shard_writer(tmp_path, 0).commit([("a", "empty file (0 bytes)")], 0.1)
     assert stats["rows"] == 0 and stats["files"] == {}
     assert not (tmp_path / "img_emb").exists() and not (tmp_path / "metadata").exists()  # keeps autofaiss's pairing aligned
     assert list(completed_shards(tmp_path)) == [0]
@@ -138,7 +141,7 @@ def test_open_embeddings_across_shards(tmp_path: Path, caplog: pytest.LogCapture
 def test_extra_arrays_and_mixed_metadata_types_across_shards(tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest_for(2))
     for index, width in ((0, 5), (1, "wide")):
-        writer = ShardWriter(tmp_path, index, f"{index:05d}", "pooler_output")
+        writer = shard_writer(tmp_path, index)
         writer.add(["a", "b"], [{"width": width}, {}], {"pooler_output": np.ones((2, 4)) * index, "tokens": np.full((2, 3, 4), index, np.float64)})
         writer.commit([], 0.0)
     embeddings = open_embeddings(tmp_path)
@@ -152,52 +155,32 @@ def test_extra_arrays_and_mixed_metadata_types_across_shards(tmp_path: Path) -> 
 
 def test_add_checks_its_arguments(tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest_for(1))
-    writer = ShardWriter(tmp_path, 0, "00000", "pooler_output")
+    writer = shard_writer(tmp_path, 0)
     one = np.zeros((1, 4), np.float32)
     cases = [
-        ((["a"], [{}], {"tokens": one}), "lack the embedding 'pooler_output'"),
-        ((["a"], [{}], {"pooler_output": np.zeros(4)}), r"must be \(rows, hidden\)"),
+        ((["a"], [{}], {"tokens": one}), "expected the embedding 'pooler_output'"),
         ((["a", "b"], [{}], {"pooler_output": one}), "2 keys, 1 metas"),
-        ((["a"], [{}], {"pooler_output": one, "Bad-Name": one}), "must match"),
-        ((["a"], [{}], {"pooler_output": one, "stats": one}), "must match"),
-        ((["a"], [{}], {"pooler_output": ["x"]}), "numpy array or torch.Tensor"),
-        ((["a"], [{}], {"pooler_output": np.array([["x"]])}), "dtype <U1"),
         ((["a"], ["meta"], {"pooler_output": one}), "not a dict"),
     ]
     for args, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             writer.add(*args)
     writer.add(["a"], [{}], {"pooler_output": one})
-    with pytest.raises(ValueError, match=r"rows are float32\[5\], earlier float32\[4\]"):
+    with pytest.raises(ValueError, match=r"\(5,\).*expected .*\(4,\)"):
         writer.add(["b"], [{}], {"pooler_output": np.zeros((1, 5), np.float32)})
-    with pytest.raises(ValueError, match="earlier adds gave"):
+    with pytest.raises(ValueError, match="'tokens'.*expected"):
         writer.add(["b"], [{}], {"pooler_output": one, "tokens": one})
     writer.abort()
     with pytest.raises(ValueError, match="after commit"):
         writer.add(["b"], [{}], {"pooler_output": one})
     assert completed_shards(tmp_path) == {} and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
-    with pytest.raises(ValueError, match="not in the plan"):
-        ShardWriter(tmp_path, 0, "other", "pooler_output")
-    with pytest.raises(ValueError, match="manifest.json does not exist"):
-        ShardWriter(tmp_path / "elsewhere", 0, "00000", "pooler_output")
 
 
-def test_manifest_and_same_run_checks(tmp_path: Path) -> None:
+def test_manifest_checks(tmp_path: Path) -> None:
     manifest = manifest_for(3)
     write_manifest(tmp_path, manifest)
     on_disk = read_manifest(tmp_path)
     assert on_disk == manifest and on_disk["format_version"] == 1 and on_disk["shards"][2] == {"index": 2, "name": "00002", "kind": "tar", "source": "/data/00002.tar"}
-    assert check_same_run(on_disk, manifest_for(3)) is None
-    message = check_same_run(on_disk, manifest_for(3, model="google/siglip-so400m-patch14-384"))
-    assert "model 'google/siglip-base-patch16-224', this run has 'google/siglip-so400m-patch14-384'" in message
-    assert "use another output folder" in message
-    assert "dtype 'float32', this run has 'bfloat16'" in check_same_run(on_disk, manifest_for(3, dtype="bfloat16"))
-    assert "embedding 'pooler_output'" in check_same_run(on_disk, manifest_for(3, embedding="mean_pooled"))
-    assert "patch_size: 16 there, 14 now" in check_same_run(on_disk, manifest_for(3, config={"hidden_size": 4, "patch_size": 14}))
-    assert "planned 3 shard(s), this run plans 4" in check_same_run(on_disk, manifest_for(4))
-    moved = manifest_for(3)
-    moved["shards"][1]["source"] = "/elsewhere/00001.tar"
-    assert "shard 1 differs" in check_same_run(on_disk, moved)
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="cannot read"):
         read_manifest(tmp_path)
@@ -227,9 +210,8 @@ def test_incomplete_shards_are_not_reported(tmp_path: Path) -> None:
     (tmp_path / "stats/stats_00002.json").write_text(json.dumps({**stats, "rows": 4}))  # disagrees with the files
     (tmp_path / "metadata/metadata_00003.parquet").unlink()
     assert list(completed_shards(tmp_path)) == [0]
-    removed = remove_incomplete(tmp_path, 1)
-    assert {p.name for p in removed} == {"img_emb_00001.npy", "metadata_00001.parquet", "stats_00001.json"}
-    remove_incomplete(tmp_path)
+    removed = {p.name for p in remove_incomplete(tmp_path)}
+    assert {"img_emb_00001.npy", "metadata_00001.parquet", "stats_00001.json", "stats_00002.json"} <= removed
     assert sorted(os.listdir(tmp_path / "img_emb")) == ["img_emb_00000.npy"]
     assert sorted(os.listdir(tmp_path / "stats")) == ["stats_00000.json"]
 
@@ -251,7 +233,7 @@ def test_rewrite_after_remove_incomplete_gives_the_same_files(tmp_path: Path) ->
 
 def test_metadata_needs_pyarrow_with_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_manifest(tmp_path, manifest_for(1))
-    writer = ShardWriter(tmp_path, 0, "00000", "pooler_output")
+    writer = shard_writer(tmp_path, 0)
     writer.add(["a"], [{}], {"pooler_output": np.zeros((1, 4))})
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
@@ -265,7 +247,7 @@ def test_three_million_rows(tmp_path: Path) -> None:
     started = time.perf_counter()
     rows, batch = 3_000_000, 250_000
     write_manifest(tmp_path, manifest_for(1, hidden=2))
-    writer = ShardWriter(tmp_path, 0, "00000", "pooler_output")
+    writer = shard_writer(tmp_path, 0)
     empty: list[dict] = [{}] * batch
     for start in range(0, rows, batch):
         numbers = np.arange(start, start + batch)
@@ -299,7 +281,7 @@ KILLED = textwrap.dedent(
         ed.os.replace = dying(os.replace)
     elif stage in ("fsync", "loop"):
         ed.os.fsync = dying(os.fsync)
-    writer = ed.ShardWriter(root, 0, "00000", "pooler_output")
+    writer = ed.ShardWriter(root, 0, "00000", "pooler_output", source="", shard_count=40)
     for step in range(5):
         if stage == "add" and step == nth:
             os._exit(9)
@@ -308,7 +290,7 @@ KILLED = textwrap.dedent(
     writer.commit([], 0.0)
     if stage == "loop":
         for index in range(1, 40):
-            w = ed.ShardWriter(root, index, f"{index:05d}", "pooler_output")
+            w = ed.ShardWriter(root, index, f"{index:05d}", "pooler_output", source="", shard_count=40)
             for step in range(20):
                 w.add([f"k{i}" for i in range(2000)], [{}] * 2000, {"pooler_output": np.full((2000, 4), index, np.float32)})
             w.commit([], 0.0)

@@ -211,3 +211,33 @@ def test_a_rank_killed_mid_run_leaves_nothing_that_looks_complete_and_resume_fin
     assert sorted(resumed) == sorted(fresh) and len(fresh) == 96
     for key, vector in resumed.items():
         assert np.array_equal(vector, fresh[key]), key
+
+
+def test_resume_names_what_differs_from_the_output_and_the_fix():
+    from tp_siglip.encode_corpus import _other_run
+    from tp_siglip.sources import ShardSpec
+
+    def manifest(shards=3, **changes):
+        specs = [ShardSpec(i, f"{i:05d}", "tar", f"/data/{i:05d}.tar") for i in range(shards)]
+        setup = {"model": "m", "dtype": "float32", "embedding": "pooler_output", "hidden_size": 4,
+                 "config": {"hidden_size": 4, "patch_size": 16}, "tokens": False, "normalized": True,
+                 "output_dtype": "float32", "max_num_patches": None, "shard_size": 100}  # fmt: skip
+        return embeddings_dir.make_manifest(specs, **{**setup, **changes})
+
+    earlier = manifest()
+    assert _other_run(earlier, manifest()) is None
+    cases = [
+        (manifest(model="other"), "model m, this run uses other: pass --model m or use another --output"),
+        (manifest(dtype="bfloat16"), "dtype float32, this run uses bfloat16: pass --dtype float32"),
+        (manifest(tokens=True), "pass no --tokens"),
+        (manifest(normalized=False), "pass no --no-normalize"),
+        (manifest(output_dtype="float16"), "pass --output-dtype float32"),
+        (manifest(shard_size=7), "pass --shard-size 100"),
+        (manifest(config={"hidden_size": 4, "patch_size": 14}), "config patch_size 16, this run uses patch_size 14: pass the --model"),
+        (manifest(4), "3 shard(s) there, 4 now; shard 3 is none there, 00003 tar /data/00003.tar now"),
+    ]
+    for other, expected in cases:
+        assert expected in _other_run(earlier, other)
+    moved = manifest()
+    moved["shards"][1]["source"] = "/elsewhere/00001.tar"
+    assert "shard 1 is 00001 tar /data/00001.tar there, 00001 tar /elsewhere/00001.tar now" in _other_run(earlier, moved)

@@ -30,7 +30,6 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "ShardWriter",
-    "check_same_run",
     "completed_shards",
     "index_width",
     "make_manifest",
@@ -45,13 +44,11 @@ logger = logging.getLogger(__name__)
 FORMAT = "tp-siglip-embeddings"
 FORMAT_VERSION = 1
 EMBEDDING_FOLDER = "img_emb"
-_RESERVED = {"img_emb", "metadata", "stats", "manifest"}
 _META_COLUMNS = ("key", "shard", "source")
 _ROW_GROUP = 65_536
 _CHUNK = 8 << 20
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
 _STATS = re.compile(r"stats_(\d+)\.json")
-_SPOOL = re.compile(r"\.spool-(\d+)-\d+-[0-9a-f]+")
+_SPOOL = re.compile(r"\.spool-\d+-\d+-[0-9a-f]+")
 #: a shard's file in its folder (``<folder>_NNNNN.<ext>``), or its hidden temporary (``.<that>.PID.RAND.tmp``)
 _SHARD_FILE = re.compile(r"(\.)?([a-z][a-z0-9_]*)_(\d+)\.(?:npy|parquet|json)(?(1)\.\d+\.[0-9a-f]+\.tmp)")
 
@@ -107,11 +104,8 @@ def make_manifest(
 
 
 def write_manifest(root: Union[str, Path], manifest: dict) -> None:
-    """Write ``DIR/manifest.json`` atomically (``root`` is created if missing)."""
-    missing = [key for key in ("embedding", "shards") if key not in manifest]
-    if missing:
-        raise ValueError(f"the manifest needs {', '.join(missing)}; build it with make_manifest()")
-    _write_json(Path(root) / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest})
+    """Write ``DIR/manifest.json`` (what :func:`make_manifest` made) atomically; ``root`` is created if missing."""
+    _write_json(Path(root) / "manifest.json", manifest)
 
 
 def read_manifest(root: Union[str, Path]) -> dict:
@@ -135,44 +129,16 @@ def read_manifest(root: Union[str, Path]) -> dict:
     return manifest
 
 
-def check_same_run(manifest: dict, expected: dict) -> Optional[str]:
-    """``None`` if ``manifest`` (on disk) describes the run ``expected`` would write, else a one-line message
-    naming what differs (model, dtype, embedding, hidden size, config, then the shards) and the fix."""
-    fix = "use another output folder, or rerun with the options and inputs of the run that wrote it"
-    for key in ("model", "dtype", "embedding", "hidden_size", "config"):
-        there, here = manifest.get(key), expected.get(key)
-        if key not in expected or there == here:
-            continue
-        if key == "config" and isinstance(there, dict) and isinstance(here, dict):
-            fields = sorted(k for k in {*there, *here} if there.get(k) != here.get(k))
-            detail = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in fields[:3])
-            return f"the output folder holds a run with another tower config ({detail}); {fix}"
-        return f"the output folder holds a run with {key} {there!r}, this run has {here!r}; {fix}"
-    if "shards" not in expected:
-        return None
-    there = [(s.get("name"), s.get("kind"), s.get("source")) for s in manifest.get("shards", [])]
-    here = [(s["name"], s["kind"], s["source"]) for s in expected["shards"]]
-    if len(there) != len(here):
-        return f"the output folder's run planned {len(there)} shard(s), this run plans {len(here)} (the inputs differ); {fix}"
-    for index, (old, new) in enumerate(zip(there, here)):
-        if old != new:
-            return f"shard {index} differs: {old[0]!r} ({old[1]} {old[2]!r}) there, {new[0]!r} ({new[1]} {new[2]!r}) now; {fix}"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------- writer
 
 
-def _as_numpy(name: str, value: Any) -> np.ndarray:
+def _as_numpy(value: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """Rows as a contiguous numpy array; floating point ones as float32, unless float16."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         value = (value.float() if value.is_floating_point() and value.dtype != torch.float16 else value).numpy()
-    elif not isinstance(value, np.ndarray):
-        raise TypeError(f"tensor {name!r} must be a numpy array or torch.Tensor, got {type(value).__name__}")
     if value.dtype.kind == "f" and value.dtype != np.float16:
         value = value.astype(np.float32, copy=False)
-    elif value.dtype.kind not in "biuf":
-        raise TypeError(f"tensor {name!r} has dtype {value.dtype}; store floating, integer or bool arrays")
     return np.ascontiguousarray(value)
 
 
@@ -206,28 +172,14 @@ class _Spooled(NamedTuple):
 
 class ShardWriter:
     """Writes one shard of the folder, in one process: ``tensors[embedding]`` goes to ``img_emb/``, the others to
-    ``<name>/``. ``source`` and ``shard_count`` come from ``DIR/manifest.json`` unless given. ``metadata=False``:
-    no parquet file (nor pyarrow), the stats file lists the keys (the work folder of a ``.safetensors`` output).
-    """
+    ``<name>/``; ``shard_count`` sets the width of the file names. ``metadata=False``: no parquet file (nor
+    pyarrow), the stats file lists the keys (the work folder of a ``.safetensors`` output)."""
 
     def __init__(
-        self,
-        root: Union[str, Path],
-        spec_index: int,
-        name: str,
-        embedding: str,
-        *,
-        source: Optional[str] = None,
-        shard_count: Optional[int] = None,
+        self, root: Union[str, Path], spec_index: int, name: str, embedding: str, *, source: str, shard_count: int,
         metadata: bool = True,
     ) -> None:
         self.root, self.index, self.name, self.embedding, self.metadata = Path(root), int(spec_index), name, embedding, metadata
-        if source is None or shard_count is None:
-            shards = read_manifest(self.root)["shards"]
-            if not 0 <= self.index < len(shards) or shards[self.index].get("name") != name:
-                raise ValueError(f"shard {self.index} {name!r} is not in the plan of {self.root / 'manifest.json'}")
-            source = shards[self.index].get("source", "") if source is None else source
-            shard_count = len(shards) if shard_count is None else shard_count
         self.source, self.stem = source, f"{self.index:0{index_width(shard_count)}d}"
         self.spool = self.root / f".spool-{self.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.spool.mkdir(parents=True)
@@ -238,31 +190,18 @@ class ShardWriter:
         self._closed = False
 
     def add(self, keys: Sequence[str], metas: Sequence[dict], tensors: dict[str, Union[np.ndarray, torch.Tensor]]) -> None:
-        """Append rows: their keys, JSON-able metadata and named row tensors (``tensors[embedding]`` is (n, hidden))."""
-        where = f"shard {self.name!r}"
+        """Append rows: their keys, JSON-able metadata and named row tensors, each with the names, row shapes and
+        dtypes of the first add (``tensors[embedding]`` is (n, hidden))."""
         if self._closed:
-            raise ValueError(f"{where}: add() after commit() or abort()")
-        arrays = {name: _as_numpy(name, value) for name, value in tensors.items()}
-        if self.embedding not in arrays:
-            raise ValueError(f"{where}: tensors {sorted(arrays)} lack the embedding {self.embedding!r}")
-        if arrays[self.embedding].ndim != 2:
-            raise ValueError(f"{where}: the embedding must be (rows, hidden), got shape {arrays[self.embedding].shape}")
-        counts = {name: (array.shape[0] if array.ndim else -1) for name, array in arrays.items()}
-        if len(metas) != len(keys) or any(count != len(keys) for count in counts.values()):
-            raise ValueError(
-                f"{where}: {len(keys)} keys, {len(metas)} metas and rows {counts}: every add needs one of each per row"
-            )
-        if self._arrays and set(arrays) != set(self._arrays):
-            raise ValueError(f"{where}: tensors {sorted(arrays)}, earlier adds gave {sorted(self._arrays)}")
-        for name, array in arrays.items():
-            if name != self.embedding and (not _NAME.fullmatch(name) or name in _RESERVED):
-                raise ValueError(
-                    f"{where}: extra array name {name!r} must match [a-z][a-z0-9_]* and not be one of {sorted(_RESERVED)}"
-                )
-            old = self._arrays.get(name)
-            if old is not None and (old.dtype, old.row_shape) != (array.dtype, array.shape[1:]):
-                shapes = f"{array.dtype}{list(array.shape[1:])}, earlier {old.dtype}{list(old.row_shape)}"
-                raise ValueError(f"{where}: {name!r} rows are {shapes}")
+            raise ValueError(f"shard {self.name!r}: add() after commit() or abort()")
+        arrays = {name: _as_numpy(value) for name, value in tensors.items()}
+        layout = {name: (str(array.dtype), array.shape[1:]) for name, array in arrays.items()}
+        earlier = {name: (str(spooled.dtype), spooled.row_shape) for name, spooled in self._arrays.items()} or layout
+        if self.embedding not in arrays or layout != earlier:
+            raise ValueError(f"shard {self.name!r}: rows {layout}, expected the embedding {self.embedding!r} and {earlier}")
+        if len(metas) != len(keys) or any(len(array) != len(keys) for array in arrays.values()):
+            counts = {name: len(array) for name, array in arrays.items()}
+            raise ValueError(f"shard {self.name!r}: {len(keys)} keys, {len(metas)} metas and rows {counts}: one each per row")
         rows = [self._meta_row(key, meta) for key, meta in zip(keys, metas)]
         for number, (name, array) in enumerate(arrays.items()):
             if name not in self._arrays:
@@ -396,16 +335,14 @@ def completed_shards(root: Union[str, Path]) -> dict[int, dict]:
     return dict(sorted(found.items()))
 
 
-def remove_incomplete(root: Union[str, Path], index: Optional[int] = None) -> list[Path]:
-    """Remove what killed runs left for shard ``index`` (every shard when ``None``, in one pass over the folder):
-    spool folders and temporaries always, and the shard's final files when it is not complete. Call it only
-    while no writer is alive for those shards. Returns what was removed."""
+def remove_incomplete(root: Union[str, Path]) -> list[Path]:
+    """Remove what killed writers left, in one pass over the folder: spool folders and temporaries, and the
+    files of shards that are not complete. Call it only while no writer is alive. Returns what was removed."""
     root = Path(root)
     complete = set(completed_shards(root))
     removed: list[Path] = []
     for folder in os.scandir(root):
-        spool = _SPOOL.fullmatch(folder.name)
-        if spool is not None and folder.is_dir() and index in (None, int(spool.group(1))):
+        if _SPOOL.fullmatch(folder.name) is not None and folder.is_dir():
             shutil.rmtree(folder.path, ignore_errors=True)
             removed.append(Path(folder.path))
         elif folder.is_dir() and not folder.name.startswith("."):
@@ -413,8 +350,7 @@ def remove_incomplete(root: Union[str, Path], index: Optional[int] = None) -> li
                 match = _SHARD_FILE.fullmatch(entry.name)
                 if match is None or match.group(2) != folder.name or not entry.is_file():
                     continue
-                number = int(match.group(3))
-                if index in (None, number) and (match.group(1) or number not in complete):
+                if match.group(1) or int(match.group(3)) not in complete:
                     Path(entry.path).unlink(missing_ok=True)
                     removed.append(Path(entry.path))
     for path in removed:

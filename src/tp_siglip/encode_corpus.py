@@ -9,6 +9,7 @@ folder output gives shard ``i`` to group ``i % groups``; a file's shards are dea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -150,14 +151,36 @@ def _counts(counter: Counter) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(counter.items()))
 
 
-#: the manifest's setup keys, each with how to ask for the value an earlier run used
-_SETUP = {
+#: what a resumed run must share with the run that wrote the output: how to ask for the earlier run's value
+_SAME_RUN: dict[str, Callable[[Any], str]] = {
+    "model": lambda old: f"--model {old}",
+    "dtype": lambda old: f"--dtype {old}",
     "tokens": lambda old: "--tokens" if old else "no --tokens",
     "normalized": lambda old: "no --no-normalize" if old else "--no-normalize",
     "output_dtype": lambda old: f"--output-dtype {old}",
     "max_num_patches": lambda old: f"--max-num-patches {old}",
     "shard_size": lambda old: f"--shard-size {old}",
+    **dict.fromkeys(("embedding", "hidden_size", "config"), lambda old: "the --model it was written with"),
 }
+
+
+def _other_run(earlier: dict, manifest: dict) -> Optional[str]:
+    """What differs between the output's run (``earlier``, its manifest) and this one, with the fix; None: nothing."""
+    for key, ask in _SAME_RUN.items():
+        old, new = earlier.get(key), manifest[key]
+        if old != new:
+            if key == "config" and isinstance(old, dict):
+                fields = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+                old, new = (", ".join(f"{k} {config.get(k)}" for k in fields[:3]) for config in (old, new))
+            return f"the output was written with {key} {old}, this run uses {new}: pass {ask(old)} or use another --output"
+    there = [(s.get("name"), s.get("kind"), s.get("source")) for s in earlier.get("shards", [])]
+    here = [(s["name"], s["kind"], s["source"]) for s in manifest["shards"]]
+    if there != here:
+        first = next(i for i, (a, b) in enumerate(itertools.zip_longest(there, here)) if a != b)
+        old, new = (" ".join(map(str, s[first])) if first < len(s) else "none" for s in (there, here))
+        return (f"the inputs differ from the output's run ({len(there)} shard(s) there, {len(here)} now; shard {first} "
+                f"is {old} there, {new} now): give the inputs it was written with or use another --output")
+    return None
 
 
 def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], list[int]]:
@@ -170,12 +193,7 @@ def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], lis
         root.mkdir(exist_ok=True)
         embeddings_dir.write_manifest(root, manifest)
         return None, []
-    problem = embeddings_dir.check_same_run(earlier, manifest)
-    key = next((key for key in _SETUP if earlier.get(key) != manifest[key]), None)
-    if problem is None and key is not None:
-        old = earlier.get(key)
-        problem = (f"the output was written with {key} {old}, this run uses {manifest[key]}: pass {_SETUP[key](old)} "
-                   "or use another --output")
+    problem = _other_run(earlier, manifest)
     if problem is not None:
         return f"--resume: {corpus.target.file or root}: {problem}", []
     if corpus.finished:
