@@ -140,8 +140,6 @@ def test_plain_files_are_cut_into_at_least_one_shard_per_group(tmp_path: Path) -
     assert sizes(find_shards([tmp_path], rows_per_file_shard=10, min_file_shards=2)) == [2, 3]
     assert sizes(find_shards([tmp_path], rows_per_file_shard=10, min_file_shards=8)) == [1] * 5  # no empty shards
     assert sizes(find_shards([tmp_path], rows_per_file_shard=2, min_file_shards=2)) == [2, 2, 1]  # already enough
-    with pytest.raises(ValueError, match="min_file_shards"):
-        find_shards([tmp_path], min_file_shards=0)
 
 
 def test_files_chunk_takes_the_place_of_the_first_plain_input(tmp_path: Path) -> None:
@@ -170,8 +168,6 @@ def test_bad_list_file_lines(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
     assert find_shards([empty]).shards == []
-    with pytest.raises(ValueError, match="rows_per_file_shard"):
-        find_shards([empty], rows_per_file_shard=0)
 
 
 def test_listed_missing_file_fails_at_read_time_with_file_not_found(tmp_path: Path) -> None:
@@ -241,8 +237,7 @@ def test_bad_members_missing_images_and_ignored(tmp_path: Path) -> None:
         "sub/000000105.webp": image_bytes(9, "WEBP"),
     }
     make_tar(tmp_path / "00000.tar", 1, extra=extra)
-    ignored: Counter = Counter()
-    rows = {row.key: row for row in list_rows(ShardSpec(0, "00000", "tar", str(tmp_path / "00000.tar")), ignored)}
+    rows = {row.key: row for row in list_rows(ShardSpec(0, "00000", "tar", str(tmp_path / "00000.tar")))}
     assert list(rows) == sorted(rows)
     assert rows["000000100"].ref is None and rows["000000100"].problem == "no image member (000000100.json only)"
     assert rows["000000100"].meta["url"].endswith("000000100.jpg")
@@ -251,7 +246,7 @@ def test_bad_members_missing_images_and_ignored(tmp_path: Path) -> None:
     assert "not valid JSON" in rows["000000102"].meta["meta_error"]
     assert read_bytes(rows["000000103"].ref) == extra["000000103.jpg"]  # the first image member wins
     assert read_bytes(rows["sub/000000105"].ref) == extra["sub/000000105.webp"]
-    assert ignored == Counter({".parquet": 1, "(none)": 1, "(hidden)": 1, "(duplicate image)": 1})
+    assert not [key for key in rows if "hidden" in key or "README" in key]  # hidden and unknown members are no rows
 
 
 def test_truncated_tar_keeps_complete_rows(tmp_path: Path) -> None:
@@ -354,9 +349,8 @@ def test_tar_and_parquet_take_every_image_suffix_a_folder_takes(tmp_path: Path) 
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    ignored: Counter = Counter()
-    rows = list_rows(find_shards([tmp_path / "00000.tar"]).shards[0], ignored)
-    assert [read_bytes(row.ref) for row in rows] == list(members.values()) and not ignored  # a .gif is an image member
+    rows = list_rows(find_shards([tmp_path / "00000.tar"]).shards[0])
+    assert [read_bytes(row.ref) for row in rows] == list(members.values())  # a .gif is an image member
     data = image_bytes(9, "GIF")
     pq.write_table(pa.table({"key": ["a"], "gif": [data]}), tmp_path / "gif.parquet")
     (row,) = list_rows(ShardSpec(0, "gif", "parquet", str(tmp_path / "gif.parquet")))

@@ -147,11 +147,6 @@ def find_shards(
     chunks when there are that many files (the encode job passes its number of groups, so that every group gets work).
     Raises FileNotFoundError for a missing input, ValueError for a bad input or argument.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    for name, value in (("rows_per_file_shard", rows_per_file_shard), ("min_file_shards", min_file_shards)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not inputs:
         raise ValueError("no inputs: give image files, folders, .txt path lists, .tar or .parquet shards, or brace patterns")
     found = ShardList([])
@@ -270,24 +265,23 @@ def _add_shard(found: ShardList, used: set[str], wanted: str, kind: str, source:
 # ---------------------------------------------------------------------------------------------------- listing
 
 
-def list_rows(spec: ShardSpec, ignored: Optional[Counter] = None) -> list[Row]:
-    """The rows of one shard. Members or columns left out are counted into ``ignored`` when given (by lower-case
-    suffix, ``"(hidden)"``, ``"(duplicate image)"``). Raises ValueError naming a shard that cannot be read at all,
-    ImportError for a parquet shard without pyarrow."""
+def list_rows(spec: ShardSpec) -> list[Row]:
+    """The rows of one shard. Raises ValueError naming a shard that cannot be read at all, ImportError for a
+    parquet shard without pyarrow."""
     if spec.kind == "files":
         return [Row(path, ImageRef("file", path), {}) for path in spec.files]
     if spec.kind == "tar":
-        return _list_tar(spec, Counter() if ignored is None else ignored)
+        return _list_tar(spec)
     if spec.kind == "parquet":
         return _list_parquet(spec)
     raise ValueError(f"{describe(spec)}: unknown shard kind {spec.kind!r} (expected 'files', 'tar' or 'parquet')")
 
 
-def _list_tar(spec: ShardSpec, ignored: Counter) -> list[Row]:
+def _list_tar(spec: ShardSpec) -> list[Row]:
     try:
         file_size = os.path.getsize(spec.source)
         with open(spec.source, "rb") as handle:
-            groups, broke_off = _scan_tar(handle, file_size, ignored, spec)
+            groups, broke_off = _scan_tar(handle, file_size, spec)
             rows = [_tar_row(handle, spec.source, key, group) for key, group in sorted(groups.items())]
     except (OSError, tarfile.TarError) as err:
         raise ValueError(f"cannot read {describe(spec)}: {type(err).__name__}: {err}; is it a tar file?") from None
@@ -298,8 +292,9 @@ def _list_tar(spec: ShardSpec, ignored: Counter) -> list[Row]:
     return rows
 
 
-def _scan_tar(handle: Any, file_size: int, ignored: Counter, spec: ShardSpec) -> tuple[dict[str, dict], Optional[str]]:
-    """Member headers -> groups by key (slot -> member); and where the tar broke off (``None`` if it did not)."""
+def _scan_tar(handle: Any, file_size: int, spec: ShardSpec) -> tuple[dict[str, dict], Optional[str]]:
+    """Member headers -> groups by key (slot -> member, the first of each slot); and where the tar broke off
+    (``None`` if it did not)."""
     groups: dict[str, dict] = {}
     archive = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 - the caller owns handle; raises ReadError if not a tar
     end = 0
@@ -310,7 +305,7 @@ def _scan_tar(handle: Any, file_size: int, ignored: Counter, spec: ShardSpec) ->
             return groups, f"{err} after byte {end} (the file has {file_size} bytes)"
         if member is None:
             break
-        key, slot, suffix = _member_slot(member, ignored)
+        key, slot = _member_slot(member)
         group = groups.setdefault(key, {}) if slot else {}
         if member.offset_data + member.size > file_size:
             logger.warning("%s: truncated tar: member '%s' is cut off at byte %d", describe(spec), member.name, file_size)
@@ -319,8 +314,8 @@ def _scan_tar(handle: Any, file_size: int, ignored: Counter, spec: ShardSpec) ->
                 return groups, None
             return groups, f"member '{member.name}' is cut off at byte {file_size}"
         end = member.offset_data + member.size
-        if slot and group.setdefault(slot, member) is not member:
-            ignored["(duplicate image)" if slot == "image" else f"(duplicate {suffix})"] += 1
+        if slot:
+            group.setdefault(slot, member)
     start = end + (-end % 512)  # a proper tar ends in zero blocks after its last member
     handle.seek(start)
     if handle.read(min(file_size - start, 1 << 16)).strip(b"\x00"):
@@ -330,19 +325,13 @@ def _scan_tar(handle: Any, file_size: int, ignored: Counter, spec: ShardSpec) ->
     return groups, None
 
 
-def _member_slot(member: tarfile.TarInfo, ignored: Counter) -> tuple[str, Optional[str], str]:
-    """``(key, slot, suffix)`` of a member; slot ``None`` for one that is not an image, json or txt (counted)."""
-    if not member.isfile():
-        return "", None, ""
-    if member.name.rsplit("/", 1)[-1].startswith("."):
-        ignored["(hidden)"] += 1
-        return "", None, ""
+def _member_slot(member: tarfile.TarInfo) -> tuple[str, Optional[str]]:
+    """``(key, slot)`` of a member; slot ``None`` for one that is hidden or not an image, json or txt."""
+    if not member.isfile() or member.name.rsplit("/", 1)[-1].startswith("."):
+        return "", None
     stem, dot, suffix = member.name.rpartition(".")
     suffix = f".{suffix.lower()}" if dot and "/" not in suffix else ""
-    slot = "image" if suffix in IMAGE_MEMBER_SUFFIXES else {".json": "json", ".txt": "text"}.get(suffix)
-    if slot is None:
-        ignored[suffix or "(none)"] += 1
-    return stem, slot, suffix
+    return stem, "image" if suffix in IMAGE_MEMBER_SUFFIXES else {".json": "json", ".txt": "text"}.get(suffix)
 
 
 def _tar_row(handle: Any, path: str, key: str, group: dict) -> Row:
