@@ -170,6 +170,13 @@ def test_bad_list_file_lines(tmp_path: Path) -> None:
     assert find_shards([empty]).shards == []
 
 
+def test_list_saved_with_a_byte_order_mark_keeps_its_first_path(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("a.jpg\r\nb.jpg\r\n".encode("utf-8-sig"))  # Notepad / PowerShell: BOM and CRLF
+    (shard,) = find_shards([listing]).shards
+    assert shard.files == (str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"))
+
+
 def test_listed_missing_file_fails_at_read_time_with_file_not_found(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text("gone.jpg\n")

@@ -211,7 +211,7 @@ def _input_items(path: Path, found: ShardList) -> Iterator[tuple[str, str]]:
 
 def _list_file_items(list_path: Path) -> Iterator[tuple[str, str]]:
     try:
-        text = list_path.read_text(encoding="utf-8")
+        text = list_path.read_text(encoding="utf-8-sig")  # a byte order mark (Notepad, PowerShell) is not a path
     except UnicodeDecodeError as err:
         raise ValueError(f"path list '{list_path}' is not UTF-8 text ({err}); write one path per line, UTF-8") from None
     count = 0
