@@ -103,6 +103,7 @@ def test_zero_row_shard_writes_only_stats(tmp_path: Path) -> None:
     assert list(completed_shards(tmp_path)) == [0]
     embeddings = open_embeddings(tmp_path)
     assert len(embeddings) == 0 and embeddings.dim == 4 and embeddings.keys() == [] and list(embeddings.iter_batches(2)) == []
+    assert embeddings.shape == (0, 4) and embeddings[:].shape == (0, 4)  # 2-D, as faiss's index.add wants
 
 
 def test_open_embeddings_across_shards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

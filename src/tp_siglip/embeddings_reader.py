@@ -98,7 +98,10 @@ class Embeddings(ShardedArray):
         self.missing = [s["index"] for s in manifest["shards"] if s["index"] not in {entry["index"] for entry in stats}]
         self._with_rows = [entry for entry in stats if entry["rows"]]
         super().__init__(self._load(EMBEDDING_FOLDER), manifest["embedding"])
-        self.dim = self.row_shape[0] if self.row_shape else int(manifest.get("hidden_size", 0))
+        if not self.shards:  # no rows: the manifest gives their shape and dtype, so the empty matrix is still 2-D
+            self.row_shape = (int(manifest.get("hidden_size", 0)),)
+            self.dtype = np.dtype(manifest.get("output_dtype") or np.float32)
+        self.dim = self.row_shape[0]
 
     def _load(self, folder: str) -> list[np.ndarray]:
         if any(folder not in entry["files"] for entry in self._with_rows):
