@@ -241,3 +241,21 @@ def test_resume_names_what_differs_from_the_output_and_the_fix():
     moved = manifest()
     moved["shards"][1]["source"] = "/elsewhere/00001.tar"
     assert "shard 1 is 00001 tar /data/00001.tar there, 00001 tar /elsewhere/00001.tar now" in _other_run(earlier, moved)
+
+
+def test_resume_with_another_number_of_groups_says_so(tmp_path):
+    from tp_siglip.encode_corpus import Corpus, Target, _resume_decision
+    from tp_siglip.sources import ShardSpec
+
+    def manifest(file_shards):
+        specs = [ShardSpec(i, f"files-{i:05d}", "files", "", (f"{i}.jpg",)) for i in range(file_shards)]
+        setup = {"model": "m", "dtype": "float32", "embedding": "pooler_output", "hidden_size": 4, "config": {},
+                 "tokens": False, "normalized": True, "output_dtype": "float32", "max_num_patches": None, "shard_size": 100}  # fmt: skip
+        return embeddings_dir.make_manifest(specs, **setup)
+
+    # the same 2 files, written by 2 groups (one file shard each), resumed by 1 group (one file shard)
+    corpus = Corpus(Target(tmp_path), [], earlier=manifest(2))
+    problem, done = _resume_decision(corpus, manifest(1))
+    assert done == [] and "as many groups (ranks / --tp) as the run that wrote it" in problem, problem
+    file_corpus = Corpus(Target(tmp_path / ".e.safetensors.parts", tmp_path / "e.safetensors"), [], earlier=manifest(2))
+    assert "groups" not in _resume_decision(file_corpus, manifest(1))[0]  # a file's plan never depends on the groups

@@ -183,6 +183,12 @@ def _other_run(earlier: dict, manifest: dict) -> Optional[str]:
     return None
 
 
+def _same_shards_but_files(earlier: dict, manifest: dict) -> bool:
+    """Whether the two runs' shards differ only in their plain-file shards (the files, or the number of groups)."""
+    shards = [[(s.get("name"), s.get("source")) for s in m.get("shards", []) if s.get("kind") != "files"] for m in (earlier, manifest)]
+    return shards[0] == shards[1]
+
+
 def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], list[int]]:
     """Rank 0: ``(why this run cannot continue the output, or None; the shards already complete)``. Writes the
     manifest of a fresh run before any shard writer needs it; leftovers of killed writers go."""
@@ -194,6 +200,9 @@ def _resume_decision(corpus: Corpus, manifest: dict) -> tuple[Optional[str], lis
         embeddings_dir.write_manifest(root, manifest)
         return None, []
     problem = _other_run(earlier, manifest)
+    if problem is not None and corpus.target.file is None and _same_shards_but_files(earlier, manifest):
+        problem += ("; plain files are cut into at least one shard per group, so a resume also needs as many groups "
+                    "(ranks / --tp) as the run that wrote it")
     if problem is not None:
         return f"--resume: {corpus.target.file or root}: {problem}", []
     if corpus.finished:
