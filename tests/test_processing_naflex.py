@@ -156,3 +156,16 @@ def test_unreadable_file(tmp_path: Path) -> None:
     bad.write_text("not an image")
     with pytest.raises(ValueError, match="Cannot read image file .*notes.png"):
         preprocess_naflex(bad)
+
+
+def test_a_one_patch_wide_image_decodes_without_a_torch_warning(tmp_path: Path) -> None:
+    import warnings
+
+    from tp_siglip.processing_naflex import decode_naflex_files
+
+    path = tmp_path / "tall.png"
+    Image.new("RGB", (1, 500), (0, 255, 0)).save(path)  # a (16, 1) grid: its patches are a read-only view of the pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch: "The given NumPy array is not writable ... undefined behavior"
+        levels, shapes, reasons = decode_naflex_files([path], patch_size=8, max_num_patches=16)
+    assert reasons == [None] and shapes.tolist() == [[16, 1]] and int(levels[0, :, 1].max()) == 255

@@ -249,7 +249,7 @@ def decode_naflex_files(
         reasons.append(reason)
         if rgb is not None:
             patches, grid = _patch_levels(rgb, patch, limit)
-            levels[index, : patches.shape[0]] = torch.from_numpy(patches)
+            levels[index, : patches.shape[0]] = torch.from_numpy(np.require(patches, requirements="W"))  # a view of PIL's read-only pixels is copied
             shapes[index] = torch.tensor(grid)
     return levels, shapes, reasons
 
