@@ -259,3 +259,19 @@ def test_resume_with_another_number_of_groups_says_so(tmp_path):
     assert done == [] and "as many groups (ranks / --tp) as the run that wrote it" in problem, problem
     file_corpus = Corpus(Target(tmp_path / ".e.safetensors.parts", tmp_path / "e.safetensors"), [], earlier=manifest(2))
     assert "groups" not in _resume_decision(file_corpus, manifest(1))[0]  # a file's plan never depends on the groups
+
+
+def test_resume_refuses_plain_files_that_changed_since_the_run():
+    from tp_siglip.encode_corpus import _other_run
+    from tp_siglip.sources import ShardSpec
+
+    def manifest(*files):  # one shard of plain files: a file added to the folder sorts into it, the name stays
+        setup = {"model": "m", "dtype": "float32", "embedding": "pooler_output", "hidden_size": 4, "config": {},
+                 "tokens": False, "normalized": True, "output_dtype": "float32", "max_num_patches": None, "shard_size": 100}  # fmt: skip
+        return embeddings_dir.make_manifest([ShardSpec(0, "files-00000", "files", "", files)], **setup)
+
+    earlier = manifest("a.jpg", "b.jpg")
+    assert _other_run(earlier, manifest("a.jpg", "b.jpg")) is None
+    assert "shard 0 is files-00000 files  with other files there" in _other_run(earlier, manifest("0.jpg", "a.jpg", "b.jpg"))
+    del earlier["shards"][0]["files_sha1"]  # an output written before shards recorded their files resumes as before
+    assert _other_run(earlier, manifest("a.jpg", "b.jpg")) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -100,7 +101,15 @@ def make_manifest(
 
     run = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "dtype": dtype, "embedding": embedding}
     run |= {"hidden_size": int(hidden_size), "config": config, "tp_siglip_version": __version__, **extra}
-    return {**run, "shards": [{"index": s.index, "name": s.name, "kind": s.kind, "source": s.source} for s in shards]}
+    return {**run, "shards": [_shard_entry(s) for s in shards]}
+
+
+def _shard_entry(spec: ShardSpec) -> dict:
+    """A shard in the manifest; a plain-file shard also by a digest of its files, so a resume sees them change."""
+    entry = {"index": spec.index, "name": spec.name, "kind": spec.kind, "source": spec.source}
+    if spec.files:
+        entry["files_sha1"] = hashlib.sha1("\n".join(spec.files).encode("utf-8", "surrogateescape")).hexdigest()
+    return entry
 
 
 def write_manifest(root: Union[str, Path], manifest: dict) -> None:

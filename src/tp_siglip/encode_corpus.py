@@ -173,11 +173,15 @@ def _other_run(earlier: dict, manifest: dict) -> Optional[str]:
                 fields = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
                 old, new = (", ".join(f"{k} {config.get(k)}" for k in fields[:3]) for config in (old, new))
             return f"the output was written with {key} {old}, this run uses {new}: pass {ask(old)} or use another --output"
-    there = [(s.get("name"), s.get("kind"), s.get("source")) for s in earlier.get("shards", [])]
-    here = [(s["name"], s["kind"], s["source"]) for s in manifest["shards"]]
+    there = [(s.get("name"), s.get("kind"), s.get("source"), s.get("files_sha1")) for s in earlier.get("shards", [])]
+    here = [(s["name"], s["kind"], s["source"], s.get("files_sha1")) for s in manifest["shards"]]
+    if not any(shard[3] for shard in there):  # written before shards recorded their files: compare without them
+        here = [(*shard[:3], None) for shard in here]
     if there != here:
         first = next(i for i, (a, b) in enumerate(itertools.zip_longest(there, here)) if a != b)
-        old, new = (" ".join(map(str, s[first])) if first < len(s) else "none" for s in (there, here))
+        old, new = (" ".join(map(str, s[first][:3])) if first < len(s) else "none" for s in (there, here))
+        if old == new:
+            old, new = f"{old} with other files", f"{new} with these"
         return (f"the inputs differ from the output's run ({len(there)} shard(s) there, {len(here)} now; shard {first} "
                 f"is {old} there, {new} now): give the inputs it was written with or use another --output")
     return None
