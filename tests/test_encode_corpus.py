@@ -272,6 +272,6 @@ def test_resume_refuses_plain_files_that_changed_since_the_run():
 
     earlier = manifest("a.jpg", "b.jpg")
     assert _other_run(earlier, manifest("a.jpg", "b.jpg")) is None
-    assert "shard 0 is files-00000 files  with other files there" in _other_run(earlier, manifest("0.jpg", "a.jpg", "b.jpg"))
+    assert "shard 0 is files-00000 files with other files there" in _other_run(earlier, manifest("0.jpg", "a.jpg", "b.jpg"))
     del earlier["shards"][0]["files_sha1"]  # an output written before shards recorded their files resumes as before
     assert _other_run(earlier, manifest("a.jpg", "b.jpg")) is None

@@ -179,7 +179,7 @@ def _other_run(earlier: dict, manifest: dict) -> Optional[str]:
         here = [(*shard[:3], None) for shard in here]
     if there != here:
         first = next(i for i, (a, b) in enumerate(itertools.zip_longest(there, here)) if a != b)
-        old, new = (" ".join(map(str, s[first][:3])) if first < len(s) else "none" for s in (there, here))
+        old, new = (" ".join(str(v) for v in s[first][:3] if v) if first < len(s) else "none" for s in (there, here))
         if old == new:
             old, new = f"{old} with other files", f"{new} with these"
         return (f"the inputs differ from the output's run ({len(there)} shard(s) there, {len(here)} now; shard {first} "
