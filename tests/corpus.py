@@ -5,7 +5,8 @@
 * good: ``a_good.png`` (RGB), ``c_good.jpg`` (JPEG), ``sub/f_good.png`` (grayscale), ``sub/g_good.webp``;
 * unreadable (right extension, wrong content): ``b_truncated.jpg`` (half a JPEG), ``d_text.png`` (a text
   file), ``e_empty.jpg`` (0 bytes), ``sub/h_float.tiff`` (a valid TIFF whose pixel format, 3 x float32,
-  Pillow cannot decode), ``sub/i_truncated.png`` (half a PNG);
+  Pillow cannot decode), ``sub/i_truncated.png`` (half a PNG), ``sub/j_broken.jpg`` (a link to a file that
+  is gone);
 * ignored: ``notes.txt``, ``data.json``, ``README`` (no extension), ``.hidden.png`` (hidden).
 """
 
@@ -23,6 +24,7 @@ BAD = {  # file -> a fragment of the reason tp-siglip gives
     "e_empty.jpg": "empty file (0 bytes)",
     "sub/h_float.tiff": "unsupported pixel format",
     "sub/i_truncated.png": "truncated",
+    "sub/j_broken.jpg": "a broken link to",
 }
 IGNORED = {".txt": 1, ".json": 1, "(none)": 1}
 HIDDEN = 1
@@ -73,6 +75,8 @@ def make_corpus(folder: Path, seed: int = 0) -> Path:
     (folder / "d_text.png").write_text("this is not an image\n")
     (folder / "e_empty.jpg").write_bytes(b"")
     (folder / "sub/h_float.tiff").write_bytes(float_rgb_tiff())
+    if not (folder / "sub/j_broken.jpg").is_symlink():
+        (folder / "sub/j_broken.jpg").symlink_to("gone.jpg")
     (folder / "notes.txt").write_text("notes\n")
     (folder / "data.json").write_text("{}\n")
     (folder / "README").write_text("readme\n")

@@ -228,7 +228,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["parallel-is-gone", "save-every-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+    ["parallel-is-gone", "save-every-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "output-folder-not-a-run", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
      "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
@@ -236,6 +236,8 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
     (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "img_emb_00000.npy").write_bytes(b"x")  # e.g. another run's img_emb/
     argv = {"--model": checkpoint, "--output": tmp_path / "out.safetensors", "inputs": [corpus]}
     named = {
         "output-is-folder": ("--output", tmp_path / "dir.safetensors"),  # a .safetensors name that is a folder
@@ -244,6 +246,7 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         "save-every-is-gone": ("--save-every", "60"),  # commits are per shard now: --shard-size
         "output-npy": ("--output", tmp_path / "emb.npy"),  # a file suffix the job does not write: refused
         "output-image-name": ("--output", tmp_path / "emb.PNG"),
+        "output-folder-not-a-run": ("--output", tmp_path / "busy"),  # a folder output goes in a new or empty folder
         "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
         "parent-is-file": ("--output", tmp_path / "file" / "out.safetensors"),
         "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),
@@ -370,6 +373,25 @@ def test_bad_files_are_skipped_with_reasons(setup, tmp_path, capsys):
     code, out, err = _run([corpus, "--model", checkpoint, "--output", output, "--batch-size", "2", "--shard-size", "3",
                            "--resume"], capsys)  # fmt: skip
     assert code == 0 and f"summary: 0 encoded, {len(BAD)} skipped" in out and f"is complete ({len(GOOD)} rows)" in out, err
+
+
+@pytest.mark.parametrize("name", ["none.safetensors", "none"])
+def test_no_readable_image_is_exit_1_for_both_outputs(setup, tmp_path, capsys, name):
+    _, checkpoint, corpus, _ = setup
+    output = tmp_path / name
+    folder = tmp_path / "bad"  # a folder of unreadable files only (a broken link among them)
+    folder.mkdir()
+    for bad in BAD:
+        (folder / Path(bad).name).symlink_to(corpus / bad)
+    code, out, err = _run([folder, "--model", checkpoint, "--output", output], capsys)
+    assert code == 1 and f"skipped {folder / 'e_empty.jpg'}: empty file (0 bytes)" in out, (out, err)
+    (line,) = _error_lines(err)
+    assert "no readable image among the inputs" in line, line
+    if output.suffix:
+        assert not output.exists() and not _work_folder(output).exists()
+    else:  # the folder keeps the shard's stats file, which lists why each image was skipped
+        (stats,) = embeddings_dir.completed_shards(output).values()
+        assert stats["rows"] == 0 and len(stats["skipped"]) == len(BAD)
 
 
 def _work_folder(output: Path) -> Path:
@@ -569,7 +591,8 @@ def test_two_ranks_stay_in_lockstep(setup, tmp_path):
         assert out1 == "" and err1 == "", (out1, err1)
         for name in BAD:
             assert f"skipped {corpus / name}: " in out0
-        assert "images decoded per rank: 6/3" in out0, out0
+        batches = [min(3, len(LISTED) - start) for start in range(0, len(LISTED), 3)]
+        assert f"images decoded per rank: {sum(-(-n // 2) for n in batches)}/{sum(n // 2 for n in batches)}" in out0, out0
         tensors, meta = _read(output)
         good = [str(corpus / name) for name in GOOD if str(corpus / name) != flaky]
         assert json.loads(meta["paths"]) == good and meta["world_size"] == "2"

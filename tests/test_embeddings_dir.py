@@ -124,7 +124,7 @@ def test_open_embeddings_across_shards(tmp_path: Path, caplog: pytest.LogCapture
     assert np.array_equal(embeddings[picks], expected[picks]) and np.array_equal(embeddings[[1, 9]], expected[[1, 9]])
     mask = np.arange(12) % 3 == 0
     assert np.array_equal(embeddings[mask], expected[mask]) and np.array_equal(embeddings[2:6, 1:3], expected[2:6, 1:3])
-    assert embeddings[5, 2] == expected[5, 2]
+    assert embeddings[5, 2] == expected[5, 2] and embeddings[[]].shape == (0, 4)
     assert np.array_equal(np.concatenate(list(embeddings.iter_batches(5))), expected)
     assert [len(b) for b in embeddings.iter_batches(5)] == [5, 5, 2]
     assert embeddings.keys() == keys

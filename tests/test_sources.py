@@ -277,10 +277,11 @@ def test_truncated_tar_keeps_complete_rows(tmp_path: Path) -> None:
 
 def test_unreadable_shards_raise_naming_the_shard(tmp_path: Path) -> None:
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
-    with pytest.raises(ValueError, match=r"cannot read shard 0 'junk' \(tar .*junk\.tar\)"):
+    with pytest.raises(ValueError, match=r"cannot read shard 0 'junk' \(tar .*junk\.tar\).*is it a tar file\?"):
         list_rows(ShardSpec(0, "junk", "tar", str(tmp_path / "junk.tar")))
-    with pytest.raises(ValueError, match="cannot read shard 0 'gone'"):
+    with pytest.raises(ValueError, match="cannot read shard 0 'gone'.*FileNotFoundError") as gone:
         list_rows(ShardSpec(0, "gone", "tar", str(tmp_path / "gone.tar")))
+    assert "is it a tar file" not in str(gone.value)  # the file is missing, not something else
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 nope")
     with pytest.raises(ValueError, match="cannot read shard 1 'junk'"):
         list_rows(ShardSpec(1, "junk", "parquet", str(tmp_path / "junk.parquet")))

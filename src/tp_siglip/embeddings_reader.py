@@ -67,6 +67,8 @@ class ShardedArray:
             if indices.shape != (len(self),):
                 raise IndexError(f"a boolean mask must have {len(self)} entries, got shape {indices.shape}")
             indices = np.flatnonzero(indices)
+        if indices.size == 0 and indices.ndim == 1:
+            indices = indices.astype(np.int64)  # emb[[]]: no rows, as numpy gives
         if indices.dtype.kind not in "iu" or indices.ndim != 1:
             got = f"{indices.dtype}{list(indices.shape)}"
             raise IndexError(f"rows must be an int, a slice, a 1-D int array or a bool mask, got {got}")

@@ -131,11 +131,13 @@ def _earlier_run(target: Target, output: Path, resume: bool) -> tuple[Optional[d
     """Rank 0: the manifest of the run ``output`` holds (None: none), and whether it is a finished file's."""
     if (target.root / "manifest.json").exists():
         if not resume:
-            holder = "already holds a run (manifest.json)"
+            holder = f"--output {output} already holds a run (manifest.json)"
             if target.file is not None:
-                holder = f"its work folder {target.root} holds an interrupted run"
-            raise ValueError(f"--output {output} {holder}; pass --resume to continue it, or another --output")
+                holder = f"the work folder {target.root} of --output {output} holds an interrupted run"
+            raise ValueError(f"{holder}; pass --resume to continue it, or another --output")
         return embeddings_dir.read_manifest(target.root), False
+    if target.file is None and output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"--output {output} holds other files (no manifest.json); name a new or empty folder")
     if target.file is None or not resume or not output.exists():
         return None, False
     try:
@@ -318,10 +320,7 @@ def open_row(row: sources.Row) -> Any:
     if row.ref is None:
         raise ValueError(row.problem or "no image for this key")
     if row.ref.kind == "file":
-        path = Path(row.ref.path)
-        if path.is_file() and path.stat().st_size == 0:
-            raise ValueError("empty file (0 bytes)")
-        return processing.load_image(path)
+        return processing.open_file(row.ref.path)
     return processing.load_image_data(sources.read_bytes(row.ref))
 
 
@@ -345,10 +344,13 @@ def _finish(corpus: Corpus, manifest: dict, job: Any, encoded: int, seconds: flo
     stats = [{**complete[i], "name": names[i]} for i in sorted(complete)]
     rows = sum(int(entry["rows"]) for entry in stats)
     where = f"{target.root}: {len(complete)}/{len(corpus.shards)} shards complete, {rows} rows"
-    finished = target.file is not None and len(complete) == len(corpus.shards)
-    if finished and not rows:
-        shutil.rmtree(target.root, ignore_errors=True)
-        raise JobError(f"no readable image among the inputs; nothing written to {target.file}")
+    finished = len(complete) == len(corpus.shards)
+    if finished and not rows:  # both outputs: exit 1; a folder keeps the stats files that say why
+        if target.file is not None:
+            shutil.rmtree(target.root, ignore_errors=True)
+        where = f"nothing written to {target.file}" if target.file else f"{target.root} holds 0 rows (see its stats files)"
+        raise JobError(f"no readable image among the inputs; {where}")
+    finished = finished and target.file is not None
     if finished:
         write_from_shards(target.file, target.root, stats, job.embedding, _file_metadata(job, manifest, stats))
         where = f"wrote {target.file} ({rows} rows)"

@@ -434,8 +434,8 @@ def _scan_folder(folder: Path, ignored: Counter[str]) -> tuple[list[Path], int]:
     files into ``ignored``."""
     files, hidden = [], 0
     for candidate in folder.rglob("*"):
-        if not candidate.is_file():
-            continue
+        if not candidate.is_file() and not (candidate.is_symlink() and not candidate.exists()):
+            continue  # a folder; a broken link stays, so that reading it says what is wrong
         relative = candidate.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts):
             hidden += 1
@@ -452,7 +452,8 @@ def find_images(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
     Files given directly are kept whatever their suffix, in the order given. Folders are searched
     recursively for files whose suffix (case-insensitive) is in :data:`IMAGE_SUFFIXES`, in sorted order of
     their path relative to that folder. Hidden files and folders (names starting with ``"."``, e.g. macOS
-    ``._photo.jpg`` resource forks) are skipped inside folders. If a file shows up twice, only its first
+    ``._photo.jpg`` resource forks) are skipped inside folders; a broken link is listed, so that reading it
+    says so. If a file shows up twice, only its first
     occurrence is kept. :func:`scan_images` does the same and also counts what was left out.
 
     Args:
@@ -664,6 +665,16 @@ def to_pixel_values(
     return out if values is out else out.copy_(values)
 
 
+def open_file(path: PathLike) -> PILImage.Image:
+    """`load_image`, after the checks that give two unreadable kinds of file a plain reason."""
+    file = Path(path)
+    if file.is_file() and file.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    if file.is_symlink() and not file.exists():
+        raise ValueError(f"a broken link to '{os.readlink(file)}'")
+    return load_image(file)
+
+
 def read_files(
     sources: Sequence[Any],
     to_rgb: Callable[[PILImage.Image], PILImage.Image],
@@ -677,13 +688,7 @@ def read_files(
     """
     for index, raw in enumerate(sources):
         try:
-            if opener is not None:
-                yield index, to_rgb(opener(raw)), None
-                continue
-            path = Path(raw)
-            if path.is_file() and path.stat().st_size == 0:
-                raise ValueError("empty file (0 bytes)")
-            yield index, to_rgb(load_image(path)), None
+            yield index, to_rgb(open_file(raw) if opener is None else opener(raw)), None
         except (OSError, ValueError, SyntaxError) as exc:
             yield index, None, failure_reason(exc, raw if isinstance(raw, (str, os.PathLike)) else "")
 

@@ -284,7 +284,8 @@ def _list_tar(spec: ShardSpec) -> list[Row]:
             groups, broke_off = _scan_tar(handle, file_size, spec)
             rows = [_tar_row(handle, spec.source, key, group) for key, group in sorted(groups.items())]
     except (OSError, tarfile.TarError) as err:
-        raise ValueError(f"cannot read {describe(spec)}: {type(err).__name__}: {err}; is it a tar file?") from None
+        hint = "; is it a tar file?" if isinstance(err, tarfile.TarError) else ""
+        raise ValueError(f"cannot read {describe(spec)}: {type(err).__name__}: {err}{hint}") from None
     if broke_off is not None:
         problem = f"truncated tar: {broke_off}; rows before it are kept"
         logger.warning("%s: %s", describe(spec), problem)
