@@ -551,6 +551,7 @@ def test_preprocess_files_records_a_reason_per_bad_file(tmp_path: Path, strict_p
             assert reason is not None and str(path) not in reason
             assert BAD.get(name, "file not found") in reason.lower(), (name, reason)
             assert torch.count_nonzero(row) == 0
+    assert preprocess_files([corpus / "sub"], 48)[1] == ["a folder, not an image file"]  # e.g. a folder in a .txt list
 
 
 def test_exif_and_alpha_path_versus_pil_image(reference, tmp_path: Path) -> None:

@@ -666,12 +666,14 @@ def to_pixel_values(
 
 
 def open_file(path: PathLike) -> PILImage.Image:
-    """`load_image`, after the checks that give two unreadable kinds of file a plain reason."""
+    """`load_image`, after the checks that give an empty file, a broken link and a folder a plain reason."""
     file = Path(path)
     if file.is_file() and file.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     if file.is_symlink() and not file.exists():
         raise ValueError(f"a broken link to '{os.readlink(file)}'")
+    if file.is_dir():
+        raise ValueError("a folder, not an image file")
     return load_image(file)
 
 
