@@ -187,6 +187,17 @@ def test_head_missing_suggests_use_head_false(copy):
     assert SiglipVisionTransformer.from_pretrained(copy, use_head=False).head is None
 
 
+def test_load_weights_not_strict_with_a_misshapen_tensor_refuses_to_run(tiny):
+    """strict=False reports a wrong shape; the tensor was not copied, so the model must not run on empty memory."""
+    reference, _, _ = tiny
+    state = {**tower_state(reference), "post_layernorm.weight": torch.ones(5)}
+    model = SiglipVisionTransformer(SiglipVisionTransformer.from_pretrained(tiny[1]).config, device="meta")
+    report = model.load_weights(state.items(), strict=False)
+    assert report.wrong_shapes == ["post_layernorm.weight: given [5] vs model [96]"] and not report.missing
+    with pytest.raises(RuntimeError, match="not loaded"):
+        model(_pixels())
+
+
 def test_not_a_siglip_checkpoint(copy):
     _edit_tensors(copy / "model.safetensors", lambda t: t.update({"x.weight": t.pop("embeddings.patch_embedding.weight")}))
     with pytest.raises(CheckpointError, match="no SigLIP vision tensors"):

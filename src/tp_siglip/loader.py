@@ -652,5 +652,5 @@ def load_pairs_into(
     )
     if strict:
         report.raise_if_incomplete()
-    model._weights_ready = not report.missing
+    model._weights_ready = not report.missing and not report.wrong_shapes  # a skipped tensor holds no weights
     return report
