@@ -43,6 +43,19 @@ def test_loads_on_meta_without_random_init(tiny, monkeypatch):
         torch.testing.assert_close(model(_pixels()).pooler_output, reference(_pixels()).pooler_output, atol=1e-4, rtol=0)
 
 
+def test_from_pretrained_on_meta_is_an_unloaded_skeleton(tiny):
+    """device="meta" checks the checkpoint and builds the skeleton, but no weights land on meta: the model
+    must refuse to run (it ran and returned meta tensors) until load_weights fills it."""
+    reference, ckpt, _ = tiny
+    model = SiglipVisionTransformer.from_pretrained(ckpt, device="meta")
+    assert model.is_meta
+    with pytest.raises(RuntimeError, match="not loaded"):
+        model(_pixels().to("meta"))
+    model.load_weights(tower_state(reference).items(), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_pixels()).pooler_output, reference(_pixels()).pooler_output, atol=1e-4, rtol=0)
+
+
 def test_early_exit_matches_hidden_state_k_and_skips_reading_later_layers(tiny, monkeypatch):
     reference, ckpt, _ = tiny
     read = []

@@ -24,6 +24,7 @@ Arguments of ``from_pretrained`` / `load_pretrained`:
         ``world_size > 1`` under torchrun, a default group created here (gloo on CPU, NCCL on GPU).
     dtype: ``None``/``"auto"`` keeps the stored dtype; or e.g. ``torch.bfloat16``/``"bf16"``.
     device: default: this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU.
+        ``"meta"``: the checkpoint is checked, but nothing is read: an unloaded skeleton for `load_weights`.
     prefix: the tower's key prefix (e.g. ``"vision_tower.vision_model."``); found automatically.
     num_hidden_layers: run only the first k encoder layers (early exit); the skipped layers'
         weights are never read. ``post_layernorm`` and the head then apply to layer k's output.
@@ -201,8 +202,9 @@ def load_checkpoint(
         where=str(checkpoint.directory),
     )
     model.to_empty(device=device)
-    loader.read_tensors(dict(model.named_parameters()), layout, key_map, checkpoint.tensors, checkpoint.opener)
-    model._weights_ready = True
+    if device.type != "meta":  # a meta skeleton holds no values: it stays unloaded until load_weights fills it
+        loader.read_tensors(dict(model.named_parameters()), layout, key_map, checkpoint.tensors, checkpoint.opener)
+    model._weights_ready = device.type != "meta"
     model.eval()
     _log_loaded(model, checkpoint, key_map, device, dtype)
     warn_if_emulated_half(device, dtype)  # bf16/fp16 on a CPU without them (slow: docs/benchmarks.md), said once
