@@ -211,6 +211,24 @@ def test_load_weights_not_strict_with_a_misshapen_tensor_refuses_to_run(tiny):
         model(_pixels())
 
 
+def test_load_weights_finds_colpalis_prefix_and_names_the_fix_for_others(tiny):
+    """ColPali's ``vlm.vision_tower.`` (a supported layout) is a known prefix; names under an unknown one say to
+    pass prefix=, not that the checkpoint lacks a pooling head."""
+    reference, ckpt, _ = tiny
+    state = tower_state(reference)
+    config = SiglipVisionTransformer.from_pretrained(ckpt).config
+    model = SiglipVisionTransformer(config, device="meta")
+    report = model.load_weights((f"vlm.vision_tower.{k}", v) for k, v in state.items())
+    assert report.prefix == "vlm.vision_tower." and len(report.loaded) == len(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_pixels()).pooler_output, reference(_pixels()).pooler_output, atol=1e-4, rtol=0)
+    with pytest.raises(CheckpointError, match="no name is a tower tensor under a known prefix.*pass prefix=") as err:
+        SiglipVisionTransformer(config, device="meta").load_weights((f"visual.{k}", v) for k, v in state.items())
+    assert "use_head" not in str(err.value)
+    report = SiglipVisionTransformer(config, device="meta").load_weights(state.items(), prefix="x.", strict=False)
+    assert not report.loaded and "use_head" not in report.problems()[0]
+
+
 def test_not_a_siglip_checkpoint(copy):
     _edit_tensors(copy / "model.safetensors", lambda t: t.update({"x.weight": t.pop("embeddings.patch_embedding.weight")}))
     with pytest.raises(CheckpointError, match="no SigLIP vision tensors"):

@@ -52,6 +52,7 @@ KNOWN_PREFIXES = (
     "model.vision_tower.",
     "model.vision_tower.vision_model.",
     "model.vision_model.",
+    "vlm.vision_tower.",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -338,9 +339,13 @@ class LoadReport:
 
     def problems(self) -> list[str]:
         """One line per kind of mismatch (empty when the checkpoint fits)."""
+        if self.prefix is None:
+            return [f"no name is a tower tensor under a known prefix {list(KNOWN_PREFIXES)}; pass prefix= (what "
+                    f"precedes 'embeddings.patch_embedding.weight' in the names)"]
         problems = []
         if self.missing:
-            hint = " (the checkpoint has no pooling head: pass use_head=False)" if any("head." in m for m in self.missing) else ""
+            no_head = self.loaded and any(m.startswith(self.prefix + "head.") for m in self.missing)
+            hint = " (the checkpoint has no pooling head: pass use_head=False)" if no_head else ""
             problems.append(f"missing tensors{hint}: {_short(self.missing)}")
         if self.wrong_shapes:
             problems.append(f"wrong shapes: {_short(self.wrong_shapes)}")
