@@ -85,6 +85,17 @@ def test_early_exit_out_of_range(tiny):
         SiglipVisionTransformer.from_pretrained(tiny[1], num_hidden_layers=0)
 
 
+def test_unavailable_gpu_is_a_value_error_naming_the_fix(tiny, monkeypatch):
+    """device="cuda" without CUDA was torch's AssertionError from deep inside the load."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available.*device='cpu'"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="device 'cuda:2': only 2 GPU"):
+        SiglipVisionTransformer.from_pretrained(tiny[1], device="cuda:2")
+
+
 def test_explicit_prefix_and_dtypes(tiny, tmp_path):
     reference, _, root = tiny
     ckpt = save_layout(reference, "v4_vision", tmp_path / "v4")

@@ -118,9 +118,15 @@ def resolve_device(device: Union[torch.device, str, int, None]) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"device {device!r}: CUDA is not available ({why}); pass device='cpu', or install a CUDA build of torch")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return chosen
 
 
 # ----------------------------------------------------------------------------- headers
