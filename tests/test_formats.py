@@ -120,6 +120,15 @@ def test_open_clip_folder_reads_only_the_trunk(made, monkeypatch) -> None:
     assert opened and all(key.startswith("visual.trunk.") for key in opened), opened
 
 
+def test_npz_image_size_is_the_multiple_of_32_that_gives_its_grid() -> None:
+    """webli_en_so400m_384.npz has a 27 x 27 grid of 14 px patches: 384 px, as transformers' converted model
+    says (the conv drops 6 px), not 378; a grid no multiple of 32 gives keeps grid x patch."""
+    from tp_siglip.npz import _image_size
+
+    sizes = [_image_size(side, patch) for side, patch in ((27, 14), (16, 14), (16, 16), (24, 16), (64, 14), (4, 4), (3, 14))]
+    assert sizes == [384, 224, 256, 384, 896, 16, 42]
+
+
 @pytest.mark.parametrize("name", ["npz_layers", "npz_stacked"])
 def test_npz_writer_is_what_timm_reads(made, name) -> None:
     """timm's own big_vision reader (``_load_weights``) gives back the model the .npz was written from (float16

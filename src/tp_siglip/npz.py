@@ -131,9 +131,17 @@ def npz_config(members: Mapping[str, Member], prefix: str, where: str) -> dict[s
     query = members[block(0) + "MultiHeadDotProductAttention_0/query/kernel"].shape[-2:]
     dense = members[block(0) + "MlpBlock_0/Dense_0/kernel"].shape[-1]
     head = any(k.startswith(prefix + "MAPHead_0/") for k in members)
-    return dict(hidden_size=hidden, num_channels=channels, patch_size=patch, image_size=side * patch,
+    return dict(hidden_size=hidden, num_channels=channels, patch_size=patch, image_size=_image_size(side, patch),
                 num_hidden_layers=layers, num_attention_heads=query[0], intermediate_size=dense,
                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=head)
+
+
+def _image_size(side: int, patch: int) -> int:
+    """The image size of a ``side`` x ``side`` grid of ``patch`` px patches: big_vision trains at multiples of 32
+    (224, 256, 384, ...) and the conv drops the remainder, so the smallest multiple of 32 that gives the grid
+    (27 patches of 14 px: 384, as transformers' converted so400m-384 says), else ``side * patch``."""
+    rounded = -(-side * patch // 32) * 32
+    return rounded if rounded // patch == side else side * patch
 
 
 def _patch(members: Mapping[str, Member], prefix: str, where: str) -> tuple[int, int, int]:
