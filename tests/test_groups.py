@@ -138,6 +138,8 @@ def _data_vs_tensor(rank, world_size, pixels, ckpt):
                           **{f"h{i}": h for i, h in enumerate(out.hidden_states)}}
             one = model(pixels[:1])  # fewer images than ranks: one rank has nothing to do
             outs[mode]["one"] = one.pooler_output
+            last, pooler = model(pixels, return_dict=False)  # transformers' tuple: unpacking gives tensors
+            outs[mode]["tuple"] = torch.stack([pooler, last[:, 0]])
     return {f"{m}.{k}": v for m, d in outs.items() for k, v in d.items()}
 
 
@@ -150,6 +152,8 @@ def test_data_mode_equals_tensor_mode_and_transformers(tiny):
             torch.testing.assert_close(out[f"{mode}.pooler"], ref.pooler_output, atol=1e-4, rtol=0)
             torch.testing.assert_close(out[f"{mode}.last"], ref.last_hidden_state, atol=1e-4, rtol=0)
             torch.testing.assert_close(out[f"{mode}.one"], ref.pooler_output[:1], atol=1e-4, rtol=0)
+            expected = torch.stack([ref.pooler_output, ref.last_hidden_state[:, 0]])
+            torch.testing.assert_close(out[f"{mode}.tuple"], expected, atol=1e-4, rtol=0)
             for i, h in enumerate(ref.hidden_states):
                 torch.testing.assert_close(out[f"{mode}.h{i}"], h, atol=1e-4, rtol=0)
         torch.testing.assert_close(out["data.pooler"], out["tensor.pooler"], atol=2e-5, rtol=0)

@@ -56,6 +56,8 @@ def test_accepted_inputs(model):
         assert model(torch.zeros(1, 3, 48, 24), interpolate_pos_encoding=True).last_hidden_state.shape == (1, 18, 32)
         # transformers-style keywords that servers pass are accepted
         assert model(torch.zeros(1, 3, 32, 32), return_dict=True, output_attentions=False).pooler_output.shape == (1, 32)
+        last, pooler = model(torch.zeros(1, 3, 32, 32), return_dict=False)  # a tuple, as transformers returns
+        assert last.shape == (1, 16, 32) and pooler.shape == (1, 32)
 
 
 def test_unloaded_model_refuses_to_run():

@@ -16,7 +16,8 @@ import torch
 
 from tp_siglip.config import SiglipVisionConfig
 
-#: transformers-style forward keywords accepted (and ignored) so the model drops into transformers code
+#: transformers-style forward keywords accepted so the model drops into transformers code (``return_dict=False``:
+#: a tuple, `model.as_asked`; the others ignored)
 _IGNORED_FORWARD_KWARGS = ("return_dict", "output_attentions", "use_cache")
 
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import heapq
 import inspect
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_siglip.model import SiglipVisionOutput
+from tp_siglip.model import SiglipVisionOutput, as_asked
 from tp_siglip.parallel import Communicator, ProcessGroup, agree_on_inputs, communicator_for, group_rank, group_size
 
 
@@ -129,7 +129,7 @@ class DataParallelEncoder(nn.Module):
     def check_inputs_agree(self, value: str) -> None:
         self.module.check_inputs_agree = value
 
-    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> SiglipVisionOutput:
+    def forward(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Union[SiglipVisionOutput, tuple[Any, ...]]:
         """``module(pixel_values, ...)`` on this rank's images; the full outputs, in input order, on every rank.
 
         Every rank must pass the whole, same batch: the ranks first check that they did, and that it is
@@ -141,6 +141,7 @@ class DataParallelEncoder(nn.Module):
         size = group_size(self.group)
         if size == 1:
             return self.module(pixel_values, *args, **kwargs)
+        asked = {"return_dict": kwargs.pop("return_dict", None)}
         agree_on_inputs(self.group, lambda: self._check_inputs(pixel_values, *args, **kwargs), mode=self.check_inputs_agree)
         bound = inspect.signature(self.module.forward).bind(pixel_values, *args, **kwargs)
         batch, tokens = pixel_values.shape[0], pixel_values.shape[1]
@@ -158,7 +159,7 @@ class DataParallelEncoder(nn.Module):
                     value = value[:, :keep]
                 bound.arguments[name] = value
         local = self.module(*bound.args, **bound.kwargs)
-        return gather_outputs(local, [len(portion) for portion in portions], portions, self.comm, tokens)
+        return as_asked(gather_outputs(local, [len(portion) for portion in portions], portions, self.comm, tokens), asked)
 
     def _check_inputs(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if kwargs.get("batch_sizes") is not None:

@@ -102,6 +102,12 @@ class SiglipVisionOutput:
         return getattr(self, key) if key in self.keys() else default
 
 
+def as_asked(out: SiglipVisionOutput, kwargs: dict[str, Any]) -> Union[SiglipVisionOutput, tuple[Any, ...]]:
+    """``out``, or for ``return_dict=False`` its tuple, as transformers returns it (so unpacking gives tensors,
+    not field names)."""
+    return out.to_tuple() if kwargs.get("return_dict") is False else out
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -496,7 +502,7 @@ class SiglipVisionTransformer(_PretrainedTower):
         patch_attention_mask: Optional[torch.Tensor] = None,
         batch_sizes: Optional[Sequence[int]] = None,
         **kwargs: Any,
-    ) -> SiglipVisionOutput:
+    ) -> Union[SiglipVisionOutput, tuple[Any, ...]]:
         """Encode ``pixel_values (B, C, H, W)``; every rank returns the full outputs.
 
         Returns ``last_hidden_state (B, patches, hidden)`` after ``post_layernorm``, ``pooler_output
@@ -528,7 +534,7 @@ class SiglipVisionTransformer(_PretrainedTower):
             key_mask = None
             if mask is not None and not _all_true_on_cpu(mask, split):
                 key_mask = gather_rows(mask.flatten(1)[:, None, None, :], self.plan.comm)
-            return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
+            return as_asked(self._encode(embeddings, key_mask, inputs["output_hidden_states"]), kwargs)
 
     def check_inputs(
         self,
@@ -592,7 +598,7 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
         output_hidden_states: Optional[bool] = None,
         batch_sizes: Optional[Sequence[int]] = None,
         **kwargs: Any,
-    ) -> SiglipVisionOutput:
+    ) -> Union[SiglipVisionOutput, tuple[Any, ...]]:
         """Encode ``pixel_values (B, N, C*p*p)`` whose image ``i`` fills the first ``h*w`` of ``N`` rows.
 
         ``pixel_attention_mask (B, N)`` (1 for real patches, valid ones first) hides padding from attention
@@ -614,7 +620,7 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
             embeddings = self.embeddings(pixel_values, inputs["spatial_shapes"])
             key_mask = inputs["pixel_attention_mask"].bool()[:, None, None, :]
             key_mask = gather_rows(key_mask, self.plan.comm)
-            return self._encode(embeddings, key_mask, inputs["output_hidden_states"])
+            return as_asked(self._encode(embeddings, key_mask, inputs["output_hidden_states"]), kwargs)
 
     def check_inputs(  # type: ignore[override]
         self,
