@@ -242,7 +242,8 @@ def _log_loaded(
 ) -> None:
     local = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
-        "loaded %d tensors of %s (prefix %r, %d skipped) as rank %d of %d: %.1f MB on %s in %s",
+        "%s %d tensors of %s (prefix %r, %d skipped) as rank %d of %d: %.1f MB on %s in %s",
+        "checked (nothing read on meta)" if device.type == "meta" else "loaded",
         len(key_map.keys),
         Path(checkpoint.directory),
         checkpoint.prefix,
