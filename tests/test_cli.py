@@ -341,6 +341,27 @@ def test_model_that_cannot_be_fetched(setup, how, tmp_path, monkeypatch, capsys)
     assert ("offline" if how == "offline" else "could not be reached") in errors[0]
 
 
+def test_repo_refused_for_its_content_gets_no_network_hint(setup, tmp_path, monkeypatch, capsys):
+    """A Hub repo that was reached but is refused (only pytorch_model.bin): the line names the pickle, and does
+    not send the user to the network fixes (a local folder, HF_HUB_OFFLINE=1), which cannot help."""
+    from hub_server import HubServer
+    from test_hub import point_hf_at
+
+    _, checkpoint, corpus, _ = setup
+    repo = tmp_path / "pickle-only"
+    repo.mkdir()
+    (repo / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    (repo / "pytorch_model.bin").write_bytes(b"never opened")
+    with HubServer() as server:
+        server.add_repo("test-org/pickle-only", repo)
+        point_hf_at(monkeypatch, server.endpoint, tmp_path / "cache")
+        code, _, err = _run([corpus / GOOD[0], "--model", "test-org/pickle-only", "--output", tmp_path / "o.safetensors"], capsys)
+    assert code == 1, err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and "pytorch_model.bin" in errors[0] and "never unpickles" in errors[0], err
+    assert "--model <local folder>" not in errors[0] and "HF_HUB_OFFLINE" not in errors[0], errors[0]
+
+
 # ----------------------------------------------------------------------------- a real-looking corpus
 
 

@@ -196,7 +196,9 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
         text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")
         text = text if len(text) <= 1000 else text[:997] + "..."
         hint = ""
-        if not Path(args.model).exists():
+        # a repo id that could not be fetched (offline, unreachable, unknown, a broken transfer: all OSErrors) gets the
+        # network fixes; a repo refused for its content (pickle-only, no tower: CheckpointError) would not load either way
+        if not Path(args.model).exists() and isinstance(err, OSError):
             hint = (" To run without the network, pass --model <local folder> (config.json and *.safetensors, e.g. a "
                     "Hub snapshot copied from a machine with network access)")
             if not os.environ.get("HF_HUB_OFFLINE"):
