@@ -232,11 +232,11 @@ def pickle_refusal(where: str, pickles: Iterable[str]) -> CheckpointError:
     """The error for pickle-only weights ``pickles`` at ``where``, naming the safetensors file to use instead."""
     pickles = sorted(pickles)
     twins = sorted({SAFETENSORS_TWIN[Path(p).name] for p in pickles if Path(p).name in SAFETENSORS_TWIN})
-    twin = f" Its library writes {' / '.join(twins)} beside it in the same repo: load that one." if twins else ""
+    twin = f" (its library's safetensors file is {' / '.join(twins)}: a copy of the repo that has it loads)" if twins else ""
     return CheckpointError(
         f"{where} holds only pickle weights ({', '.join(pickles)}); tp-siglip never unpickles a checkpoint "
         f"because loading a pickle can run arbitrary code. Convert it to safetensors (e.g. save_pretrained(..., "
-        f"safe_serialization=True)) or use a repo that ships *.safetensors.{twin}"
+        f"safe_serialization=True)) or use a repo that ships *.safetensors{twin}."
     )
 
 
