@@ -189,11 +189,11 @@ def _ref_path(refs: Path, revision: str) -> Optional[Path]:
 
 
 _HINTS = {  # by error type (the first one in its MRO): what went wrong and what to do
-    "GatedRepoError": " is gated (HTTP {status}): accept its conditions on {endpoint}/{repo}, pass token=... with access",
+    "GatedRepoError": " is gated (HTTP {status}): accept its conditions on {endpoint}/{repo}, pass token=... (or set HF_TOKEN) with access",
     "RepositoryNotFoundError": " was not found on {endpoint} (HTTP {status}), nor a directory {repo!r}: check the id, "
-    "or pass token=... if the repo is private",
+    "or pass token=... (or set HF_TOKEN) if the repo is private",
     "RevisionNotFoundError": ": the repo exists but has no revision {revision!r} (branch, tag or commit sha)",
-    "HfHubHTTPError": ": a request to {endpoint} failed (HTTP {status}); for 401/403 pass token=... with read access",
+    "HfHubHTTPError": ": a request to {endpoint} failed (HTTP {status}); for 401/403 pass token=... (or set HF_TOKEN) with read access",
 }
 
 
