@@ -228,7 +228,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["parallel-is-gone", "save-every-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "output-folder-not-a-run", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
+    ["parallel-is-gone", "save-every-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "output-folder-not-a-run", "revision-of-a-folder", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
      "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
@@ -246,7 +246,8 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         "save-every-is-gone": ("--save-every", "60"),  # commits are per shard now: --shard-size
         "output-npy": ("--output", tmp_path / "emb.npy"),  # a file suffix the job does not write: refused
         "output-image-name": ("--output", tmp_path / "emb.PNG"),
-        "output-folder-not-a-run": ("--output", tmp_path / "busy"),  # a folder output goes in a new or empty folder
+        "output-folder-not-a-run": ("--output", tmp_path / "busy"),
+        "revision-of-a-folder": ("--revision", "v1"),  # --model is a local folder: --revision means nothing  # a folder output goes in a new or empty folder
         "missing-parent": ("--output", tmp_path / "no" / "such" / "out.safetensors"),
         "parent-is-file": ("--output", tmp_path / "file" / "out.safetensors"),
         "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),
@@ -360,6 +361,36 @@ def test_repo_refused_for_its_content_gets_no_network_hint(setup, tmp_path, monk
     errors = _error_lines(err)
     assert len(errors) == 1 and "pytorch_model.bin" in errors[0] and "never unpickles" in errors[0], err
     assert "--model <local folder>" not in errors[0] and "HF_HUB_OFFLINE" not in errors[0], errors[0]
+
+
+def test_resume_after_the_hub_repo_changed_names_the_commit(setup, tmp_path, monkeypatch, capsys):
+    """The output records the Hub commit its weights came from: a --resume after the repo's main moved on is
+    refused (exit 2) naming that commit and the fix, --revision <sha>, which then continues it (from the cache)."""
+    import shutil
+
+    from hub_server import HubServer
+    from test_hub import point_hf_at
+
+    _, checkpoint, corpus, _ = setup
+    output = tmp_path / "emb"
+    args = [corpus / GOOD[0], corpus / GOOD[1], "--model", "test-org/tower", "--output", output]
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "note": "a new commit, the same geometry"}))
+    with HubServer() as server:
+        first = server.add_repo("test-org/tower", checkpoint)
+        point_hf_at(monkeypatch, server.endpoint, tmp_path / "cache")
+        code, _, err = _run(args, capsys)
+        assert code == 0 and json.loads((output / "manifest.json").read_text())["revision"] == first, err
+        second = server.add_repo("test-org/tower", changed)
+        code, _, err = _run([*args, "--resume"], capsys)
+    assert second != first and code == 2, err
+    (line,) = _error_lines(err)
+    assert f"revision {first}, this run uses {second}: pass --revision {first}" in line, line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the first commit is no longer served, but it is in the cache
+    code, out, err = _run([*args, "--resume", "--revision", first], capsys)
+    assert code == 0 and "summary: 0 encoded" in out, err
 
 
 # ----------------------------------------------------------------------------- a real-looking corpus

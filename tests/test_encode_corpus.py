@@ -221,7 +221,7 @@ def test_resume_names_what_differs_from_the_output_and_the_fix():
         specs = [ShardSpec(i, f"{i:05d}", "tar", f"/data/{i:05d}.tar") for i in range(shards)]
         setup = {"model": "m", "dtype": "float32", "embedding": "pooler_output", "hidden_size": 4,
                  "config": {"hidden_size": 4, "patch_size": 16}, "tokens": False, "normalized": True,
-                 "output_dtype": "float32", "max_num_patches": None, "shard_size": 100}  # fmt: skip
+                 "output_dtype": "float32", "max_num_patches": None, "shard_size": 100, "revision": "a" * 40}  # fmt: skip
         return embeddings_dir.make_manifest(specs, **{**setup, **changes})
 
     earlier = manifest()
@@ -233,11 +233,13 @@ def test_resume_names_what_differs_from_the_output_and_the_fix():
         (manifest(normalized=False), "pass no --no-normalize"),
         (manifest(output_dtype="float16"), "pass --output-dtype float32"),
         (manifest(shard_size=7), "pass --shard-size 100"),
+        (manifest(revision="b" * 40), f"revision {'a' * 40}, this run uses {'b' * 40}: pass --revision {'a' * 40}"),
         (manifest(config={"hidden_size": 4, "patch_size": 14}), "config patch_size 16, this run uses patch_size 14: pass the --model"),
         (manifest(4), "3 shard(s) there, 4 now; shard 3 is none there, 00003 tar /data/00003.tar now"),
     ]
     for other, expected in cases:
         assert expected in _other_run(earlier, other)
+    assert _other_run(earlier, manifest(revision=None)) is None  # a local folder: no commit to compare
     moved = manifest()
     moved["shards"][1]["source"] = "/elsewhere/00001.tar"
     assert "shard 1 is 00001 tar /data/00001.tar there, 00001 tar /elsewhere/00001.tar now" in _other_run(earlier, moved)
@@ -267,7 +269,7 @@ def test_resume_refuses_plain_files_that_changed_since_the_run():
 
     def manifest(*files):  # one shard of plain files: a file added to the folder sorts into it, the name stays
         setup = {"model": "m", "dtype": "float32", "embedding": "pooler_output", "hidden_size": 4, "config": {},
-                 "tokens": False, "normalized": True, "output_dtype": "float32", "max_num_patches": None, "shard_size": 100}  # fmt: skip
+                 "tokens": False, "normalized": True, "output_dtype": "float32", "max_num_patches": None, "shard_size": 100, "revision": None}  # fmt: skip
         return embeddings_dir.make_manifest([ShardSpec(0, "files-00000", "files", "", files)], **setup)
 
     earlier = manifest("a.jpg", "b.jpg")

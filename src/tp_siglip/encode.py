@@ -90,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              f"patterns like 'shards/{{00000..00099}}.tar' (default: the 5 bundled photos in {DEFAULT_IMAGES})")
     add("--model", default=DEFAULT_MODEL,
         help="Hub repo id (downloaded once, needs the network) or a local folder with config.json and *.safetensors")
+    add("--revision", default=None,
+        help="Hub revision of --model: a branch, tag or commit sha (default: main; the output records the commit)")
     add("--output", type=Path, default=Path("embeddings.safetensors"),
         help="a .safetensors file to write (atomically, at the end), or a folder of shards (any other name: .npy "
              "embeddings + parquet metadata per input shard, see docs/encode.md)")
@@ -190,7 +192,7 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
 
     try:
         return SiglipVisionTransformer.from_pretrained(
-            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device
+            args.model, world_size=world_size, process_group=group, dtype=args.dtype, device=device, revision=args.revision
         )
     except Exception as err:
         text = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(".")

@@ -66,6 +66,8 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
         raise UsageError(f"--tp {args.tp} does not divide the {world_size} ranks; pick a divisor of {world_size}")
     device = _check_device(args.device, world_size)
     _check_model(args.model)
+    if args.revision is not None and Path(args.model).exists():
+        raise UsageError(f"--revision {args.revision}: --model {args.model} is a local path, not a Hub repo id; drop --revision")
     tp = args.tp or _tp_for_memory(args, device, world_size)
     groups = 1 if encode_corpus.Target.of(args.output).file else world_size // tp  # a file: the world deals every shard
     corpus = encode_corpus.check_corpus(args, rank, groups)

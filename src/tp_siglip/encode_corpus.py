@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from tp_siglip import __version__, console, embeddings_dir, processing, sources
 from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
+from tp_siglip.hub import commit_of
 from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
 
 __all__ = ["Corpus", "JobError", "Target", "UsageError", "check_corpus", "check_output_name", "run_shards"]
@@ -156,6 +157,7 @@ def _counts(counter: Counter) -> str:
 #: what a resumed run must share with the run that wrote the output: how to ask for the earlier run's value
 _SAME_RUN: dict[str, Callable[[Any], str]] = {
     "model": lambda old: f"--model {old}",
+    "revision": lambda old: f"--revision {old}",  # the Hub commit the weights came from (None: a local folder)
     "dtype": lambda old: f"--dtype {old}",
     "tokens": lambda old: "--tokens" if old else "no --tokens",
     "normalized": lambda old: "no --no-normalize" if old else "--no-normalize",
@@ -170,7 +172,7 @@ def _other_run(earlier: dict, manifest: dict) -> Optional[str]:
     """What differs between the output's run (``earlier``, its manifest) and this one, with the fix; None: nothing."""
     for key, ask in _SAME_RUN.items():
         old, new = earlier.get(key), manifest[key]
-        if old != new:
+        if old != new and not (key == "revision" and None in (old, new)):
             if key == "config" and isinstance(old, dict):
                 fields = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
                 old, new = (", ".join(f"{k} {config.get(k)}" for k in fields[:3]) for config in (old, new))
@@ -228,7 +230,7 @@ def run_shards(
         corpus.shards, model=str(args.model), dtype=job.dtype_name, embedding=job.embedding,
         hidden_size=job.model.config.hidden_size, config=job.model.config.to_dict(), tokens=bool(args.tokens),
         normalized=bool(args.normalize), output_dtype=args.output_dtype, max_num_patches=job.max_num_patches,
-        shard_size=args.shard_size,
+        shard_size=args.shard_size, revision=commit_of(job.model.checkpoint_dir),
     )
     problem, done = broadcast_from_rank0(_resume_decision(corpus, manifest) if world_rank == 0 else None)
     if problem is not None:

@@ -73,6 +73,16 @@ def resolve_checkpoint(repo_or_dir: PathArg, *, revision: Optional[str] = None, 
     return _resolve(_Hub(repo_or_dir, revision or "main", cache_dir, token, local_files_only), prefix, download)
 
 
+def commit_of(directory: Optional[PathArg]) -> Optional[str]:
+    """The Hub commit sha ``directory`` is a snapshot of (``.../snapshots/<sha>``, or ``<sha>--<prefix>``: tp-siglip's
+    tower cache and huggingface_hub's lay them out so), or None for any other directory."""
+    if directory is None:
+        return None
+    path = Path(directory)
+    sha = path.name.partition("--")[0]
+    return sha if path.parent.name == "snapshots" and _SHA.match(sha) else None
+
+
 def hub_cache_dir(cache_dir: Optional[PathArg] = None) -> Path:
     """``cache_dir``, else ``HF_HUB_CACHE``, ``HF_HOME/hub`` or huggingface_hub's default (read now, not at import)."""
     from huggingface_hub import constants

@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -321,6 +322,8 @@ class _PretrainedTower(nn.Module):
     plan: TensorParallelPlan
     embeddings: nn.Module
     _weights_ready: bool
+    #: the checkpoint directory (or ``.npz`` file) ``from_pretrained`` read, for provenance; None otherwise
+    checkpoint_dir: Optional[Path] = None
 
     @property
     def world_size(self) -> int:

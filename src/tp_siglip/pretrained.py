@@ -205,6 +205,7 @@ def load_checkpoint(
     if device.type != "meta":  # a meta skeleton holds no values: it stays unloaded until load_weights fills it
         loader.read_tensors(dict(model.named_parameters()), layout, key_map, checkpoint.tensors, checkpoint.opener)
     model._weights_ready = device.type != "meta"
+    model.checkpoint_dir = Path(checkpoint.directory)
     model.eval()
     _log_loaded(model, checkpoint, key_map, device, dtype)
     warn_if_emulated_half(device, dtype)  # bf16/fp16 on a CPU without them (slow: docs/benchmarks.md), said once
