@@ -435,6 +435,9 @@ def test_no_readable_image_is_exit_1_for_both_outputs(setup, tmp_path, capsys, n
     folder.mkdir()
     for bad in BAD:
         (folder / Path(bad).name).symlink_to(corpus / bad)
+    if not output.suffix:  # a folder holding only hidden files is empty enough for an output
+        output.mkdir()
+        (output / ".DS_Store").write_bytes(b"x")
     code, out, err = _run([folder, "--model", checkpoint, "--output", output], capsys)
     assert code == 1 and f"skipped {folder / 'e_empty.jpg'}: empty file (0 bytes)" in out, (out, err)
     (line,) = _error_lines(err)

@@ -137,7 +137,7 @@ def _earlier_run(target: Target, output: Path, resume: bool) -> tuple[Optional[d
                 holder = f"the work folder {target.root} of --output {output} holds an interrupted run"
             raise ValueError(f"{holder}; pass --resume to continue it, or another --output")
         return embeddings_dir.read_manifest(target.root), False
-    if target.file is None and output.is_dir() and any(output.iterdir()):
+    if target.file is None and output.is_dir() and any(not p.name.startswith(".") for p in output.iterdir()):
         raise ValueError(f"--output {output} holds other files (no manifest.json); name a new or empty folder")
     if target.file is None or not resume or not output.exists():
         return None, False
