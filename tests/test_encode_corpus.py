@@ -252,7 +252,7 @@ def test_resume_with_another_number_of_groups_says_so(tmp_path):
     def manifest(file_shards):
         specs = [ShardSpec(i, f"files-{i:05d}", "files", "", (f"{i}.jpg",)) for i in range(file_shards)]
         setup = {"model": "m", "dtype": "float32", "embedding": "pooler_output", "hidden_size": 4, "config": {},
-                 "tokens": False, "normalized": True, "output_dtype": "float32", "max_num_patches": None, "shard_size": 100}  # fmt: skip
+                 "tokens": False, "normalized": True, "output_dtype": "float32", "max_num_patches": None, "shard_size": 100, "revision": None}  # fmt: skip
         return embeddings_dir.make_manifest(specs, **setup)
 
     # the same 2 files, written by 2 groups (one file shard each), resumed by 1 group (one file shard)
