@@ -19,6 +19,7 @@ import torch
 from tp_siglip import encode_corpus, processing
 from tp_siglip.encode_corpus import UsageError
 from tp_siglip.formats import OPEN_CLIP_CONFIG
+from tp_siglip.loader import gpu_problem
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "Checked", "check_arguments", "not_naflex"]
 
@@ -86,18 +87,12 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
         raise UsageError(f"--device {device!r} is not a device name (expected e.g. cpu, cuda, cuda:1)") from None
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
-            if torch.version.cuda is None:
-                why = f"this torch ({torch.__version__}) is built without CUDA"
-            raise UsageError(f"--device {device}: CUDA is not available: {why}; use --device cpu, or install a CUDA "
-                             "build of torch")
-        if chosen.index is None and world_size > 1:
-            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {chosen}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+    if chosen.type == "cuda" and chosen.index is None and world_size > 1:
+        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+    problem = gpu_problem(chosen)
+    if problem is not None:
+        raise UsageError(f"--device {chosen}: {problem}; use --device cpu, or a GPU that is there")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return str(chosen)
 

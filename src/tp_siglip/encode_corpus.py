@@ -346,13 +346,13 @@ def _finish(corpus: Corpus, manifest: dict, job: Any, encoded: int, seconds: flo
     stats = [{**complete[i], "name": names[i]} for i in sorted(complete)]
     rows = sum(int(entry["rows"]) for entry in stats)
     where = f"{target.root}: {len(complete)}/{len(corpus.shards)} shards complete, {rows} rows"
-    finished = len(complete) == len(corpus.shards)
-    if finished and not rows:  # both outputs: exit 1; a folder keeps the stats files that say why
+    done = len(complete) == len(corpus.shards)
+    if done and not rows:  # both outputs: exit 1; a folder keeps the stats files that say why
         if target.file is not None:
             shutil.rmtree(target.root, ignore_errors=True)
         where = f"nothing written to {target.file}" if target.file else f"{target.root} holds 0 rows (see its stats files)"
         raise JobError(f"no readable image among the inputs; {where}")
-    finished = finished and target.file is not None
+    finished = done and target.file is not None  # the file is written once every shard is
     if finished:
         write_from_shards(target.file, target.root, stats, job.embedding, _file_metadata(job, manifest, stats))
         where = f"wrote {target.file} ({rows} rows)"

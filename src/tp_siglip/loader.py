@@ -121,12 +121,23 @@ def resolve_device(device: Union[torch.device, str, int, None]) -> torch.device:
         chosen = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"device {device!r}: CUDA is not available ({why}); pass device='cpu', or install a CUDA build of torch")
-    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    problem = gpu_problem(chosen)
+    if problem is not None:
+        raise ValueError(f"device {device!r}: {problem}; pass device='cpu' or a GPU that is there")
     return chosen
+
+
+def gpu_problem(device: torch.device) -> Optional[str]:
+    """Why the GPU ``device`` cannot be used on this machine (no CUDA, an index past the visible GPUs), or None."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"CUDA is not available: this torch ({torch.__version__}) is built without CUDA (a CUDA build has it)"
+        return "CUDA is not available: no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} GPU(s) are visible"
+    return None
 
 
 # ----------------------------------------------------------------------------- headers

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -453,8 +454,8 @@ def find_images(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
     recursively for files whose suffix (case-insensitive) is in :data:`IMAGE_SUFFIXES`, in sorted order of
     their path relative to that folder. Hidden files and folders (names starting with ``"."``, e.g. macOS
     ``._photo.jpg`` resource forks) are skipped inside folders; a broken link is listed, so that reading it
-    says so. If a file shows up twice, only its first
-    occurrence is kept. :func:`scan_images` does the same and also counts what was left out.
+    says so. If a file shows up twice, only its first occurrence is kept. :func:`scan_images` does the same
+    and also counts what was left out.
 
     Args:
         inputs: One path, or a list of paths to files and/or folders.
@@ -666,14 +667,18 @@ def to_pixel_values(
 
 
 def open_file(path: PathLike) -> PILImage.Image:
-    """`load_image`, after the checks that give an empty file, a broken link and a folder a plain reason."""
+    """`load_image`, after one ``stat`` that gives an empty file, a folder and a broken link a plain reason."""
     file = Path(path)
-    if file.is_file() and file.stat().st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    if file.is_symlink() and not file.exists():
-        raise ValueError(f"a broken link to '{os.readlink(file)}'")
-    if file.is_dir():
+    try:
+        info: Optional[os.stat_result] = file.stat()
+    except FileNotFoundError:
+        info = None  # load_image says so, unless it is a link to a file that is gone
+        if file.is_symlink():
+            raise ValueError(f"a broken link to '{os.readlink(file)}'") from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
         raise ValueError("a folder, not an image file")
+    if info is not None and stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        raise ValueError("empty file (0 bytes)")
     return load_image(file)
 
 
@@ -704,8 +709,6 @@ def failure_reason(exc: BaseException, path: PathLike) -> str:
         return "file not found (removed after it was listed?)"
     if isinstance(cause, PermissionError):
         return "permission denied"
-    if isinstance(cause, IsADirectoryError):
-        return "a folder, not a file"
     if isinstance(cause, UnidentifiedImageError):
         return "not an image Pillow can decode (another file type, or an unsupported pixel format)"
     text = str(cause)
