@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tp_siglip import encode, encode_checks
+from tp_siglip import SiglipVisionTransformer, encode, encode_checks
 from tp_siglip.processing_naflex import preprocess_naflex, preprocess_naflex_files
 
 import towers
@@ -231,7 +231,7 @@ def test_max_num_patches_refused_for_fixed_resolution_tower(tiny_checkpoint, set
     (line,) = _errors(err)
     assert "--max-num-patches 64" in line and "fixed-resolution" in line and "drop --max-num-patches" in line
     monkeypatch.setattr(encode, "_load_model", real_load)
-    monkeypatch.setattr(encode_checks, "_file_on_disk", lambda model, name: None)  # as for a Hub repo not cached yet
+    monkeypatch.setattr(encode_checks, "_file_on_disk", lambda model, name, revision=None: None)  # as for a Hub repo not cached yet
     code, _, err = _main(argv, capsys)  # refused once loaded
     assert code == 2 and len(_errors(err)) == 1 and "fixed-resolution" in err
     assert not (tmp_path / "o.safetensors").exists()
@@ -240,15 +240,36 @@ def test_max_num_patches_refused_for_fixed_resolution_tower(tiny_checkpoint, set
 def test_default_from_hub_cache_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert encode_checks._checkpoint_max_num_patches("test-org/naflex") == (256, "transformers' default")
+    assert encode_checks.checkpoint_max_num_patches("test-org/naflex") == (256, "transformers' default")
     repo = tmp_path / "cache" / "models--test-org--naflex"
     sha = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(sha)
     (repo / "snapshots" / sha).mkdir(parents=True)
     (repo / "snapshots" / sha / "preprocessor_config.json").write_text('{"max_num_patches": 729}')
-    value, source = encode_checks._checkpoint_max_num_patches("test-org/naflex")
+    value, source = encode_checks.checkpoint_max_num_patches("test-org/naflex")
     assert value == 729 and source.endswith("preprocessor_config.json")
+
+
+def test_default_from_a_hub_repo_fetched_by_this_run(setup, tmp_path, monkeypatch, capsys):
+    """A NaFlex repo id that is not in the cache yet: the job fetches the repo's preprocessor_config.json with
+    the tower and uses its max_num_patches, not transformers' default (and a second run agrees); a download of
+    whole files brings it too."""
+    from hub_server import HubServer
+    from test_hub import point_hf_at
+
+    _, checkpoint, images, _, _ = setup
+    with HubServer() as server:
+        server.add_repo("test-org/naflex", checkpoint)
+        point_hf_at(monkeypatch, server.endpoint, tmp_path / "cache")
+        for run in ("first", "second"):
+            output = tmp_path / f"{run}.safetensors"
+            code, out, err = _main([images / "a_wide.png", "--model", "test-org/naflex", "--output", output], capsys)
+            assert code == 0, err
+            assert f"NaFlex max_num_patches {MAX_PATCHES} (from " in out, out
+            assert _read(output)[1]["max_num_patches"] == str(MAX_PATCHES)
+        whole = SiglipVisionTransformer.from_pretrained("test-org/naflex", download="files", cache_dir=tmp_path / "files")
+    assert json.loads((whole.checkpoint_dir / "preprocessor_config.json").read_text())["max_num_patches"] == MAX_PATCHES
 
 
 def test_bad_preprocessor_config_stops_a_naflex_run(setup, tmp_path, capsys):
@@ -269,7 +290,7 @@ def test_help_shows_the_option(capsys):
     with pytest.raises(SystemExit):
         encode.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--max-num-patches N" in text and "preprocessor_config.json when it is on disk, else 256" in text
+    assert "--max-num-patches N" in text and "preprocessor_config.json, else 256" in text
     assert "pixel_attention_mask (N, max_num_patches) and spatial_shapes (N, 2)" in text
 
 

@@ -38,6 +38,7 @@ from tp_siglip.encode_checks import (
     PREPROCESSOR_CONFIG,
     Checked,
     check_arguments,
+    checkpoint_max_num_patches,
     not_naflex,
 )
 from tp_siglip.encode_corpus import JobError, UsageError
@@ -115,8 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "hidden) with padding rows zero, plus pixel_attention_mask (N, max_num_patches) and spatial_shapes (N, 2)")
     add("--max-num-patches", type=_positive_int, default=None, metavar="N",
         help="SigLIP2 NaFlex towers only: patches per image; each image gets the largest grid of at most N patches "
-             f"that keeps its aspect ratio (default: max_num_patches of the checkpoint's {PREPROCESSOR_CONFIG} when it "
-             f"is on disk, else {DEFAULT_MAX_NUM_PATCHES})")
+             f"that keeps its aspect ratio (default: max_num_patches of the checkpoint's {PREPROCESSOR_CONFIG}, else "
+             f"{DEFAULT_MAX_NUM_PATCHES})")
     add("--device", default=None,
         help="cpu, cuda, cuda:1, ... (default: this rank's GPU, cuda:$LOCAL_RANK, when CUDA is available, else cpu)")
     add("--workers", type=_non_negative_int, default=None, metavar="N",
@@ -349,6 +350,8 @@ class Job:
         if not self.naflex:
             return
         own, found = self.checked.max_num_patches, self.checked.patches_from
+        if self.args.max_num_patches is None and self.model.checkpoint_dir is not None:  # the files actually loaded
+            own, found = checkpoint_max_num_patches(str(self.model.checkpoint_dir))
         agreed = broadcast_from_rank0(own or 0)
         if agreed == 0:
             raise UsageError(found if own is None else "rank 0 has no usable max_num_patches (see its error)")

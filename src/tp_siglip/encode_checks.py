@@ -21,7 +21,7 @@ from tp_siglip.encode_corpus import UsageError
 from tp_siglip.formats import OPEN_CLIP_CONFIG
 from tp_siglip.loader import gpu_problem
 
-__all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "Checked", "check_arguments", "not_naflex"]
+__all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "Checked", "check_arguments", "checkpoint_max_num_patches", "not_naflex"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def check_arguments(args: argparse.Namespace, rank: int, world_size: int) -> Che
     groups = 1 if encode_corpus.Target.of(args.output).file else world_size // tp  # a file: the world deals every shard
     corpus = encode_corpus.check_corpus(args, rank, groups)
     if args.max_num_patches is None:
-        return Checked(corpus, device, tp, *_checkpoint_max_num_patches(args.model))
-    config = _config_on_disk(args.model)
+        return Checked(corpus, device, tp, *checkpoint_max_num_patches(args.model, args.revision))
+    config = _config_on_disk(args.model, args.revision)
     if config is not None and config.variant != "naflex":  # else refused once loaded
         raise not_naflex(args)
     return Checked(corpus, device, tp, args.max_num_patches, "--max-num-patches")
@@ -97,9 +97,9 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
     return str(chosen)
 
 
-def _config_on_disk(model: str) -> Any:
+def _config_on_disk(model: str, revision: Optional[str]) -> Any:
     """The tower config in ``config.json`` of ``--model`` when it is on this machine and readable, else None."""
-    found = _file_on_disk(model, "config.json")
+    found = _file_on_disk(model, "config.json", revision)
     if found is None:
         return None
     from tp_siglip.config import SiglipVisionConfig
@@ -110,9 +110,9 @@ def _config_on_disk(model: str) -> Any:
         return None  # the loader reports a bad config
 
 
-def _tower_bytes(model: str, dtype: str) -> Optional[int]:
+def _tower_bytes(model: str, dtype: str, revision: Optional[str]) -> Optional[int]:
     """How many bytes the tower's weights take, from ``config.json`` when it is on disk (else None)."""
-    config = _config_on_disk(model)
+    config = _config_on_disk(model, revision)
     if config is None:
         return None
     from tp_siglip import SiglipVisionTransformer
@@ -125,7 +125,7 @@ def _tp_for_memory(args: argparse.Namespace, device: Optional[str], world_size: 
     """The default ``--tp``: 1, unless the tower's weights take more than half of this rank's GPU; then the
     smallest divisor of the world, within one node, whose slices fit (ranks then agree on the largest)."""
     on_gpu = device.startswith("cuda") if device is not None else torch.cuda.is_available()
-    weights = _tower_bytes(args.model, args.dtype) if on_gpu else None
+    weights = _tower_bytes(args.model, args.dtype, args.revision) if on_gpu else None
     if weights is None:
         return 1
     memory = torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory
@@ -159,8 +159,9 @@ def _check_model(model: str) -> None:
                          f"{DEFAULT_MODEL})") from None
 
 
-def _file_on_disk(model: str, name: str) -> Optional[Path]:
-    """``name`` of ``--model`` if it is on this machine: in the folder, or in the Hugging Face cache (no network)."""
+def _file_on_disk(model: str, name: str, revision: Optional[str] = None) -> Optional[Path]:
+    """``name`` of ``--model`` if it is on this machine: in the folder, or in the Hugging Face cache at ``revision``
+    (default main; no network)."""
     path = Path(model)
     if path.exists():
         found = path / name
@@ -170,16 +171,16 @@ def _file_on_disk(model: str, name: str) -> Optional[Path]:
 
         from tp_siglip.hub import hub_cache_dir  # the cache from_pretrained looks in (HF_HUB_CACHE read now)
 
-        cached = try_to_load_from_cache(model, name, cache_dir=hub_cache_dir())
+        cached = try_to_load_from_cache(model, name, cache_dir=hub_cache_dir(), revision=revision)
     except Exception:  # an unusual repo id or cache: no default from it, the loader says what is wrong
         return None
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _checkpoint_max_num_patches(model: str) -> tuple[Optional[int], str]:
-    """``(max_num_patches, where it came from)`` for ``--model``; ``(None, the problem)`` for a bad config file
-    (which only matters for a NaFlex tower, checked once loaded)."""
-    found = _file_on_disk(model, PREPROCESSOR_CONFIG)
+def checkpoint_max_num_patches(model: str, revision: Optional[str] = None) -> tuple[Optional[int], str]:
+    """``(max_num_patches, where it came from)`` for ``--model`` (a folder, or a repo id looked up in the cache);
+    ``(None, the problem)`` for a bad config file (which only matters for a NaFlex tower, checked once loaded)."""
+    found = _file_on_disk(model, PREPROCESSOR_CONFIG, revision)
     default = DEFAULT_MAX_NUM_PATCHES, "transformers' default"
     if found is None:
         return default

@@ -24,6 +24,7 @@ from tp_siglip.loader import PICKLE_SUFFIXES, CheckpointError, local_checkpoint_
 from tp_siglip.tower_cache import (
     CONFIG_FILE,
     INDEX_FILE,
+    PREPROCESSOR_FILE,
     Remote,
     RepoFiles,
     TransferError,
@@ -226,7 +227,7 @@ def _cached(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoFile
 def _hf_snapshot(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[RepoFiles], download: bool = False
                  ) -> Optional[Path]:
     """The Hugging Face cache's snapshot of ``sha`` if it has config.json and every file holding the tower (first
-    fetched with ``hf_hub_download`` when ``download``), else None. ``files``, the repo's listing, is None offline."""
+    fetched with ``hf_hub_download`` when ``download``, with ``preprocessor_config.json``), else None. ``files``, the repo's listing, is None offline."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -252,5 +253,7 @@ def _hf_snapshot(hub: _Hub, sha: str, prefix: Optional[str], files: Optional[Rep
     if (index is None and INDEX_FILE in files) or not needed or not all(get(name) is not None for name in needed):
         return None
     if download:
+        if PREPROCESSOR_FILE in files:
+            fetch(PREPROCESSOR_FILE)
         logger.info("%s: the %d safetensors files holding the tower are in %s", hub.where, len(needed), config.parent)
     return config.parent

@@ -3,7 +3,7 @@
 `fetch_tower` reads the headers of the files holding the tower (with an index, only its shards), then its
 bytes, and writes them, names kept, as ``snapshots/<sha>/model.safetensors`` beside ``config.json`` (an
 open_clip repo's ``open_clip_config.json``: its tower is ``visual.trunk.*`` of ``open_clip_model.safetensors``,
-the text tower never fetched) and a manifest (`find_cached_tower` finds it). Reads are ranged GETs through huggingface_hub's `HfFileSystem`, which
+the text tower never fetched), ``preprocessor_config.json`` when the repo has one, and a manifest (`find_cached_tower` finds it). Reads are ranged GETs through huggingface_hub's `HfFileSystem`, which
 resends one that dropped (>= 0.36) or got a 5xx, losing what it had received: so the tower is read in chunks of
 ~1/`CHUNKS_PER_TOWER`, and a short answer is continued. Adjacent tensors form one run (gaps up to
 ``min(MAX_GAP_BYTES, tower/64)`` are read and dropped). All is written in ``snapshots/.tmp-*`` and renamed into
@@ -29,6 +29,8 @@ from tp_siglip.loader import CheckpointError, TensorInfo, find_prefix, header_le
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", "model.safetensors"
+#: the image processor's settings (a NaFlex tower's ``max_num_patches``): kept beside the tower when the repo has it
+PREPROCESSOR_FILE = "preprocessor_config.json"
 MANIFEST_FILE = "tp_siglip_tower.json"
 MAX_GAP_BYTES, CHUNKS_PER_TOWER, MIN_CHUNK, MAX_CHUNK = 1 << 20, 128, 4096, 64 << 20  # see the module docstring
 RepoFiles = Mapping[str, Optional[int]]  # a repo's files: name -> size in bytes (None where unknown)
@@ -164,6 +166,8 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
     (tmp := snapshots / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}").mkdir()
     try:
         (tmp / config_name).write_bytes(config)
+        if PREPROCESSOR_FILE in remote.files:
+            (tmp / PREPROCESSOR_FILE).write_bytes(remote.read_bytes(PREPROCESSOR_FILE))
         bar = tqdm(total=sum(r[2] - r[1] for r in runs), unit="B", unit_scale=True, unit_divisor=1024, name=__name__,
                    desc=f"{remote.repo_id} vision tower", disable=bool(env_flag("HF_HUB_DISABLE_PROGRESS_BARS")))
         with open(tmp / SINGLE_FILE, "wb") as fh, bar:
