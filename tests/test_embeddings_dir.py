@@ -139,6 +139,22 @@ def test_open_embeddings_across_shards(tmp_path: Path, caplog: pytest.LogCapture
             embeddings[bad]
 
 
+def test_unfinished_safetensors_output_names_its_work_folder_which_reads_with_keys(tmp_path: Path) -> None:
+    """A .safetensors output not written yet (its run going, or stopped early) is refused naming its work folder;
+    that folder (keys in the stats files, no parquet) reads back with its keys."""
+    work = tmp_path / ".emb.safetensors.parts"
+    write_manifest(work, manifest_for(2))
+    keys, _, embedding = rows_for(0, 3)
+    writer = ShardWriter(work, 0, "00000", "pooler_output", source="/data/00000.tar", shard_count=2, metadata=False)
+    writer.add(keys, [{}] * 3, {"pooler_output": embedding})
+    writer.commit([], seconds=0.1)
+    with pytest.raises(ValueError, match=r"not written yet.*--resume.*\.emb\.safetensors\.parts"):
+        open_embeddings(tmp_path / "emb.safetensors")
+    opened = open_embeddings(work)
+    assert opened.keys() == keys and np.array_equal(opened[:], embedding) and opened.missing == [1]
+    assert opened.metadata().column("shard").to_pylist() == ["00000"] * 3
+
+
 def test_extra_arrays_and_mixed_metadata_types_across_shards(tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest_for(2))
     for index, width in ((0, 5), (1, "wide")):

@@ -19,12 +19,17 @@ import numpy as np
 
 from tp_siglip.embeddings_dir import EMBEDDING_FOLDER, write_atomically
 
-__all__ = ["EarlierOutput", "OutputFileError", "write_from_shards"]
+__all__ = ["EarlierOutput", "OutputFileError", "work_folder", "write_from_shards"]
 
 _CHUNK_ROWS = 4096  # rows copied per write
 #: the dtypes the file stores, by their safetensors names
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
 _MAX_HEADER = 1 << 30  # refuse absurd header sizes when reading an earlier output
+
+
+def work_folder(path: Path) -> Path:
+    """The hidden folder beside the ``.safetensors`` output ``path`` that holds its run's committed shards."""
+    return path.parent / f".{path.name}.parts"
 
 
 class OutputFileError(ValueError):

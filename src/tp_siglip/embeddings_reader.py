@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from tp_siglip.embeddings_dir import _META_COLUMNS, EMBEDDING_FOLDER, completed_shards, read_manifest
-from tp_siglip.embeddings_file import EarlierOutput
+from tp_siglip.embeddings_file import EarlierOutput, work_folder
 from tp_siglip.sources import require_pyarrow
 
 __all__ = ["Embeddings", "EmbeddingsFile", "ShardedArray", "open_embeddings"]
@@ -123,11 +123,7 @@ class Embeddings(ShardedArray):
         pa, pq = require_pyarrow()
         if not self._with_rows:
             return pa.table({name: pa.array([], pa.string()) for name in (columns or _META_COLUMNS)})
-        tables = []
-        for path in (self.root / entry["files"]["metadata"] for entry in self._with_rows):
-            names = pq.read_schema(path).names
-            tables.append(pq.read_table(path, columns=None if columns is None else [c for c in columns if c in names]))
-        table = _concat(pa, tables)
+        table = _concat(pa, [self._shard_metadata(pa, pq, entry, columns) for entry in self._with_rows])
         absent = [c for c in columns or () if c not in table.column_names]
         if absent:
             raise KeyError(f"no metadata column(s) {absent} in {self.root}; the columns are {table.column_names}")
@@ -136,6 +132,17 @@ class Embeddings(ShardedArray):
     def keys(self) -> list[str]:
         """Every row's key, in row order."""
         return self.metadata(["key"]).column("key").to_pylist()
+
+    def _shard_metadata(self, pa: Any, pq: Any, entry: dict, columns: Optional[Sequence[str]]) -> Any:
+        """One shard's metadata (only the ``columns`` it has, when given); a ``.safetensors`` output's work folder
+        has no parquet files, its stats list the keys."""
+        if "metadata" not in entry["files"]:
+            fixed = (entry.get("keys", []), [entry["name"]] * entry["rows"], [entry["source"]] * entry["rows"])
+            table = pa.table({name: pa.array(values, pa.string()) for name, values in zip(_META_COLUMNS, fixed)})
+            return table if columns is None else table.select([c for c in columns if c in _META_COLUMNS])
+        path = self.root / entry["files"]["metadata"]
+        names = pq.read_schema(path).names
+        return pq.read_table(path, columns=None if columns is None else [c for c in columns if c in names])
 
     def __repr__(self) -> str:
         shards = f"{len(self.stats)} shard(s), {len(self.missing)} missing"
@@ -185,6 +192,11 @@ def open_embeddings(root: Union[str, Path]) -> Union[Embeddings, EmbeddingsFile]
             return EmbeddingsFile(root)
         except ValueError as err:  # OutputFileError too
             raise ValueError(f"cannot open {root}: {err}") from None
+    if not root.exists() and work_folder(root).is_dir():
+        raise ValueError(
+            f"{root} is not written yet: its run is still going, or it stopped early (rerun it with --resume "
+            f"to finish it); the shards it has committed are in {work_folder(root)}, which open_embeddings reads"
+        )
     manifest = read_manifest(root)
     stats = list(completed_shards(root).values())
     embeddings = Embeddings(root, manifest, stats)

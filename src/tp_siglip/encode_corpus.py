@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tp_siglip import __version__, console, embeddings_dir, processing, sources
-from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, write_from_shards
+from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, work_folder, write_from_shards
 from tp_siglip.hub import commit_of
 from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
 
@@ -57,7 +57,7 @@ class Target:
     def of(cls, output: Path) -> Target:
         """The target of ``--output``: a ``.safetensors`` name is a file, any other a folder."""
         file = output.suffix.lower() == ".safetensors"
-        return cls(output.parent / f".{output.name}.parts", output) if file else cls(output)
+        return cls(work_folder(output), output) if file else cls(output)
 
 
 def check_output_name(output: Path) -> None:
