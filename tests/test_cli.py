@@ -322,14 +322,20 @@ def test_bad_option_is_an_argparse_error(capsys):
     assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", ["offline", "unreachable"])
+@pytest.mark.parametrize("how", ["offline", "transformers-offline", "unreachable", "unreachable-offline-0"])
 def test_model_that_cannot_be_fetched(setup, how, tmp_path, monkeypatch, capsys):
+    """One line naming the repo and the fixes; "set HF_HUB_OFFLINE=1" only where offline mode is off (flags parsed as
+    huggingface_hub parses them: HF_HUB_OFFLINE=0 is off, TRANSFORMERS_OFFLINE=1 is on)."""
     _, _, corpus, _ = setup
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     if how == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    else:
+    elif how == "transformers-offline":
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0") if how.endswith("-0") else monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         with socket.socket() as sock:  # a port nobody listens on
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -339,7 +345,8 @@ def test_model_that_cannot_be_fetched(setup, how, tmp_path, monkeypatch, capsys)
     errors = _error_lines(err)
     assert len(errors) == 1, err
     assert "test-org/not-cached" in errors[0] and "--model <local folder>" in errors[0], errors[0]
-    assert ("offline" if how == "offline" else "could not be reached") in errors[0]
+    assert ("offline" if how.endswith("offline") else "could not be reached") in errors[0]
+    assert ("set HF_HUB_OFFLINE=1" in errors[0]) == how.startswith("unreachable"), errors[0]
 
 
 def test_repo_refused_for_its_content_gets_no_network_hint(setup, tmp_path, monkeypatch, capsys):

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_siglip import encode_corpus, hardware, pipeline, processing, processing_naflex
+from tp_siglip import encode_corpus, hardware, hub, pipeline, processing, processing_naflex
 from tp_siglip.console import Printer, setup_logging
 from tp_siglip.encode_checks import (
     DEFAULT_IMAGES,
@@ -204,7 +204,7 @@ def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int
         if not Path(args.model).exists() and isinstance(err, OSError):
             hint = (" To run without the network, pass --model <local folder> (config.json and *.safetensors, e.g. a "
                     "Hub snapshot copied from a machine with network access)")
-            if not os.environ.get("HF_HUB_OFFLINE"):
+            if not hub.offline_setting()[1]:  # HF_HUB_OFFLINE=0 is not offline; TRANSFORMERS_OFFLINE=1 is
                 hint += "; to use a copy already in the Hugging Face cache, set HF_HUB_OFFLINE=1"
             hint += "."
         raise JobError(f"cannot load --model {args.model}: {text}.{hint}") from err

@@ -35,7 +35,7 @@ from tp_siglip.tower_cache import (
     tower_files,
 )
 
-__all__ = ["DOWNLOAD_MODES", "TransferError", "hub_cache_dir", "resolve_checkpoint"]
+__all__ = ["DOWNLOAD_MODES", "TransferError", "hub_cache_dir", "offline_setting", "resolve_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +94,24 @@ def hub_cache_dir(cache_dir: Optional[PathArg] = None) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(os.fspath(cache)))).resolve()
 
 
+def offline_setting() -> tuple[str, bool]:
+    """``(variable, whether offline mode is on)``: HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE (the first one set
+    decides, parsed as huggingface_hub parses them), else huggingface_hub's own setting."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if (flag := env_flag(name)) is not None:
+            return name, flag
+    return "HF_HUB_OFFLINE", bool(constants.HF_HUB_OFFLINE)
+
+
 class _Hub:
     """One repo at one revision, with the settings (read at call time) that every step shares."""
 
     def __init__(self, repo_id: str, revision: str, cache_dir: Any, token: Any, local_only: bool) -> None:
         from huggingface_hub import constants
 
-        flags = [(n, env_flag(n)) for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if env_flag(n) is not None]
-        name, offline = flags[0] if flags else ("HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)  # the first one set decides
+        name, offline = offline_setting()
         self.offline = "local_files_only=True" if local_only else f"offline mode is on ({name})" if offline else None
         self.repo_id, self.revision, self.token, self.cache = repo_id, revision, token, hub_cache_dir(cache_dir)
         self.endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
