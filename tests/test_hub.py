@@ -627,6 +627,33 @@ def test_interrupted_transfer_leaves_nothing_behind(
     assert_same_tower(path, repos.folders[VLM_SHARDED], PREFIXES[VLM_SHARDED])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header", "config", "manifest"])
+def test_damaged_tower_cache_is_named_and_fetched_again(
+    env: SimpleNamespace, repos: SimpleNamespace, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """A damaged cached tower (same size included) is never loaded: the warning names its folder and what is wrong,
+    and says that a load with network access fetches it again; offline, nothing usable is cached."""
+    path = hub.resolve_checkpoint(VISION)
+    weights = path / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-8])
+    elif damage == "header":  # same size
+        weights.write_bytes(weights.read_bytes()[:8] + b"X" + weights.read_bytes()[9:])
+    else:
+        (path / ("config.json" if damage == "config" else tower_cache.MANIFEST_FILE)).write_text("{oops")
+    env.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="no cached copy"):  # LocalEntryNotFoundError
+        hub.resolve_checkpoint(VISION)
+    warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert warned and str(path) in warned[0] and "fetches it again" in warned[0], warned
+    what = {"truncated": "bytes", "header": "header", "config": "config.json", "manifest": "tp_siglip_tower.json"}[damage]
+    assert what in warned[0], warned
+    env.monkeypatch.delenv("HF_HUB_OFFLINE")
+    env.server.reset_counts()
+    assert hub.resolve_checkpoint(VISION) == path and env.server.weight_bytes() > 0
+    assert_same_tower(path, repos.folders[VISION], PREFIXES[VISION])
+
+
 FAULTS = [Fault("drop", remaining=2, data_only=True), Fault("short")]
 
 

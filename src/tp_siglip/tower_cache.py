@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from tp_siglip.formats import config_file
-from tp_siglip.loader import CheckpointError, TensorInfo, find_prefix, header_length, parse_header, parse_index, tower_prefix
+from tp_siglip.loader import (
+    CheckpointError,
+    TensorInfo,
+    find_prefix,
+    header_length,
+    parse_header,
+    parse_index,
+    read_header,
+    tower_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +119,36 @@ def find_cached_tower(snapshots: Path, sha: str, prefix: Optional[str], where: s
     """A complete tower directory for ``sha`` (and ``prefix``, when given), or None."""
     named = [snapshots / tower_dir_name(sha, prefix, None)] if prefix is not None else []
     for directory in [snapshots / sha, *named]:
+        if not directory.is_dir():
+            continue
         try:
             manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            problem = None if isinstance(manifest, dict) else f"{MANIFEST_FILE} is not a JSON object"
+        except (OSError, ValueError) as err:
+            problem = f"{MANIFEST_FILE}: {err}"
+        if problem is None and prefix not in (None, manifest.get("prefix")):
             continue
-        if not isinstance(manifest, dict) or prefix not in (None, manifest.get("prefix")):
-            continue
-        weights, config = directory / SINGLE_FILE, directory / str(manifest.get("config_file", CONFIG_FILE))
-        if config.is_file() and weights.is_file() and weights.stat().st_size == manifest.get("file_size"):
+        if (problem := problem or _damage(directory, manifest)) is None:
             return directory
-        logger.warning("%s: cached tower %s is damaged (size or files); fetching it again", where, directory)
+        logger.warning("%s: the cached tower in %s is damaged: %s. It is not used; the next load with network access "
+                       "fetches it again in its place", where, directory, problem)
+    return None
+
+
+def _damage(directory: Path, manifest: dict) -> Optional[str]:
+    """What is wrong with a cached tower's files, or None: its config must be JSON, its weights the size recorded
+    and their safetensors header valid (the bytes of the tensors cannot be checked)."""
+    config, weights = directory / str(manifest.get("config_file", CONFIG_FILE)), directory / SINGLE_FILE
+    try:
+        json.loads(config.read_bytes())
+    except (OSError, ValueError) as err:
+        return f"{config.name}: {err}"
+    try:
+        if (size := weights.stat().st_size) != manifest.get("file_size"):
+            return f"{SINGLE_FILE} has {size} bytes, {manifest.get('file_size')} expected"
+        read_header(weights)
+    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+        return str(err)
     return None
 
 
