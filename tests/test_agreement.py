@@ -58,6 +58,7 @@ def _cases(rank: int, world_size: int) -> dict[str, tuple]:
         "NaN on rank 1": (nan if rank == 1 else _pixels(2), {}, "shapes"),
         "not a tensor on rank 1": ([[0.0]] if rank == 1 else _pixels(2), {}, "shapes"),
         "unknown keyword on rank 1": (_pixels(2), {"bogus": 1} if rank == 1 else {}, "shapes"),
+        "return_dict 0 on rank 1": (_pixels(2), {"return_dict": 0} if rank == 1 else {}, "shapes"),
         "values differ, shapes only": (_pixels(2, seed=rank), {}, "shapes"),
         "values differ, checksum": (_pixels(2, seed=rank), {}, "checksum"),
         "images swapped, checksum": (_pixels(2).flip(0) if rank == 1 else _pixels(2), {}, "checksum"),
@@ -171,6 +172,7 @@ def _check_world(ranks: list[dict], reference: dict) -> None:
             ("NaN on rank 1", "ValueError", "1 NaN or infinite"),
             ("not a tensor on rank 1", "TypeError", "must be a torch.Tensor"),
             ("unknown keyword on rank 1", "TypeError", "bogus"),
+            ("return_dict 0 on rank 1", "TypeError", "return_dict must be a bool or None, got 0"),
         ]:
             errors = _errors(ranks, (mode, case))
             assert errors[1][0] == own_error and own_text in errors[1][1] and "rank" not in errors[1][1], errors[1]

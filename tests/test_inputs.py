@@ -31,6 +31,9 @@ def model():
         (torch.full((1, 3, 32, 32), float("nan")), {}, ValueError, "3072 NaN or infinite.*check_finite"),
         (torch.zeros(1, 3, 32, 32), {"interpolate_pos_encoding": "yes"}, TypeError, "'yes'"),
         (torch.zeros(1, 3, 32, 32), {"output_attentions_typo": True}, TypeError, "output_attentions_typo"),
+        (torch.zeros(1, 3, 32, 32), {"output_hidden_states": "False"}, TypeError, "output_hidden_states.*'False'"),
+        (torch.zeros(1, 3, 32, 32), {"return_dict": 0}, TypeError, "return_dict must be a bool or None, got 0"),
+        (torch.zeros(1, 3, 32, 32), {"output_attentions": "no"}, TypeError, "output_attentions.*'no'"),
         (torch.zeros(1, 3, 32, 32, device="meta"), {}, ValueError, "on meta but the model is on cpu.*to\\(model.device\\)"),
     ],
 )

@@ -31,8 +31,18 @@ def check_ready(weights_ready: bool, kwargs: dict[str, Any]) -> None:
     unknown = sorted(k for k in kwargs if k not in _IGNORED_FORWARD_KWARGS)
     if unknown:
         raise TypeError(f"forward() got unexpected keyword argument(s) {unknown}")
+    check_flag("return_dict", kwargs.get("return_dict"))
+    check_flag("output_attentions", kwargs.get("output_attentions"))
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True is not supported: attention weights are never materialised")
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` (None or a bool) as a bool; ``TypeError`` for anything else (``"False"`` or ``0`` would be read by
+    their truth, or by identity with False, and quietly do what was not asked)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool or None, got {value!r}")
+    return bool(value)
 
 
 def check_batch_sizes(batch_sizes: object, rows: int, world_size: int, rank: int) -> Optional[tuple[int, ...]]:

@@ -141,8 +141,8 @@ class DataParallelEncoder(nn.Module):
         size = group_size(self.group)
         if size == 1:
             return self.module(pixel_values, *args, **kwargs)
-        asked = {"return_dict": kwargs.pop("return_dict", None)}
         agree_on_inputs(self.group, lambda: self._check_inputs(pixel_values, *args, **kwargs), mode=self.check_inputs_agree)
+        asked = {"return_dict": kwargs.pop("return_dict", None)}  # checked with the rest; the tuple is made here
         bound = inspect.signature(self.module.forward).bind(pixel_values, *args, **kwargs)
         batch, tokens = pixel_values.shape[0], pixel_values.shape[1]
         mask = bound.arguments.get("pixel_attention_mask")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_siglip.activations import get_activation
-from tp_siglip.checks import check_batch_sizes, check_choice, check_naflex_inputs, check_pixel_values, check_ready
+from tp_siglip.checks import check_batch_sizes, check_choice, check_flag, check_naflex_inputs, check_pixel_values, check_ready
 from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.embeddings import NaFlexEmbeddings, SiglipVisionEmbeddings
 from tp_siglip.initialization import default_flax_embed_init, lecun_normal_
@@ -562,7 +562,7 @@ class SiglipVisionTransformer(_PretrainedTower):
         return {
             "pixel_values": pixel_values,
             "patch_attention_mask": patch_attention_mask,
-            "output_hidden_states": bool(output_hidden_states),
+            "output_hidden_states": check_flag("output_hidden_states", output_hidden_states),
             "interpolate_pos_encoding": interpolate_pos_encoding,
             "batch_sizes": self._check_batch_sizes(batch_sizes, len(pixel_values)),
         }
@@ -656,7 +656,7 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
             "pixel_attention_mask": pixel_attention_mask,
             "spatial_shapes": spatial_shapes,
             "grids": None if split else [tuple(row) for row in spatial_shapes.tolist()],  # split: each rank its own
-            "output_hidden_states": bool(output_hidden_states),
+            "output_hidden_states": check_flag("output_hidden_states", output_hidden_states),
             "batch_sizes": split,
         }
 
