@@ -322,6 +322,14 @@ def test_bad_option_is_an_argparse_error(capsys):
     assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_safetensors_output_with_a_trailing_slash_is_refused(capsys):
+    """``--output emb.safetensors/`` names a folder and a file at once; argparse's Path would drop the slash."""
+    with pytest.raises(SystemExit) as exit_info:
+        encode.main(["--output", "emb.safetensors/"])
+    assert exit_info.value.code == 2
+    assert "emb.safetensors/ ends in '/' like a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("how", ["offline", "transformers-offline", "unreachable", "unreachable-offline-0"])
 def test_model_that_cannot_be_fetched(setup, how, tmp_path, monkeypatch, capsys):
     """One line naming the repo and the fixes; "set HF_HUB_OFFLINE=1" only where offline mode is off (flags parsed as

@@ -83,6 +83,16 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _output_path(text: str) -> Path:
+    """An argparse type for ``--output``: a path, except a ``.safetensors`` name ending in a slash (``Path`` would drop
+    the slash, and the folder the user may have meant would silently be one file)."""
+    if text.endswith(("/", os.sep)) and Path(text).suffix.lower() == ".safetensors":
+        raise argparse.ArgumentTypeError(
+            f"{text} ends in '{text[-1]}' like a folder but is named like a file: give {text.rstrip('/' + os.sep)} for "
+            f"one .safetensors file, or a folder name without the .safetensors suffix for a folder of shards")
+    return Path(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the encode job's arguments to ``parser`` (shared by ``tp-siglip encode`` and ``-m tp_siglip.encode``)."""
     add = parser.add_argument
@@ -93,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hub repo id (downloaded once, needs the network) or a local folder with config.json and *.safetensors")
     add("--revision", default=None,
         help="Hub revision of --model: a branch, tag or commit sha (default: main; the output records the commit)")
-    add("--output", type=Path, default=Path("embeddings.safetensors"),
+    add("--output", type=_output_path, default=Path("embeddings.safetensors"),
         help="a .safetensors file to write (atomically, at the end), or a folder of shards (any other name: .npy "
              "embeddings + parquet metadata per input shard, see docs/encode.md)")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
