@@ -155,6 +155,21 @@ def test_unfinished_safetensors_output_names_its_work_folder_which_reads_with_ke
     assert opened.metadata().column("shard").to_pylist() == ["00000"] * 3
 
 
+def test_file_output_reads_its_other_tensors_like_the_folder(tmp_path: Path) -> None:
+    """A .safetensors output's --tokens tensors read back memory-mapped, with the folder's array()/array_names()."""
+    from safetensors.numpy import save_file
+
+    embedding, tokens = np.arange(12, dtype=np.float16).reshape(3, 4), np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+    metadata = {"paths": json.dumps(["a", "b", "c"]), "embedding": "pooler_output"}
+    save_file({"pooler_output": embedding, "last_hidden_state": tokens}, str(tmp_path / "e.safetensors"), metadata=metadata)
+    opened = open_embeddings(tmp_path / "e.safetensors")
+    assert np.array_equal(opened[:], embedding) and opened.dim == 4 and "3 rows x 4" in repr(opened)
+    assert opened.array_names() == ["last_hidden_state"]
+    assert np.array_equal(opened.array("last_hidden_state")[1:], tokens[1:])
+    with pytest.raises(KeyError, match="no tensor 'tokens'"):
+        opened.array("tokens")
+
+
 def test_extra_arrays_and_mixed_metadata_types_across_shards(tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest_for(2))
     for index, width in ((0, 5), (1, "wide")):

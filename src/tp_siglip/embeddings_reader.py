@@ -169,18 +169,36 @@ class EmbeddingsFile(ShardedArray):
 
     def __init__(self, path: Path) -> None:
         earlier = EarlierOutput.read(path)
-        self.path, self.info, self._keys = path, earlier.metadata, earlier.paths
+        self.path, self.info, self._keys, self._tensors = path, earlier.metadata, earlier.paths, earlier.tensors
         name = earlier.metadata.get("embedding", "")
         if name not in earlier.tensors:
             raise ValueError(f"{path} has no embedding tensor {name!r}: it was not written by tp-siglip encode")
-        entry = earlier.tensors[name]
-        rows = [np.memmap(path, dtype=entry.dtype, mode="r", offset=entry.start, shape=entry.shape)] if entry.shape[0] else []
-        super().__init__(rows, name)
-        self.dtype, self.row_shape, self.dim = entry.dtype, entry.shape[1:], int(entry.shape[1])
+        embedding = self.array(name)
+        super().__init__(embedding.shards, name)
+        self.dtype, self.row_shape, self.dim = embedding.dtype, embedding.row_shape, int(embedding.row_shape[0])
 
     def keys(self) -> list[str]:
         """Every row's path, in row order."""
         return list(self._keys)
+
+    def array_names(self) -> list[str]:
+        """The other per-row tensors stored besides the embedding (``last_hidden_state`` with ``--tokens``, ...)."""
+        return sorted(set(self._tensors) - {self.name})
+
+    def array(self, name: str) -> ShardedArray:
+        """A per-row tensor of the file (e.g. ``last_hidden_state``), memory-mapped and indexed like the embeddings."""
+        if name not in self._tensors:
+            raise KeyError(f"{self.path} has no tensor {name!r}; it has {sorted(self._tensors)}")
+        entry = self._tensors[name]
+        rows = []
+        if entry.shape[0]:  # numpy cannot map 0 bytes
+            rows.append(np.memmap(self.path, dtype=entry.dtype, mode="r", offset=entry.start, shape=entry.shape))
+        array = ShardedArray(rows, name)
+        array.dtype, array.row_shape = entry.dtype, entry.shape[1:]
+        return array
+
+    def __repr__(self) -> str:
+        return f"EmbeddingsFile({str(self.path)!r}: {len(self)} rows x {self.dim})"
 
 
 def open_embeddings(root: Union[str, Path]) -> Union[Embeddings, EmbeddingsFile]:
