@@ -379,3 +379,13 @@ def test_killed_mid_run_then_resume(tmp_path: Path, nth: int) -> None:
         if index not in complete:
             write_shard(root, index, 2)
     assert list(completed_shards(root)) == list(range(40))
+
+
+def test_file_names_that_are_not_utf8_are_stored_escaped(tmp_path: Path) -> None:
+    """A file named with bytes that are not UTF-8 (Python's surrogate escapes) is a key parquet cannot hold as it is."""
+    write_manifest(tmp_path, manifest_for(1))
+    writer = ShardWriter(tmp_path, 0, "files-00000", "pooler_output", source=os.fsdecode(b"/d/\xff.tar"), shard_count=1)
+    writer.add([os.fsdecode(b"a/bad\xffname.png"), "a/ok.png"], [{}, {}], {"pooler_output": np.ones((2, 4), np.float32)})
+    assert writer.commit([], 0.1)["rows"] == 2
+    assert open_embeddings(tmp_path).keys() == ["a/bad\\xffname.png", "a/ok.png"]
+    assert open_embeddings(tmp_path).metadata().column("source").to_pylist() == ["/d/\\xff.tar"] * 2

@@ -151,6 +151,11 @@ def _as_numpy(value: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
+def _utf8(text: str) -> str:
+    """``text`` as parquet can store it: a file name's bytes that are not UTF-8 (Python's surrogate escapes) as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _kind_of(value: Any) -> Optional[str]:
     """A metadata value's kind (docs/encode-design.md#the-folder-of-shards); None for a missing value."""
     if value is None:
@@ -235,7 +240,8 @@ class ShardWriter:
 
     def _write_parquet(self, target: BinaryIO) -> None:
         pa, pq = require_pyarrow()
-        columns = {"key": self.keys, "shard": [self.name] * self.rows, "source": [self.source] * self.rows}
+        keys, source = [_utf8(key) for key in self.keys], _utf8(self.source)
+        columns = {"key": keys, "shard": [self.name] * self.rows, "source": [source] * self.rows}
         table = {name: pa.array(values, pa.string()) for name, values in columns.items()}
         types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string()}
         for name in dict.fromkeys(column for row in self.metas for column in row):  # in order of first appearance
