@@ -464,6 +464,23 @@ def test_no_readable_image_is_exit_1_for_both_outputs(setup, tmp_path, capsys, n
         assert stats["rows"] == 0 and len(stats["skipped"]) == len(BAD)
 
 
+def test_a_header_safetensors_cannot_read_is_refused(setup, clean_folder, tmp_path, capsys, monkeypatch, no_model_load):
+    """Past safetensors' 100 MB header (about 2 million paths) safe_open refuses the file: plain files' paths are
+    counted before the model loads (exit 2); keys known only later refuse the write, keeping the shards (exit 1)."""
+    _, checkpoint, _, _ = setup
+    output = tmp_path / "big.safetensors"
+    monkeypatch.setattr(encode.encode_corpus, "SAFETENSORS_MAX_HEADER", 50)
+    code, _, err = _run([clean_folder, "--model", checkpoint, "--output", output], capsys)
+    (line,) = _error_lines(err)
+    assert code == 2 and "over the 50 of a safetensors header" in line and f"--output {tmp_path / 'big'}/" in line, err
+    monkeypatch.undo()  # the model loads again
+    monkeypatch.setattr(embeddings_file, "SAFETENSORS_MAX_HEADER", 50)
+    code, _, err = _run([clean_folder, "--model", checkpoint, "--output", output], capsys)
+    (line,) = _error_lines(err)
+    assert code == 1 and "over the 50 safetensors reads" in line and not output.exists(), err
+    assert len(embeddings_dir.completed_shards(_work_folder(output))) == 1
+
+
 def _work_folder(output: Path) -> Path:
     return output.parent / f".{output.name}.parts"
 

@@ -25,6 +25,8 @@ _CHUNK_ROWS = 4096  # rows copied per write
 #: the dtypes the file stores, by their safetensors names
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
 _MAX_HEADER = 1 << 30  # refuse absurd header sizes when reading an earlier output
+#: the largest header safetensors' own readers accept (its MAX_HEADER_SIZE): about 2 million paths
+SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 def work_folder(path: Path) -> Path:
@@ -53,6 +55,11 @@ def write_from_shards(path: Path, root: Path, stats: list[dict], embedding: str,
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
+    if len(encoded) > SAFETENSORS_MAX_HEADER:  # safe_open would refuse the file: "header too large"
+        raise OutputFileError(
+            f"{path}: {rows} rows need a header of {len(encoded):,} bytes, over the {SAFETENSORS_MAX_HEADER:,} safetensors "
+            f"reads; write a folder of shards instead (--output {path.with_suffix('')}/)"
+        )
 
     def fill(target: BinaryIO) -> None:
         target.write(struct.pack("<Q", len(encoded)))

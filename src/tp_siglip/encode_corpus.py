@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tp_siglip import __version__, console, embeddings_dir, processing, sources
-from tp_siglip.embeddings_file import EarlierOutput, OutputFileError, work_folder, write_from_shards
+from tp_siglip.embeddings_file import SAFETENSORS_MAX_HEADER, EarlierOutput, OutputFileError, work_folder, write_from_shards
 from tp_siglip.hub import commit_of
 from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
 
@@ -98,6 +98,11 @@ def check_corpus(args: argparse.Namespace, rank: int, groups: int) -> Corpus:
     if not found.shards:
         left_out = f" (ignored by extension: {_counts(found.ignored)})" if found.ignored else ""
         raise UsageError(f"no images or shards found in {', '.join(inputs)}{left_out}")
+    paths = sum(len(json.dumps(path)) + 1 for spec in found.shards for path in spec.files) if target.file else 0
+    if paths > SAFETENSORS_MAX_HEADER:  # tar and parquet keys are known only later: write_from_shards checks again
+        raise UsageError(f"--output {args.output}: the paths of {sum(len(s.files) for s in found.shards)} files take "
+                         f"{paths:,} bytes, over the {SAFETENSORS_MAX_HEADER:,} of a safetensors header; write a folder "
+                         f"of shards instead (--output {args.output.with_suffix('')}/)")
     corpus = Corpus(target, found.shards, found.ignored, found.hidden)
     if rank == 0:
         try:
