@@ -458,6 +458,18 @@ def test_find_images(tmp_path: Path) -> None:
     assert find_images([EXAMPLES]) == BUNDLED
 
 
+def test_links_to_folders_are_not_followed_but_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/e.jpg").write_bytes(b"")
+    (tmp_path / "photos/.cache").mkdir(parents=True)
+    (tmp_path / "photos/a.jpg").write_bytes(b"")
+    (tmp_path / "photos/2023").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos/.cache/old").symlink_to(tmp_path / "elsewhere")  # hidden: passed over as before
+    with caplog.at_level(logging.WARNING, logger="tp_siglip.processing"):
+        assert find_images(tmp_path / "photos") == [tmp_path / "photos/a.jpg"]
+    assert f"1 link(s) to folders in '{tmp_path / 'photos'}' are not followed: '{tmp_path / 'photos/2023'}'" in caplog.text
+
+
 def test_find_images_missing_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):

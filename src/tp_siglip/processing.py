@@ -433,17 +433,23 @@ def scan_images(inputs: PathLike | Iterable[PathLike]) -> ImageScan:
 def _scan_folder(folder: Path, ignored: Counter[str]) -> tuple[list[Path], int]:
     """The folder's image files in sorted relative-path order, and its hidden files' count; counts the other
     files into ``ignored``."""
-    files, hidden = [], 0
+    files, hidden, links = [], 0, []
     for candidate in folder.rglob("*"):
-        if not candidate.is_file() and not (candidate.is_symlink() and not candidate.exists()):
-            continue  # a folder; a broken link stays, so that reading it says what is wrong
         relative = candidate.relative_to(folder)
+        if not candidate.is_file() and not (candidate.is_symlink() and not candidate.exists()):
+            if candidate.is_symlink() and candidate.is_dir() and not any(part.startswith(".") for part in relative.parts):
+                links.append(str(candidate))  # a link to a folder: rglob does not follow it
+            continue  # a folder; a broken link stays, so that reading it says what is wrong
         if any(part.startswith(".") for part in relative.parts):
             hidden += 1
         elif candidate.suffix.lower() in IMAGE_SUFFIXES:
             files.append(candidate)
         else:
             ignored[candidate.suffix.lower() or "(none)"] += 1
+    if links:
+        shown = ", ".join(f"'{link}'" for link in links[:3]) + (", ..." if len(links) > 3 else "")
+        logger.warning("%d link(s) to folders in '%s' are not followed: %s; give them as inputs to include their images",
+                       len(links), folder, shown)
     return sorted(files, key=lambda candidate: candidate.relative_to(folder).parts), hidden
 
 
