@@ -229,7 +229,7 @@ def test_version(capsys):
 @pytest.mark.parametrize(
     "case",
     ["parallel-is-gone", "save-every-is-gone", "output-is-folder", "output-folder-is-file", "output-npy", "output-image-name", "output-folder-not-a-run", "revision-of-a-folder", "missing-parent", "parent-is-file", "unwritable", "missing-input", "no-images",
-     "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
+     "shards-in-a-folder", "device-cuda", "bad-device", "model-not-found", "model-no-config", "model-is-file"],
 )
 def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no_model_load):
     _, checkpoint, corpus, _ = setup
@@ -238,6 +238,8 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
     (tmp_path / "dir.safetensors").mkdir()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "img_emb_00000.npy").write_bytes(b"x")  # e.g. another run's img_emb/
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")  # a folder is searched for images, not shards
     argv = {"--model": checkpoint, "--output": tmp_path / "out.safetensors", "inputs": [corpus]}
     named = {
         "output-is-folder": ("--output", tmp_path / "dir.safetensors"),  # a .safetensors name that is a folder
@@ -253,6 +255,7 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         "unwritable": ("--output", Path("/proc/tp-siglip-test.safetensors")),
         "missing-input": ("inputs", [corpus, tmp_path / "nowhere"]),
         "no-images": ("inputs", [tmp_path / "empty"]),
+        "shards-in-a-folder": ("inputs", [tmp_path / "shards"]),
         "device-cuda": ("--device", "cuda"),
         "bad-device": ("--device", "graphics-card"),
         "model-not-found": ("--model", tmp_path / "no" / "such" / "model"),
@@ -276,6 +279,8 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         assert "--device cpu" in errors[0]
     if case == "parallel-is-gone":
         assert "--tp N" in errors[0] and "--tp 1" in errors[0]
+    if case == "shards-in-a-folder":
+        assert ".tar: 1" in errors[0] and "name its shards (e.g. DIR/*.tar," in errors[0]
     if case == "save-every-is-gone":
         assert "--shard-size" in errors[0]
     if case in ("output-npy", "output-image-name"):

@@ -97,6 +97,8 @@ def check_corpus(args: argparse.Namespace, rank: int, groups: int) -> Corpus:
         raise UsageError(str(err)) from None
     if not found.shards:
         left_out = f" (ignored by extension: {_counts(found.ignored)})" if found.ignored else ""
+        if found.ignored.keys() & {".tar", ".parquet"}:
+            left_out += "; a folder is searched for images only: name its shards (e.g. DIR/*.tar, or a quoted brace pattern 'DIR/{00000..00099}.tar')"
         raise UsageError(f"no images or shards found in {', '.join(inputs)}{left_out}")
     paths = sum(len(json.dumps(path)) + 1 for spec in found.shards for path in spec.files) if target.file else 0
     if paths > SAFETENSORS_MAX_HEADER:  # tar and parquet keys are known only later: write_from_shards checks again
