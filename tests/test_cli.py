@@ -305,7 +305,7 @@ def test_default_tp_is_data_parallel_unless_the_gpu_is_too_small(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: type("Gpu", (), {"total_memory": gpu_bytes}))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    args = Namespace(model=str(tmp_path), dtype="auto")
+    args = Namespace(model=str(tmp_path), dtype="auto", revision=None)
     assert 1.5e9 < encode_checks._tower_bytes(str(tmp_path), "auto", None) < 1.9e9
     assert encode_checks._tp_for_memory(args, device, 16) == expected
 
