@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import sys
 import zlib
@@ -27,6 +28,7 @@ from tp_siglip.processing import (
     load_image,
     preprocess,
     preprocess_files,
+    read_files,
     scan_images,
 )
 
@@ -336,6 +338,16 @@ def test_missing_path(tmp_path: Path) -> None:
 def test_folder_passed_as_image(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
         load_image(tmp_path)
+
+
+def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """A named pipe (say, listed in a .txt list) is refused, not opened: opening it would block until a writer came."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_image(fifo)
+    ((_, image, reason),) = read_files([fifo], lambda image: image)
+    assert image is None and "not a regular file" in reason
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int64, np.bool_])

@@ -188,17 +188,21 @@ def load_image(path: PathLike) -> PILImage.Image:
     Raises:
         ImportError: Pillow is not installed.
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is a folder, is not an image, or could not be decoded (truncated, corrupt, too
+        ValueError: ``path`` is a folder or a pipe, is not an image, or could not be decoded (truncated, corrupt, too
             large for Pillow's decompression-bomb limit). The message names the path.
     """
     Image, ImageOps = _require_pil()
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_image expects a file path (str or os.PathLike), got {_describe(path)}")
     file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"Image file not found: '{file}'")
-    if file.is_dir():
+    try:
+        mode = file.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"Image file not found: '{file}'") from None
+    if stat.S_ISDIR(mode):
         raise ValueError(f"'{file}' is a folder, not an image file (use find_images() to list the images in it)")
+    if not stat.S_ISREG(mode):  # opening a pipe would wait for a writer forever
+        raise ValueError(f"'{file}' is not a regular file (a pipe, socket or device); give an image file")
     try:
         with Image.open(file) as opened:
             rgb = _decoded_upright_rgb(opened, ImageOps)
