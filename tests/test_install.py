@@ -114,6 +114,21 @@ def venv(dists, tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     return python, purelib, env
 
 
+def test_build_requires_a_setuptools_that_reads_the_license_expression():
+    """``project.license = "Apache-2.0"`` (a PEP 639 SPDX string) and ``license-files`` are read by setuptools 77.0.3
+    and later only; an older one (allowed by a lower ``build-system.requires`` bound, and used by ``pip install
+    --no-build-isolation``) refuses pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str) and pyproject["project"]["license-files"]
+    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if Requirement(r).name == "setuptools"]
+    lowest = [Version(s.version) for s in setuptools.specifier if s.operator in (">=", "==", "~=")]
+    assert lowest and min(lowest) >= Version("77.0.3"), setuptools
+
+
 def test_sdist_holds_docs_examples_tests_and_package_data(dists):
     sdist, _ = dists
     with tarfile.open(sdist) as archive:
