@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -287,6 +288,22 @@ def test_argument_errors_exit_2_before_loading(setup, case, tmp_path, capsys, no
         assert not value.exists()  # no folder named emb.npy
         assert "emb.safetensors" in errors[0] and "folder without a file suffix" in errors[0]
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("module", "extra", "output"), [("pyarrow", "corpus", "emb"), ("PIL", "images", "emb.safetensors")])
+def test_a_missing_optional_dependency_is_exit_2_before_loading(setup, module, extra, output, tmp_path, capsys, monkeypatch,
+                                                               no_model_load):
+    """Without pyarrow a folder output (parquet metadata) is refused like a missing Pillow: one line naming the pip
+    command, exit 2, before the model loads and before the output folder is made."""
+    _, checkpoint, corpus, _ = setup
+    monkeypatch.setitem(sys.modules, module, None)  # `import pyarrow` / `from PIL import Image` now raise ImportError
+    if module == "PIL":
+        monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    code, out, err = _run([corpus, "--model", checkpoint, "--output", tmp_path / output], capsys)
+    assert code == 2, (out, err)
+    (line,) = _error_lines(err)
+    assert f'pip install "tp-siglip[{extra}]"' in line, line
+    assert not (tmp_path / output).exists()
 
 
 class _Gpu:

@@ -90,6 +90,11 @@ def check_corpus(args: argparse.Namespace, rank: int, groups: int) -> Corpus:
     """The checks that need no model; raises :class:`UsageError` with a one-line message. Plain files are cut
     into at least ``groups`` shards, so that every group has work."""
     target = Target.of(args.output)
+    if target.file is None:  # a folder output writes parquet metadata: refuse now, not after the model loaded
+        try:
+            sources.require_pyarrow()
+        except ImportError as err:
+            raise UsageError(f"--output {args.output} is a folder of shards: {err}") from None
     inputs = [str(p) for p in args.inputs]
     try:
         found = sources.find_shards(inputs, rows_per_file_shard=args.shard_size, min_file_shards=groups)
