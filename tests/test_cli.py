@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import socket
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -215,6 +216,17 @@ def test_help_shows_every_default(capsys):
     for shown in ("(default: 8)", "(default: google/siglip-base-patch16-224)", "(default: embeddings.safetensors)",
                   "(default: 10000)", "(default: auto)", "(default: float32)", "bundled photos"):
         assert shown in text, shown
+
+
+def test_module_usage_names_the_module_not_encode_py():
+    """``python -m tp_siglip.encode`` (and torchrun -m) runs with ``sys.argv[0]`` = .../encode.py: its usage must say how
+    it was run, not ``usage: encode.py``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(encode.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "tp_siglip.encode", "--batch-size", "0"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("usage: python -m tp_siglip.encode [-h]"), proc.stderr
+    assert "python -m tp_siglip.encode: error: argument --batch-size: expected a positive integer, got 0" in proc.stderr
 
 
 def test_version(capsys):

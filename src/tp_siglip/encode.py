@@ -140,10 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save-every", default=None, help=argparse.SUPPRESS)  # gone: refused with a message naming --shard-size
 
 
+#: how ``-m tp_siglip.encode`` is named in its usage and errors (argparse's default, ``sys.argv[0]``, is ``encode.py``)
+PROG = "python -m tp_siglip.encode"
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """The ``-m tp_siglip.encode`` parser."""
+    """The ``-m tp_siglip.encode`` parser (``prog`` default: :data:`PROG`)."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Encode images with a (tensor-parallel) SigLIP vision tower.", formatter_class=HelpFormatter
+        prog=prog or PROG, description="Encode images with a (tensor-parallel) SigLIP vision tower.", formatter_class=HelpFormatter
     )
     add_arguments(parser)
     return parser
