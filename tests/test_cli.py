@@ -229,6 +229,16 @@ def test_module_usage_names_the_module_not_encode_py():
     assert "python -m tp_siglip.encode: error: argument --batch-size: expected a positive integer, got 0" in proc.stderr
 
 
+def test_both_encode_commands_show_the_same_help():
+    """``tp-siglip encode --help`` and ``python -m tp_siglip.encode --help`` describe the job alike, in plain words (no
+    docstring markup), and say what the exit statuses mean."""
+    sub = cli.build_parser()._subparsers._group_actions[0].choices["encode"]
+    texts = [parser.format_help() for parser in (sub, encode.build_parser(sub.prog))]
+    assert texts[0] == texts[1]
+    assert "``" not in texts[0] and encode.DESCRIPTION.split(",")[0] in " ".join(texts[0].split())
+    assert "exit status: 0 done, 1 failed while running, 2 bad arguments, 130 interrupted" in texts[0]
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])

@@ -30,7 +30,8 @@ def build_parser(prog: str = "tp-siglip") -> argparse.ArgumentParser:
     encode_parser = commands.add_parser(
         "encode",
         help="encode images into a safetensors file (one process, or under torchrun)",
-        description=encode.__doc__.split("\n\n")[0] if encode.__doc__ else None,
+        description=encode.DESCRIPTION,
+        epilog=encode.EPILOG,
         formatter_class=encode.HelpFormatter,
     )
     encode.add_arguments(encode_parser)

@@ -140,6 +140,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save-every", default=None, help=argparse.SUPPRESS)  # gone: refused with a message naming --shard-size
 
 
+#: the job's ``--help`` text, the same for ``tp-siglip encode`` and ``-m tp_siglip.encode``
+DESCRIPTION = ("Encode images, or img2dataset tar/parquet shards, with a (tensor-parallel) SigLIP vision tower\n"
+               "into one .safetensors file or a folder of shards.")
+EPILOG = "exit status: 0 done, 1 failed while running, 2 bad arguments, 130 interrupted (rerun with --resume to continue)"
 #: how ``-m tp_siglip.encode`` is named in its usage and errors (argparse's default, ``sys.argv[0]``, is ``encode.py``)
 PROG = "python -m tp_siglip.encode"
 
@@ -147,7 +151,7 @@ PROG = "python -m tp_siglip.encode"
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The ``-m tp_siglip.encode`` parser (``prog`` default: :data:`PROG`)."""
     parser = argparse.ArgumentParser(
-        prog=prog or PROG, description="Encode images with a (tensor-parallel) SigLIP vision tower.", formatter_class=HelpFormatter
+        prog=prog or PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
     )
     add_arguments(parser)
     return parser
