@@ -368,6 +368,7 @@ def test_cache_layout_second_load_and_log(
 ) -> None:
     """Tower cache keyed by repo and sha with a refs file; a second load serves no weight bytes."""
     env.monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    env.monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys' stderr, looking like a terminal
     caplog.set_level(logging.INFO, logger="tp_siglip")
     path = hub.resolve_checkpoint(VLM_SHARDED)
     sha = env.server.repos[VLM_SHARDED].sha
@@ -387,11 +388,20 @@ def test_cache_layout_second_load_and_log(
     assert not any(name.startswith("model-00004") for (_, name) in env.server.served)
     lines = [r.getMessage() for r in caplog.records if "fetched" in r.getMessage()]
     assert len(lines) == 1 and VLM_SHARDED in lines[0] and "out of" in lines[0]
-    assert "vision tower" in capsys.readouterr().err  # the tqdm bar, on unless disabled
+    assert "vision tower" in capsys.readouterr().err  # the tqdm bar, on a terminal unless disabled
 
     env.server.reset_counts()
     assert hub.resolve_checkpoint(VLM_SHARDED) == path
     assert env.server.weight_bytes() == 0
+
+
+def test_no_download_bar_in_a_log(env: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    """stderr that is no terminal (a log file, CI's output) gets no tqdm bar: its carriage-return updates would fill
+    the log; the fetch is still logged."""
+    env.monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    assert not sys.stderr.isatty()
+    hub.resolve_checkpoint(VISION)
+    assert "vision tower" not in capsys.readouterr().err
 
 
 def test_offline_loads_from_cache_with_server_stopped(

@@ -198,7 +198,8 @@ def fetch_tower(remote: Remote, snapshots: Path, prefix: Optional[str], meta: di
         if PREPROCESSOR_FILE in remote.files:
             (tmp / PREPROCESSOR_FILE).write_bytes(remote.read_bytes(PREPROCESSOR_FILE))
         bar = tqdm(total=sum(r[2] - r[1] for r in runs), unit="B", unit_scale=True, unit_divisor=1024, name=__name__,
-                   desc=f"{remote.repo_id} vision tower", disable=bool(env_flag("HF_HUB_DISABLE_PROGRESS_BARS")))
+                   desc=f"{remote.repo_id} vision tower",  # None: a bar only on a terminal, not in a log or CI's output
+                   disable=True if env_flag("HF_HUB_DISABLE_PROGRESS_BARS") else None)
         with open(tmp / SINGLE_FILE, "wb") as fh, bar:
             fh.write(len(raw).to_bytes(8, "little") + raw)
             fh.truncate(file_size)
