@@ -121,6 +121,12 @@ def _every_case(rank: int, world_size: int) -> dict:
         models["tensor"].check_inputs_agree = "shapes"
         outcomes[("split", name)] = _outcome(models["tensor"], pixels, **kwargs)
     outcomes[("data", "batch_sizes")] = _outcome(models["data"], _pixels(3, seed=5), batch_sizes=[3] + [0] * (world_size - 1))
+    # ranks that loaded different models (another layer count, another dtype) would pair their collectives wrongly
+    fewer = SiglipVisionConfig(**{**CONFIG, "num_hidden_layers": 1}) if rank == 1 else config
+    outcomes[("tensor", "layers differ")] = _outcome(SiglipVisionTransformer(fewer, dist.group.WORLD, seed=4).eval(), _pixels(2))
+    dtype = torch.float64 if rank == 1 else torch.float32
+    other = DataParallelEncoder(SiglipVisionTransformer(config, seed=4, dtype=dtype).eval(), dist.group.WORLD)
+    outcomes[("data", "dtype of the model differs")] = _outcome(other, _pixels(2))
     outcomes[("tensor", "still in step after split")] = _outcome(models["tensor"], _pixels(5, seed=9))
     pixels, _, _ = _cases(rank, world_size)["NaN on rank 1"]
     failure = ValueError("rank 1 failed") if rank == 1 else None
@@ -186,6 +192,8 @@ def _check_world(ranks: list[dict], reference: dict) -> None:
             torch.testing.assert_close(r[(mode, "same inputs, checksum")]["pooler"], reference["two"], atol=1e-5, rtol=0)
             torch.testing.assert_close(r[(mode, "still in step")]["pooler"], reference["five"], atol=1e-5, rtol=0)
     _check_split(ranks, reference)
+    _assert_every_rank_refuses(ranks, ("tensor", "layers differ"), "model loaded differs", "rank 1 'torch.float32, 1 layers")
+    _assert_every_rank_refuses(ranks, ("data", "dtype of the model differs"), "model loaded differs", "rank 1 'torch.float64")
     assert [r["cycles"] for r in ranks] == [[]] * world, "a raised error was left in a reference cycle"
     slowest = max(outcome["seconds"] for r in ranks for key, outcome in r.items() if key != "cycles")
     assert slowest < 20, f"a case took {slowest:.1f} s: a rank waited instead of failing at once"

@@ -23,6 +23,7 @@ Choices:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 from dataclasses import dataclass, fields
@@ -433,6 +434,16 @@ class _PretrainedTower(nn.Module):
 
         return load_pairs_into(self, weights, prefix=prefix, device=device, strict=strict)
 
+    def model_signature(self) -> str:
+        """What ranks compare about the model itself before each forward: its dtype and config. Ranks that
+        loaded other layers, head or dtype would pair their collectives wrongly (garbage or a hang). Empty
+        while ``torch.compile`` traces (no agreement runs there)."""
+        if torch.compiler.is_compiling():
+            return ""
+        digest = hashlib.blake2b(self.config.model_dump_json().encode(), digest_size=6).hexdigest()
+        layers = len(self.encoder.layers)  # type: ignore[attr-defined]
+        return f"{self.dtype}, {layers} layers, head {self.head is not None}, config {digest}"
+
     def _check_ready(self, kwargs: dict[str, Any]) -> None:
         """Refuse to run unloaded weights or unknown keywords (`check_ready`)."""
         check_ready(self._weights_ready, kwargs)
@@ -565,6 +576,7 @@ class SiglipVisionTransformer(_PretrainedTower):
             "output_hidden_states": check_flag("output_hidden_states", output_hidden_states),
             "interpolate_pos_encoding": interpolate_pos_encoding,
             "batch_sizes": self._check_batch_sizes(batch_sizes, len(pixel_values)),
+            "model loaded": self.model_signature(),
         }
 
     def _encode(
@@ -658,6 +670,7 @@ class Siglip2VisionTransformer(SiglipVisionTransformer):
             "grids": None if split else [tuple(row) for row in spatial_shapes.tolist()],  # split: each rank its own
             "output_hidden_states": check_flag("output_hidden_states", output_hidden_states),
             "batch_sizes": split,
+            "model loaded": self.model_signature(),
         }
 
 
