@@ -103,6 +103,8 @@ def test_explicit_prefix_and_dtypes(tiny, tmp_path):
     assert model.dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match="prefix='nope.'"):
         SiglipVisionTransformer.from_pretrained(ckpt, prefix="nope.")
+    with pytest.raises(CheckpointError, match=r"prefix='vision_model' .*tower prefixes are \['vision_model.'\]"):
+        SiglipVisionTransformer.from_pretrained(ckpt, prefix="vision_model")  # the dot forgotten: the message says
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(ckpt / "model.safetensors")).items()}
     save_file(tensors, str(ckpt / "model.safetensors"))
     assert SiglipVisionTransformer.from_pretrained(ckpt).dtype == torch.bfloat16  # as stored

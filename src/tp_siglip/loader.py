@@ -314,7 +314,9 @@ def tower_prefix(names: Mapping[str, Any], prefix: Optional[str], where: str) ->
     if prefix is None:
         return find_prefix(names, where)
     if prefix + ANCHOR not in names and prefix + TIMM_ANCHOR not in names:
-        raise CheckpointError(f"{where}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower")
+        found = _candidates(names, ANCHOR) or _candidates(names, TIMM_ANCHOR)
+        hint = f"; the checkpoint's tower prefixes are {found}" if found else ""
+        raise CheckpointError(f"{where}: no tensor {prefix + ANCHOR!r}; prefix={prefix!r} does not name a vision tower{hint}")
     return prefix
 
 
