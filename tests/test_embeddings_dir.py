@@ -385,7 +385,11 @@ def test_file_names_that_are_not_utf8_are_stored_escaped(tmp_path: Path) -> None
     """A file named with bytes that are not UTF-8 (Python's surrogate escapes) is a key parquet cannot hold as it is."""
     write_manifest(tmp_path, manifest_for(1))
     writer = ShardWriter(tmp_path, 0, "files-00000", "pooler_output", source=os.fsdecode(b"/d/\xff.tar"), shard_count=1)
-    writer.add([os.fsdecode(b"a/bad\xffname.png"), "a/ok.png"], [{}, {}], {"pooler_output": np.ones((2, 4), np.float32)})
+    names = [os.fsdecode(b"a/bad\xffname.png"), "a/ok.png"]
+    metas = [{"image_path": name} for name in names]  # what a plain file's row carries
+    writer.add(names, metas, {"pooler_output": np.ones((2, 4), np.float32)})
     assert writer.commit([], 0.1)["rows"] == 2
     assert open_embeddings(tmp_path).keys() == ["a/bad\\xffname.png", "a/ok.png"]
-    assert open_embeddings(tmp_path).metadata().column("source").to_pylist() == ["/d/\\xff.tar"] * 2
+    metadata = open_embeddings(tmp_path).metadata()
+    assert metadata.column("source").to_pylist() == ["/d/\\xff.tar"] * 2
+    assert metadata.column("image_path").to_pylist() == ["a/bad\\xffname.png", "a/ok.png"]

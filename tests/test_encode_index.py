@@ -83,6 +83,7 @@ def test_inner_product_index_ranks_by_cosine(setup, tmp_path):
     index.add(np.ascontiguousarray(corpus[:], dtype=np.float32))  # as stored, no normalize_L2
     scores, rows = index.search(vectors, IMAGES)
     keys = corpus.keys()
+    assert corpus.metadata().column("image_path").to_pylist() == keys  # what clip-retrieval's back step returns
     order = {str(p): i for i, p in enumerate(paths)}
     found = np.array([[order[keys[r]] for r in row] for row in rows])
     for query in range(IMAGES):

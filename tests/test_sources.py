@@ -148,7 +148,8 @@ def test_files_chunk_takes_the_place_of_the_first_plain_input(tmp_path: Path) ->
     plan = find_shards([tmp_path / "a.png", tmp_path / "00000.tar"])
     assert [s.name for s in plan.shards] == ["files-00000", "00000"]
     rows = list_rows(plan.shards[0])
-    assert rows == [sources.Row(str(tmp_path / "a.png"), ImageRef("file", str(tmp_path / "a.png")), {})]
+    path = str(tmp_path / "a.png")
+    assert rows == [sources.Row(path, ImageRef("file", path), {"image_path": path})]
     assert read_bytes(rows[0].ref) == (tmp_path / "a.png").read_bytes()
 
 

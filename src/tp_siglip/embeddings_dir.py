@@ -250,6 +250,8 @@ class ShardWriter:
             kind = kinds.pop() if len(kinds) == 1 else "float" if kinds == {"int", "float"} else "json"
             if kind == "json":
                 values = [None if value is None else json.dumps(value, sort_keys=True, default=str) for value in values]
+            elif kind == "str":  # a plain file's image_path, like its key
+                values = [None if value is None else _utf8(value) for value in values]
             table[name] = pa.array(values, types[kind])
         pq.write_table(pa.table(table), target, row_group_size=_ROW_GROUP)
 

@@ -268,8 +268,8 @@ def _add_shard(found: ShardList, used: set[str], wanted: str, kind: str, source:
 def list_rows(spec: ShardSpec) -> list[Row]:
     """The rows of one shard. Raises ValueError naming a shard that cannot be read at all, ImportError for a
     parquet shard without pyarrow."""
-    if spec.kind == "files":
-        return [Row(path, ImageRef("file", path), {}) for path in spec.files]
+    if spec.kind == "files":  # image_path: the column clip-retrieval's inference writes and its back step returns
+        return [Row(path, ImageRef("file", path), {"image_path": path}) for path in spec.files]
     if spec.kind == "tar":
         return _list_tar(spec)
     if spec.kind == "parquet":
