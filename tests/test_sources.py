@@ -341,7 +341,7 @@ def test_parquet_without_image_column_and_hf_image_structs(tmp_path: Path) -> No
     data = image_bytes(3)
     pq.write_table(pa.table({"image": [{"bytes": data, "path": "x.png"}], "label": [3]}), tmp_path / "hf.parquet")
     (row,) = list_rows(ShardSpec(0, "hf", "parquet", str(tmp_path / "hf.parquet")))
-    assert row.key == "000000000" and row.meta == {"label": 3} and read_bytes(row.ref) == data
+    assert row.key == "hf/000000000" and row.meta == {"label": 3} and read_bytes(row.ref) == data  # unique across shards
 
 
 def test_tar_and_parquet_take_every_image_suffix_a_folder_takes(tmp_path: Path) -> None:

@@ -402,13 +402,13 @@ def _list_parquet(spec: ShardSpec) -> list[Row]:
     except (OSError, pa.ArrowException, ValueError) as err:
         raise ValueError(f"cannot read {describe(spec)}: {err}") from None
     if "key" not in columns:
-        logger.warning("%s has no 'key' column: rows are keyed by their row number", describe(spec))
+        logger.warning("%s has no 'key' column: rows are keyed by shard name and row number", describe(spec))
     places = [(group, row) for group, size in enumerate(sizes) for row in range(size)]
     rows = []
     for position, (record, (group, row)) in enumerate(zip(records, places)):
         meta = {name: _json_able(value) for name, value in record.items()}
         key = meta.pop("key", None)
-        key = f"{position:09d}" if key is None else str(key)
+        key = f"{spec.name}/{position:09d}" if key is None else str(key)  # unique across shards, for a file output
         status, reason = meta.get("status"), meta.get("error_message")
         if status is None or status == "success":
             rows.append(Row(key, ImageRef("parquet", spec.source, group, row), meta))
