@@ -42,7 +42,15 @@ from tp_siglip.encode_checks import (
     not_naflex,
 )
 from tp_siglip.encode_corpus import JobError, UsageError
-from tp_siglip.lockstep import RanksDisagree, agree_on_max, broadcast_from_rank0, collect_rows, form_groups, gather_reasons
+from tp_siglip.lockstep import (
+    RanksDisagree,
+    agree_on_checks,
+    agree_on_max,
+    broadcast_from_rank0,
+    collect_rows,
+    form_groups,
+    gather_reasons,
+)
 from tp_siglip.parallel import init_default_group
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
@@ -174,9 +182,15 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(rank, world_size)
     say = Printer(rank, world_size)
     try:
-        checked = check_arguments(args, rank, world_size)
+        try:
+            checked, failure = check_arguments(args, rank, world_size), None
+        except UsageError as err:
+            failure = str(err)
         if world_size > 1 and not dist.is_initialized():
             init_default_group()
+        elsewhere = agree_on_checks(failure)  # a check failed on one node only stops every node at once
+        if failure is not None or elsewhere is not None:
+            raise UsageError(failure or elsewhere)
         tp = agree_on_max(checked.tp)
         group, group_index, groups = form_groups(tp)
         model = _load_model(args, checked.device, tp, group)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -23,6 +25,7 @@ from tp_siglip.parallel.exchange import read_status, status_row
 __all__ = [
     "CollectedRows",
     "RanksDisagree",
+    "agree_on_checks",
     "agree_on_max",
     "agree_on_shards",
     "broadcast_from_rank0",
@@ -43,6 +46,23 @@ class RanksDisagree(RuntimeError):
 def _distributed() -> bool:
     """Whether there is a default group of several ranks to agree with."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def this_rank() -> str:
+    """This rank, its node (torchrun's ``GROUP_RANK``) and host, as errors name it."""
+    rank = dist.get_rank() if _distributed() else 0
+    return f"rank {rank} (node {os.environ.get('GROUP_RANK', '0')}, host {socket.gethostname()})"
+
+
+def agree_on_checks(failure: Optional[str]) -> Optional[str]:
+    """Every rank's ``failure`` of its own checks (None: passed) reaches every rank of the default group; returns
+    another rank's failure, naming that rank and its node (None: every other rank passed). So a check that fails on
+    one node only (a path missing there) stops the other nodes at once, instead of at the group's timeout."""
+    if not _distributed():
+        return None
+    gathered = _gather_json([this_rank(), failure], dist.group.WORLD)
+    others = [f"{where}: {text}" for rank, (where, text) in enumerate(gathered) if text is not None and rank != dist.get_rank()]
+    return f"{others[0]} (this is {this_rank()})" if others else None
 
 
 def agree_on_shards(shards: Sequence[Any]) -> None:

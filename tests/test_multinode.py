@@ -1,0 +1,61 @@
+"""``tp-siglip encode`` on two nodes, simulated on one host: two ``torchrun --nnodes 2`` launches (static
+rendezvous, so node 0 hosts the store and holds rank 0), each with its own arguments and ``TMPDIR``, as nodes
+whose file systems differ would run them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpoints import tiny_job_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+#: a hang is a failure: the process-group timeout is longer than the launches may take
+NODE_TIMEOUT_S, PG_TIMEOUT_S = 90, "300"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_job_inputs(tmp_path_factory.mktemp("multinode"), 4)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_nodes(tmp_path: Path, node_args: list[list[str]], ranks_per_node: int = 1) -> list[tuple[int, str]]:
+    """Run ``-m tp_siglip.encode`` on two simulated nodes (``node_args[n]``: node n's arguments); returns each
+    node's ``(exit status, output)``."""
+    port, procs = _free_port(), []
+    for node, args in enumerate(node_args):
+        (tmp_path / f"tmp{node}").mkdir(exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TP_SIGLIP_PG_TIMEOUT_S=PG_TIMEOUT_S, TMPDIR=str(tmp_path / f"tmp{node}"))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                   "--nproc-per-node", str(ranks_per_node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "-m", "tp_siglip.encode", *args]
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [proc.communicate(timeout=NODE_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    return [(proc.returncode, log) for proc, log in zip(procs, logs)]
+
+
+def test_a_check_failing_on_one_node_stops_the_other_at_once(job: tuple[Path, Path], tmp_path: Path) -> None:
+    """Node 1 lacks an input (a folder not yet synced there): node 0's rank learns why at once, naming rank and
+    node, instead of waiting in the first collective until the process-group timeout."""
+    checkpoint, images = job
+    there = [str(images / "0.png"), str(images / "1.png")]
+    common = ["--model", str(checkpoint), "--output", str(tmp_path / "out"), "--workers", "0"]
+    (node0, log0), (node1, log1) = two_nodes(tmp_path, [[*there, *common], [*there, str(tmp_path / "gone.png"), *common]])
+    assert node0 != 0 and node1 != 0, log0 + log1
+    assert f"[rank 1] error: input path does not exist: '{tmp_path / 'gone.png'}'" in log1, log1
+    assert f"[rank 0] error: rank 1 (node 1, host {socket.gethostname()}): input path does not exist" in log0, log0
