@@ -59,3 +59,19 @@ def test_a_check_failing_on_one_node_stops_the_other_at_once(job: tuple[Path, Pa
     assert node0 != 0 and node1 != 0, log0 + log1
     assert f"[rank 1] error: input path does not exist: '{tmp_path / 'gone.png'}'" in log1, log1
     assert f"[rank 0] error: rank 1 (node 1, host {socket.gethostname()}): input path does not exist" in log0, log0
+
+
+def test_an_output_folder_the_nodes_do_not_share_is_refused(job: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each node writes its groups' shards: a node whose --output is another folder (its own disk, a path
+    that differs) would leave its shards out of rank 0's folder, which then says "run again with --resume"
+    forever. Every rank stops before encoding, naming the node and the fix; node 1's folder stays empty."""
+    checkpoint, images = job
+    common = [str(images), "--model", str(checkpoint), "--workers", "0"]
+    (tmp_path / "node1-disk").mkdir()
+    outputs = [tmp_path / "shared", tmp_path / "node1-disk"]
+    (node0, log0), (node1, log1) = two_nodes(tmp_path, [[*common, "--output", str(out)] for out in outputs])
+    assert node0 != 0 and node1 != 0, log0 + log1
+    fix = "is not the folder rank 0 writes"
+    assert f"[rank 1] error: --output {outputs[1]} on this node {fix}" in log1, log1
+    assert f"[rank 0] error: rank 1 (node 1, host {socket.gethostname()}): --output {outputs[1]} on this node {fix}" in log0, log0
+    assert not list(outputs[1].iterdir()) and not list((outputs[0] / "stats").glob("*"))

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tp_siglip import __version__, console, embeddings_dir, processing, sources
 from tp_siglip.embeddings_file import SAFETENSORS_MAX_HEADER, EarlierOutput, OutputFileError, work_folder, write_from_shards
 from tp_siglip.hub import commit_of
-from tp_siglip.lockstep import agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
+from tp_siglip.lockstep import agree_on_checks, agree_on_shards, broadcast_from_rank0, collect_rows, gather_counts
 
 __all__ = ["Corpus", "JobError", "Target", "UsageError", "check_corpus", "check_output_name", "run_shards"]
 
@@ -247,6 +247,8 @@ def run_shards(
     problem, done = broadcast_from_rank0(_resume_decision(corpus, manifest) if world_rank == 0 else None)
     if problem is not None:
         raise UsageError(problem)
+    if corpus.target.file is None and groups > 1:  # each group's rank 0 writes its shards in the folder rank 0 made
+        _check_shared(corpus.target.root, world_rank, job.dealing.rank == 0)
     complete = set(done)
     mine = [s for s in corpus.shards if s.index % groups == group_index and s.index not in complete]
     naflex = f", NaFlex max_num_patches {job.max_num_patches} (from {job.checked.patches_from})" if job.naflex else ""
@@ -263,6 +265,26 @@ def run_shards(
     counts = gather_counts(encoded if job.dealing.rank == 0 else 0, dist.group.WORLD if _world_size() > 1 else None)
     if world_rank == 0:
         _finish(corpus, manifest, job, sum(counts), seconds, say)
+
+
+def _check_shared(root: Path, world_rank: int, writer: bool) -> None:
+    """Every rank: raise UsageError unless every group's writer sees the output folder global rank 0 made, by a
+    probe file rank 0 leaves there (``--output`` on a node's own disk would hold a part of the shards)."""
+    probe = None
+    if world_rank == 0:
+        descriptor, path = tempfile.mkstemp(prefix=".shared-probe-", dir=root)
+        os.close(descriptor)
+        probe = Path(path).name
+    probe = broadcast_from_rank0(probe)
+    failure = None
+    if writer and not (root / probe).is_file():
+        failure = (f"--output {root} on this node is not the folder rank 0 writes (its file {probe} is not there); "
+                   "give every node the same --output, on a file system they share")
+    elsewhere = agree_on_checks(failure)
+    if world_rank == 0:
+        (root / probe).unlink()
+    if failure is not None or elsewhere is not None:
+        raise UsageError(failure or elsewhere)
 
 
 def _report_times(job: Any, seconds: float, say: Any) -> None:
