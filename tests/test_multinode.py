@@ -75,3 +75,18 @@ def test_an_output_folder_the_nodes_do_not_share_is_refused(job: tuple[Path, Pat
     assert f"[rank 1] error: --output {outputs[1]} on this node {fix}" in log1, log1
     assert f"[rank 0] error: rank 1 (node 1, host {socket.gethostname()}): --output {outputs[1]} on this node {fix}" in log0, log0
     assert not list(outputs[1].iterdir()) and not list((outputs[0] / "stats").glob("*"))
+
+
+def test_nodes_whose_checkpoints_differ_are_refused(job: tuple[Path, Path], tmp_path: Path) -> None:
+    """Node 1's copy of --model holds other weights under the same config (not yet synced): its group would
+    encode its shards with them, and exit 0. Every rank stops before encoding, naming both ranks."""
+    from checkpoints import TINY, save_layout, vision_model
+
+    checkpoint, images = job
+    stale = save_layout(vision_model({**TINY, "image_size": 32, "patch_size": 16}, seed=4), "v5_vision", tmp_path / "stale")
+    common = [str(images), "--output", str(tmp_path / "out"), "--workers", "0"]
+    (node0, log0), (node1, log1) = two_nodes(tmp_path, [[*common, "--model", str(model)] for model in (checkpoint, stale)])
+    assert node0 != 0 and node1 != 0, log0 + log1
+    host = socket.gethostname()
+    assert f"[rank 0] error: rank 1 (node 1, host {host}) loaded other weights from --model {checkpoint} than rank 0" in log0, log0
+    assert not list((tmp_path / "out" / "stats").glob("*"))

@@ -46,6 +46,7 @@ from tp_siglip.lockstep import (
     RanksDisagree,
     agree_on_checks,
     agree_on_max,
+    agree_on_weights,
     broadcast_from_rank0,
     collect_rows,
     form_groups,
@@ -194,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         tp = agree_on_max(checked.tp)
         group, group_index, groups = form_groups(tp)
         model = _load_model(args, checked.device, tp, group)
+        agree_on_weights(model, tp, args.model)
         tp_group = group if tp > 1 else None
         if checked.corpus.target.file is not None:  # one file: the world deals out each batch, rank 0 writes
             world = dist.group.WORLD if world_size > 1 else None

@@ -28,6 +28,7 @@ __all__ = [
     "agree_on_checks",
     "agree_on_max",
     "agree_on_shards",
+    "agree_on_weights",
     "broadcast_from_rank0",
     "collect_rows",
     "form_groups",
@@ -156,6 +157,25 @@ def _gather_json(value: Any, group: Any) -> list[Any]:
     sizes = [int(part.view(torch.int64)) for part in lengths]
     texts = all_gather_bytes(max(sizes), lambda raw: raw.zero_()[: len(data)].copy_(payload), group)
     return [json.loads(part[:n].numpy().tobytes()) for part, n in zip(texts, sizes)]
+
+
+def agree_on_weights(model: torch.nn.Module, ranks_per_group: int, model_name: str) -> None:
+    """Raise `RanksDisagree` on every rank unless the ranks at the same place in their groups hold the same
+    weights (16 values of each tensor, compared bit for bit): a node whose copy of the checkpoint differs (not
+    synced yet, another Hub commit in its cache) would quietly encode its shards with other weights."""
+    if not _distributed():
+        return
+    samples = []
+    for _, tensor in sorted(model.named_parameters()):
+        flat = tensor.detach().reshape(-1)
+        samples.append(flat[:: max(1, flat.numel() // 16)][:16].contiguous().view(torch.uint8).reshape(-1))
+    digest = hashlib.blake2b(torch.cat(samples).cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    gathered = _gather_json([this_rank(), digest], dist.group.WORLD)
+    for rank, (where, mine) in enumerate(gathered):
+        first, theirs = gathered[rank % ranks_per_group]
+        if mine != theirs:
+            raise RanksDisagree(f"{where} loaded other weights from --model {model_name} than {first}: every node must "
+                                "see the same checkpoint (a copy not yet synced, or another Hub commit in a node's cache)")
 
 
 def agree_on_max(value: int) -> int:
