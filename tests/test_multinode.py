@@ -90,3 +90,17 @@ def test_nodes_whose_checkpoints_differ_are_refused(job: tuple[Path, Path], tmp_
     host = socket.gethostname()
     assert f"[rank 0] error: rank 1 (node 1, host {host}) loaded other weights from --model {checkpoint} than rank 0" in log0, log0
     assert not list((tmp_path / "out" / "stats").glob("*"))
+
+
+def test_a_node_that_lists_fewer_files_is_named(job: tuple[Path, Path], tmp_path: Path) -> None:
+    """Node 1's image folder lacks a file (not yet synced): every rank stops, naming the rank and node that differ."""
+    checkpoint, images = job
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("0.png", "1.png", "2.png"):
+        (partial / name).write_bytes((images / name).read_bytes())
+    common = ["--model", str(checkpoint), "--output", str(tmp_path / "out"), "--workers", "0"]
+    (node0, log0), (node1, log1) = two_nodes(tmp_path, [[str(images), *common], [str(partial), *common]])
+    assert node0 != 0 and node1 != 0, log0 + log1
+    expected = f"error: the ranks list different image files: rank 1 (node 1, host {socket.gethostname()}) found 2 shard(s)"
+    assert f"[rank 0] {expected}" in log0 and f"[rank 1] {expected}" in log1, log0 + log1

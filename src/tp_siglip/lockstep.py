@@ -72,9 +72,12 @@ def agree_on_shards(shards: Sequence[Any]) -> None:
     if not _distributed():
         return
     digest = hashlib.blake2b(json.dumps(list(shards)).encode(), digest_size=16).hexdigest()
-    if len(set(_gather_json(digest, dist.group.WORLD))) > 1:
+    gathered = _gather_json([this_rank(), digest, len(shards)], dist.group.WORLD)
+    other = next((entry for entry in gathered if entry[1] != gathered[0][1]), None)
+    if other is not None:
         raise RanksDisagree(
-            "the ranks list different image files; every rank must see the same files (same inputs, same working directory)"
+            f"the ranks list different image files: {other[0]} found {other[2]} shard(s), rank 0 {gathered[0][2]}, "
+            "or other files in them; every rank must see the same files (same inputs, same working directory)"
         )
 
 
