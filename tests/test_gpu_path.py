@@ -150,6 +150,26 @@ def test_value_checks_run_on_cpu_inputs_and_never_on_a_device_by_default():
     assert log.seen == []
 
 
+
+def test_naflex_takes_spatial_shapes_on_the_cpu_with_the_model_on_a_device():
+    """As documented, a NaFlex tower on a GPU takes ``spatial_shapes`` on the CPU (read on the host, as the
+    processor makes it) beside device pixels and mask; the meta device stands in for the GPU. The pixels and
+    the mask must still be on the model's device."""
+    from tp_siglip import SiglipVisionConfig
+    from tp_siglip.model import Siglip2VisionTransformer
+
+    config = SiglipVisionConfig(variant="naflex", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=4, patch_size=4, num_patches=16)
+    model = Siglip2VisionTransformer(config, device="meta").eval()
+    model._weights_ready = True  # nothing is computed on meta; only shapes and devices are checked
+    pixels, mask = torch.zeros(2, 16, 48, device="meta"), torch.ones(2, 16, dtype=torch.int32, device="meta")
+    shapes = torch.tensor([[4, 4], [2, 3]])
+    with torch.inference_mode():
+        out = model(pixels, mask, shapes)
+        assert out.last_hidden_state.shape == (2, 16, 32) and out.last_hidden_state.device.type == "meta"
+        with pytest.raises(ValueError, match="pixel_values are on cpu but the model is on meta"):
+            model(torch.zeros(2, 16, 48), mask, shapes)
+
 def _job_exchanges(rank, world_size):
     from tp_siglip import lockstep
     from tp_siglip.parallel import side_group

@@ -268,7 +268,8 @@ def check_naflex_inputs(
 
     Expected: ``pixel_values`` a float ``(B, N, C*p*p)`` tensor (``B >= 1``), finite; ``pixel_attention_mask``
     a ``(B, N)`` bool or 0/1 integer tensor whose row ``i`` is ``h_i*w_i`` ones followed by zeros (valid
-    patches first); ``spatial_shapes`` an integer ``(B, 2)`` tensor of positive ``(h, w)`` with ``h*w <= N``.
+    patches first); ``spatial_shapes`` an integer ``(B, 2)`` tensor of positive ``(h, w)`` with ``h*w <= N``,
+    on the CPU or ``device`` (it is read on the host either way; the others must be on ``device``).
     ``allow_empty``: ``B = 0`` is valid too (a rank's rows of a split batch).
     """
     pixels = _check_tensor("pixel_values", pixel_values, 3, "(B, N, C*p*p)")
@@ -295,6 +296,8 @@ def check_naflex_inputs(
         _check_mask_values(mask)
         _check_mask_layout(mask, shapes, length)
     if device is not None:
-        for name, tensor in (("pixel_values", pixels), ("pixel_attention_mask", mask), ("spatial_shapes", shapes)):
+        for name, tensor in (("pixel_values", pixels), ("pixel_attention_mask", mask)):
             _check_device(name, tensor, device)
+        if shapes.device.type != "cpu":  # read on the host: the CPU (as the processor makes it, no sync) or the model's
+            _check_device("spatial_shapes", shapes, device)
     _check_finite("pixel_values", pixels, check_finite)
