@@ -170,6 +170,30 @@ def test_naflex_takes_spatial_shapes_on_the_cpu_with_the_model_on_a_device():
         with pytest.raises(ValueError, match="pixel_values are on cpu but the model is on meta"):
             model(torch.zeros(2, 16, 48), mask, shapes)
 
+
+def test_the_encode_jobs_copy_to_the_host_waits_on_the_models_gpu_not_the_current_one():
+    """``tp-siglip encode --device cuda:1`` in one process leaves the current GPU at 0: the wait before the host
+    reads the rows must be recorded on cuda:1's stream, where the copy runs (an event on cuda:0's would be
+    passed at once, and the host would read the pinned buffer before the copy landed)."""
+    import argparse
+    from unittest import mock
+
+    from fake_cuda import FakeCuda, no_cuda_init
+    from tp_siglip.encode import StoredRows
+
+    gpu = torch.device("cuda", 1)
+    rows = StoredRows(mock.Mock(), argparse.Namespace(), "pooler_output", None)
+    values = {"pooler_output": torch.arange(6.0).reshape(2, 3), "last_hidden_state": torch.ones(2, 2, 3)}
+    plain_empty = torch.empty
+    unpinned = lambda *a, pin_memory=False, **k: plain_empty(*a, **k)  # noqa: E731 (no pinned memory without CUDA)
+    with no_cuda_init(), mock.patch("torch.empty", unpinned), mock.patch("torch.cuda.Event") as event, \
+            mock.patch("torch.cuda.current_stream", side_effect=lambda device=None: ("stream of", device)):
+        host = rows.on_host({name: FakeCuda(t, gpu) for name, t in values.items()})
+    done = event.return_value
+    assert done.method_calls == [mock.call.record(("stream of", gpu)), mock.call.synchronize()]
+    for name, tensor in values.items():
+        assert host[name].device.type == "cpu" and torch.equal(host[name], tensor)
+
 def _job_exchanges(rank, world_size):
     from tp_siglip import lockstep
     from tp_siglip.parallel import side_group

@@ -338,7 +338,7 @@ class StoredRows:
         host.copy_(flat, non_blocking=True)
         if device.type == "cuda":
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(device))  # the copy's stream: its GPU's, which need not be the current one
             done.synchronize()  # the one wait per batch: the rows are read on the host next
         views, offset = {}, 0
         for name, tensor in tensors.items():
