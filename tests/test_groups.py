@@ -61,6 +61,55 @@ def test_torchrun_style_launch_creates_the_group(tiny, tmp_path):
         torch.testing.assert_close(out, refs["a"].pooler_output, atol=1e-4, rtol=0)
 
 
+
+class _GroupMade(Exception):
+    """Raised by the stand-in for ``init_process_group``: the test only asks which backend was chosen."""
+
+
+def _backend_chosen(monkeypatch, start) -> tuple[str, list[int]]:
+    """On a machine that has CUDA (``is_available`` faked), under torchrun's variables: the backend the default
+    group is made with when ``start()`` makes it, and the GPUs ``set_device`` was called with."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    made, devices = [], []
+
+    def init_process_group(backend=None, **kwargs):
+        made.append(backend)
+        raise _GroupMade
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(_GroupMade):
+        start()
+    return made[0], devices
+
+
+def test_a_cpu_model_on_a_gpu_machine_gets_a_gloo_group(monkeypatch, tmp_path):
+    """from_pretrained(device="cpu", world_size=2) on a machine with GPUs: the group it creates is gloo (an NCCL
+    group cannot sum the CPU model's activations); device="cuda" (or the default there) gets NCCL."""
+    from tp_siglip import SiglipVisionTransformer
+
+    cpu = _backend_chosen(monkeypatch, lambda: SiglipVisionTransformer.from_pretrained(tmp_path, world_size=2, device="cpu"))
+    assert cpu == ("gloo", [])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu = _backend_chosen(monkeypatch, lambda: SiglipVisionTransformer.from_pretrained(tmp_path, world_size=2, device="cuda"))
+    assert gpu == ("nccl", [0])
+
+
+def test_the_encode_job_with_device_cpu_on_a_gpu_machine_gets_a_gloo_group(monkeypatch):
+    """``torchrun ... tp-siglip encode --device cpu --tp 2`` on a machine with GPUs: the default group is gloo, as
+    the model is on the CPU; without --device (the GPU there) it is NCCL."""
+    import argparse
+    from types import SimpleNamespace
+
+    from tp_siglip import encode
+
+    for device, expected in (("cpu", ("gloo", [])), (None, ("nccl", [0]))):
+        checked = SimpleNamespace(device=device, tp=2)
+        monkeypatch.setattr(encode, "check_arguments", lambda args, rank, world_size, checked=checked: checked)
+        assert _backend_chosen(monkeypatch, lambda: encode.run(argparse.Namespace(device=device))) == expected
+
 def test_a_failing_rank_does_not_leave_the_other_hanging(tiny, tmp_path):
     """Two ranks started by hand (no torchrun agent to kill survivors); rank 1 gets a truncated file.
     Both must fail promptly, and the healthy rank must say which rank failed and why."""

@@ -52,7 +52,7 @@ from tp_siglip.lockstep import (
     form_groups,
     gather_reasons,
 )
-from tp_siglip.parallel import init_default_group
+from tp_siglip.parallel import backend_for, init_default_group
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "add_arguments", "build_parser", "main", "run"]
 
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         except UsageError as err:
             failure = str(err)
         if world_size > 1 and not dist.is_initialized():
-            init_default_group()
+            init_default_group(_default_backend(args.device))  # --device cpu: gloo, even where there are GPUs
         elsewhere = agree_on_checks(failure)  # a check failed on one node only stops every node at once
         if failure is not None or elsewhere is not None:
             raise UsageError(failure or elsewhere)
@@ -220,6 +220,14 @@ def run(args: argparse.Namespace) -> int:
         say.error(" ".join(text.split()))
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _default_backend(device: Optional[str]) -> str:
+    """The default group's backend for ``--device``: the same on every rank, whatever its own checks found."""
+    try:
+        return backend_for(device)
+    except (RuntimeError, TypeError):  # not a device name: refused by the checks, on every rank
+        return backend_for(None)
 
 
 def _load_model(args: argparse.Namespace, device: Optional[str], world_size: int, group: Any = None) -> Any:

@@ -67,7 +67,7 @@ from tp_siglip.config import SiglipVisionConfig
 from tp_siglip.data_parallel import DataParallelEncoder
 from tp_siglip.hardware import warn_if_emulated_half
 from tp_siglip.model import ATTN_IMPLEMENTATIONS, Siglip2VisionTransformer, SiglipVisionTransformer
-from tp_siglip.parallel import ProcessGroup, agree_on_failure, resolve_group
+from tp_siglip.parallel import ProcessGroup, agree_on_failure, backend_for, resolve_group
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_pretrained(
     config = _resolve_config(config)
     want_dtype = loader.resolve_dtype(dtype)
     target = loader.resolve_device(device)
-    group = resolve_group(world_size, process_group)
+    group = resolve_group(world_size, process_group, backend=backend_for(target))  # a CPU model gets gloo on a GPU machine
     options = dict(dtype=want_dtype, device=target, prefix=prefix, num_hidden_layers=num_hidden_layers,
                    use_head=use_head, attn_implementation=attn_implementation, config=config,
                    overrides={"hidden_act": hidden_act, "global_pool": global_pool})

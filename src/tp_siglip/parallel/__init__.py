@@ -24,6 +24,7 @@ from tp_siglip.parallel.exchange import STATUS_WIDTH, all_gather_bytes, exchange
 from tp_siglip.parallel.groups import (
     DEFAULT_TIMEOUT,
     ProcessGroup,
+    backend_for,
     communicator_for,
     group_rank,
     group_size,
@@ -71,6 +72,7 @@ __all__ = [
     "agree_on_failure",
     "agree_on_inputs",
     "all_gather_bytes",
+    "backend_for",
     "checkpoint_layout",
     "communicator_for",
     "copy_piece",

@@ -101,10 +101,19 @@ def resolve_group(
     return group
 
 
+def backend_for(device: Optional[torch.device | str]) -> str:
+    """The backend of a default group for a model on ``device``: NCCL for a GPU, gloo otherwise (an NCCL group
+    cannot carry CPU tensors). ``None``: the default device's (a GPU when CUDA is available)."""
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_default_group(backend: Optional[str] = None) -> ProcessGroup:
-    """Initialise the default group from torchrun's variables; destroyed again at interpreter exit."""
+    """Initialise the default group from torchrun's variables (``backend`` default: `backend_for` the default
+    device); destroyed again at interpreter exit."""
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(None)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=DEFAULT_TIMEOUT)
