@@ -108,7 +108,8 @@ def test_the_encode_job_with_device_cpu_on_a_gpu_machine_gets_a_gloo_group(monke
     for device, expected in (("cpu", ("gloo", [])), (None, ("nccl", [0]))):
         checked = SimpleNamespace(device=device, tp=2)
         monkeypatch.setattr(encode, "check_arguments", lambda args, rank, world_size, checked=checked: checked)
-        assert _backend_chosen(monkeypatch, lambda: encode.run(argparse.Namespace(device=device))) == expected
+        assert _backend_chosen(monkeypatch, lambda device=device: encode.run(argparse.Namespace(device=device))) == expected
+
 
 def test_a_failing_rank_does_not_leave_the_other_hanging(tiny, tmp_path):
     """Two ranks started by hand (no torchrun agent to kill survivors); rank 1 gets a truncated file.
