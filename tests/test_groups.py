@@ -207,3 +207,31 @@ def test_data_mode_equals_tensor_mode_and_transformers(tiny):
             for i, h in enumerate(ref.hidden_states):
                 torch.testing.assert_close(out[f"{mode}.h{i}"], h, atol=1e-4, rtol=0)
         torch.testing.assert_close(out["data.pooler"], out["tensor.pooler"], atol=2e-5, rtol=0)
+
+
+def test_local_rank_past_the_gpus_this_process_sees(monkeypatch):
+    """A launcher that gives each process its own GPU (CUDA_VISIBLE_DEVICES) leaves LOCAL_RANK 3 with one GPU
+    visible: the rank's GPU is cuda:0, for the default device, --device cuda and the default group alike."""
+    from tp_siglip import encode_checks
+    from tp_siglip.loader import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(None) == torch.device("cuda", 0)
+    assert encode_checks._check_device("cuda", world_size=2) == "cuda:0"
+    devices: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+
+
+    def init_process_group(**kwargs):
+        raise _GroupMade  # the GPU is chosen before the group is made
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    from tp_siglip.parallel import init_default_group
+
+    with pytest.raises(_GroupMade):
+        init_default_group("nccl")
+    assert devices == [0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # torchrun's usual case: every GPU visible
+    assert resolve_device(None) == torch.device("cuda", 3)

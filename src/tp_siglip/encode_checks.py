@@ -20,6 +20,7 @@ from tp_siglip import encode_corpus, processing
 from tp_siglip.encode_corpus import UsageError
 from tp_siglip.formats import OPEN_CLIP_CONFIG
 from tp_siglip.loader import gpu_problem
+from tp_siglip.parallel import local_gpu
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_MAX_NUM_PATCHES", "DEFAULT_MODEL", "Checked", "check_arguments", "checkpoint_max_num_patches", "not_naflex"]
 
@@ -88,7 +89,7 @@ def _check_device(device: Optional[str], world_size: int) -> Optional[str]:
     except (RuntimeError, TypeError):
         raise UsageError(f"--device {device!r} is not a device name (expected e.g. cpu, cuda, cuda:1)") from None
     if chosen.type == "cuda" and chosen.index is None and world_size > 1:
-        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+        chosen = torch.device("cuda", local_gpu())  # one GPU per rank
     problem = gpu_problem(chosen)
     if problem is not None:
         raise UsageError(f"--device {chosen}: {problem}; use --device cpu, or a GPU that is there")

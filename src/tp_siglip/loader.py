@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from tp_siglip.config import SiglipVisionConfig, find_vision_config
-from tp_siglip.parallel import Layout, copy_piece, feeds_by_source
+from tp_siglip.parallel import Layout, copy_piece, feeds_by_source, local_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def resolve_device(device: Union[torch.device, str, int, None]) -> torch.device:
     """The given device, or this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
     if device is None:
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+            return torch.device("cuda", local_gpu())
         return torch.device("cpu")
     try:
         chosen = torch.device(device)

@@ -29,6 +29,7 @@ from tp_siglip.parallel.groups import (
     group_rank,
     group_size,
     init_default_group,
+    local_gpu,
     resolve_group,
     side_group,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "init_default_group",
     "input_signature",
     "join_blocks",
+    "local_gpu",
     "piece_targets",
     "resolve_group",
     "shard_range",

@@ -109,13 +109,24 @@ def backend_for(device: Optional[torch.device | str]) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def local_gpu() -> int:
+    """This rank's GPU: ``LOCAL_RANK`` modulo the GPUs this process sees (a launcher that gives each process its
+    own GPU through ``CUDA_VISIBLE_DEVICES`` leaves ``LOCAL_RANK`` past the one it sees); without
+    ``LOCAL_RANK``, the current GPU."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    return int(local) % count if count else int(local)
+
+
 def init_default_group(backend: Optional[str] = None) -> ProcessGroup:
     """Initialise the default group from torchrun's variables (``backend`` default: `backend_for` the default
     device); destroyed again at interpreter exit."""
     if backend is None:
         backend = backend_for(None)
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_gpu())
     dist.init_process_group(backend=backend, timeout=DEFAULT_TIMEOUT)
     logger.info(
         "initialised the default process group: backend=%s, rank %d of %d, timeout %ss",
