@@ -440,7 +440,10 @@ class _PretrainedTower(nn.Module):
         while ``torch.compile`` traces (no agreement runs there)."""
         if torch.compiler.is_compiling():
             return ""
-        digest = hashlib.blake2b(self.config.model_dump_json().encode(), digest_size=6).hexdigest()
+        digest = self.__dict__.get("_config_digest")  # the config is fixed once built: hashed once, not per forward
+        if digest is None:
+            digest = hashlib.blake2b(self.config.model_dump_json().encode(), digest_size=6).hexdigest()
+            self.__dict__["_config_digest"] = digest
         layers = len(self.encoder.layers)  # type: ignore[attr-defined]
         return f"{self.dtype}, {layers} layers, head {self.head is not None}, config {digest}"
 
